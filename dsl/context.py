@@ -1,0 +1,149 @@
+"""What a verb may do to a call: the contract between `dsl` and the rest of the gateway.
+
+`dsl` knows nothing of SIP. The gateway hands the interpreter a `CallContext` whose parts are
+implemented by `media` (the call leg, prompts) and `gateway` (the voice app client, events).
+Unit tests implement it with fakes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+
+class CallEnded(Exception):
+    """The far end hung up (or the call was torn down): the current verb stops, the rest drop."""
+
+
+class VoiceAppError(Exception):
+    """The voice app could not give a usable document.
+
+    `code` is stable and machine-readable (it becomes `call.failed.data.reason`):
+    `callback_http_status`, `callback_timeout`, `callback_unreachable`, `callback_not_json`,
+    `document_invalid`, `url_forbidden`, `redirect_loop`.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class MediaError(Exception):
+    """A prompt could not be produced (TTS failed, audio URL unreachable or undecodable).
+
+    `code`: `tts_failed`, `media_fetch_failed`, `media_decode_failed`, `url_forbidden`.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class RecordResult:
+    path: Path  # final file (already atomically in place), 16-bit PCM WAV at the bridge rate
+    duration_s: float
+    ended_by: Literal["finishOnKey", "maxLength", "silence", "hangup"]
+    digit: str | None = None  # the finishOnKey digit that ended it, if any
+
+
+class CallLeg(Protocol):
+    """One call as the DSL sees it. Every awaitable raises `CallEnded` once the call is gone."""
+
+    call_id: str
+
+    @property
+    def answered(self) -> bool: ...
+
+    @property
+    def ended(self) -> bool: ...
+
+    async def answer(self) -> None:
+        """Answer (200 OK) and wait until media flows. No-op if already answered."""
+
+    async def reject(self, sip_code: int) -> None:
+        """Refuse an unanswered call with a final SIP response (e.g. 603, 486)."""
+
+    async def hangup(self) -> None:
+        """End the call (BYE, or a final response if unanswered). Idempotent."""
+
+    async def play(self, wav: Path, *, stop: asyncio.Event | None = None) -> bool:
+        """Play a 16-bit PCM mono WAV at the bridge rate to the far end, once.
+
+        Returns True when it played to the end, False when `stop` was set first.
+        """
+
+    def next_digit_nowait(self) -> str | None:
+        """The oldest buffered DTMF digit not yet consumed, or None."""
+
+    async def next_digit(self, timeout: float | None) -> str | None:
+        """Wait for the next DTMF digit (any method, one per key press); None on timeout."""
+
+    async def wait(self, seconds: float) -> None:
+        """Sleep while the call lives (for `pause`); raises CallEnded if it ends first."""
+
+    def flush_digits(self) -> None:
+        """Forget buffered digits."""
+
+    def listen_for_digits(self, on: bool) -> None:
+        """Turn in-band (audio) DTMF detection on/off; out-of-band digits always arrive."""
+
+    async def record(
+        self,
+        dest: Path,
+        *,
+        max_length_s: float,
+        silence_timeout_s: float,
+        finish_on_key: str,
+        beep: bool,
+    ) -> RecordResult:
+        """Record what the far end says into `dest`, written atomically.
+
+        A hangup mid-recording ends it with ended_by="hangup" and the file kept (no CallEnded).
+        """
+
+
+class Prompts(Protocol):
+    """Turns `say` text and `play` URLs into WAV files at the bridge rate (cached)."""
+
+    async def tts(self, text: str, voice: str | None, language: str | None) -> Path: ...
+
+    async def audio(self, url: str) -> Path:
+        """Fetch (SSRF-checked, cached) and convert an audio URL; raises MediaError."""
+
+
+@dataclass(frozen=True)
+class FetchedDocument:
+    body: Any  # the parsed JSON reply, not yet validated
+    url: str  # the URL that produced it; relative redirects resolve against it
+
+
+class VoiceApp(Protocol):
+    async def fetch(
+        self, url: str, method: str, extra: Mapping[str, str] | None = None
+    ) -> FetchedDocument:
+        """Request a document (signed, form-encoded call state + `extra`); raises VoiceAppError."""
+
+
+class CallEvents(Protocol):
+    def recording_ready(
+        self, recording_id: str, path: Path, duration_s: float, fmt: str
+    ) -> str:
+        """Emit `call.recording.ready` (durably) and return the recording's URL."""
+
+
+@dataclass
+class CallContext:
+    leg: CallLeg
+    prompts: Prompts
+    app: VoiceApp
+    events: CallEvents
+    voice_callback_url: str
+    recordings_dir: Path
+    default_digit_timeout_s: float = 5.0
+    params: dict[str, str] = field(default_factory=dict)  # persisted fields sent on each fetch
