@@ -1,0 +1,224 @@
+"""The node supervisor: internal API, event delivery, and the worker processes that hold calls.
+
+A worker that dies costs only its own calls: each still gets its final event (`call.failed`,
+reason `worker_lost`; the outbox keeps it to one final event per call) and the worker restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from aiohttp import ClientSession, ClientTimeout, web
+
+from config.settings import Settings, parse_hostport
+from gateway.api.app import make_app
+from gateway.events.delivery import Deliverer
+from gateway.events.envelope import make_event, rfc3339_ms
+from gateway.events.outbox import Outbox
+from gateway.workers.ipc import Channel, open_channel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerHandle:
+    index: int
+    proc: asyncio.subprocess.Process | None = None
+    channel: Channel | None = None
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    calls: dict[str, dict[str, Any]] = field(default_factory=dict)
+    max_calls: int = 0
+    restarts: int = 0
+
+
+class Node:
+    def __init__(self, settings: Settings, config_path: Path | None) -> None:
+        self.settings = settings
+        self.config_path = config_path
+        self.storage = settings.storage.dir
+        self.workers = [WorkerHandle(i) for i in range(settings.workers.count)]
+        self.stopping = False
+        self.outbox: Outbox | None = None
+        self.deliverer: Deliverer | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- CallRegistry for the API -----------------------------------------------------------
+    def active_calls(self) -> list[dict[str, Any]]:
+        return [{**c, "worker": w.index} for w in self.workers for c in w.calls.values()]
+
+    # -- lifecycle --------------------------------------------------------------------------
+    async def start(self) -> None:
+        for sub in ("recordings", "cache"):
+            (self.storage / sub).mkdir(parents=True, exist_ok=True)
+        self.outbox = Outbox(self.storage / "outbox.sqlite3")
+        self.http = ClientSession(timeout=ClientTimeout(total=self.settings.callbacks.timeout_s))
+        self.deliverer = Deliverer(self.outbox, self.http)
+        self._tasks.append(asyncio.create_task(self.deliverer.run(), name="deliverer"))
+        app = make_app(self.settings, self, self.storage / "recordings")
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        host, port = parse_hostport(self.settings.api.listen)
+        await web.TCPSite(self.runner, host, port).start()
+        log.info("internal API on http://%s:%d", host, port)
+        for w in self.workers:
+            self._tasks.append(asyncio.create_task(self._keep_worker(w), name=f"w{w.index}"))
+        await asyncio.wait_for(asyncio.gather(*(w.ready.wait() for w in self.workers)), 30)
+        log.info("node ready: %d worker(s), SIP on %s", len(self.workers), self.settings.sip.listen)
+
+    async def stop(self) -> None:
+        self.stopping = True
+        for w in self.workers:
+            if w.channel is not None:
+                w.channel.send({"t": "stop"})
+        procs = [w.proc for w in self.workers if w.proc is not None]
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*(p.wait() for p in procs)), 15)
+        for p in procs:
+            if p.returncode is None:
+                p.kill()
+        if self.deliverer is not None:
+            await self.deliverer.stop()
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.runner.cleanup()
+        await self.http.close()
+        if self.outbox is not None:
+            self.outbox.close()
+
+    # -- workers ----------------------------------------------------------------------------
+    async def _keep_worker(self, w: WorkerHandle) -> None:
+        backoff = 0.5
+        while not self.stopping:
+            started = time.monotonic()
+            code = await self._run_worker(w)
+            if self.stopping:
+                return
+            log.error(
+                "worker %d exited (%s) with %d call(s) live; restarting",
+                w.index,
+                code,
+                len(w.calls),
+            )
+            self._worker_lost(w)
+            w.restarts += 1
+            backoff = 0.5 if time.monotonic() - started > 30 else min(backoff * 2, 10)
+            await asyncio.sleep(backoff)
+
+    async def _run_worker(self, w: WorkerHandle) -> int | None:
+        parent, child = socket.socketpair()
+        args = [
+            sys.executable,
+            "-m",
+            "gateway.workers.worker",
+            "--index",
+            str(w.index),
+            "--ipc-fd",
+            str(child.fileno()),
+        ]
+        if self.config_path is not None:
+            args += ["--config", str(self.config_path)]
+        w.ready.clear()
+        w.proc = await asyncio.create_subprocess_exec(
+            *args, pass_fds=(child.fileno(),), stdin=asyncio.subprocess.DEVNULL
+        )
+        child.close()
+        w.channel = await open_channel(parent)
+        try:
+            while (msg := await w.channel.recv()) is not None:
+                self._on_message(w, msg)
+        finally:
+            w.channel.close()
+            w.channel = None
+        return await w.proc.wait()
+
+    def _on_message(self, w: WorkerHandle, msg: dict[str, Any]) -> None:
+        kind = msg.get("t")
+        if kind == "event" and self.deliverer is not None:
+            self.deliverer.notify()
+        elif kind == "call":
+            call = msg["call"]
+            w.calls[call["call_id"]] = call
+        elif kind == "ended":
+            w.calls.pop(msg["call_id"], None)
+            if self.deliverer is not None:
+                self.deliverer.notify()
+        elif kind == "ready":
+            w.max_calls = int(msg.get("max_calls", 0))
+            w.ready.set()
+            log.info(
+                "worker %d ready (pid %s, %d calls)",
+                w.index,
+                w.proc.pid if w.proc else "?",
+                w.max_calls,
+            )
+
+    def _worker_lost(self, w: WorkerHandle) -> None:
+        """Each call the dead worker held gets its final event, unless it already has one."""
+        assert self.outbox is not None
+        now = rfc3339_ms(datetime.now(UTC))
+        for call_id, call in list(w.calls.items()):
+            rows = self.outbox.rows_for_call(call_id)
+            if not rows:
+                log.error("call %s lost with worker %d (no events destination)", call_id, w.index)
+                continue
+            first = rows[0]
+            data = {
+                "call_id": call_id,
+                "direction": call.get("direction"),
+                "from": call.get("from"),
+                "to": call.get("to"),
+                "number_id": call.get("number_id"),
+                "status": "failed",
+                "hangup_cause": "normal_temporary_failure",
+                "sip_code": None,
+                "reason": "worker_lost",
+                "message": f"the worker process holding the call exited (worker {w.index})",
+                "answered_at": call.get("answered_at"),
+                "ended_at": now,
+            }
+            event = make_event("call.failed", first.workspace_id, data)
+            if self.outbox.append(
+                event,
+                url=first.url,
+                secret=first.secret,
+                policy=first.policy,
+                call_id=call_id,
+                final=True,
+            ):
+                log.warning("call %s: call.failed (worker_lost)", call_id)
+        w.calls.clear()
+        if self.deliverer is not None:
+            self.deliverer.notify()
+
+
+async def run_node(
+    settings: Settings, config_path: Path | None, started: asyncio.Event | None = None
+) -> None:
+    node = Node(settings, config_path)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await node.start()
+    if started is not None:
+        started.set()
+    print(
+        f"sautikit-gateway ready: SIP {settings.sip.listen} (udp+tcp), "
+        f"API http://{settings.api.listen} (pid {os.getpid()})",
+        flush=True,
+    )
+    await stop.wait()
+    log.info("stopping")
+    await node.stop()

@@ -1,0 +1,268 @@
+"""A worker process: one pjsua2 endpoint and the calls it holds (at most what pjsua2 allows).
+
+Started by the supervisor (`gateway.node`) with a socketpair for coordination; events go through
+the shared SQLite outbox, so a worker that dies loses no event it has written.
+usage: python -m gateway.workers.worker --index N --ipc-fd FD [--config FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import logging
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from config.settings import Settings, load_settings, parse_hostport
+from gateway.events.outbox import Outbox
+from gateway.logs import setup_logging
+from gateway.prompts import GatewayPrompts
+from gateway.routing import Router, RoutingError, normalise_e164
+from gateway.session import CallEvents, CallSession, Destination, new_call_id
+from gateway.urlguard import check_url, make_session
+from gateway.voice_app import VoiceAppClient
+from gateway.workers.ipc import Channel, open_channel
+from media.call import SipCall
+from media.endpoint import EndpointConfig, IncomingInvite, SipEndpoint
+from media.prompts import PromptStore
+from media.tts.espeak import EspeakTts
+
+log = logging.getLogger(__name__)
+
+
+def uri_user(uri: str) -> str:
+    """The user part of a SIP URI or name-addr (`"Bob" <sip:+2547...@host>;tag=x`)."""
+    s = uri
+    if "<" in s and ">" in s:
+        s = s[s.index("<") + 1 : s.index(">")]
+    for scheme in ("sips:", "sip:", "tel:"):
+        if s.lower().startswith(scheme):
+            s = s[len(scheme) :]
+            break
+    s = s.split(";", 1)[0]
+    return s.split("@", 1)[0] if "@" in s else s
+
+
+def worker_sip_address(settings: Settings, index: int) -> tuple[str, int]:
+    host, port = parse_hostport(settings.sip.listen)
+    if settings.workers.count == 1:
+        return host, port
+    return host, settings.workers.sip_port_start + index
+
+
+class Worker:
+    def __init__(self, settings: Settings, index: int, channel: Channel) -> None:
+        self.settings = settings
+        self.index = index
+        self.channel = channel
+        self.loop = asyncio.get_running_loop()
+        storage = settings.storage.dir
+        self.recordings_dir = storage / "recordings"
+        self.cache_dir = storage / "cache"
+        for d in (self.recordings_dir, self.cache_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self.outbox = Outbox(storage / "outbox.sqlite3")
+        self.sessions: dict[str, CallSession] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.stopping = asyncio.Event()
+        cb = settings.callbacks
+        self.http = make_session(allow_private=cb.allow_private)
+        self.router = Router(settings, self.http)
+        guard = functools.partial(
+            check_url, allow_http=cb.allow_http, allow_private=cb.allow_private
+        )
+        clock = settings.media.clock_rate
+        tts_cache = settings.tts.cache_dir or (self.cache_dir / "tts")
+        store = PromptStore(
+            self.cache_dir / "audio",
+            clock,
+            EspeakTts(tts_cache, default_language=settings.tts.default_language),
+            self.http,
+            guard,
+        )
+        self.prompts = GatewayPrompts(store, self.cache_dir, clock)
+        host, port = worker_sip_address(settings, index)
+        m = settings.media
+        self.endpoint = SipEndpoint(
+            self.loop,
+            EndpointConfig(
+                sip_host=host,
+                sip_port=port,
+                clock_rate=clock,
+                rtp_port=m.rtp_port_start + index * m.rtp_ports_per_worker,
+                rtp_port_range=m.rtp_ports_per_worker,
+                max_calls=settings.workers.calls_per_worker or 4,
+                public_address=settings.sip.public_address or "",
+                user_agent=settings.sip.user_agent,
+                log_file=storage / f"pjsip-worker{index}.log",
+                log_level=3 if settings.log.level == "DEBUG" else 1,
+            ),
+        )
+        self.endpoint.on_incoming = self._on_incoming
+        api_host, api_port = parse_hostport(settings.api.listen)
+        self.api_base = f"http://{api_host}:{api_port}"
+
+    # -- lifecycle --------------------------------------------------------------------------
+    async def run(self) -> None:
+        self.endpoint.start()
+        self.channel.send(
+            {"t": "ready", "worker": self.index, "max_calls": self.endpoint.cfg.max_calls}
+        )
+        commands = asyncio.create_task(self._commands())
+        await self.stopping.wait()
+        commands.cancel()
+        await self._shutdown()
+
+    async def _commands(self) -> None:
+        while (msg := await self.channel.recv()) is not None:
+            if msg.get("t") == "stop":
+                break
+        self.stopping.set()  # the supervisor asked, or is gone
+
+    async def _shutdown(self) -> None:
+        for s in list(self.sessions.values()):
+            s.call.reject_now(503)
+        if self.tasks:
+            await asyncio.wait(self.tasks, timeout=10)
+        self.endpoint.stop()
+        await self.http.close()
+        self.outbox.close()
+        self.channel.close()
+
+    # -- calls ------------------------------------------------------------------------------
+    def _on_incoming(self, call: SipCall, invite: IncomingInvite) -> None:
+        if self.stopping.is_set():
+            call.reject_now(503, {"Retry-After": "5"})
+            return
+        task = asyncio.create_task(self._handle(call, invite))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _handle(self, call: SipCall, invite: IncomingInvite) -> None:
+        started_at = time.time()
+        to_raw, from_raw = uri_user(invite.request_uri), uri_user(invite.from_uri)
+        to = normalise_e164(to_raw)
+        from_ = normalise_e164(from_raw) or from_raw
+        if to is None:
+            log.warning(
+                "INVITE to %r (from %s, Call-ID %s): not a phone number; 404",
+                invite.request_uri,
+                from_raw,
+                invite.sip_call_id,
+            )
+            call.reject_now(404)
+            return
+        try:
+            route = await self.router.resolve(to, from_)
+        except RoutingError as e:
+            log.error("INVITE to %s: routing failed: %s; 503", to, e)
+            call.reject_now(503, {"Retry-After": "5"})
+            return
+        if route is None:
+            log.warning(
+                "INVITE to %s from %s (Call-ID %s): unknown number; 404",
+                to,
+                from_,
+                invite.sip_call_id,
+            )
+            call.reject_now(404)
+            return
+        call_id = new_call_id()
+        base: dict[str, Any] = {
+            "call_id": call_id,
+            "direction": "inbound",
+            "from": from_,
+            "to": to,
+            "number_id": route.number_id,
+        }
+        cp = self.settings.control_plane
+        dest: Destination | None = None
+        if cp.events_url and cp.secret is not None:
+            dest = Destination(cp.events_url, cp.secret.get_secret_value(), "control_plane")
+        elif route.events_url:
+            dest = Destination(route.events_url, route.webhook_secret, "customer")
+        events = CallEvents(
+            self.outbox,
+            dest,
+            route.workspace_id,
+            call_id,
+            self._notify,
+            lambda rid: f"{self.api_base}/v1/recordings/{rid}",
+            base,
+        )
+        fields = {
+            "callId": call_id,
+            "direction": "inbound",
+            "from": from_,
+            "to": to,
+            "numberId": route.number_id,
+            "workspaceId": route.workspace_id,
+            "callStatus": "ringing",
+        }
+        cb = self.settings.callbacks
+        app = VoiceAppClient(
+            session=self.http,
+            call_fields=fields,
+            secret=route.webhook_secret,
+            body_format=route.callback_body,
+            timeout_s=cb.timeout_s,
+            allow_http=cb.allow_http,
+            allow_private=cb.allow_private,
+            max_document_bytes=cb.max_document_bytes,
+        )
+        session = CallSession(
+            call=call,
+            route=route,
+            from_e164=from_,
+            to_e164=to,
+            events=events,
+            app=app,
+            call_fields=fields,
+            prompts=self.prompts,
+            recordings_dir=self.recordings_dir,
+            started_at=started_at,
+        )
+        self.sessions[call_id] = session
+        self.channel.send({"t": "call", "call": session.summary()})
+        call.on_answer.append(lambda: self.channel.send({"t": "call", "call": session.summary()}))
+        try:
+            await session.run()
+        finally:
+            self.sessions.pop(call_id, None)
+            self.channel.send({"t": "ended", "call_id": call_id})
+
+    def _notify(self) -> None:
+        self.channel.send({"t": "event"})
+
+
+async def amain(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="gateway.workers.worker")
+    p.add_argument("--index", type=int, required=True)
+    p.add_argument("--ipc-fd", type=int, required=True)
+    p.add_argument("--config", type=Path)
+    args = p.parse_args(argv)
+    settings = load_settings(args.config)
+    setup_logging(settings.log.level, settings.log.json_format, f"worker{args.index}")
+    sock = socket.socket(fileno=args.ipc_fd)
+    channel = await open_channel(sock)
+    worker = Worker(settings, args.index, channel)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.stopping.set)
+    await worker.run()
+    return 0
+
+
+def main() -> None:
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(asyncio.run(amain()))
+
+
+if __name__ == "__main__":
+    main()

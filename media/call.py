@@ -1,0 +1,460 @@
+"""A pjsua2 call as an asyncio object: answer, reject, hang up, play, record, DTMF."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+import wave
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import pjsua2 as pj
+
+from media.dtmf import DigitDeduper
+
+if TYPE_CHECKING:
+    from media.endpoint import SipEndpoint
+
+log = logging.getLogger(__name__)
+
+
+class CallGone(Exception):
+    """The call ended (or never had media) while an operation waited on it."""
+
+
+_METHODS = {pj.PJSUA_DTMF_METHOD_RFC2833: "rfc4733", pj.PJSUA_DTMF_METHOD_SIP_INFO: "sip_info"}
+
+
+@dataclass(frozen=True)
+class CallEnd:
+    sip_code: int  # last status code PJSIP saw (487 for CANCEL, 200 after a BYE, ...)
+    reason: str
+    by: Literal["remote", "local"]
+    was_answered: bool
+    ended_at: float  # time.time()
+
+
+@dataclass(frozen=True)
+class Recording:
+    path: Path
+    duration_s: float
+    ended_by: Literal["finishOnKey", "maxLength", "silence", "hangup"]
+    digit: str | None
+
+
+class PjCall(pj.Call):  # type: ignore[misc]
+    """pjsua2 callbacks: copy what they say, hand it to asyncio, nothing else."""
+
+    def __init__(self, acc: pj.Account, call_id: int = pj.PJSUA_INVALID_ID) -> None:
+        super().__init__(acc, call_id)
+        self.loop = _loop_of(acc)
+        self.owner: SipCall | None = None
+
+    def _post(self, fn: Callable[..., None], *args: Any) -> None:
+        self.loop.call_soon_threadsafe(self._deliver, fn, args)
+
+    def _deliver(self, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
+        if self.owner is not None:
+            fn(self.owner, *args)
+
+    def onCallState(self, prm: pj.OnCallStateParam) -> None:  # noqa: N802
+        ci = self.getInfo()
+        self._post(SipCall._on_state, ci.state, ci.lastStatusCode, ci.lastReason)
+
+    def onCallMediaState(self, prm: pj.OnCallMediaStateParam) -> None:  # noqa: N802
+        ci = self.getInfo()
+        active = [
+            i
+            for i, mi in enumerate(ci.media)
+            if mi.type == pj.PJMEDIA_TYPE_AUDIO and mi.status == pj.PJSUA_CALL_MEDIA_ACTIVE
+        ]
+        self._post(SipCall._on_media, active[0] if active else -1)
+
+    def onDtmfDigit(self, prm: pj.OnDtmfDigitParam) -> None:  # noqa: N802
+        self._post(SipCall._on_dtmf, prm.digit, _METHODS.get(prm.method, "rfc4733"))
+
+
+def _loop_of(acc: pj.Account) -> asyncio.AbstractEventLoop:
+    loop: asyncio.AbstractEventLoop = acc._endpoint.loop
+    return loop
+
+
+class _Player(pj.AudioMediaPlayer):  # type: ignore[misc]
+    def __init__(self, loop: asyncio.AbstractEventLoop, done: asyncio.Future[None]) -> None:
+        super().__init__()
+        self._loop = loop
+        self._done = done
+
+    def onEof2(self) -> None:  # noqa: N802
+        self._loop.call_soon_threadsafe(_set_done, self._done)
+
+
+def _set_done(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class _FramePort(pj.AudioMediaPort):  # type: ignore[misc]
+    """Receives the far end's 20 ms frames (for in-band DTMF) and hands them to asyncio."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sink: Callable[[bytes], None]) -> None:
+        super().__init__()
+        self._loop = loop
+        self._sink = sink
+
+    def onFrameReceived(self, frame: pj.MediaFrame) -> None:  # noqa: N802
+        if frame.type == pj.PJMEDIA_FRAME_TYPE_AUDIO and frame.size:
+            self._loop.call_soon_threadsafe(self._sink, bytes(frame.buf))
+
+
+class SipCall:
+    """One SIP call. All methods run on the asyncio thread; awaitables raise CallGone."""
+
+    def __init__(
+        self, endpoint: SipEndpoint, pj_call: PjCall, direction: Literal["inbound", "outbound"]
+    ) -> None:
+        self.endpoint = endpoint
+        self.loop = endpoint.loop
+        self.direction = direction
+        self._pj: PjCall | None = pj_call
+        pj_call.owner = self
+        self.pj_id: int = -1
+        if direction == "inbound":
+            self.register()
+        self.answered_at: float | None = None
+        self.end: CallEnd | None = None
+        self._answered = asyncio.Event()
+        self._media = asyncio.Event()
+        self._ended = asyncio.Event()
+        self._hangup_requested = False
+        self._am: pj.AudioMedia | None = None
+        self._digits: asyncio.Queue[str] = asyncio.Queue()
+        self._dedupe = DigitDeduper()
+        self._objects: list[Any] = []  # players/recorders/ports alive for PJSIP
+        self._inband: _FramePort | None = None
+        self._inband_detector: Any = None
+        self.telephone_event = True
+        self.on_end: list[Callable[[CallEnd], None]] = []
+        self.on_answer: list[Callable[[], None]] = []
+
+    def register(self) -> None:
+        """Keep this call (and so its pjsua2 object) alive until DISCONNECTED."""
+        assert self._pj is not None
+        self.pj_id = self._pj.getId()
+        self.endpoint.calls[self.pj_id] = self
+
+    # -- state ------------------------------------------------------------------------------
+    @property
+    def answered(self) -> bool:
+        return self.answered_at is not None
+
+    @property
+    def ended(self) -> bool:
+        return self.end is not None
+
+    def _on_state(self, state: int, code: int, reason: str) -> None:
+        if self.end is not None:
+            return
+        if state == pj.PJSIP_INV_STATE_CONFIRMED and self.answered_at is None:
+            self.answered_at = time.time()
+            self._answered.set()
+            for cb in self.on_answer:
+                cb()
+        elif state == pj.PJSIP_INV_STATE_DISCONNECTED:
+            self.end = CallEnd(
+                sip_code=code,
+                reason=reason,
+                by="local" if self._hangup_requested else "remote",
+                was_answered=self.answered_at is not None,
+                ended_at=time.time(),
+            )
+            self._ended.set()
+            self._detach_inband()
+            self._release()
+            for cb_end in self.on_end:
+                cb_end(self.end)
+
+    def _on_media(self, med_idx: int) -> None:
+        if med_idx < 0 or self._pj is None or self.end is not None:
+            return
+        try:
+            self._am = self._pj.getAudioMedia(med_idx)
+            si = self._pj.getStreamInfo(med_idx)
+            self.telephone_event = si.audRxEventPt not in (-1, 0)
+        except pj.Error as e:
+            log.warning("call %d: no audio media: %s", self.pj_id, e.info())
+            return
+        self._media.set()
+
+    def _on_dtmf(self, digit: str, method: str) -> None:
+        if self._dedupe.accept(digit, method, time.monotonic()):
+            self._digits.put_nowait(digit)
+
+    def _release(self) -> None:
+        """Drop PJSIP objects once the call is over (asyncio thread, so SWIG deletes here)."""
+        self._objects.clear()
+        self._am = None
+        self.endpoint.calls.pop(self.pj_id, None)
+        pj_call, self._pj = self._pj, None
+        if pj_call is not None:
+            pj_call.owner = None
+        # pj_call's last reference goes with this frame: deleted on the asyncio thread.
+
+    async def wait_ended(self) -> CallEnd:
+        await self._ended.wait()
+        assert self.end is not None
+        return self.end
+
+    def _check(self) -> PjCall:
+        if self.end is not None or self._pj is None:
+            raise CallGone()
+        return self._pj
+
+    async def _until(self, aw: asyncio.Future[Any] | asyncio.Task[Any]) -> Any:
+        """Await `aw` unless the call ends first (then CallGone)."""
+        ended = asyncio.ensure_future(self._ended.wait())
+        try:
+            done, _ = await asyncio.wait({aw, ended}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ended.cancel()
+        if aw in done:
+            return aw.result()
+        aw.cancel()
+        raise CallGone()
+
+    # -- call control -----------------------------------------------------------------------
+    def ringing(self) -> None:
+        pj_call = self._check()
+        prm = pj.CallOpParam()
+        prm.statusCode = 180
+        pj_call.answer(prm)
+
+    async def answer(self) -> None:
+        if self.answered_at is not None and self._media.is_set():
+            return
+        pj_call = self._check()
+        if not self.answered and self.direction == "inbound":
+            prm = pj.CallOpParam()
+            prm.statusCode = 200
+            try:
+                pj_call.answer(prm)
+            except pj.Error as e:
+                raise CallGone() from RuntimeError(e.info())
+        await self._until(asyncio.ensure_future(self._answered.wait()))
+        await self._until(asyncio.ensure_future(self._media.wait()))
+
+    def reject_now(self, sip_code: int, headers: dict[str, str] | None = None) -> None:
+        """Final response to an unanswered call (or BYE if answered). Idempotent."""
+        if self._pj is None or self.end is not None:
+            return
+        self._hangup_requested = True
+        prm = pj.CallOpParam()
+        prm.statusCode = sip_code
+        for name, value in (headers or {}).items():
+            h = pj.SipHeader()
+            h.hName = name
+            h.hValue = value
+            prm.txOption.headers.append(h)
+        try:
+            self._pj.hangup(prm)
+        except pj.Error as e:
+            log.debug("call %d hangup: %s", self.pj_id, e.info())
+
+    async def reject(self, sip_code: int) -> None:
+        self.reject_now(sip_code)
+        await self.wait_ended()
+
+    async def hangup(self, sip_code: int = 603) -> None:
+        # For an unanswered call `sip_code` is the final response; answered calls get BYE.
+        self.reject_now(sip_code)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._ended.wait(), 5)
+
+    # -- media ------------------------------------------------------------------------------
+    def _audio(self) -> pj.AudioMedia:
+        self._check()
+        if self._am is None:
+            raise CallGone()
+        return self._am
+
+    async def play(self, wav: Path, *, stop: asyncio.Event | None = None) -> bool:
+        await self.answer()
+        am = self._audio()
+        done: asyncio.Future[None] = self.loop.create_future()
+        player = _Player(self.loop, done)
+        player.createPlayer(str(wav), pj.PJMEDIA_FILE_NO_LOOP)
+        self._objects.append(player)
+        stopper = asyncio.ensure_future(stop.wait()) if stop is not None else None
+        try:
+            player.startTransmit(am)
+            waiters: set[asyncio.Future[Any]] = {done}
+            if stopper is not None:
+                waiters.add(stopper)
+            finished = await self._until(
+                asyncio.ensure_future(asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED))
+            )
+            return done in finished[0]
+        finally:
+            if stopper is not None:
+                stopper.cancel()
+            if self._am is not None:
+                with contextlib.suppress(pj.Error):
+                    player.stopTransmit(self._am)
+            with contextlib.suppress(ValueError):
+                self._objects.remove(player)
+
+    async def wait(self, seconds: float) -> None:
+        await self._until(asyncio.ensure_future(asyncio.sleep(seconds)))
+
+    # -- DTMF -------------------------------------------------------------------------------
+    def next_digit_nowait(self) -> str | None:
+        try:
+            return self._digits.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
+
+    async def next_digit(self, timeout: float | None) -> str | None:
+        if (d := self.next_digit_nowait()) is not None:
+            return d
+        self._check()
+        get = asyncio.ensure_future(self._digits.get())
+        try:
+            if timeout is None:
+                res: str = await self._until(get)
+                return res
+            return await asyncio.wait_for(self._until(get), timeout)  # type: ignore[no-any-return]
+        except asyncio.TimeoutError:
+            return None
+        finally:
+            get.cancel()
+
+    def flush_digits(self) -> None:
+        while not self._digits.empty():
+            self._digits.get_nowait()
+
+    def listen_for_digits(self, on: bool) -> None:
+        """In-band detection only when the far end did not negotiate telephone-event."""
+        if on and not self.telephone_event and self._inband is None and self._am is not None:
+            from media.dtmf_inband import InbandDtmfDetector
+
+            self._inband_detector = InbandDtmfDetector(self.endpoint.cfg.clock_rate)
+            port = _FramePort(self.loop, self._feed_inband)
+            fmt = pj.MediaFormatAudio()
+            fmt.type = pj.PJMEDIA_TYPE_AUDIO
+            fmt.clockRate = self.endpoint.cfg.clock_rate
+            fmt.channelCount = 1
+            fmt.bitsPerSample = 16
+            fmt.frameTimeUsec = 20000
+            port.createPort(f"dtmf{self.pj_id}", fmt)
+            self._am.startTransmit(port)
+            self._inband = port
+        elif not on:
+            self._detach_inband()
+
+    def _feed_inband(self, pcm: bytes) -> None:
+        if self._inband_detector is None:
+            return
+        for d in self._inband_detector.feed(pcm):
+            self._on_dtmf(d, "inband")
+
+    def _detach_inband(self) -> None:
+        port, self._inband = self._inband, None
+        self._inband_detector = None
+        if port is not None and self._am is not None:
+            with contextlib.suppress(pj.Error):
+                self._am.stopTransmit(port)
+
+    # -- recording --------------------------------------------------------------------------
+    async def record(
+        self,
+        dest: Path,
+        *,
+        max_length_s: float,
+        silence_timeout_s: float,
+        finish_on_key: str,
+        beep: Path | None,
+    ) -> Recording:
+        """Record the far end into `dest` (atomically). A hangup ends it and keeps the file."""
+        if beep is not None:
+            await self.play(beep)
+        am = self._audio()
+        tmp = dest.with_name(f".{dest.stem}.part.wav")  # PJSIP picks the format by extension
+        rec = pj.AudioMediaRecorder()
+        rec.createRecorder(str(tmp))
+        self._objects.append(rec)
+        am.startTransmit(rec)
+        started = time.monotonic()
+        ended_by: Literal["finishOnKey", "maxLength", "silence", "hangup"] = "maxLength"
+        digit: str | None = None
+        last_voice = started
+        try:
+            while True:
+                now = time.monotonic()
+                if now - started >= max_length_s:
+                    ended_by = "maxLength"
+                    break
+                if self.ended:
+                    ended_by = "hangup"
+                    break
+                d = await self._poll_digit(0.1)
+                if self.ended:
+                    ended_by = "hangup"
+                    break
+                if d is not None and finish_on_key and d in finish_on_key:
+                    ended_by, digit = "finishOnKey", d
+                    break
+                if self._am is not None and self._am.getRxLevel() > 2:
+                    last_voice = time.monotonic()
+                if silence_timeout_s > 0 and time.monotonic() - last_voice >= silence_timeout_s:
+                    ended_by = "silence"
+                    break
+        finally:
+            if self._am is not None:
+                with contextlib.suppress(pj.Error):
+                    self._am.stopTransmit(rec)
+            with contextlib.suppress(ValueError):
+                self._objects.remove(rec)
+            del rec
+        # PJSIP removes the port on its clock thread and writes the WAV header then: wait for it
+        # so the file that appears under `dest` is complete.
+        await _wav_finalised(tmp, timeout=3.0)
+        duration = _wav_duration(tmp)
+        os.replace(tmp, dest)
+        return Recording(dest, duration, ended_by, digit)
+
+    async def _poll_digit(self, timeout: float) -> str | None:
+        if (d := self.next_digit_nowait()) is not None:
+            return d
+        try:
+            return await asyncio.wait_for(self._digits.get(), timeout)
+        except asyncio.TimeoutError:
+            return None
+
+
+async def _wav_finalised(path: Path, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with path.open("rb") as f:
+                head = f.read(8)
+            size = path.stat().st_size
+            if head[:4] == b"RIFF" and int.from_bytes(head[4:8], "little") == size - 8:
+                return True
+        except OSError:
+            pass
+        await asyncio.sleep(0.02)
+    log.warning("recording %s: header not finalised after %.1fs", path, timeout)
+    return False
+
+
+def _wav_duration(path: Path) -> float:
+    try:
+        with wave.open(str(path), "rb") as w:
+            return w.getnframes() / float(w.getframerate())
+    except (wave.Error, EOFError, OSError):
+        return 0.0

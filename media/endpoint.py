@@ -1,0 +1,228 @@
+"""The pjsua2 endpoint of one process and the thread that pumps its events.
+
+House rules (see shared/design/pjsua2.md):
+- the asyncio thread creates the library and makes all API calls; a dedicated pump thread,
+  registered with `libRegisterThread`, loops `libHandleEvents`;
+- every pjsua2 callback hands its result to asyncio with `loop.call_soon_threadsafe` and does
+  nothing else;
+- Python references to every `Call`, player, recorder and port are kept until PJSIP is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pjsua2 as pj
+
+if TYPE_CHECKING:
+    from media.call import SipCall
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EndpointConfig:
+    sip_host: str
+    sip_port: int
+    clock_rate: int = 8000
+    rtp_port: int = 30000
+    rtp_port_range: int = 40
+    max_calls: int = 4
+    public_address: str = ""
+    user_agent: str = "Sautikit-Gateway"
+    transports: tuple[str, ...] = ("udp", "tcp")
+    log_file: Path | None = None
+    log_level: int = 1
+
+
+@dataclass(frozen=True)
+class IncomingInvite:
+    """What the gateway needs from an INVITE, copied out of pjsua2 in its callback."""
+
+    request_uri: str
+    from_uri: str
+    to_uri: str
+    sip_call_id: str
+    source: str
+    headers: dict[str, str]
+
+
+def parse_invite(whole_msg: str) -> tuple[str, dict[str, str]]:
+    """Request-URI and headers (last value wins, lower-case names) of a raw SIP request."""
+    head = whole_msg.split("\r\n\r\n", 1)[0].split("\n\n", 1)[0]
+    lines = head.replace("\r\n", "\n").split("\n")
+    parts = lines[0].split(" ")
+    request_uri = parts[1] if len(parts) >= 3 else ""
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if ":" in line:
+            name, value = line.split(":", 1)
+            headers[name.strip().lower()] = value.strip()
+    return request_uri, headers
+
+
+class _Account(pj.Account):  # type: ignore[misc]
+    def __init__(self, endpoint: SipEndpoint) -> None:
+        super().__init__()
+        self._endpoint = endpoint
+
+    def onIncomingCall(self, prm: pj.OnIncomingCallParam) -> None:  # noqa: N802 (pjsua2 API)
+        # The Call object must exist now so PJSIP has a handler; everything else is asyncio's.
+        self._endpoint._incoming_from_pjsip(
+            self, prm.callId, prm.rdata.wholeMsg, prm.rdata.srcAddress
+        )
+
+
+class SipEndpoint:
+    def __init__(self, loop: asyncio.AbstractEventLoop, cfg: EndpointConfig) -> None:
+        self.loop = loop
+        self.cfg = cfg
+        self.ep = pj.Endpoint()
+        self._account: _Account | None = None
+        self._pump: threading.Thread | None = None
+        self._running = False
+        self.calls: dict[int, SipCall] = {}  # pjsua call id -> call; the strong references
+        self.on_incoming: Callable[[SipCall, IncomingInvite], None] | None = None
+
+    # -- lifecycle (asyncio thread) --------------------------------------------------------
+    def start(self) -> None:
+        cfg = self.cfg
+        self.ep.libCreate()
+        ec = pj.EpConfig()
+        ec.uaConfig.threadCnt = 0
+        ec.uaConfig.mainThreadOnly = True
+        ec.uaConfig.maxCalls = cfg.max_calls
+        ec.uaConfig.userAgent = cfg.user_agent
+        ec.logConfig.consoleLevel = 0
+        ec.logConfig.level = cfg.log_level if cfg.log_file else 0
+        if cfg.log_file:
+            ec.logConfig.filename = str(cfg.log_file)
+        mc = ec.medConfig
+        mc.clockRate = cfg.clock_rate
+        mc.sndClockRate = cfg.clock_rate
+        mc.noVad = True
+        mc.ecTailLen = 0  # no echo canceller: there is no sound device to echo
+        mc.sndAutoCloseTime = -1  # keep the null device's clock running (queued ops wait otherwise)
+        mc.threadCnt = 1
+        self.ep.libInit(ec)
+        tc = pj.TransportConfig()
+        tc.port = cfg.sip_port
+        tc.boundAddress = cfg.sip_host
+        if cfg.public_address:
+            tc.publicAddress = cfg.public_address
+        for kind in cfg.transports:
+            ttype = pj.PJSIP_TRANSPORT_UDP if kind == "udp" else pj.PJSIP_TRANSPORT_TCP
+            self.ep.transportCreate(ttype, tc)
+        self.ep.audDevManager().setNullDev()
+        self._set_codecs()
+        self.ep.libStart()
+        acc_cfg = pj.AccountConfig()
+        acc_cfg.idUri = f"sip:gateway@{cfg.public_address or cfg.sip_host}:{cfg.sip_port}"
+        tpc = acc_cfg.mediaConfig.transportConfig
+        tpc.port = cfg.rtp_port
+        tpc.portRange = cfg.rtp_port_range
+        tpc.boundAddress = cfg.sip_host
+        if cfg.public_address:
+            tpc.publicAddress = cfg.public_address
+        self._account = _Account(self)
+        self._account.create(acc_cfg, True)
+        self._running = True
+        self._pump = threading.Thread(target=self._pump_events, name="pjsua-pump", daemon=True)
+        self._pump.start()
+        log.info(
+            "SIP endpoint on %s:%d (%s), RTP %d-%d, %d Hz bridge",
+            cfg.sip_host,
+            cfg.sip_port,
+            "+".join(cfg.transports),
+            cfg.rtp_port,
+            cfg.rtp_port + cfg.rtp_port_range,
+            cfg.clock_rate,
+        )
+
+    def _set_codecs(self) -> None:
+        # G.711 first (what carriers send; no transcoding at an 8 kHz bridge), the rest off.
+        keep = {"PCMU/8000/1": 255, "PCMA/8000/1": 254}
+        if self.cfg.clock_rate == 16000:
+            keep["G722/16000/1"] = 200
+        for ci in self.ep.codecEnum2():
+            self.ep.codecSetPriority(ci.codecId, keep.get(ci.codecId, 0))
+
+    def _pump_events(self) -> None:
+        self.ep.libRegisterThread("pjsua-pump")
+        while self._running:
+            self.ep.libHandleEvents(50)
+
+    def stop(self) -> None:
+        """Hang up what is left, drop every reference, destroy the library (asyncio thread)."""
+        if not self._running:
+            return
+        try:
+            self.ep.hangupAllCalls()
+        except pj.Error:
+            pass
+        self._running = False
+        if self._pump:
+            self._pump.join(timeout=2)
+        for call in list(self.calls.values()):
+            call._release()
+        self.calls.clear()
+        if self._account is not None:
+            self._account.shutdown()
+            self._account = None
+        import gc
+
+        gc.collect()
+        self.ep.libDestroy()
+
+    # -- calls ------------------------------------------------------------------------------
+    def _incoming_from_pjsip(
+        self, acc: _Account, call_id: int, whole_msg: str, source: str
+    ) -> None:
+        from media.call import PjCall
+
+        pj_call = PjCall(acc, call_id)
+        self.loop.call_soon_threadsafe(self._incoming, pj_call, whole_msg, source)
+
+    def _incoming(self, pj_call: pj.Call, whole_msg: str, source: str) -> None:
+        from media.call import SipCall
+
+        request_uri, headers = parse_invite(whole_msg)
+        invite = IncomingInvite(
+            request_uri=request_uri,
+            from_uri=headers.get("from", headers.get("f", "")),
+            to_uri=headers.get("to", headers.get("t", "")),
+            sip_call_id=headers.get("call-id", headers.get("i", "")),
+            source=source,
+            headers=headers,
+        )
+        call = SipCall(self, pj_call, direction="inbound")
+        if self.on_incoming is None:
+            call.reject_now(503)
+            return
+        self.on_incoming(call, invite)
+
+    def make_call(self, uri: str, headers: dict[str, str] | None = None) -> SipCall:
+        """Place an outbound call (asyncio thread); await `answer()` on it for the 200 OK."""
+        from media.call import PjCall, SipCall
+
+        pj_call = PjCall(self.account())
+        call = SipCall(self, pj_call, direction="outbound")
+        prm = pj.CallOpParam(True)
+        for name, value in (headers or {}).items():
+            h = pj.SipHeader()
+            h.hName = name
+            h.hValue = value
+            prm.txOption.headers.append(h)
+        pj_call.makeCall(uri, prm)
+        call.register()
+        return call
+
+    def account(self) -> pj.Account:
+        assert self._account is not None
+        return self._account
