@@ -131,9 +131,7 @@ class VoiceApp(Protocol):
 
 
 class CallEvents(Protocol):
-    def recording_ready(
-        self, recording_id: str, path: Path, duration_s: float, fmt: str
-    ) -> str:
+    def recording_ready(self, recording_id: str, path: Path, duration_s: float, fmt: str) -> str:
         """Emit `call.recording.ready` (durably) and return the recording's URL."""
 
 

@@ -80,7 +80,7 @@ class Worker:
         clock = settings.media.clock_rate
         tts_cache = settings.tts.cache_dir or (self.cache_dir / "tts")
         store = PromptStore(
-            self.cache_dir / "audio",
+            self.cache_dir,
             clock,
             EspeakTts(tts_cache, default_language=settings.tts.default_language),
             self.http,
