@@ -1,0 +1,521 @@
+"""Gateway configuration: one validated model, loaded from TOML, overridable from the environment.
+
+`load_settings(path)` reads a TOML file (or the embedded `config/default.toml` when `path` is
+None), applies `SAUTIKIT_<SECTION>__<KEY>` environment overrides and validates the result.
+Any problem raises `ConfigError` naming every bad key by dotted path, so an operator can fix a
+file in one pass instead of one error per restart.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+__all__ = [
+    "DEV_API_TOKEN",
+    "ENV_PREFIX",
+    "ApiSettings",
+    "CallbacksSettings",
+    "ConfigError",
+    "ControlPlaneSettings",
+    "DemoSettings",
+    "LogSettings",
+    "MediaSettings",
+    "NumberSettings",
+    "Settings",
+    "SipSettings",
+    "StorageSettings",
+    "TtsSettings",
+    "WorkersSettings",
+    "load_settings",
+    "parse_hostport",
+]
+
+ENV_PREFIX = "SAUTIKIT_"
+# The embedded default's API token. Only accepted on a loopback listen address (see Settings).
+DEV_API_TOKEN = "dev-token"
+
+_E164_RE = re.compile(r"^\+[1-9][0-9]{7,14}$")
+
+
+class ConfigError(Exception):
+    """The configuration is unusable. `problems` holds (dotted path, reason) pairs."""
+
+    def __init__(self, source: str, problems: list[tuple[str, str]]) -> None:
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  {path or '<root>'}: {reason}" for path, reason in problems)
+        super().__init__(f"invalid configuration ({source}):\n{lines}")
+
+
+# --------------------------------------------------------------------------- field validators
+
+
+def parse_hostport(value: str) -> tuple[str, int]:
+    """Split "host:port" / "[v6]:port" into (host, port); raises ValueError."""
+    value = value.strip()
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ValueError("expected [ipv6]:port")
+        port_s = rest[1:]
+    else:
+        host, sep, port_s = value.rpartition(":")
+        if not sep:
+            raise ValueError("expected host:port")
+        if ":" in host:
+            raise ValueError("IPv6 addresses must be bracketed: [addr]:port")
+    if not host:
+        raise ValueError("host is empty")
+    if not port_s.isdigit() or not 0 < int(port_s) < 65536:
+        raise ValueError(f"port must be 1-65535, got {port_s!r}")
+    return host, int(port_s)
+
+
+def _check_hostport(value: str) -> str:
+    parse_hostport(value)
+    return value.strip()
+
+
+def _check_public_address(value: str) -> str:
+    # A bare host (IP or DNS name) or host:port; only the shape is checked here.
+    value = value.strip()
+    if not value or any(c.isspace() for c in value) or "/" in value:
+        raise ValueError("expected a host or host:port")
+    if value.count(":") == 1 or value.startswith("["):
+        parse_hostport(value)
+    return value
+
+
+def _check_http_url(value: str) -> str:
+    from urllib.parse import urlsplit
+
+    value = value.strip()
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise ValueError(f"not a valid URL ({exc})") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError("must be an absolute http:// or https:// URL")
+    if not parts.hostname:
+        raise ValueError("URL has no host")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("URL must not carry user:password@")
+    return value
+
+
+def _check_e164(value: str) -> str:
+    if not _E164_RE.match(value):
+        raise ValueError("must be E.164: '+' then 8-15 digits, e.g. +254700000001")
+    return value
+
+
+def _check_nonempty_secret(value: SecretStr) -> SecretStr:
+    if not value.get_secret_value():
+        raise ValueError("must not be empty")
+    return value
+
+
+HostPort = Annotated[str, AfterValidator(_check_hostport)]
+HttpUrlStr = Annotated[str, AfterValidator(_check_http_url)]
+E164 = Annotated[str, AfterValidator(_check_e164)]
+Secret = Annotated[SecretStr, AfterValidator(_check_nonempty_secret)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+
+
+def _url_host(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).hostname or ""
+
+
+# --------------------------------------------------------------------------- sections
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_by_name=True)
+
+
+class SipSettings(_Section):
+    listen: HostPort = "127.0.0.1:5060"
+    public_address: Annotated[str, AfterValidator(_check_public_address)] | None = None
+    user_agent: NonEmptyStr = "Sautikit-Gateway/0.1"
+
+
+class ApiSettings(_Section):
+    listen: HostPort = "127.0.0.1:8080"
+    token: Secret
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        return parse_hostport(self.listen)
+
+    @property
+    def base_url(self) -> str:
+        """http://host:port that local clients use; a wildcard bind is reached via loopback."""
+        host, port = self.host_port
+        if host in ("0.0.0.0", ""):
+            host = "127.0.0.1"
+        elif host == "::":
+            host = "::1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{port}"
+
+
+class ControlPlaneSettings(_Section):
+    events_url: HttpUrlStr | None = None
+    resolve_url: HttpUrlStr | None = None
+    # validate_default so the "required when a URL is set" rule also fires when it is absent.
+    secret: Secret | None = Field(default=None, validate_default=True)
+
+    @field_validator("secret")
+    @classmethod
+    def _secret_required_with_urls(
+        cls, value: SecretStr | None, info: ValidationInfo
+    ) -> SecretStr | None:
+        if value is None and (info.data.get("events_url") or info.data.get("resolve_url")):
+            raise ValueError("required when events_url or resolve_url is set")
+        return value
+
+
+class CallbacksSettings(_Section):
+    timeout_s: float = Field(default=10.0, gt=0, le=120)
+    allow_http: bool = False
+    allow_private: bool = False
+    max_document_bytes: int = Field(default=65536, ge=1024, le=16 * 1024 * 1024)
+
+
+class StorageSettings(_Section):
+    dir: Path = Path("./var")
+
+    @property
+    def outbox_path(self) -> Path:
+        return self.dir / "outbox.sqlite3"
+
+    @property
+    def recordings_dir(self) -> Path:
+        return self.dir / "recordings"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.dir / "cache"
+
+
+class MediaSettings(_Section):
+    clock_rate: Literal[8000, 16000] = 8000
+    rtp_port_start: int = Field(default=30000, ge=1024, le=65534)
+    rtp_ports_per_worker: int = Field(default=40, ge=2, le=20000)
+
+
+class WorkersSettings(_Section):
+    count: int = Field(default=1, ge=1, le=256)
+    calls_per_worker: int = Field(default=0, ge=0)  # 0: probe what pjsua2 allows
+    sip_port_start: Port = 25100
+
+
+class TtsSettings(_Section):
+    engine: NonEmptyStr = "espeak-ng"
+    default_language: NonEmptyStr = "en-KE"
+    cache_dir: Path | None = None
+
+
+class DemoSettings(_Section):
+    enabled: bool = False
+
+
+class LogSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    # Aliased: a field literally named `json` would shadow BaseModel.json.
+    json_format: bool = Field(default=False, alias="json")
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+
+class NumberSettings(_Section):
+    e164: E164
+    number_id: NonEmptyStr
+    workspace_id: NonEmptyStr
+    voice_callback_url: HttpUrlStr
+    voice_callback_method: Literal["POST", "GET"] = "POST"
+    callback_body: Literal["form", "json"] = "form"
+    events_url: HttpUrlStr | None = None
+    webhook_secret: Secret
+
+    @field_validator("voice_callback_method", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+
+class Settings(_Section):
+    sip: SipSettings = Field(default_factory=SipSettings)
+    api: ApiSettings
+    control_plane: ControlPlaneSettings = Field(default_factory=ControlPlaneSettings)
+    callbacks: CallbacksSettings = Field(default_factory=CallbacksSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    media: MediaSettings = Field(default_factory=MediaSettings)
+    workers: WorkersSettings = Field(default_factory=WorkersSettings)
+    tts: TtsSettings = Field(default_factory=TtsSettings)
+    demo: DemoSettings = Field(default_factory=DemoSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+    numbers: list[NumberSettings] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _api_section_present(cls, data: Any) -> Any:
+        # Without this a missing [api] reports "api: required" instead of naming the token.
+        if isinstance(data, dict) and "api" not in data:
+            return {**data, "api": {}}
+        return data
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Settings:
+        problems: list[tuple[str, str]] = []
+
+        host, _ = self.api.host_port
+        if self.api.token.get_secret_value() == DEV_API_TOKEN and not _is_loopback_host(host):
+            problems.append(
+                ("api.token", "the dev token is only allowed when api.listen is a loopback address")
+            )
+
+        seen: dict[str, int] = {}
+        for i, num in enumerate(self.numbers):
+            if num.e164 in seen:
+                problems.append((f"numbers[{i}].e164", f"duplicate of numbers[{seen[num.e164]}]"))
+            else:
+                seen[num.e164] = i
+            # Fail at load rather than on every call: the fetch would refuse these URLs anyway.
+            for key in ("voice_callback_url", "events_url"):
+                url = getattr(num, key)
+                if url and url.startswith("http://") and not self.callbacks.allow_http:
+                    problems.append(
+                        (f"numbers[{i}].{key}", "http:// needs callbacks.allow_http = true")
+                    )
+
+        if self.demo.enabled and not (self.callbacks.allow_http and self.callbacks.allow_private):
+            # The demo app is plain http on the API's (usually loopback) address.
+            problems.append(
+                (
+                    "demo.enabled",
+                    "needs callbacks.allow_http = true and callbacks.allow_private = true",
+                )
+            )
+
+        rtp_end = self.media.rtp_port_start + self.workers.count * self.media.rtp_ports_per_worker
+        if rtp_end > 65536:
+            problems.append(
+                (
+                    "media.rtp_ports_per_worker",
+                    f"rtp_port_start + workers.count * rtp_ports_per_worker = {rtp_end} > 65536",
+                )
+            )
+        if self.workers.count > 1:
+            sip_lo = self.workers.sip_port_start
+            sip_hi = sip_lo + self.workers.count - 1
+            if sip_hi > 65535:
+                problems.append(("workers.sip_port_start", "worker SIP ports run past 65535"))
+            elif sip_lo < rtp_end and self.media.rtp_port_start <= sip_hi:
+                problems.append(
+                    ("workers.sip_port_start", "worker SIP ports overlap the RTP range")
+                )
+
+        if problems:
+            raise PydanticCustomError(
+                "config_cross_check",
+                "{summary}",
+                {"summary": "; ".join(f"{p}: {r}" for p, r in problems), "problems": problems},
+            )
+        return self
+
+    def number(self, e164: str) -> NumberSettings | None:
+        for num in self.numbers:
+            if num.e164 == e164:
+                return num
+        return None
+
+
+def _is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_settings(path: Path | None, environ: Mapping[str, str] = os.environ) -> Settings:
+    """Load, override from `environ`, validate. Raises ConfigError."""
+    if path is None:
+        source = "embedded config/default.toml"
+        text = resources.files("config").joinpath("default.toml").read_text("utf-8")
+    else:
+        source = str(path)
+        try:
+            text = Path(path).read_text("utf-8")
+        except OSError as exc:
+            raise ConfigError(source, [("", f"cannot read file: {exc.strerror or exc}")]) from None
+    try:
+        data: dict[str, Any] = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, [("", f"TOML syntax error: {exc}")]) from None
+
+    env_origin: dict[str, str] = {}
+    problems = _apply_env(data, environ, env_origin)
+    if problems:
+        raise ConfigError(source, problems)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, _problems_from(exc, env_origin)) from None
+
+
+def _apply_env(
+    data: dict[str, Any], environ: Mapping[str, str], origin: dict[str, str]
+) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        parts = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
+        if any(not p for p in parts):
+            problems.append((name, "malformed override name"))
+            continue
+        value = _env_value(environ[name], parts)
+        node: Any = data
+        dotted = ""
+        ok = True
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                # SAUTIKIT_NUMBERS__0__WEBHOOK_SECRET: lets secrets for a file's numbers come
+                # from the environment; the entry must already exist in the file.
+                if not part.isdigit() or int(part) >= len(node):
+                    problems.append((name, f"{dotted} has no entry [{part}]"))
+                    ok = False
+                    break
+                key: Any = int(part)
+                dotted += f"[{part}]"
+            elif isinstance(node, dict):
+                key = part
+                dotted = f"{dotted}.{part}" if dotted else part
+            else:
+                problems.append((name, f"{dotted} is not a table"))
+                ok = False
+                break
+            if last:
+                node[key] = value
+            else:
+                if isinstance(node, dict) and key not in node:
+                    node[key] = {}
+                node = node[key]
+        if ok:
+            origin[dotted] = name
+    return problems
+
+
+def _env_value(raw: str, parts: list[str]) -> Any:
+    """JSON when it parses, else the raw string; string-typed keys keep non-string JSON raw."""
+    try:
+        parsed: Any = json.loads(raw)
+    except ValueError:
+        return raw
+    if not isinstance(parsed, str) and _is_string_field(parts):
+        # e.g. SAUTIKIT_API__TOKEN=12345 or a secret that happens to read as `true`.
+        return raw
+    return parsed
+
+
+def _is_string_field(parts: list[str]) -> bool:
+    """Whether the key at `parts` (list indices included) is typed as a string in Settings."""
+    model: type[BaseModel] = Settings
+    i = 0
+    while i < len(parts):
+        field = next((f for n, f in model.model_fields.items() if parts[i] in (n, f.alias)), None)
+        if field is None:
+            return False
+        ann = _unwrap(field.annotation)
+        if typing.get_origin(ann) is list:
+            ann = _unwrap(typing.get_args(ann)[0])
+            i += 1  # skip the list index
+        i += 1
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+            continue
+        return i >= len(parts) and ann in (str, SecretStr, Path)
+    return False
+
+
+def _unwrap(ann: Any) -> Any:
+    while True:
+        origin = typing.get_origin(ann)
+        if origin is Annotated:
+            ann = typing.get_args(ann)[0]
+        elif origin in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(ann) if a is not type(None)]
+            if len(args) != 1:
+                return ann
+            ann = args[0]
+        else:
+            return ann
+
+
+_MESSAGES = {
+    "extra_forbidden": "unknown key",
+    "missing": "required",
+}
+
+
+def _problems_from(exc: ValidationError, env_origin: Mapping[str, str]) -> list[tuple[str, str]]:
+    problems: list[tuple[str, str]] = []
+    for err in exc.errors(include_input=False, include_url=False):
+        if err["type"] == "config_cross_check":
+            ctx = err.get("ctx") or {}
+            problems.extend((p, r) for p, r in ctx.get("problems", []))
+            continue
+        path = _dotted(err["loc"])
+        reason = _MESSAGES.get(err["type"], err["msg"])
+        if reason.startswith("Value error, "):
+            reason = reason[len("Value error, ") :]
+        problems.append((path, reason))
+    return [(p, f"{r} (from {env_origin[p]})" if p in env_origin else r) for p, r in problems]
+
+
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out = f"{out}.{part}" if out else part
+    return out

@@ -1,0 +1,119 @@
+"""The supervisor's internal HTTP API.
+
+Everything under /v1/ needs the bearer token (enforced by middleware, so new /v1 routes are
+protected by default); /healthz and /demo/* are open. To add routes, write a `_register_*`
+function like `_register_calls` and call it from `make_app`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import hmac
+import json
+import re
+from pathlib import Path
+from typing import Any, Protocol
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from config.settings import Settings
+from gateway.api.demo import setup_demo
+from gateway.api.errors import (
+    API_KEY_INVALID,
+    RECORDING_NOT_FOUND,
+    VALIDATION_BAD_REQUEST,
+    ApiError,
+    Handler,
+    error_middleware,
+)
+
+__all__ = ["CALLS_KEY", "RECORDINGS_DIR_KEY", "SETTINGS_KEY", "CallRegistry", "make_app"]
+
+
+class CallRegistry(Protocol):
+    def active_calls(self) -> list[dict[str, Any]]:
+        """Calls in progress: call_id, direction, from, to, number_id, workspace_id, status,
+        started_at, answered_at, worker (timestamps as ISO 8601 strings or datetimes)."""
+
+
+SETTINGS_KEY = web.AppKey("settings", Settings)
+CALLS_KEY = web.AppKey("calls", CallRegistry)
+RECORDINGS_DIR_KEY = web.AppKey("recordings_dir", Path)
+
+_AUTH_PREFIX = "/v1/"
+# Recording ids are UUIDs or similar tokens: no dots or slashes, so no path traversal.
+_RECORDING_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+
+
+def _json_default(value: object) -> str:
+    if isinstance(value, dt.datetime | dt.date):
+        return value.isoformat()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+_dumps = functools.partial(json.dumps, default=_json_default)
+
+
+def _auth_middleware(token: str) -> Middleware:
+    expected = token.encode()
+
+    @web.middleware
+    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path.startswith(_AUTH_PREFIX):
+            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+            # compare_digest: no timing oracle on the token's prefix.
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                given.strip().encode(), expected
+            ):
+                raise ApiError(
+                    401,
+                    API_KEY_INVALID,
+                    "missing or invalid API token (Authorization: Bearer <token>)",
+                    {"WWW-Authenticate": 'Bearer realm="sautikit-gateway"'},
+                )
+        return await handler(request)
+
+    return auth
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _list_calls(request: web.Request) -> web.Response:
+    calls = request.app[CALLS_KEY].active_calls()
+    return web.json_response({"data": calls}, dumps=_dumps)
+
+
+async def _get_recording(request: web.Request) -> web.FileResponse:
+    rec_id = request.match_info["id"]
+    if not _RECORDING_ID_RE.match(rec_id):
+        raise ApiError(400, VALIDATION_BAD_REQUEST, "malformed recording id")
+    path = request.app[RECORDINGS_DIR_KEY] / f"{rec_id}.wav"
+    if not path.is_file():
+        raise ApiError(404, RECORDING_NOT_FOUND, f"recording {rec_id} not found")
+    return web.FileResponse(path, headers={"Content-Type": "audio/wav"})
+
+
+def _register_calls(app: web.Application) -> None:
+    app.router.add_get("/v1/calls", _list_calls)
+    app.router.add_get("/v1/recordings/{id}", _get_recording)
+
+
+def make_app(settings: Settings, calls: CallRegistry, recordings_dir: Path) -> web.Application:
+    app = web.Application(
+        middlewares=[
+            error_middleware,  # outermost: every error, auth's included, gets the envelope
+            _auth_middleware(settings.api.token.get_secret_value()),
+        ]
+    )
+    app[SETTINGS_KEY] = settings
+    app[CALLS_KEY] = calls
+    app[RECORDINGS_DIR_KEY] = recordings_dir
+    app.router.add_get("/healthz", _healthz)
+    _register_calls(app)
+    if settings.demo.enabled:
+        setup_demo(app, base_url=settings.api.base_url, clock_rate=settings.media.clock_rate)
+    return app
