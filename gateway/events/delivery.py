@@ -1,0 +1,276 @@
+"""Delivers outbox rows over HTTP: at-least-once, signed afresh at every attempt.
+
+One Deliverer per outbox file (the supervisor's). It polls as well as waking on `notify()`,
+because other processes append to the same file. A row is only changed after its attempt
+ends, so rows a crashed deliverer left mid-attempt are simply due again; receivers dedupe on
+event_id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+
+import aiohttp
+from yarl import URL
+
+from gateway.events.outbox import Outbox, OutboxRow, Policy
+from gateway.events.signing import SIGNATURE_HEADER, sign
+
+log = logging.getLogger(__name__)
+
+IDEMPOTENCY_HEADER = "X-Sautikit-Idempotency-Key"
+EVENT_HEADER = "X-Sautikit-Event"
+_MAX_EXPONENT = 30  # 2**30 units is already far past any cap; avoids huge ints
+
+
+def redact_url(url: str) -> str:
+    """The URL without credentials or query string (either may carry a customer's token)."""
+    try:
+        u = URL(url)
+    except ValueError:
+        return "<invalid url>"
+    if u.user is not None or u.password is not None:
+        u = u.with_user(None)
+    text = str(u.with_query(None).with_fragment(None))
+    return text + "?…" if u.query_string else text
+
+
+@dataclass(frozen=True)
+class AttemptResult:
+    ok: bool
+    reason: str  # "" when ok
+    permanent: bool = False  # a rejection that repeating the same request cannot fix
+
+
+def is_permanent_status(status: int) -> bool:
+    """4xx other than 408 (timeout) and 429 (rate limit): the receiver refuses this request."""
+    return 400 <= status < 500 and status not in (408, 429)
+
+
+def next_delay(
+    policy: Policy,
+    attempts_done: int,
+    result: AttemptResult,
+    *,
+    backoff_unit_s: float,
+    customer_attempts: int,
+    control_plane_cap_s: float,
+) -> float | None:
+    """Seconds until the next attempt after `attempts_done` failures, or None: dead letter.
+
+    customer: the public schedule, `customer_attempts` tries spaced 1, 2, 4, 8 units; any
+    non-2xx counts. control_plane (billing): retry until accepted, 1, 2, 4 … capped at
+    `control_plane_cap_s` units; only a permanent rejection gives up.
+    """
+    step = float(2 ** min(max(attempts_done - 1, 0), _MAX_EXPONENT))
+    if policy == "customer":
+        if attempts_done >= customer_attempts:
+            return None
+        return step * backoff_unit_s
+    if result.permanent:
+        return None
+    return min(step, control_plane_cap_s) * backoff_unit_s
+
+
+class Deliverer:
+    def __init__(
+        self,
+        outbox: Outbox,
+        session: aiohttp.ClientSession,
+        *,
+        timeout_s: float = 10.0,
+        max_in_flight: int = 16,
+        backoff_unit_s: float = 1.0,
+        poll_interval_s: float = 0.5,
+        customer_attempts: int = 5,
+        control_plane_cap_s: float = 60.0,
+    ) -> None:
+        if timeout_s <= 0 or backoff_unit_s <= 0 or poll_interval_s <= 0:
+            raise ValueError("timeout_s, backoff_unit_s and poll_interval_s must be positive")
+        if max_in_flight < 1 or customer_attempts < 1 or control_plane_cap_s < 1:
+            raise ValueError("max_in_flight, customer_attempts, control_plane_cap_s must be >= 1")
+        self._outbox = outbox
+        self._session = session
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._timeout_s = timeout_s
+        self._max_in_flight = max_in_flight
+        self._unit = backoff_unit_s
+        self._poll = poll_interval_s
+        self._customer_attempts = customer_attempts
+        self._cap = control_plane_cap_s
+        self._wake = asyncio.Event()
+        self._in_flight: dict[int, asyncio.Task[None]] = {}
+        self._stopping = False
+        self._started = False
+        self._finished = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def notify(self) -> None:
+        """Something was appended: look now instead of at the next poll. Thread-safe."""
+        loop = self._loop
+        if loop is not None and threading.get_ident() != self._loop_thread:
+            with contextlib.suppress(RuntimeError):  # loop already closed
+                loop.call_soon_threadsafe(self._wake.set)
+        else:
+            self._wake.set()
+
+    async def stop(self) -> None:
+        """Stop taking rows, let attempts in flight finish (bounded by the timeout)."""
+        self._stopping = True
+        self.notify()
+        if self._started:
+            await self._finished.wait()
+
+    async def run(self) -> None:
+        """Deliver until stopped or cancelled."""
+        if self._started:
+            raise RuntimeError("Deliverer.run() may only be called once")
+        self._started = True
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        try:
+            while not self._stopping:
+                self._wake.clear()
+                delay = self._fill()
+                if delay > 0 and not self._stopping:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(delay):
+                            await self._wake.wait()
+        finally:
+            await self._drain(graceful=self._stopping)
+            self._finished.set()
+
+    async def _drain(self, *, graceful: bool) -> None:
+        tasks = list(self._in_flight.values())
+        if not tasks:
+            return
+        if graceful:
+            await asyncio.wait(tasks, timeout=self._timeout_s + 1.0)
+        # anything still running stays pending in the outbox and is sent again later
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _fill(self) -> float:
+        """Start attempts for due rows; return how long to sleep before looking again."""
+        free = self._max_in_flight - len(self._in_flight)
+        now = time.time()
+        try:
+            if free > 0:
+                # ask for enough rows to see `free` that are not already in flight
+                for row in self._outbox.due(now, free + len(self._in_flight)):
+                    if free == 0:
+                        break
+                    if row.id in self._in_flight:
+                        continue
+                    self._in_flight[row.id] = asyncio.create_task(
+                        self._attempt(row), name=f"deliver-{row.event_id}"
+                    )
+                    free -= 1
+            if free == 0:
+                return self._poll  # a finishing attempt wakes us sooner
+            # with a free slot left, every row due by `now` is in flight already: sleep
+            # until the next one that is not
+            nxt = self._outbox.next_due_at(after=now)
+        except sqlite3.Error:
+            log.exception("outbox read failed; retrying in %.1fs", self._poll)
+            return self._poll
+        if nxt is None:
+            return self._poll
+        return max(0.0, min(self._poll, nxt - now))
+
+    async def _attempt(self, row: OutboxRow) -> None:
+        try:
+            try:
+                result = await self._post(row)
+            except Exception as e:  # never let one row kill the loop
+                log.exception("unexpected error delivering event %s", row.event_id)
+                result = AttemptResult(False, f"internal error: {type(e).__name__}")
+            self._record(row, result)
+        finally:
+            self._in_flight.pop(row.id, None)
+            self._wake.set()
+
+    async def _post(self, row: OutboxRow) -> AttemptResult:
+        headers = {
+            "Content-Type": "application/json",
+            # a fresh t per attempt: a backlog sent after a long outage still passes the
+            # receiver's 5-minute replay window
+            SIGNATURE_HEADER: sign(row.secret, row.body),
+            IDEMPOTENCY_HEADER: row.event_id,
+            EVENT_HEADER: row.kind,
+        }
+        try:
+            async with self._session.post(
+                row.url,
+                data=row.body,
+                headers=headers,
+                allow_redirects=False,
+                timeout=self._timeout,
+            ) as resp:
+                if 200 <= resp.status < 300:
+                    return AttemptResult(True, "")
+                snippet = ""
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                    raw = await resp.content.read(200)
+                    snippet = raw.decode("utf-8", "replace").strip()
+                reason = f"HTTP {resp.status}" + (f": {snippet}" if snippet else "")
+                return AttemptResult(False, reason, permanent=is_permanent_status(resp.status))
+        except TimeoutError:
+            return AttemptResult(False, f"timeout after {self._timeout_s:g}s")
+        except aiohttp.InvalidURL:
+            return AttemptResult(False, "invalid destination URL", permanent=True)
+        except (aiohttp.ClientError, OSError) as e:
+            return AttemptResult(False, f"{type(e).__name__}: {e}")
+
+    def _record(self, row: OutboxRow, result: AttemptResult) -> None:
+        try:
+            if result.ok:
+                self._outbox.mark_delivered(row.id)
+                log.debug(
+                    "delivered event %s (%s) attempt %d", row.event_id, row.kind, row.attempts + 1
+                )
+                return
+            done = row.attempts + 1
+            delay = next_delay(
+                row.policy,
+                done,
+                result,
+                backoff_unit_s=self._unit,
+                customer_attempts=self._customer_attempts,
+                control_plane_cap_s=self._cap,
+            )
+            if delay is None:
+                self._outbox.mark_failed(row.id, result.reason, None)
+                log.warning(
+                    "event %s (%s) to %s moved to dead_letter after %d attempt(s): %s",
+                    row.event_id,
+                    row.kind,
+                    redact_url(row.url),
+                    done,
+                    result.reason,
+                )
+            else:
+                self._outbox.mark_failed(row.id, result.reason, time.time() + delay)
+                log.info(
+                    "event %s (%s) attempt %d failed (%s); next in %.2fs",
+                    row.event_id,
+                    row.kind,
+                    done,
+                    result.reason,
+                    delay,
+                )
+        except sqlite3.Error:
+            # the row stays as it was and is attempted again: at-least-once
+            log.exception("could not record the outcome for event %s", row.event_id)

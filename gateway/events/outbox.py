@@ -1,0 +1,329 @@
+"""The durable outbox: every event is committed to SQLite before anyone is told it exists.
+
+One file (`storage.dir/outbox.sqlite3`) is shared by processes on the same host: worker
+processes append, one supervisor process runs the Deliverer. WAL mode lets readers and the
+single writer proceed together; each call is one short transaction, and `busy_timeout` absorbs
+the rare moment two writers collide. Not for network filesystems (WAL needs shared memory).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, cast
+
+from yarl import URL
+
+from gateway.events.envelope import Event
+
+Policy = Literal["control_plane", "customer"]
+State = Literal["pending", "delivered", "dead_letter"]
+POLICIES: frozenset[str] = frozenset({"control_plane", "customer"})
+STATES: tuple[State, ...] = ("pending", "delivered", "dead_letter")
+_MAX_ERROR_CHARS = 500
+_SCHEMA_VERSION = 1
+
+# final_call_id is NULL for ordinary events and equals call_id for the call's final event;
+# NULLs never collide in a UNIQUE index, so that index alone enforces "one final per call",
+# across processes, inside SQLite's own write lock.
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id        TEXT    NOT NULL UNIQUE,
+    kind            TEXT    NOT NULL,
+    call_id         TEXT,
+    final_call_id   TEXT,
+    workspace_id    TEXT    NOT NULL,
+    body            BLOB    NOT NULL,
+    url             TEXT    NOT NULL,
+    secret          TEXT    NOT NULL,
+    policy          TEXT    NOT NULL CHECK (policy IN ('control_plane', 'customer')),
+    state           TEXT    NOT NULL DEFAULT 'pending'
+                            CHECK (state IN ('pending', 'delivered', 'dead_letter')),
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL    NOT NULL,
+    last_error      TEXT,
+    created_at      REAL    NOT NULL,
+    delivered_at    REAL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS outbox_final_call ON outbox (final_call_id);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS outbox_call ON outbox (call_id);
+"""
+
+_COLUMNS = (
+    "id, event_id, kind, call_id, final_call_id, workspace_id, body, url, secret, policy,"
+    " state, attempts, next_attempt_at, last_error, created_at, delivered_at"
+)
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    id: int
+    event_id: str
+    kind: str
+    call_id: str | None
+    final: bool
+    workspace_id: str
+    body: bytes
+    url: str
+    secret: str = field(repr=False)  # keeps the secret out of logs and tracebacks
+    policy: Policy
+    state: State
+    attempts: int
+    next_attempt_at: float
+    last_error: str | None
+    created_at: float
+    delivered_at: float | None
+
+
+def _row(r: tuple[Any, ...]) -> OutboxRow:
+    return OutboxRow(
+        id=r[0],
+        event_id=r[1],
+        kind=r[2],
+        call_id=r[3],
+        final=r[4] is not None,
+        workspace_id=r[5],
+        body=bytes(r[6]),
+        url=r[7],
+        secret=r[8],
+        policy=cast(Policy, r[9]),
+        state=cast(State, r[10]),
+        attempts=r[11],
+        next_attempt_at=r[12],
+        last_error=r[13],
+        created_at=r[14],
+        delivered_at=r[15],
+    )
+
+
+def _check_url(url: str) -> None:
+    u = URL(url)
+    if u.scheme not in ("http", "https") or not u.host:
+        raise ValueError("event destination must be an absolute http(s) URL")
+
+
+class Outbox:
+    """One connection to the outbox file; methods are quick synchronous calls."""
+
+    def __init__(self, path: str | os.PathLike[str], *, busy_timeout_s: float = 5.0) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Create the file ourselves so it never exists with the umask's looser mode: it holds
+        # signing secrets. SQLite gives its -wal/-shm files the database file's mode.
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if os.fstat(fd).st_mode & 0o077:
+                os.fchmod(fd, 0o600)
+        except PermissionError:
+            pass  # someone else's file; leave it as its owner set it
+        finally:
+            os.close(fd)
+        self._lock = threading.Lock()
+        # isolation_level=None: we decide where transactions begin and end
+        self._db = sqlite3.connect(
+            self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+        )
+        self._closed = False
+        try:
+            self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+            mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise RuntimeError(f"outbox {self.path} cannot use WAL mode (got {mode})")
+            # FULL syncs the WAL on every commit: an acknowledged append survives power loss
+            self._db.execute("PRAGMA synchronous = FULL")
+            self._db.execute("BEGIN IMMEDIATE")
+            for stmt in _SCHEMA.split(";"):
+                if stmt.strip():
+                    self._db.execute(stmt)
+            self._db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            self._db.close()
+            raise
+
+    # -- appending ---------------------------------------------------------------------
+
+    def append(
+        self,
+        event: Event,
+        *,
+        url: str,
+        secret: str,
+        policy: Policy,
+        call_id: str | None,
+        final: bool = False,
+    ) -> bool:
+        """Store `event` for delivery to `url`; committed (and fsynced) before returning.
+
+        Returns False, writing nothing, when `final` and this call already has a final event
+        (or when this event_id is already stored): callers racing to end a call, in any
+        process, get exactly one True.
+        """
+        if policy not in POLICIES:
+            raise ValueError(f"unknown delivery policy {policy!r}")
+        if final and not call_id:
+            raise ValueError("a final event needs a call_id")
+        if not secret:
+            raise ValueError("a signing secret is required")
+        _check_url(url)
+        now = time.time()
+        # ON CONFLICT DO NOTHING (unlike INSERT OR IGNORE) only swallows UNIQUE conflicts;
+        # a CHECK or NOT NULL violation still raises instead of silently dropping the event.
+        with self._lock:
+            cur = self._db.execute(
+                "INSERT INTO outbox (event_id, kind, call_id, final_call_id, workspace_id,"
+                " body, url, secret, policy, state, attempts, next_attempt_at, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', 0, ?, ?)"
+                " ON CONFLICT DO NOTHING",
+                (
+                    event.event_id,
+                    event.kind,
+                    call_id,
+                    call_id if final else None,
+                    event.workspace_id,
+                    event.body,
+                    url,
+                    secret,
+                    policy,
+                    now,
+                    now,
+                ),
+            )
+            return cur.rowcount == 1
+
+    # -- delivery bookkeeping ----------------------------------------------------------
+
+    def due(self, now: float, limit: int) -> list[OutboxRow]:
+        """Pending rows whose next attempt is at or before `now`, oldest due first."""
+        with self._lock:
+            cur = self._db.execute(
+                f"SELECT {_COLUMNS} FROM outbox WHERE state = 'pending'"
+                " AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?",
+                (now, limit),
+            )
+            return [_row(r) for r in cur.fetchall()]
+
+    def next_due_at(self, after: float | None = None) -> float | None:
+        """The earliest next_attempt_at of a pending row (later than `after`, if given)."""
+        with self._lock:
+            r = self._db.execute(
+                "SELECT MIN(next_attempt_at) FROM outbox WHERE state = 'pending'"
+                " AND next_attempt_at > ?",
+                (float("-inf") if after is None else after,),
+            ).fetchone()
+        return None if r is None or r[0] is None else float(r[0])
+
+    def mark_delivered(self, row_id: int) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE outbox SET state = 'delivered', attempts = attempts + 1,"
+                " delivered_at = ? WHERE id = ?",
+                (time.time(), row_id),
+            )
+
+    def mark_failed(self, row_id: int, error: str, next_attempt_at: float | None) -> None:
+        """Count a failed attempt; `next_attempt_at=None` moves the row to dead_letter."""
+        error = " ".join(error.split())[:_MAX_ERROR_CHARS]  # one line, bounded
+        with self._lock:
+            if next_attempt_at is None:
+                self._db.execute(
+                    "UPDATE outbox SET state = 'dead_letter', attempts = attempts + 1,"
+                    " last_error = ? WHERE id = ? AND state = 'pending'",
+                    (error, row_id),
+                )
+            else:
+                self._db.execute(
+                    "UPDATE outbox SET attempts = attempts + 1, last_error = ?,"
+                    " next_attempt_at = ? WHERE id = ? AND state = 'pending'",
+                    (error, next_attempt_at, row_id),
+                )
+
+    # -- inspection and operator actions -----------------------------------------------
+
+    def get(self, row_id_or_event_id: int | str) -> OutboxRow | None:
+        """A row by its integer id (or all-digit string) or by its event_id."""
+        col, key = self._ident(row_id_or_event_id)
+        with self._lock:
+            r = self._db.execute(
+                f"SELECT {_COLUMNS} FROM outbox WHERE {col} = ?", (key,)
+            ).fetchone()
+        return None if r is None else _row(r)
+
+    def dead_letters(self) -> list[OutboxRow]:
+        with self._lock:
+            cur = self._db.execute(
+                f"SELECT {_COLUMNS} FROM outbox WHERE state = 'dead_letter' ORDER BY id"
+            )
+            return [_row(r) for r in cur.fetchall()]
+
+    def retry(self, row_id_or_event_id: int | str) -> bool:
+        """dead_letter -> pending with attempts reset, due now. False if not a dead letter."""
+        col, key = self._ident(row_id_or_event_id)
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = ?"
+                f" WHERE {col} = ? AND state = 'dead_letter'",
+                (time.time(), key),
+            )
+            return cur.rowcount == 1
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = dict.fromkeys(STATES, 0)
+        with self._lock:
+            for state, n in self._db.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state"):
+                out[state] = n
+        return out
+
+    def has_final(self, call_id: str) -> bool:
+        with self._lock:
+            r = self._db.execute(
+                "SELECT 1 FROM outbox WHERE final_call_id = ?", (call_id,)
+            ).fetchone()
+        return r is not None
+
+    def rows_for_call(self, call_id: str) -> list[OutboxRow]:
+        with self._lock:
+            cur = self._db.execute(
+                f"SELECT {_COLUMNS} FROM outbox WHERE call_id = ? ORDER BY id", (call_id,)
+            )
+            return [_row(r) for r in cur.fetchall()]
+
+    def prune_delivered(self, older_than: float) -> int:
+        """Delete rows delivered before `older_than` (unix time); returns how many.
+
+        A pruned call no longer blocks a second final event, so keep well beyond any
+        plausible late duplicate (days, not minutes).
+        """
+        with self._lock:
+            cur = self._db.execute(
+                "DELETE FROM outbox WHERE state = 'delivered' AND delivered_at < ?",
+                (older_than,),
+            )
+            return cur.rowcount
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._db.close()
+
+    def __enter__(self) -> Outbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @staticmethod
+    def _ident(ident: int | str) -> tuple[str, int | str]:
+        if isinstance(ident, int):
+            return "id", ident
+        ident = ident.strip()
+        return ("id", int(ident)) if ident.isdigit() else ("event_id", ident)
