@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from aiohttp import ClientSession
+
 from config.settings import Settings, load_settings, parse_hostport
 from gateway.events.outbox import Outbox
 from gateway.logs import setup_logging
@@ -73,7 +75,9 @@ class Worker:
         self.stopping = asyncio.Event()
         cb = settings.callbacks
         self.http = make_session(allow_private=cb.allow_private)
-        self.router = Router(settings, self.http)
+        # The control plane is operator config, not untrusted input: no SSRF guard on it.
+        self.cp_http = ClientSession()
+        self.router = Router(settings, self.cp_http)
         guard = functools.partial(
             check_url, allow_http=cb.allow_http, allow_private=cb.allow_private
         )
@@ -132,6 +136,7 @@ class Worker:
             await asyncio.wait(self.tasks, timeout=10)
         self.endpoint.stop()
         await self.http.close()
+        await self.cp_http.close()
         self.outbox.close()
         self.channel.close()
 

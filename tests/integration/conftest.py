@@ -77,8 +77,9 @@ async def voice_app() -> AsyncIterator[VoiceApp]:
 
 
 @pytest.fixture
-async def receiver() -> AsyncIterator[tuple[EventReceiver, str]]:
-    rec = EventReceiver(secret=secrets.token_hex(8))
+async def receiver(voice_app: VoiceApp) -> AsyncIterator[tuple[EventReceiver, str]]:
+    # A number's events_url is signed with its webhook_secret, like its voice callbacks.
+    rec = EventReceiver(secret=voice_app.secret)
     runner, url = await rec.start()
     yield rec, url
     await runner.cleanup()
