@@ -93,7 +93,7 @@ class EventReceiver:
             self.changed.clear()
             try:
                 await asyncio.wait_for(self.changed.wait(), left)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return bool(pred(self.events))
         return True
 
@@ -118,6 +118,7 @@ async def run_demo(verbose: bool = False) -> int:
             "SAUTIKIT_STORAGE__DIR": str(work / "var"),
             "SAUTIKIT_CONTROL_PLANE__EVENTS_URL": events_url,
             "SAUTIKIT_CONTROL_PLANE__SECRET": secret,
+            "SAUTIKIT_LOG__LEVEL": "INFO" if verbose else "WARNING",
             "SAUTIKIT_MEDIA__RTP_PORT_START": str(free_port(socket.SOCK_DGRAM) // 2 * 2),
         }
     )

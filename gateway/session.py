@@ -175,7 +175,7 @@ class CallSession:
         # The interpreter may still have work after a hangup (a recording to hand over).
         try:
             await asyncio.wait_for(asyncio.shield(driver), 30)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             driver.cancel()
         except Exception:
             log.exception("call %s: driver failed after the call ended", self.call_id)

@@ -62,11 +62,11 @@ class PjCall(pj.Call):  # type: ignore[misc]
         if self.owner is not None:
             fn(self.owner, *args)
 
-    def onCallState(self, prm: pj.OnCallStateParam) -> None:  # noqa: N802
+    def onCallState(self, prm: pj.OnCallStateParam) -> None:
         ci = self.getInfo()
         self._post(SipCall._on_state, ci.state, ci.lastStatusCode, ci.lastReason)
 
-    def onCallMediaState(self, prm: pj.OnCallMediaStateParam) -> None:  # noqa: N802
+    def onCallMediaState(self, prm: pj.OnCallMediaStateParam) -> None:
         ci = self.getInfo()
         active = [
             i
@@ -75,7 +75,7 @@ class PjCall(pj.Call):  # type: ignore[misc]
         ]
         self._post(SipCall._on_media, active[0] if active else -1)
 
-    def onDtmfDigit(self, prm: pj.OnDtmfDigitParam) -> None:  # noqa: N802
+    def onDtmfDigit(self, prm: pj.OnDtmfDigitParam) -> None:
         self._post(SipCall._on_dtmf, prm.digit, _METHODS.get(prm.method, "rfc4733"))
 
 
@@ -90,7 +90,7 @@ class _Player(pj.AudioMediaPlayer):  # type: ignore[misc]
         self._loop = loop
         self._done = done
 
-    def onEof2(self) -> None:  # noqa: N802
+    def onEof2(self) -> None:
         self._loop.call_soon_threadsafe(_set_done, self._done)
 
 
@@ -107,7 +107,7 @@ class _FramePort(pj.AudioMediaPort):  # type: ignore[misc]
         self._loop = loop
         self._sink = sink
 
-    def onFrameReceived(self, frame: pj.MediaFrame) -> None:  # noqa: N802
+    def onFrameReceived(self, frame: pj.MediaFrame) -> None:
         if frame.type == pj.PJMEDIA_FRAME_TYPE_AUDIO and frame.size:
             self._loop.call_soon_threadsafe(self._sink, bytes(frame.buf))
 
@@ -328,7 +328,7 @@ class SipCall:
                 res: str = await self._until(get)
                 return res
             return await asyncio.wait_for(self._until(get), timeout)  # type: ignore[no-any-return]
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return None
         finally:
             get.cancel()
@@ -432,7 +432,7 @@ class SipCall:
             return d
         try:
             return await asyncio.wait_for(self._digits.get(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return None
 
 
@@ -442,7 +442,7 @@ async def _wav_finalised(path: Path, timeout: float) -> bool:
         try:
             with path.open("rb") as f:
                 head = f.read(8)
-            size = path.stat().st_size
+            size = path.stat().st_size  # noqa: ASYNC240 (a stat of a local file)
             if head[:4] == b"RIFF" and int.from_bytes(head[4:8], "little") == size - 8:
                 return True
         except OSError:

@@ -72,7 +72,7 @@ class _Account(pj.Account):  # type: ignore[misc]
         super().__init__()
         self._endpoint = endpoint
 
-    def onIncomingCall(self, prm: pj.OnIncomingCallParam) -> None:  # noqa: N802 (pjsua2 API)
+    def onIncomingCall(self, prm: pj.OnIncomingCallParam) -> None:
         # The Call object must exist now so PJSIP has a handler; everything else is asyncio's.
         self._endpoint._incoming_from_pjsip(
             self, prm.callId, prm.rdata.wholeMsg, prm.rdata.srcAddress

@@ -51,9 +51,16 @@ class VoiceApp:
         except Exception:
             sig_ok = False
         form = {k: v for k, v in (await request.post()).items() if isinstance(v, str)}
-        self.requests.append({"path": request.path, "method": request.method, "form": form,
-                              "signature_ok": sig_ok, "content_type": request.content_type,
-                              "at": time.time()})
+        self.requests.append(
+            {
+                "path": request.path,
+                "method": request.method,
+                "form": form,
+                "signature_ok": sig_ok,
+                "content_type": request.content_type,
+                "at": time.time(),
+            }
+        )
         assert self.script is not None, "the test set no script"
         reply = self.script(request, form)
         if asyncio.iscoroutine(reply):
@@ -111,9 +118,17 @@ class Gateway:
         return self.log.read_text(errors="replace")
 
 
-def write_config(tmp: Path, *, voice_url: str, app_secret: str, events_url: str | None,
-                 control_plane: tuple[str, str] | None = None, extra: str = "",
-                 sip_port: int | None = None, api_port: int | None = None) -> Path:
+def write_config(
+    tmp: Path,
+    *,
+    voice_url: str,
+    app_secret: str,
+    events_url: str | None,
+    control_plane: tuple[str, str] | None = None,
+    extra: str = "",
+    sip_port: int | None = None,
+    api_port: int | None = None,
+) -> Path:
     sip_port = sip_port or free_port(both=True)
     api_port = api_port or free_port()
     cp = ""
@@ -132,7 +147,7 @@ timeout_s = 2
 allow_http = true
 allow_private = true
 [storage]
-dir = "{tmp / 'var'}"
+dir = "{tmp / "var"}"
 [media]
 rtp_port_start = {rtp_block()}
 [log]
@@ -157,11 +172,20 @@ def start_gateway(config: Path, tmp: Path, timeout: float = 30) -> Gateway:
     cfg = tomllib.loads(config.read_text())
     log = tmp / f"gateway-{int(time.time() * 1000)}.log"
     out = log.open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "run", "--config", str(config)],
-                            stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-    gw = Gateway(proc, int(cfg["sip"]["listen"].rsplit(":", 1)[1]),
-                 int(cfg["api"]["listen"].rsplit(":", 1)[1]), Path(cfg["storage"]["dir"]),
-                 config, log)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "run", "--config", str(config)],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+    )
+    gw = Gateway(
+        proc,
+        int(cfg["sip"]["listen"].rsplit(":", 1)[1]),
+        int(cfg["api"]["listen"].rsplit(":", 1)[1]),
+        Path(cfg["storage"]["dir"]),
+        config,
+        log,
+    )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if b"sautikit-gateway ready" in log.read_bytes():
@@ -195,19 +219,29 @@ async def phone() -> AsyncIterator[Any]:
     from media.endpoint import EndpointConfig, SipEndpoint
 
     loop = asyncio.get_running_loop()
-    ep = SipEndpoint(loop, EndpointConfig(sip_host="127.0.0.1",
-                                          sip_port=free_port(socket.SOCK_DGRAM, both=True),
-                                          transports=("udp",), rtp_port=28000 + 40 * (
-                                              os.getpid() % 20), rtp_port_range=40,
-                                          max_calls=4))
+    ep = SipEndpoint(
+        loop,
+        EndpointConfig(
+            sip_host="127.0.0.1",
+            sip_port=free_port(socket.SOCK_DGRAM, both=True),
+            transports=("udp",),
+            rtp_port=28000 + 40 * (os.getpid() % 20),
+            rtp_port_range=40,
+            max_calls=4,
+        ),
+    )
     ep.start()
     yield ep
     ep.stop()
 
 
 def final_events(events: list[Any], call_id: str | None = None) -> list[Any]:
-    return [e for e in events if e.kind in ("call.completed", "call.failed")
-            and (call_id is None or e.body["data"]["call_id"] == call_id)]
+    return [
+        e
+        for e in events
+        if e.kind in ("call.completed", "call.failed")
+        and (call_id is None or e.body["data"]["call_id"] == call_id)
+    ]
 
 
 def dump(events: list[Any]) -> str:

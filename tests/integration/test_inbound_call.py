@@ -20,26 +20,32 @@ RFC3339_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 GREETING = "Hello from Sautikit. Your call is connected."
 
 
-async def call_and_listen(phone: Any, uri: str, dest: Path, *, hangup_after: float | None = None,
-                          max_s: float = 20) -> Any:
+async def call_and_listen(
+    phone: Any, uri: str, dest: Path, *, hangup_after: float | None = None, max_s: float = 20
+) -> Any:
     """Call `uri`, record what we hear until the far end hangs up (or we do)."""
     call = phone.make_call(uri, {"From": f"<sip:{CALLER}@127.0.0.1>"} if False else None)
     await asyncio.wait_for(call.answer(), 10)
     if hangup_after is not None:
         asyncio.get_running_loop().call_later(hangup_after, call.reject_now, 200)
-    return await call.record(dest, max_length_s=max_s, silence_timeout_s=0, finish_on_key="",
-                             beep=None)
+    return await call.record(
+        dest, max_length_s=max_s, silence_timeout_s=0, finish_on_key="", beep=None
+    )
 
 
-async def test_say_then_hangup_is_heard_and_reported(phone, voice_app, receiver, gateway_factory,
-                                                     tmp_path):
+async def test_say_then_hangup_is_heard_and_reported(
+    phone, voice_app, receiver, gateway_factory, tmp_path
+):
     rec, events_url = receiver
-    voice_app.script = lambda req, form: {"actions": [
-        {"say": {"text": GREETING, "voice": "alice", "language": "en-US"}},
-        {"hangup": {}},
-    ]}
-    gw = gateway_factory(voice_url=f"{voice_app.base_url}/voice", app_secret=voice_app.secret,
-                         events_url=events_url)
+    voice_app.script = lambda req, form: {
+        "actions": [
+            {"say": {"text": GREETING, "voice": "alice", "language": "en-US"}},
+            {"hangup": {}},
+        ]
+    }
+    gw = gateway_factory(
+        voice_url=f"{voice_app.base_url}/voice", app_secret=voice_app.secret, events_url=events_url
+    )
     heard = await call_and_listen(phone, gw.uri, tmp_path / "heard.wav")
     assert heard.ended_by == "hangup", "the gateway hangs up after the document"
     assert await rec.wait_for(lambda evs: final_events(evs), 10), gw.log_text()
@@ -51,7 +57,9 @@ async def test_say_then_hangup_is_heard_and_reported(phone, voice_app, receiver,
     assert rate == 8000
     assert rms_dbfs(x) > -40
     assert abs(active_duration(x, rate) - active_duration(x_ref, r_ref)) < 0.5, (
-        active_duration(x, rate), active_duration(x_ref, r_ref))
+        active_duration(x, rate),
+        active_duration(x_ref, r_ref),
+    )
 
     # The voice app got the call state, form-encoded and signed.
     assert len(voice_app.requests) == 1
@@ -76,8 +84,18 @@ async def test_say_then_hangup_is_heard_and_reported(phone, voice_app, receiver,
         assert e.headers["X-Sautikit-Event"] == e.kind
         assert e.headers["X-Sautikit-Idempotency-Key"]
     done = rec.events[-1].body["data"]
-    assert set(done) == {"call_id", "direction", "from", "to", "number_id", "status",
-                         "duration_seconds", "answered_at", "ended_at", "hangup_cause"}
+    assert set(done) == {
+        "call_id",
+        "direction",
+        "from",
+        "to",
+        "number_id",
+        "status",
+        "duration_seconds",
+        "answered_at",
+        "ended_at",
+        "hangup_cause",
+    }
     assert done["call_id"] == form["callId"]
     assert done["status"] == "completed" and done["hangup_cause"] == "normal_clearing"
     assert done["direction"] == "inbound" and done["to"] == NUMBER
@@ -88,12 +106,15 @@ async def test_say_then_hangup_is_heard_and_reported(phone, voice_app, receiver,
 
 async def test_caller_hangs_up_mid_say(phone, voice_app, receiver, gateway_factory, tmp_path):
     rec, events_url = receiver
-    voice_app.script = lambda req, form: {"actions": [
-        {"say": {"text": "This is a long announcement. " * 8}},
-        {"say": {"text": "You should never hear this."}},
-    ]}
-    gw = gateway_factory(voice_url=f"{voice_app.base_url}/voice", app_secret=voice_app.secret,
-                         events_url=events_url)
+    voice_app.script = lambda req, form: {
+        "actions": [
+            {"say": {"text": "This is a long announcement. " * 8}},
+            {"say": {"text": "You should never hear this."}},
+        ]
+    }
+    gw = gateway_factory(
+        voice_url=f"{voice_app.base_url}/voice", app_secret=voice_app.secret, events_url=events_url
+    )
     heard = await call_and_listen(phone, gw.uri, tmp_path / "heard.wav", hangup_after=1.5)
     assert heard.duration_s < 3
     assert await rec.wait_for(lambda evs: final_events(evs), 10), gw.log_text()
@@ -106,14 +127,18 @@ async def test_caller_hangs_up_mid_say(phone, voice_app, receiver, gateway_facto
     assert data["duration_seconds"] <= 3
 
 
-@pytest.mark.parametrize("failure,reason", [
-    ("500", "callback_http_status"),
-    ("timeout", "callback_timeout"),
-    ("not_json", "callback_not_json"),
-    ("invalid", "document_invalid"),
-])
+@pytest.mark.parametrize(
+    "failure,reason",
+    [
+        ("500", "callback_http_status"),
+        ("timeout", "callback_timeout"),
+        ("not_json", "callback_not_json"),
+        ("invalid", "document_invalid"),
+    ],
+)
 async def test_voice_app_failure_ends_call_with_one_failed_event(
-        failure, reason, phone, voice_app, receiver, gateway_factory):
+    failure, reason, phone, voice_app, receiver, gateway_factory
+):
     rec, events_url = receiver
 
     async def script(req: web.Request, form: dict[str, str]) -> Any:
@@ -123,13 +148,13 @@ async def test_voice_app_failure_ends_call_with_one_failed_event(
             await asyncio.sleep(3)  # the gateway's timeout_s is 2
             return {"actions": [{"hangup": {}}]}
         if failure == "not_json":
-            return web.Response(text="<Response><Say>hi</Say></Response>",
-                                content_type="text/xml")
+            return web.Response(text="<Response><Say>hi</Say></Response>", content_type="text/xml")
         return {"actions": [{"say": {"txt": "typo"}}]}
 
     voice_app.script = script
-    gw = gateway_factory(voice_url=f"{voice_app.base_url}/voice", app_secret=voice_app.secret,
-                         events_url=events_url)
+    gw = gateway_factory(
+        voice_url=f"{voice_app.base_url}/voice", app_secret=voice_app.secret, events_url=events_url
+    )
     call = phone.make_call(gw.uri)
     end = await asyncio.wait_for(call.wait_ended(), 10)
     assert not end.was_answered
@@ -153,8 +178,9 @@ async def test_cancel_before_answer(phone, voice_app, receiver, gateway_factory)
         return {"actions": [{"say": {"text": "too late"}}]}
 
     voice_app.script = slow
-    gw = gateway_factory(voice_url=f"{voice_app.base_url}/voice", app_secret=voice_app.secret,
-                         events_url=events_url)
+    gw = gateway_factory(
+        voice_url=f"{voice_app.base_url}/voice", app_secret=voice_app.secret, events_url=events_url
+    )
     call = phone.make_call(gw.uri)
     await asyncio.sleep(0.4)
     call.reject_now(487)  # an unanswered outgoing call: pjsua2 sends CANCEL
@@ -170,14 +196,17 @@ async def test_cancel_before_answer(phone, voice_app, receiver, gateway_factory)
     assert data["hangup_cause"] == "originator_cancel"
 
 
-@pytest.mark.parametrize("reason,code,status", [("busy", 486, "busy"),
-                                                ("rejected", 603, "rejected")])
-async def test_reject_never_answers(reason, code, status, phone, voice_app, receiver,
-                                    gateway_factory):
+@pytest.mark.parametrize(
+    "reason,code,status", [("busy", 486, "busy"), ("rejected", 603, "rejected")]
+)
+async def test_reject_never_answers(
+    reason, code, status, phone, voice_app, receiver, gateway_factory
+):
     rec, events_url = receiver
     voice_app.script = lambda req, form: {"actions": [{"reject": {"reason": reason}}]}
-    gw = gateway_factory(voice_url=f"{voice_app.base_url}/voice", app_secret=voice_app.secret,
-                         events_url=events_url)
+    gw = gateway_factory(
+        voice_url=f"{voice_app.base_url}/voice", app_secret=voice_app.secret, events_url=events_url
+    )
     call = phone.make_call(gw.uri)
     end = await asyncio.wait_for(call.wait_ended(), 10)
     assert not end.was_answered and end.sip_code == code
@@ -187,12 +216,12 @@ async def test_reject_never_answers(reason, code, status, phone, voice_app, rece
     assert "call.answered" not in [e.kind for e in rec.events]
 
 
-async def test_unknown_number_is_404_without_events(phone, voice_app, receiver,
-                                                     gateway_factory):
+async def test_unknown_number_is_404_without_events(phone, voice_app, receiver, gateway_factory):
     rec, events_url = receiver
     voice_app.script = lambda req, form: {"actions": [{"hangup": {}}]}
-    gw = gateway_factory(voice_url=f"{voice_app.base_url}/voice", app_secret=voice_app.secret,
-                         events_url=events_url)
+    gw = gateway_factory(
+        voice_url=f"{voice_app.base_url}/voice", app_secret=voice_app.secret, events_url=events_url
+    )
     call = phone.make_call(f"sip:+254799999999@127.0.0.1:{gw.sip_port}")
     end = await asyncio.wait_for(call.wait_ended(), 10)
     assert end.sip_code == 404
@@ -201,19 +230,20 @@ async def test_unknown_number_is_404_without_events(phone, voice_app, receiver,
     assert "unknown number" in gw.log_text()
 
 
-async def test_redirect_relative_url_replaces_document(phone, voice_app, receiver,
-                                                       gateway_factory, tmp_path):
+async def test_redirect_relative_url_replaces_document(
+    phone, voice_app, receiver, gateway_factory, tmp_path
+):
     rec, events_url = receiver
 
     def script(req: web.Request, form: dict[str, str]) -> Any:
         if req.path == "/voice":
-            return {"actions": [{"redirect": {"url": "menu"}},
-                                {"say": {"text": "never reached"}}]}
+            return {"actions": [{"redirect": {"url": "menu"}}, {"say": {"text": "never reached"}}]}
         return {"actions": [{"say": {"text": "Karibu", "language": "sw-KE"}}, {"hangup": {}}]}
 
     voice_app.script = script
-    gw = gateway_factory(voice_url=f"{voice_app.base_url}/voice", app_secret=voice_app.secret,
-                         events_url=events_url)
+    gw = gateway_factory(
+        voice_url=f"{voice_app.base_url}/voice", app_secret=voice_app.secret, events_url=events_url
+    )
     heard = await call_and_listen(phone, gw.uri, tmp_path / "heard.wav")
     assert [r["path"] for r in voice_app.requests] == ["/voice", "/menu"]
     x, rate = read_wav(heard.path)
