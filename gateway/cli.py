@@ -53,7 +53,7 @@ def cmd_events(args: argparse.Namespace) -> int:
                 return 1
             return 0
         if args.dead:
-            print(format_dead_letters(outbox))
+            print(format_dead_letters(outbox) or "no dead letters")
             return 0
         print(json.dumps(outbox.counts()))
         return 0

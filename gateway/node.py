@@ -65,6 +65,7 @@ class Node:
         self.http = ClientSession(timeout=ClientTimeout(total=self.settings.callbacks.timeout_s))
         self.deliverer = Deliverer(self.outbox, self.http)
         self._tasks.append(asyncio.create_task(self.deliverer.run(), name="deliverer"))
+        self._tasks.append(asyncio.create_task(self._prune(), name="prune"))
         app = make_app(self.settings, self, self.storage / "recordings")
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
@@ -96,6 +97,15 @@ class Node:
         await self.http.close()
         if self.outbox is not None:
             self.outbox.close()
+
+    async def _prune(self) -> None:
+        # Delivered rows are history; a week of it keeps late duplicate finals deduplicated.
+        while True:
+            assert self.outbox is not None
+            pruned = self.outbox.prune_delivered(time.time() - 7 * 86400)
+            if pruned:
+                log.info("outbox: pruned %d delivered event(s) older than 7 days", pruned)
+            await asyncio.sleep(3600)
 
     # -- workers ----------------------------------------------------------------------------
     async def _keep_worker(self, w: WorkerHandle) -> None:

@@ -1,0 +1,67 @@
+"""The running node: its internal API sees live calls; a bad config stops it with a clear error."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+import aiohttp
+import pytest
+
+from tests.integration.conftest import NUMBER, ROOT, final_events
+
+pytestmark = pytest.mark.integration
+
+
+async def test_active_calls_listed_with_token_only(phone, voice_app, receiver, gateway_factory):
+    rec, events_url = receiver
+    voice_app.script = lambda req, form: {"actions": [{"pause": {"length": 3}}, {"hangup": {}}]}
+    gw = gateway_factory(voice_url=f"{voice_app.base_url}/voice", app_secret=voice_app.secret,
+                         events_url=events_url)
+    api = f"http://127.0.0.1:{gw.api_port}"
+    call = phone.make_call(gw.uri)
+    await asyncio.wait_for(call.answer(), 10)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{api}/healthz") as r:
+            assert r.status == 200
+        async with http.get(f"{api}/v1/calls") as r:
+            assert r.status == 401
+            err = (await r.json())["error"]
+            assert err["code"] == "api_key.invalid" and err["request_id"]
+        async with http.get(f"{api}/v1/calls",
+                            headers={"Authorization": "Bearer wrong"}) as r:
+            assert r.status == 401
+        async with http.get(f"{api}/v1/calls",
+                            headers={"Authorization": "Bearer test-token"}) as r:
+            assert r.status == 200
+            calls = (await r.json())["data"]
+    assert len(calls) == 1, calls
+    assert calls[0]["to"] == NUMBER and calls[0]["direction"] == "inbound"
+    assert calls[0]["status"] == "in-progress" and calls[0]["worker"] == 0
+    await asyncio.wait_for(call.wait_ended(), 10)
+    assert await rec.wait_for(lambda evs: final_events(evs), 10)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{api}/v1/calls",
+                            headers={"Authorization": "Bearer test-token"}) as r:
+            assert (await r.json())["data"] == []
+
+
+def test_invalid_config_names_the_key(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[sip]\nlisten = "127.0.0.1:99999"\n[api]\ntoken = "x"\n'
+                   '[callbacks]\ntimeout_s = -1\n')
+    p = subprocess.run([sys.executable, "-m", "gateway.cli", "run", "--config", str(bad)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert p.returncode == 2
+    assert "sip.listen" in p.stderr and "callbacks.timeout_s" in p.stderr, p.stderr
+
+
+def test_unknown_key_is_an_error(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[api]\ntoken = "x"\nlisten_on = "127.0.0.1:1"\n')
+    p = subprocess.run([sys.executable, "-m", "gateway.cli", "run", "--config", str(bad)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert p.returncode == 2 and "api.listen_on" in p.stderr, p.stderr
+
+
