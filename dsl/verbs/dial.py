@@ -1,0 +1,64 @@
+"""`dial`: connect the caller to a number, several numbers, or a SIP URI (not yet runnable)."""
+
+from __future__ import annotations
+
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import Field, StringConstraints, model_validator
+from pydantic_core import PydanticCustomError
+
+from dsl.context import CallContext
+from dsl.errors import VerbUnsupported
+from dsl.verbs.base import Needs, RunState, Step, Verb, extension
+
+E164_PATTERN = r"^\+[1-9][0-9]{1,14}$"
+SIP_URI_PATTERN = r"^sips?:[^\s]+$"
+E164 = Annotated[str, StringConstraints(pattern=E164_PATTERN)]
+
+
+class Dial(Verb):
+    """Call out and bridge the caller to whoever answers.
+
+    Exactly one of `number`, `numbers` (all ring at once unless `sequential`) or `sip`.
+    Validated now; running it ends the call with `verb_unsupported` until dialling lands.
+    """
+
+    verb: ClassVar[str] = "dial"
+    needs: ClassVar[Needs] = "media"
+
+    number: E164 | None = Field(None, description="E.164 number to call, e.g. +254711000000.")
+    numbers: list[E164] | None = Field(
+        None,
+        min_length=1,
+        max_length=10,
+        description="E.164 numbers to ring (fan-out); the first to answer is bridged.",
+    )
+    sip: str | None = Field(None, pattern=SIP_URI_PATTERN, description="SIP URI to call.")
+    caller_id: str | None = Field(
+        None, max_length=64, description="Caller ID presented to the called party."
+    )
+    timeout: float = Field(30, gt=0, le=600, description="Seconds to ring before giving up.")
+    record: Literal["record-from-answer", "record-from-ringing"] | None = Field(
+        None, description="Record the bridged call, from answer or from ringing."
+    )
+    sequential: bool = extension(
+        False, description="Ring `numbers` one after another instead of all at once."
+    )
+    time_limit: float | None = extension(
+        None, gt=0, le=86400, description="Longest bridged call in seconds."
+    )
+
+    @model_validator(mode="after")
+    def _one_target(self) -> Dial:
+        # The SDK's own runtime rule names, so errors read the same on both sides.
+        if self.number is not None and self.numbers is not None:
+            raise PydanticCustomError("ErrDialNumberNumbers", "give number or numbers, not both")
+        targets = [t for t in (self.number, self.numbers, self.sip) if t is not None]
+        if len(targets) != 1:
+            raise PydanticCustomError(
+                "ErrDialTargetXOR", "exactly one of number, numbers or sip is required"
+            )
+        return self
+
+    async def run(self, ctx: CallContext, state: RunState) -> Step:
+        raise VerbUnsupported(self.verb)

@@ -1,0 +1,95 @@
+"""`record`: record the caller, announce the file, and POST the result to the voice app."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from dsl.context import CallContext, VoiceAppError
+from dsl.verbs.base import (
+    DTMF_KEY_PATTERN,
+    Needs,
+    RunState,
+    Step,
+    Verb,
+    end,
+    extension,
+    reply_step,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Record(Verb):
+    """Record what the caller says into a WAV file.
+
+    Recording stops at `finishOnKey`, after `timeout` seconds of silence, at `maxLength`, or
+    when the caller hangs up. The gateway then emits `call.recording.ready` and requests
+    `action` with `RecordingUrl`, `RecordingDuration` (whole seconds), `recordingId` and, when
+    the finish key ended it, `Digits`. A non-empty reply document replaces the rest of this
+    one. If the caller hung up, the event and the request still happen and the run ends.
+    """
+
+    verb: ClassVar[str] = "record"
+    needs: ClassVar[Needs] = "media"
+
+    action: str | None = Field(
+        None,
+        min_length=1,
+        max_length=2048,
+        description="URL the result is sent to (relative resolves against the document's "
+        "URL); default the call's voice_callback_url.",
+    )
+    method: Literal["GET", "POST"] = Field("POST", description="HTTP method for `action`.")
+    timeout: float = Field(
+        5, ge=0, le=3600, description="Seconds of silence that stop it; 0 = never on silence."
+    )
+    max_length: float = Field(3600, gt=0, le=14400, description="Longest recording in seconds.")
+    finish_on_key: str = Field(
+        "#",
+        pattern=DTMF_KEY_PATTERN,
+        description='Key that stops it: one of 0-9 * #, or "" for none.',
+    )
+    transcribe: bool = Field(
+        False, description="Ask for a transcription (accepted; this gateway does not transcribe)."
+    )
+    transcribe_callback: str | None = Field(
+        None, max_length=2048, description="Where a transcription would be sent (unused)."
+    )
+    play_beep: bool = extension(True, description="Beep before recording starts.")
+    trim_silence: bool = extension(
+        False, description="Trim leading/trailing silence (accepted; not applied yet)."
+    )
+    format: Literal["wav"] = extension("wav", description="File format of the recording.")
+
+    async def run(self, ctx: CallContext, state: RunState) -> Step:
+        leg = ctx.leg
+        recording_id = uuid.uuid4().hex
+        leg.flush_digits()  # an earlier key press must not stop it before it starts
+        result = await leg.record(
+            ctx.recordings_dir / f"{recording_id}.{self.format}",
+            max_length_s=self.max_length,
+            silence_timeout_s=self.timeout,
+            finish_on_key=self.finish_on_key,
+            beep=self.play_beep,
+        )
+        url = ctx.events.recording_ready(recording_id, result.path, result.duration_s, self.format)
+        extra = {
+            "RecordingUrl": url,
+            "RecordingDuration": str(round(result.duration_s)),
+            "recordingId": recording_id,
+        }
+        if result.digit:
+            extra["Digits"] = result.digit
+        target = state.resolve(self.action) if self.action else ctx.voice_callback_url
+        if result.ended_by == "hangup":
+            # The voice app still learns of the recording; its reply has no call to run on.
+            try:
+                await ctx.app.fetch(target, self.method, extra)
+            except VoiceAppError as err:
+                state.note(err.code, err.message)
+            return end("caller")
+        return reply_step(await ctx.app.fetch(target, self.method, extra))
