@@ -333,6 +333,16 @@ class SipCall:
         finally:
             get.cancel()
 
+    def send_dtmf(self, digits: str, method: Literal["rfc4733", "sip_info"] = "rfc4733") -> None:
+        """Send DTMF to the far end (RFC 4733 events or SIP INFO `application/dtmf-relay`)."""
+        pj_call = self._check()
+        prm = pj.CallSendDtmfParam()
+        prm.digits = digits
+        prm.method = (
+            pj.PJSUA_DTMF_METHOD_SIP_INFO if method == "sip_info" else pj.PJSUA_DTMF_METHOD_RFC2833
+        )
+        pj_call.sendDtmf(prm)
+
     def flush_digits(self) -> None:
         while not self._digits.empty():
             self._digits.get_nowait()

@@ -96,7 +96,9 @@ class SipEndpoint:
         self.ep.libCreate()
         ec = pj.EpConfig()
         ec.uaConfig.threadCnt = 0
-        ec.uaConfig.mainThreadOnly = True
+        # Not mainThreadOnly: its queued callbacks (DTMF among them) only run when the thread that
+        # called libCreate polls, and ours is the pump thread. Callbacks hand off to asyncio anyway.
+        ec.uaConfig.mainThreadOnly = False
         ec.uaConfig.maxCalls = cfg.max_calls
         ec.uaConfig.userAgent = cfg.user_agent
         ec.logConfig.consoleLevel = 0
