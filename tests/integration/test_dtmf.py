@@ -21,7 +21,7 @@ async def run_sipp(scenario: str, gw_port: int, timeout: float = 40) -> tuple[in
         "sipp", "-sf", str(SIPP_DIR / scenario), f"127.0.0.1:{gw_port}", "-s", NUMBER,
         "-m", "1", "-i", "127.0.0.1", "-p", str(free_port(socket.SOCK_DGRAM)),
         "-mp", str(free_port(socket.SOCK_DGRAM) // 2 * 2), "-timeout", str(int(timeout)),
-        "-timeout_error", "-nostdin", "-trace_err",
+        "-timeout_error", "-nostdin",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=SIPP_DIR.parent)
     out, _ = await asyncio.wait_for(proc.communicate(), timeout + 10)
     return proc.returncode or 0, out.decode(errors="replace")[-3000:]
