@@ -1,4 +1,4 @@
-"""getDigits on real calls: RFC 4733 from SIPp's pcaps, SIP INFO and RFC 4733 from a pjsua2 phone."""
+"""getDigits on real calls: RFC 4733 (SIPp pcaps, a pjsua2 phone) and SIP INFO."""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ async def test_digits_with_nested_prompt_barge_in(method, phone, voice_app, rece
 
 async def test_no_digits_before_timeout_runs_next_action(phone, voice_app, receiver,
                                                          gateway_factory):
-    rec, events_url = receiver
+    _, events_url = receiver
     got, script = digits_app({"actions": [
         {"getDigits": {"timeout": 1, "numDigits": 1}},
         {"hangup": {}},
@@ -96,7 +96,7 @@ async def test_no_digits_before_timeout_runs_next_action(phone, voice_app, recei
 
 
 async def test_one_press_sent_two_ways_counts_once(phone, voice_app, receiver, gateway_factory):
-    rec, events_url = receiver
+    _, events_url = receiver
     got, script = digits_app({"actions": [{"getDigits": {"timeout": 3, "finishOnKey": "#"}}]})
     voice_app.script = script
     gw = gateway_factory(voice_url=f"{voice_app.base_url}/voice", app_secret=voice_app.secret,
