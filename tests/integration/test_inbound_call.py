@@ -250,3 +250,62 @@ async def test_redirect_relative_url_replaces_document(
     assert 0.3 < active_duration(x, rate) < 2.5
     assert await rec.wait_for(lambda evs: final_events(evs), 10)
     assert final_events(rec.events)[0].body["data"]["status"] == "completed"
+
+
+async def test_play_url_is_heard_as_sent(phone, voice_app, receiver, gateway_factory, tmp_path):
+    """`play` fetches a FLAC from the voice app's server; the caller hears that tone."""
+    import soundfile as sf
+
+    from media.audio import peak_frequency, tone
+
+    rec, events_url = receiver
+    flac = tmp_path / "tone.flac"
+    sf.write(str(flac), tone([697.0], 1.5, 16000, level_dbfs=-12), 16000, format="FLAC")
+
+    def script(req: web.Request, form: dict[str, str]) -> Any:
+        if req.path == "/tone.flac":
+            return web.FileResponse(flac)
+        return {"actions": [{"play": {"url": "/tone.flac"}}, {"hangup": {}}]}
+
+    voice_app.script = script
+    gw = gateway_factory(voice_url=f"{voice_app.base_url}/voice", app_secret=voice_app.secret,
+                         events_url=events_url)
+    heard = await call_and_listen(phone, gw.uri, tmp_path / "heard.wav")
+    x, rate = read_wav(heard.path)
+    assert abs(active_duration(x, rate) - 1.5) < 0.15, active_duration(x, rate)
+    assert abs(peak_frequency(x, rate) - 697.0) < 10
+    assert await rec.wait_for(lambda evs: final_events(evs), 10)
+    assert final_events(rec.events)[0].body["data"]["status"] == "completed"
+
+
+async def test_worker_killed_mid_call_fails_its_call_and_restarts(phone, voice_app, receiver,
+                                                                  gateway_factory, tmp_path):
+    import os
+    import signal
+    import subprocess
+
+    rec, events_url = receiver
+    voice_app.script = lambda req, form: {"actions": [{"pause": {"length": 30}}]}
+    gw = gateway_factory(voice_url=f"{voice_app.base_url}/voice", app_secret=voice_app.secret,
+                         events_url=events_url)
+    call = phone.make_call(gw.uri)
+    await asyncio.wait_for(call.answer(), 10)
+    worker_pid = int(subprocess.run(["pgrep", "-P", str(gw.proc.pid), "-f", "gateway.workers"],
+                                    capture_output=True, text=True).stdout.split()[0])
+    os.kill(worker_pid, signal.SIGKILL)
+    assert await rec.wait_for(lambda evs: final_events(evs), 10), gw.log_text()
+    data = final_events(rec.events)[0].body["data"]
+    assert final_events(rec.events)[0].kind == "call.failed"
+    assert data["reason"] == "worker_lost" and data["status"] == "failed"
+    call.reject_now(200)  # the phone still thinks it is talking; nobody will send it a BYE
+    # The supervisor restarted the worker: the next call is served.
+    voice_app.script = lambda req, form: {"actions": [{"say": {"text": "Back."}},
+                                                      {"hangup": {}}]}
+    for _ in range(50):
+        if "worker 0 ready" in gw.log_text().split("exited", 1)[-1]:
+            break
+        await asyncio.sleep(0.1)
+    heard = await call_and_listen(phone, gw.uri, tmp_path / "again.wav")
+    assert heard.ended_by == "hangup"
+    assert await rec.wait_for(lambda evs: len(final_events(evs)) == 2, 10)
+    assert final_events(rec.events)[1].kind == "call.completed"
