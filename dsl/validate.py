@@ -10,7 +10,7 @@ from dsl.errors import DocumentError
 
 
 def validate_file(path: str | Path) -> tuple[bool, list[str]]:
-    """(True, []) when valid; else (False, every problem as "path: message")."""
+    """(True, []) when valid; else (False, every problem as "path: message [code]")."""
     p = Path(path)
     try:
         data = p.read_bytes()
@@ -19,7 +19,7 @@ def validate_file(path: str | Path) -> tuple[bool, list[str]]:
     try:
         parse_document(data)
     except DocumentError as err:
-        return False, [str(issue) for issue in err.errors]
+        return False, [f"{issue} [{issue.code}]" for issue in err.errors]
     return True, []
 
 

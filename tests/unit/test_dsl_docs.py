@@ -107,8 +107,9 @@ def test_validate_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert validate_file(bad) == (
         False,
         [
-            "actions[0].sayy: unknown verb; did you mean say?",
-            "actions[1].getDigits.finishOnkey: unknown parameter; did you mean finishOnKey?",
+            "actions[0].sayy: unknown verb; did you mean say? [action.unknown_verb]",
+            "actions[1].getDigits.finishOnkey: unknown parameter; did you mean finishOnKey?"
+            " [param.unknown]",
         ],
     )
     ok, errors = validate_file(tmp_path / "missing.json")
