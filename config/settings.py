@@ -233,9 +233,21 @@ class MediaSettings(_Section):
 
 
 class WorkersSettings(_Section):
-    count: int = Field(default=1, ge=1, le=256)
+    count: int = Field(default=0, ge=0, le=512)  # 0: enough workers for min_calls
+    min_calls: int = Field(default=32, ge=1, le=100000)
     calls_per_worker: int = Field(default=0, ge=0)  # 0: probe what pjsua2 allows
+    reserved_slots: int = Field(default=1, ge=0, le=8)  # per worker, kept for a dial leg
+    host: NonEmptyStr = "127.0.0.1"
     sip_port_start: Port = 25100
+
+
+class KamailioSettings(_Section):
+    # auto: managed when there is more than one worker, off with exactly one.
+    mode: Literal["auto", "managed", "external", "off"] = "auto"
+    binary: NonEmptyStr = "kamailio"
+    children: int = Field(default=4, ge=1, le=64)
+    ping_interval_s: int = Field(default=5, ge=1, le=300)
+    remote_workers: list[NonEmptyStr] = Field(default_factory=list)
 
 
 class TtsSettings(_Section):
@@ -283,6 +295,7 @@ class Settings(_Section):
     storage: StorageSettings = Field(default_factory=StorageSettings)
     media: MediaSettings = Field(default_factory=MediaSettings)
     workers: WorkersSettings = Field(default_factory=WorkersSettings)
+    kamailio: KamailioSettings = Field(default_factory=KamailioSettings)
     tts: TtsSettings = Field(default_factory=TtsSettings)
     demo: DemoSettings = Field(default_factory=DemoSettings)
     log: LogSettings = Field(default_factory=LogSettings)
@@ -337,6 +350,8 @@ class Settings(_Section):
                     f"rtp_port_start + workers.count * rtp_ports_per_worker = {rtp_end} > 65536",
                 )
             )
+        if self.kamailio.mode == "off" and self.workers.count != 1:
+            problems.append(("kamailio.mode", "off needs workers.count = 1 (it binds sip.listen)"))
         if self.workers.count > 1:
             sip_lo = self.workers.sip_port_start
             sip_hi = sip_lo + self.workers.count - 1
@@ -354,6 +369,19 @@ class Settings(_Section):
                 {"summary": "; ".join(f"{p}: {r}" for p, r in problems), "problems": problems},
             )
         return self
+
+    def front_mode(self) -> Literal["managed", "external", "off"]:
+        mode = self.kamailio.mode
+        if mode == "auto":
+            return "off" if self.workers.count == 1 else "managed"
+        return mode
+
+    def worker_plan(self, max_calls: int) -> tuple[int, int]:
+        """(worker count, calls admitted per worker) given what one pjsua2 process holds."""
+        per = self.workers.calls_per_worker or max_calls
+        admit = max(1, per - self.workers.reserved_slots)
+        count = self.workers.count or -(-self.workers.min_calls // admit)
+        return count, admit
 
     def number(self, e164: str) -> NumberSettings | None:
         for num in self.numbers:

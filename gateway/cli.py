@@ -28,7 +28,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = _settings(args.config)
     setup_logging(settings.log.level, settings.log.json_format, "supervisor")
-    asyncio.run(run_node(settings, args.config))
+    try:
+        asyncio.run(run_node(settings, args.config))
+    except ConfigError as e:  # found while planning workers (e.g. ports for the probed count)
+        print(f"sautikit-gateway: invalid configuration: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

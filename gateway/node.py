@@ -21,12 +21,13 @@ from typing import Any
 
 from aiohttp import ClientSession, ClientTimeout, web
 
-from config.settings import Settings, parse_hostport
+from config.settings import ConfigError, Settings, parse_hostport
 from gateway.api.app import make_app
 from gateway.events.delivery import Deliverer
 from gateway.events.envelope import make_event, rfc3339_ms
 from gateway.events.outbox import Outbox
 from gateway.workers.ipc import Channel, open_channel
+from media.probe import probe_max_calls
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,15 @@ class WorkerHandle:
     channel: Channel | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     calls: dict[str, dict[str, Any]] = field(default_factory=dict)
+    sip: str = ""  # host:port the worker listens on
+    rtp_port: int = 0
     max_calls: int = 0
+    admit: int = 0
     restarts: int = 0
+
+    @property
+    def uri(self) -> str:
+        return f"sip:{self.sip}"
 
 
 class Node:
@@ -47,8 +55,10 @@ class Node:
         self.settings = settings
         self.config_path = config_path
         self.storage = settings.storage.dir
-        self.workers = [WorkerHandle(i) for i in range(settings.workers.count)]
+        self.workers: list[WorkerHandle] = []
         self.stopping = False
+        self.draining = False
+        self.front: Any = None  # KamailioFront when the node manages its SIP front
         self.outbox: Outbox | None = None
         self.deliverer: Deliverer | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -72,10 +82,46 @@ class Node:
         host, port = parse_hostport(self.settings.api.listen)
         await web.TCPSite(self.runner, host, port).start()
         log.info("internal API on http://%s:%d", host, port)
+        self.workers = await asyncio.to_thread(self._plan_workers)
         for w in self.workers:
             self._tasks.append(asyncio.create_task(self._keep_worker(w), name=f"w{w.index}"))
         await asyncio.wait_for(asyncio.gather(*(w.ready.wait() for w in self.workers)), 30)
         log.info("node ready: %d worker(s), SIP on %s", len(self.workers), self.settings.sip.listen)
+
+    def _plan_workers(self) -> list[WorkerHandle]:
+        """Worker count and ports from the config and what this pjsua2 build holds per process."""
+        s = self.settings
+        max_calls = s.workers.calls_per_worker or probe_max_calls(self.storage / "pjsua2-probe.json")
+        count, admit = s.worker_plan(max_calls)
+        mode = s.front_mode()
+        sip_host, sip_port = parse_hostport(s.sip.listen)
+        workers = []
+        for i in range(count):
+            w = WorkerHandle(i, max_calls=max_calls, admit=admit)
+            w.sip = (
+                f"{sip_host}:{sip_port}"
+                if mode == "off"
+                else f"{s.workers.host}:{s.workers.sip_port_start + i}"
+            )
+            w.rtp_port = s.media.rtp_port_start + i * s.media.rtp_ports_per_worker
+            if w.rtp_port + s.media.rtp_ports_per_worker > 65536:
+                raise ConfigError(
+                    "workers",
+                    [("media.rtp_port_start", f"{count} workers need RTP ports past 65535")],
+                )
+            workers.append(w)
+        log.info(
+            "%d worker(s) x %d calls (%d pjsua2 slots, %d kept for dial legs); front: %s",
+            count,
+            admit,
+            max_calls,
+            max_calls - admit,
+            mode,
+        )
+        return workers
+
+    def capacity(self) -> int:
+        return sum(w.admit for w in self.workers)
 
     async def stop(self) -> None:
         self.stopping = True
@@ -136,12 +182,23 @@ class Node:
             str(w.index),
             "--ipc-fd",
             str(child.fileno()),
+            "--sip",
+            w.sip,
+            "--rtp-port",
+            str(w.rtp_port),
+            "--max-calls",
+            str(w.max_calls),
+            "--admit",
+            str(w.admit),
         ]
         if self.config_path is not None:
             args += ["--config", str(self.config_path)]
         w.ready.clear()
         w.proc = await asyncio.create_subprocess_exec(
-            *args, pass_fds=(child.fileno(),), stdin=asyncio.subprocess.DEVNULL
+            *args,
+            pass_fds=(child.fileno(),),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,  # pjsua2 prints its start-up lines there
         )
         child.close()
         w.channel = await open_channel(parent)
@@ -165,7 +222,8 @@ class Node:
             if self.deliverer is not None:
                 self.deliverer.notify()
         elif kind == "ready":
-            w.max_calls = int(msg.get("max_calls", 0))
+            if self.draining and w.channel is not None:
+                w.channel.send({"t": "drain"})  # a worker restarted during a drain
             w.ready.set()
             log.info(
                 "worker %d ready (pid %s, %d calls)",

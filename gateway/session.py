@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from dsl.context import CallContext, VoiceAppError
+from dsl.context import CallContext, FetchedDocument, VoiceAppError
 from dsl.interpreter import Interpreter
 from gateway.events.envelope import make_event, rfc3339_ms, uuid7
 from gateway.events.outbox import Outbox
@@ -124,6 +125,26 @@ class CallEvents:
         return url
 
 
+class TimedVoiceApp:
+    """The voice app client, with each fetch's latency reported (callback fetch metric)."""
+
+    def __init__(self, inner: VoiceAppClient, observe: Callable[[float, str], None]) -> None:
+        self.inner = inner
+        self.observe = observe
+
+    async def fetch(
+        self, url: str, method: str, extra: Mapping[str, str] | None = None
+    ) -> FetchedDocument:
+        t0 = time.monotonic()
+        try:
+            doc = await self.inner.fetch(url, method, extra)
+        except VoiceAppError:
+            self.observe(time.monotonic() - t0, "error")
+            raise
+        self.observe(time.monotonic() - t0, "ok")
+        return doc
+
+
 class CallSession:
     def __init__(
         self,
@@ -133,7 +154,7 @@ class CallSession:
         from_e164: str,
         to_e164: str,
         events: CallEvents,
-        app: VoiceAppClient,
+        app: VoiceAppClient | TimedVoiceApp,
         call_fields: dict[str, str],
         prompts: GatewayPrompts,
         recordings_dir: Path,
@@ -150,6 +171,7 @@ class CallSession:
         self.started_at = started_at
         self.failure: Failure | None = None
         self.final_written = False
+        self.on_final: Callable[[str], None] | None = None  # the final status, for metrics
         call.on_answer.append(self._answered)
 
     def summary(self) -> dict[str, Any]:
@@ -217,6 +239,11 @@ class CallSession:
         if self.final_written:
             return
         self.final_written = True
+        status = self._final(end)
+        if self.on_final is not None:
+            self.on_final(status)
+
+    def _final(self, end: CallEnd) -> str:
         base = self.events.base
         ended_at = iso(end.ended_at)
         if self.failure is None and end.was_answered and self.call.answered_at is not None:
@@ -233,7 +260,7 @@ class CallSession:
                 },
                 final=True,
             )
-            return
+            return "completed"
         status, cause, reason, message = self._classify(end)
         self.events.emit(
             "call.failed",
@@ -249,6 +276,7 @@ class CallSession:
             },
             final=True,
         )
+        return status
 
     def _classify(self, end: CallEnd) -> tuple[str, str, str, str]:
         if self.failure is not None:

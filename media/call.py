@@ -127,6 +127,8 @@ class SipCall:
         if direction == "inbound":
             self.register()
         self.answered_at: float | None = None
+        self.created_at = time.monotonic()  # INVITE handed to asyncio (inbound) / sent
+        self.answer_sent_at: float | None = None  # our 200 OK (inbound)
         self.end: CallEnd | None = None
         self._answered = asyncio.Event()
         self._media = asyncio.Event()
@@ -241,6 +243,7 @@ class SipCall:
         if not self.answered and self.direction == "inbound":
             prm = pj.CallOpParam()
             prm.statusCode = 200
+            self.answer_sent_at = self.answer_sent_at or time.monotonic()
             try:
                 pj_call.answer(prm)
             except pj.Error as e:

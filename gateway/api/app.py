@@ -1,8 +1,10 @@
 """The supervisor's internal HTTP API.
 
-Everything under /v1/ needs the bearer token (enforced by middleware, so new /v1 routes are
-protected by default); /healthz and /demo/* are open. To add routes, write a `_register_*`
-function like `_register_calls` and call it from `make_app`.
+Everything under /v1/ and /admin/ needs the bearer token (enforced by middleware, so new
+routes there are protected by default); /healthz, /metrics and /demo/* are open. /metrics and
+/admin/drain exist when `make_app` is given the node (`NodeControl`, see gateway/api/admin.py).
+To add routes, write a `_register_*` function like `_register_calls` and call it from
+`make_app`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from config.settings import Settings
+from gateway.api.admin import NODE_KEY, NodeControl, setup_admin
 from gateway.api.demo import setup_demo
 from gateway.api.errors import (
     API_KEY_INVALID,
@@ -29,7 +32,15 @@ from gateway.api.errors import (
     error_middleware,
 )
 
-__all__ = ["CALLS_KEY", "RECORDINGS_DIR_KEY", "SETTINGS_KEY", "CallRegistry", "make_app"]
+__all__ = [
+    "CALLS_KEY",
+    "NODE_KEY",
+    "RECORDINGS_DIR_KEY",
+    "SETTINGS_KEY",
+    "CallRegistry",
+    "NodeControl",
+    "make_app",
+]
 
 
 class CallRegistry(Protocol):
@@ -42,7 +53,7 @@ SETTINGS_KEY = web.AppKey("settings", Settings)
 CALLS_KEY = web.AppKey("calls", CallRegistry)
 RECORDINGS_DIR_KEY = web.AppKey("recordings_dir", Path)
 
-_AUTH_PREFIX = "/v1/"
+_AUTH_PREFIXES = ("/v1/", "/admin/")
 # Recording ids are UUIDs or similar tokens: no dots or slashes, so no path traversal.
 _RECORDING_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 
@@ -61,7 +72,7 @@ def _auth_middleware(token: str) -> Middleware:
 
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path.startswith(_AUTH_PREFIX):
+        if request.path.startswith(_AUTH_PREFIXES):
             scheme, _, given = request.headers.get("Authorization", "").partition(" ")
             # compare_digest: no timing oracle on the token's prefix.
             if scheme.lower() != "bearer" or not hmac.compare_digest(
@@ -79,7 +90,13 @@ def _auth_middleware(token: str) -> Middleware:
 
 
 async def _healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    body: dict[str, Any] = {"status": "ok"}
+    node = request.app.get(NODE_KEY)
+    if node is not None:
+        # Still 200 "ok" while draining: the process is healthy, it just takes no new calls.
+        draining = node.draining
+        body |= {"draining": draining, "accepting_calls": not draining}
+    return web.json_response(body)
 
 
 async def _list_calls(request: web.Request) -> web.Response:
@@ -102,7 +119,12 @@ def _register_calls(app: web.Application) -> None:
     app.router.add_get("/v1/recordings/{id}", _get_recording)
 
 
-def make_app(settings: Settings, calls: CallRegistry, recordings_dir: Path) -> web.Application:
+def make_app(
+    settings: Settings,
+    calls: CallRegistry,
+    recordings_dir: Path,
+    node: NodeControl | None = None,
+) -> web.Application:
     app = web.Application(
         middlewares=[
             error_middleware,  # outermost: every error, auth's included, gets the envelope
@@ -114,6 +136,8 @@ def make_app(settings: Settings, calls: CallRegistry, recordings_dir: Path) -> w
     app[RECORDINGS_DIR_KEY] = recordings_dir
     app.router.add_get("/healthz", _healthz)
     _register_calls(app)
+    if node is not None:
+        setup_admin(app, node)
     if settings.demo.enabled:
         setup_demo(app, base_url=settings.api.base_url, clock_rate=settings.media.clock_rate)
     return app

@@ -2,7 +2,8 @@
 
 Started by the supervisor (`gateway.node`) with a socketpair for coordination; events go through
 the shared SQLite outbox, so a worker that dies loses no event it has written.
-usage: python -m gateway.workers.worker --index N --ipc-fd FD [--config FILE]
+usage: python -m gateway.workers.worker --index N --ipc-fd FD --sip HOST:PORT --rtp-port P
+       --max-calls N --admit N [--config FILE]
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import signal
 import socket
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,13 @@ from gateway.events.outbox import Outbox
 from gateway.logs import setup_logging
 from gateway.prompts import GatewayPrompts
 from gateway.routing import Router, RoutingError, normalise_e164
-from gateway.session import CallEvents, CallSession, Destination, new_call_id
+from gateway.session import (
+    CallEvents,
+    CallSession,
+    Destination,
+    TimedVoiceApp,
+    new_call_id,
+)
 from gateway.urlguard import check_url, make_session
 from gateway.voice_app import VoiceAppClient
 from gateway.workers.ipc import Channel, open_channel
@@ -51,18 +59,25 @@ def uri_user(uri: str) -> str:
     return s.split("@", 1)[0] if "@" in s else s
 
 
-def worker_sip_address(settings: Settings, index: int) -> tuple[str, int]:
-    host, port = parse_hostport(settings.sip.listen)
-    if settings.workers.count == 1:
-        return host, port
-    return host, settings.workers.sip_port_start + index
+@dataclass(frozen=True)
+class Placement:
+    """Where a worker listens and how many calls it takes; decided by the supervisor."""
+
+    index: int
+    sip_host: str
+    sip_port: int
+    rtp_port: int
+    max_calls: int  # pjsua2 call slots
+    admit: int  # inbound calls admitted; the rest of the slots are kept for dial legs
 
 
 class Worker:
-    def __init__(self, settings: Settings, index: int, channel: Channel) -> None:
+    def __init__(self, settings: Settings, place: Placement, channel: Channel) -> None:
         self.settings = settings
-        self.index = index
+        self.place = place
+        self.index = index = place.index
         self.channel = channel
+        self.draining = False
         self.loop = asyncio.get_running_loop()
         storage = settings.storage.dir
         self.recordings_dir = storage / "recordings"
@@ -91,17 +106,15 @@ class Worker:
             guard,
         )
         self.prompts = GatewayPrompts(store, self.cache_dir, clock)
-        host, port = worker_sip_address(settings, index)
-        m = settings.media
         self.endpoint = SipEndpoint(
             self.loop,
             EndpointConfig(
-                sip_host=host,
-                sip_port=port,
+                sip_host=place.sip_host,
+                sip_port=place.sip_port,
                 clock_rate=clock,
-                rtp_port=m.rtp_port_start + index * m.rtp_ports_per_worker,
-                rtp_port_range=m.rtp_ports_per_worker,
-                max_calls=settings.workers.calls_per_worker or 4,
+                rtp_port=place.rtp_port,
+                rtp_port_range=settings.media.rtp_ports_per_worker,
+                max_calls=place.max_calls,
                 public_address=settings.sip.public_address or "",
                 user_agent=settings.sip.user_agent,
                 log_file=storage / f"pjsip-worker{index}.log",
@@ -116,7 +129,13 @@ class Worker:
     async def run(self) -> None:
         self.endpoint.start()
         self.channel.send(
-            {"t": "ready", "worker": self.index, "max_calls": self.endpoint.cfg.max_calls}
+            {
+                "t": "ready",
+                "worker": self.index,
+                "max_calls": self.place.max_calls,
+                "admit": self.place.admit,
+                "sip": f"{self.place.sip_host}:{self.place.sip_port}",
+            }
         )
         commands = asyncio.create_task(self._commands())
         await self.stopping.wait()
@@ -125,8 +144,11 @@ class Worker:
 
     async def _commands(self) -> None:
         while (msg := await self.channel.recv()) is not None:
-            if msg.get("t") == "stop":
+            kind = msg.get("t")
+            if kind == "stop":
                 break
+            if kind in ("drain", "undrain"):
+                self.draining = kind == "drain"
         self.stopping.set()  # the supervisor asked, or is gone
 
     async def _shutdown(self) -> None:
@@ -142,7 +164,9 @@ class Worker:
 
     # -- calls ------------------------------------------------------------------------------
     def _on_incoming(self, call: SipCall, invite: IncomingInvite) -> None:
-        if self.stopping.is_set():
+        # Admission: never take a call this worker cannot serve; 503 lets the front try the
+        # next worker (and the carrier retry later when the whole node is full).
+        if self.stopping.is_set() or self.draining or len(self.tasks) >= self.place.admit:
             call.reject_now(503, {"Retry-After": "5"})
             return
         task = asyncio.create_task(self._handle(call, invite))
@@ -211,7 +235,7 @@ class Worker:
             "callStatus": "ringing",
         }
         cb = self.settings.callbacks
-        app = VoiceAppClient(
+        client = VoiceAppClient(
             session=self.http,
             call_fields=fields,
             secret=route.webhook_secret,
@@ -221,6 +245,7 @@ class Worker:
             allow_private=cb.allow_private,
             max_document_bytes=cb.max_document_bytes,
         )
+        app = TimedVoiceApp(client, self._observe_fetch)
         session = CallSession(
             call=call,
             route=route,
@@ -234,13 +259,26 @@ class Worker:
             started_at=started_at,
         )
         self.sessions[call_id] = session
+        session.on_final = lambda status: self.channel.send({"t": "final", "status": status})
         self.channel.send({"t": "call", "call": session.summary()})
-        call.on_answer.append(lambda: self.channel.send({"t": "call", "call": session.summary()}))
+        call.on_answer.append(lambda: self._answered(session))
         try:
             await session.run()
         finally:
             self.sessions.pop(call_id, None)
             self.channel.send({"t": "ended", "call_id": call_id})
+
+    def _answered(self, session: CallSession) -> None:
+        self.channel.send({"t": "call", "call": session.summary()})
+        call = session.call
+        if call.answer_sent_at is not None:
+            setup = call.answer_sent_at - call.created_at
+            self.channel.send({"t": "metric", "name": "setup_seconds", "value": setup})
+
+    def _observe_fetch(self, seconds: float, outcome: str) -> None:
+        self.channel.send(
+            {"t": "metric", "name": "callback_fetch_seconds", "value": seconds, "outcome": outcome}
+        )
 
     def _notify(self) -> None:
         self.channel.send({"t": "event"})
@@ -251,12 +289,18 @@ async def amain(argv: list[str] | None = None) -> int:
     p.add_argument("--index", type=int, required=True)
     p.add_argument("--ipc-fd", type=int, required=True)
     p.add_argument("--config", type=Path)
+    p.add_argument("--sip", required=True, help="host:port to listen on")
+    p.add_argument("--rtp-port", type=int, required=True)
+    p.add_argument("--max-calls", type=int, required=True)
+    p.add_argument("--admit", type=int, required=True)
     args = p.parse_args(argv)
     settings = load_settings(args.config)
     setup_logging(settings.log.level, settings.log.json_format, f"worker{args.index}")
     sock = socket.socket(fileno=args.ipc_fd)
     channel = await open_channel(sock)
-    worker = Worker(settings, args.index, channel)
+    host, port = parse_hostport(args.sip)
+    place = Placement(args.index, host, port, args.rtp_port, args.max_calls, args.admit)
+    worker = Worker(settings, place, channel)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stopping.set)

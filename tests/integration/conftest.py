@@ -150,6 +150,11 @@ allow_private = true
 dir = "{tmp / "var"}"
 [media]
 rtp_port_start = {rtp_block()}
+[workers]
+count = 1
+calls_per_worker = 4
+[kamailio]
+mode = "off"
 [log]
 level = "INFO"
 {extra}

@@ -45,10 +45,14 @@ def test_model_defaults() -> None:
     assert s.media.clock_rate == 8000
     assert (s.media.rtp_port_start, s.media.rtp_ports_per_worker) == (30000, 40)
     assert (s.workers.count, s.workers.calls_per_worker, s.workers.sip_port_start) == (
-        1,
+        0,
         0,
         25100,
     )
+    assert (s.workers.min_calls, s.workers.reserved_slots) == (32, 1)
+    # No worker settings: enough workers for 32 calls behind a managed Kamailio front.
+    assert s.worker_plan(4) == (11, 3) and s.front_mode() == "managed"
+    assert s.kamailio.mode == "auto" and s.kamailio.remote_workers == []
     assert (s.tts.engine, s.tts.default_language, s.tts.cache_dir) == ("espeak-ng", "en-KE", None)
     assert s.demo.enabled is False
     assert (s.log.level, s.log.json_format) == ("INFO", False)
