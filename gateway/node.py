@@ -91,7 +91,8 @@ class Node:
     def _plan_workers(self) -> list[WorkerHandle]:
         """Worker count and ports from the config and what this pjsua2 build holds per process."""
         s = self.settings
-        max_calls = s.workers.calls_per_worker or probe_max_calls(self.storage / "pjsua2-probe.json")
+        probe_cache = self.storage / "pjsua2-probe.json"
+        max_calls = s.workers.calls_per_worker or probe_max_calls(probe_cache)
         count, admit = s.worker_plan(max_calls)
         mode = s.front_mode()
         sip_host, sip_port = parse_hostport(s.sip.listen)
