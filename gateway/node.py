@@ -26,6 +26,7 @@ from gateway.api.app import make_app
 from gateway.events.delivery import Deliverer
 from gateway.events.envelope import make_event, rfc3339_ms
 from gateway.events.outbox import Outbox
+from gateway.metrics import NodeMetrics
 from gateway.workers.ipc import Channel, open_channel
 from media.probe import probe_max_calls
 
@@ -59,6 +60,13 @@ class Node:
         self.stopping = False
         self.draining = False
         self.front: Any = None  # KamailioFront when the node manages its SIP front
+        self.metrics = NodeMetrics(
+            calls=self.active_calls,
+            workers=lambda: [
+                (w.index, w.ready.is_set() and w.channel is not None) for w in self.workers
+            ],
+            outbox_counts=lambda: self.outbox.counts() if self.outbox is not None else None,
+        )
         self.outbox: Outbox | None = None
         self.deliverer: Deliverer | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -66,6 +74,35 @@ class Node:
     # -- CallRegistry for the API -----------------------------------------------------------
     def active_calls(self) -> list[dict[str, Any]]:
         return [{**c, "worker": w.index} for w in self.workers for c in w.calls.values()]
+
+    # -- NodeControl for the API ------------------------------------------------------------
+    def metrics_text(self) -> str:
+        return self.metrics.render()
+
+    def active_call_count(self) -> int:
+        return sum(len(w.calls) for w in self.workers)
+
+    async def drain(self) -> None:
+        """Stop taking new calls (workers answer 503; the front stops sending them any)."""
+        await self._set_draining(True)
+
+    async def undrain(self) -> None:
+        await self._set_draining(False)
+
+    async def _set_draining(self, on: bool) -> None:
+        self.draining = on
+        self.metrics.set_draining(on)
+        for w in self.workers:
+            if w.channel is not None:
+                w.channel.send({"t": "drain" if on else "undrain"})
+        if self.front is not None:
+            for w in self.workers:
+                await self.front.set_state(w.uri, not on)
+        log.warning(
+            "node %s: %d call(s) active",
+            "draining" if on else "accepting calls again",
+            self.active_call_count(),
+        )
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
@@ -76,7 +113,7 @@ class Node:
         self.deliverer = Deliverer(self.outbox, self.http)
         self._tasks.append(asyncio.create_task(self.deliverer.run(), name="deliverer"))
         self._tasks.append(asyncio.create_task(self._prune(), name="prune"))
-        app = make_app(self.settings, self, self.storage / "recordings")
+        app = make_app(self.settings, self, self.storage / "recordings", node=self)
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
         host, port = parse_hostport(self.settings.api.listen)
@@ -170,6 +207,7 @@ class Node:
             )
             self._worker_lost(w)
             w.restarts += 1
+            self.metrics.worker_restarted()
             backoff = 0.5 if time.monotonic() - started > 30 else min(backoff * 2, 10)
             await asyncio.sleep(backoff)
 
@@ -212,6 +250,7 @@ class Node:
         return await w.proc.wait()
 
     def _on_message(self, w: WorkerHandle, msg: dict[str, Any]) -> None:
+        self.metrics.observe(msg)
         kind = msg.get("t")
         if kind == "event" and self.deliverer is not None:
             self.deliverer.notify()
@@ -267,6 +306,7 @@ class Node:
                 final=True,
             ):
                 log.warning("call %s: call.failed (worker_lost)", call_id)
+                self.metrics.call_final("failed")
         w.calls.clear()
         if self.deliverer is not None:
             self.deliverer.notify()

@@ -65,3 +65,35 @@ def test_unknown_key_is_an_error(tmp_path):
     assert p.returncode == 2 and "api.listen_on" in p.stderr, p.stderr
 
 
+
+
+async def test_metrics_and_drain_on_a_running_node(phone, voice_app, receiver, gateway_factory):
+    rec, events_url = receiver
+    voice_app.script = lambda req, form: {"actions": [{"say": {"text": "Hi."}}, {"hangup": {}}]}
+    gw = gateway_factory(voice_url=f"{voice_app.base_url}/voice", app_secret=voice_app.secret,
+                         events_url=events_url)
+    api = f"http://127.0.0.1:{gw.api_port}"
+    auth = {"Authorization": "Bearer test-token"}
+    call = phone.make_call(gw.uri)
+    await asyncio.wait_for(call.wait_ended(), 15)
+    assert await rec.wait_for(lambda evs: final_events(evs), 10)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{api}/metrics") as r:
+            text = await r.text()
+        assert 'sautikit_calls_total{status="completed"} 1' in text, text
+        assert "sautikit_call_setup_seconds_count 1" in text
+        assert 'sautikit_callback_fetch_seconds_count{outcome="ok"} 1' in text
+        assert 'sautikit_events_outbox{state="delivered"}' in text
+
+        async with http.post(f"{api}/admin/drain?wait=5", headers=auth) as r:
+            assert r.status == 200 and (await r.json())["drained"] is True
+        refused = phone.make_call(gw.uri)
+        end = await asyncio.wait_for(refused.wait_ended(), 10)
+        assert end.sip_code == 503, "a draining node takes no new calls"
+        async with http.get(f"{api}/healthz") as r:
+            assert (await r.json())["accepting_calls"] is False
+        async with http.delete(f"{api}/admin/drain", headers=auth) as r:
+            assert r.status == 200
+    again = phone.make_call(gw.uri)
+    await asyncio.wait_for(again.answer(), 10)
+    await asyncio.wait_for(again.wait_ended(), 15)
