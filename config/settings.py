@@ -230,6 +230,7 @@ class MediaSettings(_Section):
     clock_rate: Literal[8000, 16000] = 8000
     rtp_port_start: int = Field(default=30000, ge=1024, le=65534)
     rtp_ports_per_worker: int = Field(default=40, ge=2, le=20000)
+    rtp_address: NonEmptyStr | None = None  # RTP bind address; default: the host of sip.listen
 
 
 class WorkersSettings(_Section):

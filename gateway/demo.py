@@ -119,8 +119,8 @@ async def run_demo(verbose: bool = False) -> int:
             "SAUTIKIT_CONTROL_PLANE__EVENTS_URL": events_url,
             "SAUTIKIT_CONTROL_PLANE__SECRET": secret,
             "SAUTIKIT_LOG__LEVEL": "INFO" if verbose else "WARNING",
-        "SAUTIKIT_WORKERS__COUNT": "1",
-        "SAUTIKIT_KAMAILIO__MODE": "off",
+            "SAUTIKIT_WORKERS__COUNT": "1",
+            "SAUTIKIT_KAMAILIO__MODE": "off",
             "SAUTIKIT_MEDIA__RTP_PORT_START": str(free_port(socket.SOCK_DGRAM) // 2 * 2),
         }
     )

@@ -11,6 +11,7 @@ from dsl.context import CallEnded, RecordResult
 from media.call import CallGone, SipCall
 
 T = TypeVar("T")
+APP_FINAL = {"X-Sautikit-Final": "app"}
 
 
 async def _guard(aw: Awaitable[T]) -> T:
@@ -38,7 +39,8 @@ class SipCallLeg:
         await _guard(self.call.answer())
 
     async def reject(self, sip_code: int) -> None:
-        await self.call.reject(sip_code)
+        # The app's decision: the SIP front must relay it, not try the call on another worker.
+        await self.call.reject(sip_code, APP_FINAL)
 
     async def hangup(self) -> None:
         await self.call.hangup()

@@ -26,6 +26,7 @@ from gateway.api.app import make_app
 from gateway.events.delivery import Deliverer
 from gateway.events.envelope import make_event, rfc3339_ms
 from gateway.events.outbox import Outbox
+from gateway.kamailio import KamailioConfig, KamailioFront
 from gateway.metrics import NodeMetrics
 from gateway.workers.ipc import Channel, open_channel
 from media.probe import probe_max_calls
@@ -122,7 +123,13 @@ class Node:
         self.workers = await asyncio.to_thread(self._plan_workers)
         for w in self.workers:
             self._tasks.append(asyncio.create_task(self._keep_worker(w), name=f"w{w.index}"))
-        await asyncio.wait_for(asyncio.gather(*(w.ready.wait() for w in self.workers)), 30)
+        # Many workers start at once on few cores: allow for their imports.
+        ready_timeout = 30 + 0.5 * len(self.workers)
+        await asyncio.wait_for(
+            asyncio.gather(*(w.ready.wait() for w in self.workers)), ready_timeout
+        )
+        if self.settings.front_mode() == "managed":
+            await self._start_front()
         log.info("node ready: %d worker(s), SIP on %s", len(self.workers), self.settings.sip.listen)
 
     def _plan_workers(self) -> list[WorkerHandle]:
@@ -158,11 +165,33 @@ class Node:
         )
         return workers
 
+    async def _start_front(self) -> None:
+        s = self.settings
+        host, port = parse_hostport(s.sip.listen)
+        cfg = KamailioConfig(
+            listen_host=host,
+            listen_port=port,
+            destinations=[w.uri for w in self.workers] + list(s.kamailio.remote_workers),
+            runtime_dir=(self.storage / "kamailio").resolve(),
+            children=s.kamailio.children,
+            ping_interval_s=s.kamailio.ping_interval_s,
+            binary=s.kamailio.binary,
+            advertise=s.sip.public_address,
+        )
+        self.front = KamailioFront(cfg)
+        await self.front.start()
+        self._tasks.append(asyncio.create_task(self.front.supervise(), name="kamailio"))
+        log.info(
+            "SIP front (Kamailio) on %s:%d -> %d destination(s)", host, port, len(cfg.destinations)
+        )
+
     def capacity(self) -> int:
         return sum(w.admit for w in self.workers)
 
     async def stop(self) -> None:
         self.stopping = True
+        if self.front is not None:
+            await self.front.stop()  # no new calls while the workers wind down
         for w in self.workers:
             if w.channel is not None:
                 w.channel.send({"t": "stop"})

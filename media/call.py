@@ -268,8 +268,8 @@ class SipCall:
         except pj.Error as e:
             log.debug("call %d hangup: %s", self.pj_id, e.info())
 
-    async def reject(self, sip_code: int) -> None:
-        self.reject_now(sip_code)
+    async def reject(self, sip_code: int, headers: dict[str, str] | None = None) -> None:
+        self.reject_now(sip_code, headers)
         await self.wait_ended()
 
     async def hangup(self, sip_code: int = 603) -> None:
@@ -421,7 +421,9 @@ class SipCall:
                 if d is not None and finish_on_key and d in finish_on_key:
                     ended_by, digit = "finishOnKey", d
                     break
-                if self._am is not None and self._am.getRxLevel() > 2:
+                # The call's conference port *transmits* what the caller sends into the bridge:
+                # its Tx level is the caller's voice (Rx is what we play to them).
+                if self._am is not None and self._am.getTxLevel() > 2:
                     last_voice = time.monotonic()
                 if silence_timeout_s > 0 and time.monotonic() - last_voice >= silence_timeout_s:
                     ended_by = "silence"

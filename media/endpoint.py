@@ -34,7 +34,9 @@ class EndpointConfig:
     rtp_port: int = 30000
     rtp_port_range: int = 40
     max_calls: int = 4
-    public_address: str = ""
+    public_address: str = ""  # SIP (Contact/Via) address when it differs from sip_host
+    media_address: str = ""  # address put in SDP for RTP (NAT), when it differs
+    rtp_host: str = ""  # RTP bind address; default sip_host
     user_agent: str = "Sautikit-Gateway"
     transports: tuple[str, ...] = ("udp", "tcp")
     log_file: Path | None = None
@@ -129,9 +131,9 @@ class SipEndpoint:
         tpc = acc_cfg.mediaConfig.transportConfig
         tpc.port = cfg.rtp_port
         tpc.portRange = cfg.rtp_port_range
-        tpc.boundAddress = cfg.sip_host
-        if cfg.public_address:
-            tpc.publicAddress = cfg.public_address
+        tpc.boundAddress = cfg.rtp_host or cfg.sip_host
+        if cfg.media_address:
+            tpc.publicAddress = cfg.media_address
         self._account = _Account(self)
         self._account.create(acc_cfg, True)
         self._running = True

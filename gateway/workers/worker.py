@@ -59,6 +59,15 @@ def uri_user(uri: str) -> str:
     return s.split("@", 1)[0] if "@" in s else s
 
 
+def public_host(address: str | None) -> str:
+    """The host part of `[sip] public_address` ("203.0.113.10:5060" -> "203.0.113.10")."""
+    if not address:
+        return ""
+    if address.startswith("["):
+        return address[1 : address.index("]")]
+    return address.rsplit(":", 1)[0] if address.count(":") == 1 else address
+
+
 @dataclass(frozen=True)
 class Placement:
     """Where a worker listens and how many calls it takes; decided by the supervisor."""
@@ -115,7 +124,13 @@ class Worker:
                 rtp_port=place.rtp_port,
                 rtp_port_range=settings.media.rtp_ports_per_worker,
                 max_calls=place.max_calls,
-                public_address=settings.sip.public_address or "",
+                # Behind a front, SIP reaches workers on their own address; RTP goes straight
+                # to them, so the public address (host part) is what SDP advertises.
+                public_address=(settings.sip.public_address or "")
+                if settings.front_mode() == "off"
+                else "",
+                media_address=public_host(settings.sip.public_address),
+                rtp_host=settings.media.rtp_address or parse_hostport(settings.sip.listen)[0],
                 user_agent=settings.sip.user_agent,
                 log_file=storage / f"pjsip-worker{index}.log",
                 log_level=3 if settings.log.level == "DEBUG" else 1,
@@ -191,7 +206,8 @@ class Worker:
             route = await self.router.resolve(to, from_)
         except RoutingError as e:
             log.error("INVITE to %s: routing failed: %s; 503", to, e)
-            call.reject_now(503, {"Retry-After": "5"})
+            # Final: every other worker would ask the same broken control plane.
+            call.reject_now(503, {"Retry-After": "5", "X-Sautikit-Final": "routing"})
             return
         if route is None:
             log.warning(

@@ -128,6 +128,8 @@ def write_config(
     extra: str = "",
     sip_port: int | None = None,
     api_port: int | None = None,
+    workers: str = "count = 1\ncalls_per_worker = 4",
+    kamailio: str = 'mode = "off"',
 ) -> Path:
     sip_port = sip_port or free_port(both=True)
     api_port = api_port or free_port()
@@ -151,10 +153,9 @@ dir = "{tmp / "var"}"
 [media]
 rtp_port_start = {rtp_block()}
 [workers]
-count = 1
-calls_per_worker = 4
+{workers}
 [kamailio]
-mode = "off"
+{kamailio}
 [log]
 level = "INFO"
 {extra}
@@ -169,6 +170,47 @@ webhook_secret = "{app_secret}"
     path = tmp / "gateway.toml"
     path.write_text(text)
     return path
+
+
+def free_port_block(n: int) -> int:
+    """The first of n consecutive ports free for UDP and TCP on 127.0.0.1."""
+    import random
+
+    for _ in range(200):
+        base = random.randrange(40000, 60000 - n)
+        try:
+            socks = []
+            for port in range(base, base + n):
+                for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+                    sk = socket.socket(socket.AF_INET, kind)
+                    socks.append(sk)
+                    sk.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for sk in socks:
+                sk.close()
+        return base
+    raise RuntimeError("no free port block")
+
+
+async def sipp(scenario: Path, port: int, *, calls: int, limit: int, rate: int = 20,
+               timeout: float = 60, service: str = NUMBER) -> tuple[int, int, int, str]:
+    """Run SIPp as a carrier; (exit code, successful calls, failed calls, tail of its output)."""
+    proc = await asyncio.create_subprocess_exec(
+        "sipp", "-sf", str(scenario), f"127.0.0.1:{port}", "-s", service, "-m", str(calls),
+        "-l", str(limit), "-r", str(rate), "-i", "127.0.0.1",
+        "-p", str(free_port(socket.SOCK_DGRAM)), "-mp", str(free_port(socket.SOCK_DGRAM) // 2 * 2),
+        "-timeout", str(int(timeout)), "-timeout_error", "-nostdin",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out_b, _ = await asyncio.wait_for(proc.communicate(), timeout + 15)
+    out = out_b.decode(errors="replace")
+
+    def last(label: str) -> int:
+        rows = [ln for ln in out.splitlines() if ln.strip().startswith(label)]
+        return int(rows[-1].split("|")[-1].split()[0]) if rows else -1
+
+    return proc.returncode or 0, last("Successful call"), last("Failed call"), out[-4000:]
 
 
 def start_gateway(config: Path, tmp: Path, timeout: float = 30) -> Gateway:

@@ -1,0 +1,132 @@
+"""A node of several pjsua2 workers behind a real Kamailio: more calls than one process holds,
+failover past full and dead workers, a worker killed mid-call, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.integration.conftest import final_events, free_port_block, sipp
+
+pytestmark = pytest.mark.integration
+CARRIER = Path(__file__).parent / "sipp" / "node_carrier.xml"
+AUTH = {"Authorization": "Bearer test-token"}
+
+
+def pool_gateway(gateway_factory, voice_app, events_url, *, workers=3, reserved=0):
+    base = free_port_block(workers)
+    return gateway_factory(
+        voice_url=f"{voice_app.base_url}/voice", app_secret=voice_app.secret,
+        events_url=events_url,
+        workers=f"count = {workers}\ncalls_per_worker = 4\nreserved_slots = {reserved}\n"
+                f"sip_port_start = {base}",
+        kamailio='mode = "managed"\nping_interval_s = 1')
+
+
+async def active_calls(gw) -> list[dict]:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{gw.api_port}/v1/calls", headers=AUTH) as r:
+            return (await r.json())["data"]
+
+
+def worker_pids(gw) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(gw.proc.pid), "-f", "gateway.workers"],
+                         capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+async def test_pool_holds_more_calls_than_one_worker(voice_app, receiver, gateway_factory):
+    rec, events_url = receiver
+    voice_app.script = lambda req, form: {"actions": [{"pause": {"length": 3}}, {"hangup": {}}]}
+    gw = pool_gateway(gateway_factory, voice_app, events_url)
+    run = asyncio.create_task(sipp(CARRIER, gw.sip_port, calls=10, limit=10, rate=50))
+    await asyncio.sleep(2.0)
+    live = await active_calls(gw)
+    code, ok, failed, out = await run
+    assert (ok, failed) == (10, 0), out
+    assert len(live) == 10, live
+    assert {c["worker"] for c in live} == {0, 1, 2}, "spread over the three workers"
+    assert max(sum(1 for c in live if c["worker"] == w) for w in range(3)) <= 4
+    assert await rec.wait_for(lambda evs: len(final_events(evs)) == 10, 10)
+    assert {e.kind for e in final_events(rec.events)} == {"call.completed"}
+
+
+async def test_full_node_refuses_with_503(phone, voice_app, receiver, gateway_factory):
+    rec, events_url = receiver
+    voice_app.script = lambda req, form: {"actions": [{"pause": {"length": 4}}, {"hangup": {}}]}
+    gw = pool_gateway(gateway_factory, voice_app, events_url, reserved=1)  # 3 x 3 calls
+    run = asyncio.create_task(sipp(CARRIER, gw.sip_port, calls=9, limit=9, rate=50))
+    await asyncio.sleep(1.5)
+    assert len(await active_calls(gw)) == 9
+    # Every worker is full: Kamailio tried each (each answered 503) and refuses the call.
+    extra = phone.make_call(gw.uri)
+    end = await asyncio.wait_for(extra.wait_ended(), 15)
+    assert end.sip_code == 503 and not end.was_answered
+    code, ok, failed, out = await run
+    assert (ok, failed) == (9, 0), out
+    assert len(voice_app.requests) == 9, "the refused call never reached the voice app"
+
+
+async def test_killed_worker_costs_only_its_calls(voice_app, receiver, gateway_factory):
+    rec, events_url = receiver
+    voice_app.script = lambda req, form: {"actions": [{"pause": {"length": 4}}, {"hangup": {}}]}
+    gw = pool_gateway(gateway_factory, voice_app, events_url)
+    run = asyncio.create_task(sipp(CARRIER, gw.sip_port, calls=6, limit=6, rate=50,
+                                   timeout=20))
+    await asyncio.sleep(1.5)
+    live = await active_calls(gw)
+    assert len(live) == 6
+    victim = 1
+    lost = {c["call_id"] for c in live if c["worker"] == victim}
+    assert lost, live
+    pids = worker_pids(gw)
+    victim_pid = next(p for p in pids if f"--index {victim} " in
+                      Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode())
+    os.kill(victim_pid, signal.SIGKILL)
+    assert await rec.wait_for(
+        lambda evs: {e.body["data"]["call_id"] for e in final_events(evs)} >= lost, 10)
+    for e in final_events(rec.events):
+        if e.body["data"]["call_id"] in lost:
+            assert e.kind == "call.failed" and e.body["data"]["reason"] == "worker_lost"
+    code, ok, failed, out = await run
+    # The dead worker's calls never get a BYE (SIPp times them out); the others finish.
+    assert ok == 6 - len(lost), out
+    assert await rec.wait_for(lambda evs: len(final_events(evs)) == 6, 10)
+    others = [e for e in final_events(rec.events) if e.body["data"]["call_id"] not in lost]
+    assert {e.kind for e in others} == {"call.completed"}
+    # New calls still go through: past the dead worker, then to it once restarted.
+    code, ok, failed, out = await sipp(CARRIER, gw.sip_port, calls=6, limit=6, rate=50)
+    assert (ok, failed) == (6, 0), out
+    assert gw.log_text().count("worker 1 ready") == 2
+
+
+async def test_drain_stops_new_calls_and_reports_zero(phone, voice_app, receiver,
+                                                      gateway_factory):
+    rec, events_url = receiver
+    voice_app.script = lambda req, form: {"actions": [{"pause": {"length": 3}}, {"hangup": {}}]}
+    gw = pool_gateway(gateway_factory, voice_app, events_url)
+    api = f"http://127.0.0.1:{gw.api_port}"
+    ongoing = phone.make_call(gw.uri)
+    await asyncio.wait_for(ongoing.answer(), 10)
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{api}/admin/drain", headers=AUTH) as r:
+            assert r.status == 202
+            assert (await r.json())["active_calls"] == 1
+        refused = phone.make_call(gw.uri)
+        end = await asyncio.wait_for(refused.wait_ended(), 10)
+        assert end.sip_code == 503
+        async with http.post(f"{api}/admin/drain?wait=10", headers=AUTH) as r:
+            body = await r.json()
+        assert body == {"draining": True, "active_calls": 0, "drained": True}
+        assert ongoing.ended and ongoing.end.by == "remote", "the ongoing call ran to its end"
+        async with http.delete(f"{api}/admin/drain", headers=AUTH) as r:
+            assert r.status == 200
+    await asyncio.sleep(0.5)
+    code, ok, failed, out = await sipp(CARRIER, gw.sip_port, calls=3, limit=3, rate=50)
+    assert (ok, failed) == (3, 0), out
