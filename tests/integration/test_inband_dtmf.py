@@ -40,9 +40,9 @@ def carrier_scenario(tmp_path: Path, pcap: Path) -> Path:
 
 
 def make_tones_pcap(path: Path, digits: str) -> Any:
-    """1.5 s of silence, then each digit's tones for 60 ms at -10 dBm0 per component with
+    """1.5 s of silence, then each digit's tones for 100 ms at -10 dBm0 per component with
     100 ms between digits, as 20 ms PCMA packets; returns the samples written."""
-    x = dtmf_sequence(digits, tone_ms=60, gap_ms=100, lead_s=1.5, tail_s=1.0, level_dbm0=-10)
+    x = dtmf_sequence(digits, tone_ms=100, gap_ms=100, lead_s=1.5, tail_s=1.0, level_dbm0=-10)
     write_rtp_pcap(path, x, law="PCMA", ptime_ms=20)
     stream = rtp_stream(read_rtp(path))
     assert {LAW_OF_PT[p.pt] for p in stream} == {"PCMA"}
