@@ -35,6 +35,10 @@ async def active_calls(gw) -> list[dict]:
             return (await r.json())["data"]
 
 
+def cmdline(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+
 def worker_pids(gw) -> list[int]:
     out = subprocess.run(["pgrep", "-P", str(gw.proc.pid), "-f", "gateway.workers"],
                          capture_output=True, text=True).stdout
@@ -48,7 +52,7 @@ async def test_pool_holds_more_calls_than_one_worker(voice_app, receiver, gatewa
     run = asyncio.create_task(sipp(CARRIER, gw.sip_port, calls=10, limit=10, rate=50))
     await asyncio.sleep(2.0)
     live = await active_calls(gw)
-    code, ok, failed, out = await run
+    _, ok, failed, out = await run
     assert (ok, failed) == (10, 0), out
     assert len(live) == 10, live
     assert {c["worker"] for c in live} == {0, 1, 2}, "spread over the three workers"
@@ -58,7 +62,7 @@ async def test_pool_holds_more_calls_than_one_worker(voice_app, receiver, gatewa
 
 
 async def test_full_node_refuses_with_503(phone, voice_app, receiver, gateway_factory):
-    rec, events_url = receiver
+    _, events_url = receiver
     voice_app.script = lambda req, form: {"actions": [{"pause": {"length": 4}}, {"hangup": {}}]}
     gw = pool_gateway(gateway_factory, voice_app, events_url, reserved=1)  # 3 x 3 calls
     run = asyncio.create_task(sipp(CARRIER, gw.sip_port, calls=9, limit=9, rate=50))
@@ -68,7 +72,7 @@ async def test_full_node_refuses_with_503(phone, voice_app, receiver, gateway_fa
     extra = phone.make_call(gw.uri)
     end = await asyncio.wait_for(extra.wait_ended(), 15)
     assert end.sip_code == 503 and not end.was_answered
-    code, ok, failed, out = await run
+    _, ok, failed, out = await run
     assert (ok, failed) == (9, 0), out
     assert len(voice_app.requests) == 9, "the refused call never reached the voice app"
 
@@ -86,29 +90,28 @@ async def test_killed_worker_costs_only_its_calls(voice_app, receiver, gateway_f
     lost = {c["call_id"] for c in live if c["worker"] == victim}
     assert lost, live
     pids = worker_pids(gw)
-    victim_pid = next(p for p in pids if f"--index {victim} " in
-                      Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode())
+    victim_pid = next(p for p in pids if f"--index {victim} " in cmdline(p))
     os.kill(victim_pid, signal.SIGKILL)
     assert await rec.wait_for(
         lambda evs: {e.body["data"]["call_id"] for e in final_events(evs)} >= lost, 10)
     for e in final_events(rec.events):
         if e.body["data"]["call_id"] in lost:
             assert e.kind == "call.failed" and e.body["data"]["reason"] == "worker_lost"
-    code, ok, failed, out = await run
+    _, ok, failed, out = await run
     # The dead worker's calls never get a BYE (SIPp times them out); the others finish.
     assert ok == 6 - len(lost), out
     assert await rec.wait_for(lambda evs: len(final_events(evs)) == 6, 10)
     others = [e for e in final_events(rec.events) if e.body["data"]["call_id"] not in lost]
     assert {e.kind for e in others} == {"call.completed"}
     # New calls still go through: past the dead worker, then to it once restarted.
-    code, ok, failed, out = await sipp(CARRIER, gw.sip_port, calls=6, limit=6, rate=50)
+    _, ok, failed, out = await sipp(CARRIER, gw.sip_port, calls=6, limit=6, rate=50)
     assert (ok, failed) == (6, 0), out
     assert gw.log_text().count("worker 1 ready") == 2
 
 
 async def test_drain_stops_new_calls_and_reports_zero(phone, voice_app, receiver,
                                                       gateway_factory):
-    rec, events_url = receiver
+    _, events_url = receiver
     voice_app.script = lambda req, form: {"actions": [{"pause": {"length": 3}}, {"hangup": {}}]}
     gw = pool_gateway(gateway_factory, voice_app, events_url)
     api = f"http://127.0.0.1:{gw.api_port}"
@@ -128,5 +131,32 @@ async def test_drain_stops_new_calls_and_reports_zero(phone, voice_app, receiver
         async with http.delete(f"{api}/admin/drain", headers=AUTH) as r:
             assert r.status == 200
     await asyncio.sleep(0.5)
-    code, ok, failed, out = await sipp(CARRIER, gw.sip_port, calls=3, limit=3, rate=50)
+    _, ok, failed, out = await sipp(CARRIER, gw.sip_port, calls=3, limit=3, rate=50)
     assert (ok, failed) == (3, 0), out
+
+
+async def test_two_nodes_behind_one_front(voice_app, receiver, gateway_factory):
+    """Multi-node is the same dispatcher list with workers on other hosts: node B runs workers
+    only (`kamailio.mode = "external"`), node A's Kamailio dispatches to both nodes' workers."""
+    rec, events_url = receiver
+    voice_app.script = lambda req, form: {"actions": [{"pause": {"length": 3}}, {"hangup": {}}]}
+    base_b = free_port_block(2)
+    node_b = gateway_factory(
+        voice_url=f"{voice_app.base_url}/voice", app_secret=voice_app.secret,
+        events_url=events_url,
+        workers=f"count = 2\ncalls_per_worker = 4\nreserved_slots = 0\nsip_port_start = {base_b}",
+        kamailio='mode = "external"')
+    base_a = free_port_block(2)
+    node_a = gateway_factory(
+        voice_url=f"{voice_app.base_url}/voice", app_secret=voice_app.secret,
+        events_url=events_url,
+        workers=f"count = 2\ncalls_per_worker = 4\nreserved_slots = 0\nsip_port_start = {base_a}",
+        kamailio=f'mode = "managed"\nping_interval_s = 1\nremote_workers = '
+                 f'["sip:127.0.0.1:{base_b}", "sip:127.0.0.1:{base_b + 1}"]')
+    run = asyncio.create_task(sipp(CARRIER, node_a.sip_port, calls=14, limit=14, rate=50))
+    await asyncio.sleep(2.0)
+    on_a, on_b = len(await active_calls(node_a)), len(await active_calls(node_b))
+    _, ok, failed, out = await run
+    assert (ok, failed) == (14, 0), out
+    assert on_a + on_b == 14 and on_a <= 8 and on_b >= 6, (on_a, on_b)
+    assert await rec.wait_for(lambda evs: len(final_events(evs)) == 14, 10)
