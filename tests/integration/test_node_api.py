@@ -97,3 +97,13 @@ async def test_metrics_and_drain_on_a_running_node(phone, voice_app, receiver, g
     again = phone.make_call(gw.uri)
     await asyncio.wait_for(again.answer(), 10)
     await asyncio.wait_for(again.wait_ended(), 15)
+
+
+def test_demo_command_places_a_real_call():
+    p = subprocess.run([sys.executable, "-m", "gateway.cli", "demo"], capture_output=True,
+                       text=True, cwd=ROOT, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "demo: OK" in p.stdout
+    for kind in ("call.started", "call.answered", "call.completed"):
+        assert f"{kind}" in p.stdout and "signature=BAD" not in p.stdout
+    assert "non-silent" in p.stdout
