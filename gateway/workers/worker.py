@@ -250,16 +250,8 @@ class Worker:
             "workspaceId": route.workspace_id,
             "callStatus": "ringing",
         }
-        cb = self.settings.callbacks
-        client = VoiceAppClient(
-            session=self.http,
-            call_fields=fields,
-            secret=route.webhook_secret,
-            body_format=route.callback_body,
-            timeout_s=cb.timeout_s,
-            allow_http=cb.allow_http,
-            allow_private=cb.allow_private,
-            max_document_bytes=cb.max_document_bytes,
+        client = VoiceAppClient.from_settings(
+            self.http, fields, route.webhook_secret, route.callback_body, self.settings.callbacks
         )
         app = TimedVoiceApp(client, self._observe_fetch)
         session = CallSession(

@@ -21,7 +21,7 @@ import pytest
 from aiohttp import web
 
 from gateway.demo import EventReceiver, free_port
-from gateway.events.signing import verify
+from tests.seed_receiver import verify_signature
 
 ROOT = Path(__file__).resolve().parents[2]
 _rtp_blocks = itertools.count(0)
@@ -46,7 +46,7 @@ class VoiceApp:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
         try:
-            verify(raw, request.headers.get("X-Sautikit-Signature", ""), self.secret)
+            verify_signature(raw, request.headers.get("X-Sautikit-Signature", ""), self.secret)
             sig_ok = True
         except Exception:
             sig_ok = False
@@ -86,7 +86,7 @@ async def voice_app() -> AsyncIterator[VoiceApp]:
 @pytest.fixture
 async def receiver(voice_app: VoiceApp) -> AsyncIterator[tuple[EventReceiver, str]]:
     # A number's events_url is signed with its webhook_secret, like its voice callbacks.
-    rec = EventReceiver(secret=voice_app.secret)
+    rec = EventReceiver(secret=voice_app.secret, verifier=verify_signature)
     runner, url = await rec.start()
     yield rec, url
     await runner.cleanup()

@@ -1,8 +1,6 @@
 """The event path end to end: Outbox -> Deliverer -> a real aiohttp receiver on 127.0.0.1."""
 
 import asyncio
-import hashlib
-import hmac
 import itertools
 import json
 import logging
@@ -22,6 +20,7 @@ from aiohttp import web
 from gateway.events.delivery import Deliverer
 from gateway.events.envelope import make_event
 from gateway.events.outbox import Outbox
+from tests.seed_receiver import verify_signature
 
 pytestmark = pytest.mark.integration
 
@@ -30,19 +29,6 @@ REPO = Path(__file__).resolve().parents[2]
 UNIT = 0.05  # backoff unit: the real schedule, 20x faster
 
 
-# The receiver's check: the product quickstart's Python verifier, copied verbatim.
-def verify_signature(raw_body: bytes, sig_header: str, secret: str) -> None:
-    parts = dict(p.split("=", 1) for p in sig_header.split(","))
-    ts = parts.get("t")
-    v1 = parts.get("v1")
-    if not ts or not v1:
-        raise ValueError("missing t or v1 in signature header")
-    if abs(time.time() - float(ts)) > 300:
-        raise ValueError("timestamp too old")
-    message = raw_body + b"." + ts.encode()
-    expected = hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
-    if not hmac.compare_digest(v1, expected):
-        raise ValueError("signature mismatch")
 
 
 @dataclass

@@ -11,6 +11,7 @@ import pytest
 from gateway.demo import EventReceiver, free_port
 from tests.integration.conftest import dump, final_events, start_gateway
 from tests.integration.test_inbound_call import call_and_listen
+from tests.seed_receiver import verify_signature
 
 pytestmark = pytest.mark.integration
 
@@ -71,7 +72,7 @@ async def test_sigkilled_gateway_delivers_after_restart(
     gw.stop(signal.SIGKILL)
     await asyncio.sleep(1.5)  # the orphaned worker notices its supervisor is gone and exits
 
-    rec = EventReceiver(secret=voice_app.secret)
+    rec = EventReceiver(secret=voice_app.secret, verifier=verify_signature)
     runner, _ = await rec.start(port)
     try:
         gw2 = start_gateway(gw.config, gw.config.parent)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import socket
 import time
@@ -19,24 +17,12 @@ from aiohttp import web
 from dsl.context import VoiceAppError
 from gateway.urlguard import ForbiddenAddressError, UrlForbidden, make_session
 from gateway.voice_app import VoiceAppClient, resolve_relative
+from tests.seed_receiver import verify_signature
 
 SECRET = "whsec_test_secret"
 DOC = {"actions": [{"say": {"text": "hi"}}, {"hangup": {}}]}
 
 
-def verify_signature(raw_body: bytes, sig_header: str, secret: str) -> None:
-    """The product quickstart's verifier, verbatim in substance."""
-    parts = dict(p.split("=", 1) for p in sig_header.split(","))
-    ts = parts.get("t")
-    v1 = parts.get("v1")
-    if not ts or not v1:
-        raise ValueError("missing t or v1 in signature header")
-    if abs(time.time() - float(ts)) > 300:
-        raise ValueError("timestamp too old")
-    message = raw_body + b"." + ts.encode()
-    expected = hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
-    if not hmac.compare_digest(v1, expected):
-        raise ValueError("signature mismatch")
 
 
 @dataclass

@@ -6,22 +6,7 @@ import pytest
 
 from gateway.events.envelope import make_event
 from gateway.events.signing import SignatureError, sign, verify
-
-
-# The receiver: the product quickstart's Python verifier, copied verbatim.
-def verify_signature(raw_body: bytes, sig_header: str, secret: str) -> None:
-    parts = dict(p.split("=", 1) for p in sig_header.split(","))
-    ts = parts.get("t")
-    v1 = parts.get("v1")
-    if not ts or not v1:
-        raise ValueError("missing t or v1 in signature header")
-    if abs(time.time() - float(ts)) > 300:
-        raise ValueError("timestamp too old")
-    message = raw_body + b"." + ts.encode()
-    expected = hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
-    if not hmac.compare_digest(v1, expected):
-        raise ValueError("signature mismatch")
-
+from tests.seed_receiver import verify_signature
 
 SECRET = "whsec_test_ü_secret"
 
