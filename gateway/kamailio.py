@@ -798,13 +798,15 @@ def config_from_settings(path: Path, out: Path | None) -> KamailioConfig:
 
     s = load_settings(path)
     host, port = parse_hostport(s.sip.listen)
-    if s.workers.calls_per_worker:
-        max_calls = s.workers.calls_per_worker
+    if s.workers.count:
+        count = s.workers.count  # the destinations only depend on how many workers there are
     else:
-        from media.probe import probe_max_calls
+        max_calls = s.workers.calls_per_worker
+        if not max_calls:
+            from media.probe import probe_max_calls
 
-        max_calls = probe_max_calls(s.storage.dir / "pjsua2-probe.json")
-    count, _ = s.worker_plan(max_calls)
+            max_calls = probe_max_calls(s.storage.dir / "pjsua2-probe.json")
+        count, _ = s.worker_plan(max_calls)
     dests = [f"sip:{s.workers.host}:{s.workers.sip_port_start + i}" for i in range(count)]
     dests += [normalize_destination(r) for r in s.kamailio.remote_workers]
     return KamailioConfig(
