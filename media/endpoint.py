@@ -160,7 +160,9 @@ class SipEndpoint:
     def _pump_events(self) -> None:
         self.ep.libRegisterThread("pjsua-pump")
         while self._running:
-            self.ep.libHandleEvents(50)
+            # Returns as soon as a packet or timer is handled; the timeout only bounds how
+            # long stop() waits. Short timeouts cost idle CPU in every worker.
+            self.ep.libHandleEvents(500)
 
     def stop(self) -> None:
         """Hang up what is left, drop every reference, destroy the library (asyncio thread)."""
@@ -172,7 +174,7 @@ class SipEndpoint:
             pass
         self._running = False
         if self._pump:
-            self._pump.join(timeout=2)
+            self._pump.join(timeout=3)
         for call in list(self.calls.values()):
             call._release()
         self.calls.clear()
