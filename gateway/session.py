@@ -151,8 +151,6 @@ class CallSession:
         *,
         call: SipCall,
         route: Route,
-        from_e164: str,
-        to_e164: str,
         events: CallEvents,
         app: VoiceAppClient | TimedVoiceApp,
         call_fields: dict[str, str],
@@ -193,6 +191,7 @@ class CallSession:
         self.events.emit("call.started", {**self.events.base, "started_at": iso(self.started_at)})
         driver = asyncio.create_task(self._drive(), name=f"call-{self.call_id}")
         end = await self.call.wait_ended()
+        self.call_fields["callStatus"] = "completed"  # for requests made after the hangup
         self.write_final(end)
         # The interpreter may still have work after a hangup (a recording to hand over).
         try:

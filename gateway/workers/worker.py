@@ -181,7 +181,10 @@ class Worker:
     def _on_incoming(self, call: SipCall, invite: IncomingInvite) -> None:
         # Admission: never take a call this worker cannot serve; 503 lets the front try the
         # next worker (and the carrier retry later when the whole node is full).
-        if self.stopping.is_set() or self.draining or len(self.tasks) >= self.place.admit:
+        # Counted in pjsua2 call slots (this call included), not in sessions: a session that is
+        # handing over a recording after its hangup holds no slot.
+        live = sum(1 for c in self.endpoint.calls.values() if c.direction == "inbound")
+        if self.stopping.is_set() or self.draining or live > self.place.admit:
             call.reject_now(503, {"Retry-After": "5"})
             return
         task = asyncio.create_task(self._handle(call, invite))
@@ -257,8 +260,6 @@ class Worker:
         session = CallSession(
             call=call,
             route=route,
-            from_e164=from_,
-            to_e164=to,
             events=events,
             app=app,
             call_fields=fields,
