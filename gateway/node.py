@@ -70,6 +70,8 @@ class Node:
         )
         self.outbox: Outbox | None = None
         self.deliverer: Deliverer | None = None
+        self.runner: web.AppRunner | None = None
+        self.http: ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- CallRegistry for the API -----------------------------------------------------------
@@ -206,8 +208,10 @@ class Node:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.runner.cleanup()
-        await self.http.close()
+        if self.runner is not None:
+            await self.runner.cleanup()
+        if self.http is not None:
+            await self.http.close()
         if self.outbox is not None:
             self.outbox.close()
 
@@ -349,7 +353,11 @@ async def run_node(
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await node.start()
+    try:
+        await node.start()
+    except BaseException:
+        await node.stop()  # leave no worker or Kamailio behind
+        raise
     if started is not None:
         started.set()
     print(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import sqlite3
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from typing import Any
 
 from dsl.context import CallContext, FetchedDocument, VoiceAppError
 from dsl.interpreter import Interpreter
-from gateway.events.envelope import make_event, rfc3339_ms, uuid7
+from gateway.events.envelope import Event, make_event, rfc3339_ms, uuid7
 from gateway.events.outbox import Outbox
 from gateway.leg import SipCallLeg
 from gateway.prompts import GatewayPrompts
@@ -92,18 +93,33 @@ class CallEvents:
                 event.body.decode(),
             )
             return True
-        written = self.outbox.append(
-            event,
-            url=self.dest.url,
-            secret=self.dest.secret,
-            policy=self.dest.policy,  # type: ignore[arg-type]
-            call_id=self.call_id,
-            final=final,
-        )
+        written = self._append(event, final)
         if written:
             log.info("call %s: %s %s", self.call_id, kind, event.event_id)
             self.notify()
         return written
+
+    def _append(self, event: Event, final: bool) -> bool:
+        """Commit the event to the outbox. Under heavy write contention SQLite can still report
+        `database is locked` after its busy timeout; billing events are worth blocking this
+        worker for a while longer rather than dropping them."""
+        assert self.dest is not None
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                return self.outbox.append(
+                    event,
+                    url=self.dest.url,
+                    secret=self.dest.secret,
+                    policy=self.dest.policy,  # type: ignore[arg-type]
+                    call_id=self.call_id,
+                    final=final,
+                )
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+                log.warning("call %s: outbox busy (%s); retrying %s", self.call_id, e, event.kind)
+                time.sleep(0.05)
 
     def recording_ready(self, recording_id: str, path: Path, duration_s: float, fmt: str) -> str:
         import hashlib
