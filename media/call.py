@@ -414,7 +414,9 @@ class SipCall:
                 if self.ended:
                     ended_by = "hangup"
                     break
-                d = await self._poll_digit(0.1)
+                # Digits wake this at once; the interval only paces the silence check (and
+                # hangup detection), so keep it coarse: one wakeup per call in a busy worker.
+                d = await self._poll_digit(0.25 if silence_timeout_s > 0 else 0.5)
                 if self.ended:
                     ended_by = "hangup"
                     break
