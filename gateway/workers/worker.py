@@ -137,8 +137,7 @@ class Worker:
             ),
         )
         self.endpoint.on_incoming = self._on_incoming
-        api_host, api_port = parse_hostport(settings.api.listen)
-        self.api_base = f"http://{api_host}:{api_port}"
+        self.api_base = settings.api.base_url  # a wildcard listen is reached via loopback
 
     # -- lifecycle --------------------------------------------------------------------------
     async def run(self) -> None:
