@@ -201,10 +201,19 @@ class SipCall:
         """Drop PJSIP objects once the call is over (asyncio thread, so SWIG deletes here)."""
         self._objects.clear()
         self._am = None
-        self.endpoint.calls.pop(self.pj_id, None)
+        if self.endpoint.calls.get(self.pj_id) is self:
+            del self.endpoint.calls[self.pj_id]
         pj_call, self._pj = self._pj, None
         if pj_call is not None:
             pj_call.owner = None
+            # ~Call clears the user data of its call id and hangs that id up if it is active,
+            # even when PJSIP has meanwhile reused the id for a newer call (our DISCONNECTED
+            # arrives late when the loop is busy): the newer call would get 603 and lose its
+            # callbacks. Only let SWIG delete it while the id is still ours or free; else
+            # leave the C++ object be (a small leak beats killing a live call).
+            if not _owns_call_id(pj_call):
+                log.warning("call id %d reused before its old call was released", self.pj_id)
+                pj_call.thisown = False
         # pj_call's last reference goes with this frame: deleted on the asyncio thread.
 
     async def wait_ended(self) -> CallEnd:
@@ -451,6 +460,14 @@ class SipCall:
             return await asyncio.wait_for(self._digits.get(), timeout)
         except TimeoutError:
             return None
+
+
+def _owns_call_id(pj_call: PjCall) -> bool:
+    try:
+        current = pj.Call.lookup(pj_call.getId())
+    except pj.Error:
+        return True
+    return current is None or int(current.this) == int(pj_call.this)
 
 
 async def _wav_finalised(path: Path, timeout: float) -> bool:
