@@ -194,15 +194,25 @@ def free_port_block(n: int) -> int:
     raise RuntimeError("no free port block")
 
 
-async def sipp(scenario: Path, port: int, *, calls: int, limit: int, rate: int = 20,
-               timeout: float = 60, service: str = NUMBER) -> tuple[int, int, int, str]:
-    """Run SIPp as a carrier; (exit code, successful calls, failed calls, tail of its output)."""
+def sipp_errors(cwd: Path) -> str:
+    """What SIPp's -trace_err wrote (unexpected messages and the like)."""
+    return "".join(p.read_text(errors="replace") for p in cwd.glob("*_errors.log"))
+
+
+async def sipp(scenario: Path, port: int, *, calls: int = 1, limit: int = 1, rate: int = 20,
+               timeout: float = 60, service: str = NUMBER,
+               cwd: Path | None = None) -> tuple[int, int, int, str]:
+    """Run SIPp as a carrier; (exit code, successful calls, failed calls, tail of its output).
+
+    With `cwd`, SIPp writes its files there and what `-trace_err` logged (unexpected messages)
+    is added to the output."""
+    trace = ["-trace_err"] if cwd is not None else []
     proc = await asyncio.create_subprocess_exec(
         "sipp", "-sf", str(scenario), f"127.0.0.1:{port}", "-s", service, "-m", str(calls),
         "-l", str(limit), "-r", str(rate), "-i", "127.0.0.1",
         "-p", str(free_port(socket.SOCK_DGRAM)), "-mp", str(free_port(socket.SOCK_DGRAM) // 2 * 2),
-        "-timeout", str(int(timeout)), "-timeout_error", "-nostdin",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        "-timeout", str(int(timeout)), "-timeout_error", "-nostdin", *trace,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=cwd)
     out_b, _ = await asyncio.wait_for(proc.communicate(), timeout + 15)
     out = out_b.decode(errors="replace")
 
@@ -210,7 +220,9 @@ async def sipp(scenario: Path, port: int, *, calls: int, limit: int, rate: int =
         rows = [ln for ln in out.splitlines() if ln.strip().startswith(label)]
         return int(rows[-1].split("|")[-1].split()[0]) if rows else -1
 
-    return proc.returncode or 0, last("Successful call"), last("Failed call"), out[-4000:]
+    errors = sipp_errors(cwd) if cwd else ""
+    return (proc.returncode or 0, last("Successful call"), last("Failed call"),
+            (out[-4000:] + errors)[-6000:])
 
 
 def start_gateway(config: Path, tmp: Path, timeout: float = 30) -> Gateway:

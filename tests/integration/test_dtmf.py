@@ -3,28 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from pathlib import Path
 
 import pytest
 from aiohttp import web
 
-from gateway.demo import free_port
-from tests.integration.conftest import NUMBER, final_events
+from tests.integration.conftest import final_events, sipp
 
 pytestmark = pytest.mark.integration
 SIPP_DIR = Path(__file__).parent / "sipp"
-
-
-async def run_sipp(scenario: str, gw_port: int, timeout: float = 40) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        "sipp", "-sf", str(SIPP_DIR / scenario), f"127.0.0.1:{gw_port}", "-s", NUMBER,
-        "-m", "1", "-i", "127.0.0.1", "-p", str(free_port(socket.SOCK_DGRAM)),
-        "-mp", str(free_port(socket.SOCK_DGRAM) // 2 * 2), "-timeout", str(int(timeout)),
-        "-timeout_error", "-nostdin",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=SIPP_DIR.parent)
-    out, _ = await asyncio.wait_for(proc.communicate(), timeout + 10)
-    return proc.returncode or 0, out.decode(errors="replace")[-3000:]
 
 
 def digits_app(first_doc: dict) -> tuple[list[str], object]:
@@ -46,7 +33,7 @@ async def test_all_twelve_rfc4733_digits_from_sipp_pcaps(voice_app, receiver, ga
     voice_app.script = script
     gw = gateway_factory(voice_url=f"{voice_app.base_url}/voice", app_secret=voice_app.secret,
                          events_url=events_url)
-    code, out = await run_sipp("dtmf_rfc4733_all.xml", gw.sip_port)
+    code, _, _, out = await sipp(SIPP_DIR / "dtmf_rfc4733_all.xml", gw.sip_port, timeout=40)
     assert got == ["1234567890*#"], (got, out, gw.log_text()[-3000:])
     assert code == 0, out
     assert await rec.wait_for(lambda evs: final_events(evs), 10)

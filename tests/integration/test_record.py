@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,9 +17,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from gateway.demo import free_port
 from media.audio import beep, read_wav, resample
-from tests.integration.conftest import NUMBER, dump, final_events
+from tests.integration.conftest import dump, final_events, sipp
 from tests.integration.pcap_audio import (
     RATE,
     Block,
@@ -65,20 +63,8 @@ EVENT_FIELDS = {
 
 async def run_sipp(scenario: Path, gw_port: int, cwd: Path, timeout: float = 30) -> tuple[int, str]:
     """Run one SIPp call of `scenario` against the gateway; SIPp's files go to `cwd`."""
-    proc = await asyncio.create_subprocess_exec(
-        "sipp", "-sf", str(scenario), f"127.0.0.1:{gw_port}", "-s", NUMBER,
-        "-m", "1", "-i", "127.0.0.1", "-p", str(free_port(socket.SOCK_DGRAM)),
-        "-mp", str(free_port(socket.SOCK_DGRAM) // 2 * 2), "-timeout", str(int(timeout)),
-        "-timeout_error", "-nostdin", "-trace_err",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=cwd,
-    )  # fmt: skip
-    out, _ = await asyncio.wait_for(proc.communicate(), timeout + 10)
-    return proc.returncode or 0, (out.decode(errors="replace")[-3000:] + sipp_errors(cwd))[-5000:]
-
-
-def sipp_errors(cwd: Path) -> str:
-    """What SIPp's -trace_err wrote (unexpected messages and the like)."""
-    return "".join(p.read_text(errors="replace") for p in cwd.glob("*_errors.log"))
+    code, _, _, out = await sipp(scenario, gw_port, timeout=timeout, cwd=cwd)
+    return code, out
 
 
 def record_app(voice_app: Any) -> list[dict[str, str]]:
