@@ -133,6 +133,18 @@ def _check_e164(value: str) -> str:
     return value
 
 
+def _check_cidrs(value: list[str]) -> list[str]:
+    if not value:
+        raise ValueError("needs at least one address or CIDR (loopback only: ['127.0.0.0/8'])")
+    out = []
+    for v in value:
+        try:
+            out.append(str(ipaddress.ip_network(v.strip(), strict=False)))
+        except ValueError:
+            raise ValueError(f"{v!r} is not an IP address or CIDR") from None
+    return out
+
+
 def _check_nonempty_secret(value: SecretStr) -> SecretStr:
     if not value.get_secret_value():
         raise ValueError("must not be empty")
@@ -164,6 +176,11 @@ class SipSettings(_Section):
     listen: HostPort = "127.0.0.1:5060"
     public_address: Annotated[str, AfterValidator(_check_public_address)] | None = None
     user_agent: NonEmptyStr = "Sautikit-Gateway/0.1"
+    # Who may call in (INVITE): carriers, PBXs, SBCs. Others get 403 (at the front, or at the
+    # single worker when there is none).
+    allowed_sources: Annotated[list[str], AfterValidator(_check_cidrs)] = Field(
+        default_factory=lambda: ["127.0.0.0/8", "::1/128"]
+    )
 
 
 class ApiSettings(_Section):
@@ -249,6 +266,11 @@ class KamailioSettings(_Section):
     children: int = Field(default=4, ge=1, le=64)
     ping_interval_s: int = Field(default=5, ge=1, le=300)
     remote_workers: list[NonEmptyStr] = Field(default_factory=list)
+    # Per source address: requests outside dialogs allowed per flood_window_s; more are dropped.
+    flood_limit: int = Field(default=60, ge=0, le=100000)  # 0: no limit
+    flood_window_s: int = Field(default=2, ge=1, le=3600)
+    # Skip workers already holding their admission limit of calls through this front.
+    load_aware: bool = True
 
 
 class TtsSettings(_Section):
@@ -495,6 +517,8 @@ def _is_string_field(parts: list[str]) -> bool:
             return False
         ann = _unwrap(field.annotation)
         if typing.get_origin(ann) is list:
+            if i + 1 >= len(parts):
+                return False  # the whole list (JSON), not one entry
             ann = _unwrap(typing.get_args(ann)[0])
             i += 1  # skip the list index
         i += 1

@@ -97,6 +97,19 @@ class KamailioConfig:
     log_level: int = 1
     module_path: str | None = None  # found at render time when not given
     disabled: frozenset[str] = field(default_factory=frozenset)
+    # CIDRs that may send INVITEs from outside (carriers, PBXs, SBCs); others get 403.
+    allowed_sources: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    # Requests outside dialogs per source address per window before it is dropped; 0: no limit.
+    flood_limit: int = 60
+    flood_window_s: int = 2
+    # Inbound calls a worker takes (its admission limit): a worker with that many dialogs through
+    # this front is not offered another call. 0: offer every call (the worker answers 503).
+    max_load: int = 0
+    # Largest INVITE relayed to a worker, before the front's own Via and Record-Route (pjsip's
+    # PJSIP_MAX_PKT_LEN is 4000 bytes); larger ones lose optional headers or get 513.
+    max_message_bytes: int = 3600
+    # More Via headers than this: 483 Too Many Hops.
+    max_vias: int = 20
 
     @property
     def cfg_path(self) -> Path:
@@ -258,17 +271,51 @@ def _validate(cfg: KamailioConfig) -> list[str]:
             f"runtime_dir {cfg.runtime_dir} is too long for a UNIX socket path "
             f"({_SUN_PATH_MAX} bytes at most); use a shorter directory"
         )
+    if cfg.max_load < 0 or cfg.flood_limit < 0:
+        raise ValueError("max_load and flood_limit must be >= 0")
+    if not 1 <= cfg.flood_window_s <= 3600:
+        raise ValueError("flood_window_s must be 1-3600")
+    if not 1000 <= cfg.max_message_bytes <= 65000:
+        raise ValueError("max_message_bytes must be 1000-65000")
+    if not 1 <= cfg.max_vias <= 1000:
+        raise ValueError("max_vias must be 1-1000")
+    allowed_networks(cfg.allowed_sources)
     dests = [normalize_destination(d) for d in cfg.destinations]
     if len(set(dests)) != len(dests):
         raise ValueError("duplicate worker destinations")
     return dests
 
 
+def allowed_networks(sources: tuple[str, ...] | list[str]) -> list[str]:
+    """`allowed_sources` as CIDRs Kamailio's is_in_subnet takes (`10.1.2.3` -> `10.1.2.3/32`)."""
+    if not sources:
+        raise ValueError("allowed_sources is empty: no carrier could call in")
+    out = []
+    for s in sources:
+        try:
+            out.append(str(ipaddress.ip_network(s.strip(), strict=False)))
+        except ValueError as e:
+            raise ValueError(f"allowed_sources: {s!r} is not an address or CIDR ({e})") from None
+    return out
+
+
 def render(cfg: KamailioConfig) -> tuple[str, str]:
     """(kamailio.cfg text, dispatcher list text) for `cfg`."""
     dests = _validate(cfg)
     disabled = {normalize_destination(d) for d in cfg.disabled}
+    defines = []
+    if cfg.flood_limit:
+        defines.append("#!define WITH_FLOOD_LIMIT")
+    if cfg.max_load:
+        defines.append("#!define WITH_MAX_LOAD")
     values = {
+        "DEFINES": "\n".join(defines),
+        "ALLOWED_SOURCES": ",".join(allowed_networks(cfg.allowed_sources)),
+        "FLOOD_LIMIT": str(cfg.flood_limit),
+        "FLOOD_WINDOW": str(cfg.flood_window_s),
+        "MAX_LOAD": str(cfg.max_load),
+        "MAX_MSG": str(cfg.max_message_bytes),
+        "MAX_VIAS": str(cfg.max_vias),
         "DEBUG": str(cfg.log_level),
         "CHILDREN": str(cfg.children),
         "RUN_DIR": str(cfg.runtime_dir),
@@ -784,6 +831,47 @@ class KamailioFront:
             raise
         return parse_dispatcher_list(result)
 
+    async def dialogs(self, worker: str | None = None) -> list[dict[str, Any]]:
+        """Dialogs this front tracks (all, or those of one worker URI): dlg.list records."""
+        if worker is None:
+            result = await self.rpc("dlg.list")
+        else:
+            result = await self.rpc("dlg.profile_list", "worker", normalize_destination(worker))
+        if isinstance(result, dict):
+            result = [result]
+        return [d for d in result or [] if isinstance(d, dict)]
+
+    async def end_dialogs(self, worker: str | None = None, reason: str = "") -> int:
+        """BYE both ways for every dialog of `worker` (all dialogs when None): the carrier's side
+        of calls a dead worker can no longer end. Returns how many were ended."""
+        hdrs = f"Reason: SIP;cause=500;text=\"{reason}\"\r\n" if reason else ""
+        ended = 0
+        for d in await self.dialogs(worker):
+            # 4: confirmed (answered), 3: confirmed without ACK yet; earlier states have no BYE.
+            if d.get("state") not in (3, 4):
+                continue
+            params: list[Any] = [int(d["h_entry"]), int(d["h_id"])]
+            if hdrs:
+                params.append(hdrs)
+            try:
+                await self.rpc("dlg.end_dlg", *params)
+                ended += 1
+            except KamailioError as e:
+                log.warning("could not end dialog %s: %s", d.get("call-id"), e)
+        if ended:
+            log.warning("front: ended %d dialog(s) of %s (BYE sent)", ended, worker or "all")
+        return ended
+
+    async def counters(self) -> dict[str, int]:
+        """The front's refusal counters (script group): source_denied, flood_dropped, ..."""
+        result = await self.rpc("cnt.grp_get_all", "script")
+        out: dict[str, int] = {}
+        for rec in [result] if isinstance(result, dict) else result or []:
+            for k, v in (rec or {}).items():
+                with contextlib.suppress(TypeError, ValueError):
+                    out[k.split(".", 1)[-1]] = int(v)
+        return out
+
     async def ping(self, timeout: float = 1.0) -> bool:
         """Does the front answer an OPTIONS on its listen address?"""
         return await sip_ping(self._cfg.listen_host, self._cfg.listen_port, timeout) == 200
@@ -798,15 +886,12 @@ def config_from_settings(path: Path, out: Path | None) -> KamailioConfig:
 
     s = load_settings(path)
     host, port = parse_hostport(s.sip.listen)
-    if s.workers.count:
-        count = s.workers.count  # the destinations only depend on how many workers there are
-    else:
-        max_calls = s.workers.calls_per_worker
-        if not max_calls:
-            from media.probe import probe_max_calls
+    max_calls = s.workers.calls_per_worker
+    if not max_calls:
+        from media.probe import probe_max_calls
 
-            max_calls = probe_max_calls(s.storage.dir / "pjsua2-probe.json")
-        count, _ = s.worker_plan(max_calls)
+        max_calls = probe_max_calls(s.storage.dir / "pjsua2-probe.json")
+    count, admit = s.worker_plan(max_calls)
     dests = [f"sip:{s.workers.host}:{s.workers.sip_port_start + i}" for i in range(count)]
     dests += [normalize_destination(r) for r in s.kamailio.remote_workers]
     return KamailioConfig(
@@ -818,7 +903,53 @@ def config_from_settings(path: Path, out: Path | None) -> KamailioConfig:
         ping_interval_s=s.kamailio.ping_interval_s,
         binary=s.kamailio.binary,
         advertise=s.sip.public_address,
+        **front_limits(s, admit),
     )
+
+
+def front_limits(settings: Any, admit: int) -> dict[str, Any]:
+    """The KamailioConfig fields that come from `[sip]` and `[kamailio]` (besides addresses):
+    who may call in, the flood limit, and the load limit (`admit` calls per worker)."""
+    k = settings.kamailio
+    return {
+        "allowed_sources": tuple(settings.sip.allowed_sources),
+        "flood_limit": k.flood_limit,
+        "flood_window_s": k.flood_window_s,
+        "max_load": admit if k.load_aware else 0,
+    }
+
+
+def front_sent(settings: Any, source: str) -> bool:
+    """Is `source` ("host:port" as pjsip reports it) the node's own front (mode managed)?
+    The front sends to local workers from loopback (mhomed), else from its listen address or
+    this host's address on the workers' network; always from the listen port."""
+    from config.settings import parse_hostport
+
+    try:
+        host, port = parse_hostport(source)
+    except ValueError:
+        return False
+    lhost, lport = parse_hostport(settings.sip.listen)
+    return port == lport and (
+        _is_loopback(host) or host in (lhost, settings.workers.host) or _is_wildcard(lhost)
+    )
+
+
+def source_allowed(settings: Any, source: str) -> bool:
+    """May `source` ("host:port") send this worker an INVITE? Behind a managed front only the
+    front; with no front (mode off) the addresses in `sip.allowed_sources`; behind an external
+    front (another node's) anyone, since its address is not known here."""
+    mode = settings.front_mode()
+    if mode == "managed":
+        return front_sent(settings, source)
+    if mode == "off":
+        host = source.rsplit(":", 1)[0].strip("[]")
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return any(ip in ipaddress.ip_network(n) for n in settings.sip.allowed_sources)
+    return True
 
 
 def _parse_listen(value: str) -> tuple[str, int]:

@@ -26,7 +26,7 @@ from gateway.api.app import make_app
 from gateway.events.delivery import Deliverer
 from gateway.events.envelope import make_event, rfc3339_ms
 from gateway.events.outbox import Outbox
-from gateway.kamailio import KamailioConfig, KamailioFront
+from gateway.kamailio import KamailioConfig, KamailioFront, front_limits
 from gateway.metrics import NodeMetrics
 from gateway.workers.ipc import Channel, open_channel
 from media.probe import probe_max_calls
@@ -179,6 +179,7 @@ class Node:
             ping_interval_s=s.kamailio.ping_interval_s,
             binary=s.kamailio.binary,
             advertise=s.sip.public_address,
+            **front_limits(s, min(w.admit for w in self.workers)),
         )
         self.front = KamailioFront(cfg)
         await self.front.start()
@@ -343,6 +344,15 @@ class Node:
         w.calls.clear()
         if self.deliverer is not None:
             self.deliverer.notify()
+        if self.front is not None:
+            # the carrier's side of those calls is still up: the front sends it BYE
+            self._tasks.append(asyncio.create_task(self._end_dialogs(w), name="end-dialogs"))
+
+    async def _end_dialogs(self, w: WorkerHandle) -> None:
+        try:
+            await self.front.end_dialogs(w.uri, reason=f"worker {w.index} lost")
+        except Exception as e:  # the front may be restarting too
+            log.error("could not end worker %d's dialogs at the front: %s", w.index, e)
 
 
 async def run_node(

@@ -25,6 +25,7 @@ from aiohttp import ClientSession
 
 from config.settings import Settings, load_settings, parse_hostport
 from gateway.events.outbox import Outbox
+from gateway.kamailio import source_allowed
 from gateway.logs import setup_logging
 from gateway.prompts import GatewayPrompts
 from gateway.routing import Router, RoutingError, normalise_e164
@@ -178,6 +179,12 @@ class Worker:
 
     # -- calls ------------------------------------------------------------------------------
     def _on_incoming(self, call: SipCall, invite: IncomingInvite) -> None:
+        if not source_allowed(self.settings, invite.source):
+            # behind a front only the front; with none, sip.allowed_sources (front-owned check)
+            log.warning("INVITE from %s refused: not from the front or allowed_sources; 403",
+                        invite.source)
+            call.reject_now(403)
+            return
         # Admission: never take a call this worker cannot serve; 503 lets the front try the
         # next worker (and the carrier retry later when the whole node is full).
         # Counted in pjsua2 call slots (this call included), not in sessions: a session that is

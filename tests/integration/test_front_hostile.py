@@ -1,0 +1,397 @@
+"""The SIP front against careless and hostile peers, through a real node (Kamailio + pjsua2
+workers): in-dialog requests without a Route header, forged in-dialog requests (open relay),
+sources outside `sip.allowed_sources`, INVITEs that bypass the front, oversized INVITEs, a worker
+killed under live calls (the carrier gets its BYE)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.demo import free_port
+from tests.integration.conftest import NUMBER, final_events, free_port_block, sipp
+
+pytestmark = pytest.mark.integration
+SIPP_DIR = Path(__file__).parent / "sipp"
+
+
+def node(gateway_factory: Any, voice_app: Any, events_url: str, *, workers: int = 2,
+         extra: str = "", kamailio: str = "") -> Any:
+    base = free_port_block(workers)
+    return gateway_factory(
+        voice_url=f"{voice_app.base_url}/voice", app_secret=voice_app.secret,
+        events_url=events_url,
+        workers=f"count = {workers}\ncalls_per_worker = 4\nreserved_slots = 0\n"
+                f"sip_port_start = {base}",
+        kamailio=f'mode = "managed"\nping_interval_s = 1\n{kamailio}', extra=extra)
+
+
+async def builtin_sipp(scenario: str, port: int, *, calls: int = 1, timeout: int = 15,
+                       extra: tuple[str, ...] = ()) -> tuple[int, str]:
+    """SIPp's built-in scenario (`-sn`), as a newcomer runs it."""
+    proc = await asyncio.create_subprocess_exec(
+        "sipp", "-sn", scenario, f"127.0.0.1:{port}", "-s", NUMBER, "-m", str(calls),
+        "-i", "127.0.0.1", "-p", str(free_port(socket.SOCK_DGRAM)),
+        "-timeout", str(timeout), "-timeout_error", "-nostdin", *extra,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out, _ = await asyncio.wait_for(proc.communicate(), timeout + 10)
+    return proc.returncode or 0, out.decode(errors="replace")[-3000:]
+
+
+# --------------------------------------------------------------------------- raw SIP
+
+
+def invite(port: int, lport: int, *, transport: str = "UDP", headers: str = "", vias: int = 0,
+           body: str = "", to_tag: str = "", ruri: str = "", method: str = "INVITE",
+           lhost: str = "127.0.0.1") -> tuple[str, bytes]:
+    """(Call-ID, bytes) of a minimal request from lhost:lport."""
+    call_id = secrets.token_hex(8)
+    sdp = body or (
+        "v=0\r\no=c 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+        "m=audio 9 RTP/AVP 8\r\na=rtpmap:8 PCMA/8000\r\n"
+    )
+    if method != "INVITE":
+        sdp = ""
+    extra_vias = "".join(
+        f"Via: SIP/2.0/UDP 10.{i // 250}.{i % 250}.1:5060;branch=z9hG4bK{i}x\r\n"
+        for i in range(vias)
+    )
+    tag = f";tag={to_tag}" if to_tag else ""
+    msg = (
+        f"{method} {ruri or f'sip:{NUMBER}@127.0.0.1:{port}'} SIP/2.0\r\n"
+        f"Via: SIP/2.0/{transport} {lhost}:{lport};branch=z9hG4bK{secrets.token_hex(6)};rport\r\n"
+        f"{extra_vias}"
+        f"From: <sip:+254722000001@{lhost}:{lport}>;tag={secrets.token_hex(4)}\r\n"
+        f"To: <sip:{NUMBER}@127.0.0.1:{port}>{tag}\r\n"
+        f"Call-ID: {call_id}\r\n"
+        f"CSeq: 1 {method}\r\n"
+        f"Contact: <sip:+254722000001@{lhost}:{lport};transport={transport.lower()}>\r\n"
+        "Max-Forwards: 70\r\n"
+        f"{headers}"
+        + ("Content-Type: application/sdp\r\n" if sdp else "")
+        + f"Content-Length: {len(sdp.encode())}\r\n\r\n{sdp}"
+    )
+    return call_id, msg.encode()
+
+
+class UdpPeer:
+    """A raw UDP SIP peer: sends bytes, collects what arrives."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        self.sock.bind((host, 0))
+        self.sock.setblocking(False)
+        self.host, self.port = self.sock.getsockname()
+
+    def send(self, data: bytes, port: int) -> None:
+        self.sock.sendto(data, ("127.0.0.1", port))
+
+    async def replies(self, seconds: float) -> list[str]:
+        """Everything received within `seconds` (the socket is drained afterwards)."""
+        loop = asyncio.get_running_loop()
+        got: list[str] = []
+        deadline = loop.time() + seconds
+        while (left := deadline - loop.time()) > 0:
+            try:
+                data = await asyncio.wait_for(loop.sock_recv(self.sock, 70000), left)
+            except TimeoutError:
+                break
+            got.append(data.decode(errors="replace"))
+        return got
+
+    async def final(self, seconds: float = 3.0, method: str = "") -> str | None:
+        """The first final answer (>= 200) within `seconds` (to `method` if given: answers to
+        an earlier BYE are skipped); None without one."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while (left := deadline - loop.time()) > 0:
+            try:
+                data = await asyncio.wait_for(loop.sock_recv(self.sock, 70000), left)
+            except TimeoutError:
+                return None
+            text = data.decode(errors="replace")
+            cseq = re.search(r"^CSeq:\s*\d+\s+(\S+)", text, re.M | re.I)
+            if method and (not cseq or cseq.group(1) != method):
+                continue
+            if re.match(r"SIP/2\.0 [2-6]\d\d", text):
+                return text
+        return None
+
+    def ack_and_bye(self, reply: str, port: int) -> None:
+        """ACK a 2xx and hang up right away (in-dialog to the front, the Request-URI it gave)."""
+        head = reply.split("\r\n\r\n", 1)[0]
+        hdr = {}
+        for line in head.split("\r\n")[1:]:
+            name, _, value = line.partition(":")
+            hdr.setdefault(name.strip().lower(), value.strip())
+        routes = "".join(
+            f"Route: {r}\r\n"
+            for r in reversed(re.findall(r"^Record-Route:\s*(.+)$", head, re.M | re.I))
+        )
+        contact = re.search(r"<([^>]+)>", hdr["contact"]).group(1)  # type: ignore[union-attr]
+        for method, cseq in (("ACK", 1), ("BYE", 2)):
+            msg = (
+                f"{method} {contact} SIP/2.0\r\n"
+                f"Via: SIP/2.0/UDP {self.host}:{self.port};branch=z9hG4bK{secrets.token_hex(6)}"
+                ";rport\r\n"
+                f"From: {hdr['from']}\r\nTo: {hdr['to']}\r\nCall-ID: {hdr['call-id']}\r\n"
+                f"CSeq: {cseq} {method}\r\n{routes}Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+            )
+            self.send(msg.encode(), port)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@contextlib.contextmanager
+def udp_peer(host: str = "127.0.0.1") -> Any:
+    p = UdpPeer(host)
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+def cmdline(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+
+def worker_pids(gw: Any) -> dict[int, int]:
+    """worker index -> pid."""
+    out = subprocess.run(["pgrep", "-P", str(gw.proc.pid), "-f", "gateway.workers"],
+                         capture_output=True, text=True).stdout
+    pids = {}
+    for p in out.split():
+        m = re.search(r"--index (\d+) ", cmdline(int(p)))
+        if m:
+            pids[int(m.group(1))] = int(p)
+    return pids
+
+
+def worker_ports(gw: Any) -> list[int]:
+    return [int(m) for m in re.findall(r"--sip 127\.0\.0\.1:(\d+)",
+                                       " ".join(cmdline(p) for p in worker_pids(gw).values()))]
+
+
+def pause_then_hangup(seconds: float) -> Any:
+    return lambda req, form: {"actions": [{"pause": {"length": seconds}}, {"hangup": {}}]}
+
+
+# --------------------------------------------------------------------------- 1. no Route
+
+
+async def test_builtin_uac_without_route_headers_completes(voice_app, receiver, gateway_factory):
+    """SIPp's built-in `uac` sends ACK and BYE to the front with no Route header (it ignores
+    Record-Route): the front routes them by the dialog to the worker that answered."""
+    rec, events_url = receiver
+    voice_app.script = pause_then_hangup(10)
+    gw = node(gateway_factory, voice_app, events_url)
+    rc, out = await builtin_sipp("uac", gw.sip_port, calls=2, extra=("-d", "1000"))
+    assert rc == 0, out
+    assert await rec.wait_for(lambda evs: len(final_events(evs)) == 2, 10)
+    finals = final_events(rec.events)
+    assert {e.kind for e in finals} == {"call.completed"}, [e.body for e in finals]
+    assert len(voice_app.requests) == 2
+
+
+# --------------------------------------------------------------------------- 2. open relay
+
+
+async def test_forged_in_dialog_requests_are_not_relayed(voice_app, receiver, gateway_factory):
+    """A forged To-tag plus a Route naming the front (or a pre-loaded Route naming another host)
+    must not make the front relay to a host it never dialled."""
+    _, events_url = receiver
+    voice_app.script = pause_then_hangup(1)
+    gw = node(gateway_factory, voice_app, events_url)
+    front = f"<sip:127.0.0.1:{gw.sip_port};lr>"
+    with udp_peer() as victim, udp_peer() as attacker:
+        target = f"sip:victim@127.0.0.1:{victim.port}"
+        cases = [
+            ("INVITE", target, f"Route: {front}\r\n"),
+            ("MESSAGE", target, f"Route: {front}\r\n"),
+            ("BYE", target, f"Route: {front}\r\n"),
+            ("INVITE", "", f"Route: <{target};lr>\r\n"),
+            ("BYE", "", f"Route: <{target};lr>\r\n"),
+            ("MESSAGE", target, ""),
+        ]
+        for method, ruri, headers in cases:
+            _, data = invite(gw.sip_port, attacker.port, method=method, ruri=ruri,
+                             headers=headers, to_tag=secrets.token_hex(4))
+            attacker.send(data, gw.sip_port)
+            reply = await attacker.final(3)
+            assert reply is not None and re.match(r"SIP/2\.0 40[34] ", reply), (method, reply)
+        assert await victim.replies(1.0) == [], "the front relayed to a host it never dialled"
+    assert voice_app.requests == []
+
+
+# --------------------------------------------------------------------------- 3. allowed_sources
+
+
+async def test_invite_from_outside_allowed_sources_gets_403(voice_app, receiver, gateway_factory,
+                                                            monkeypatch):
+    rec, events_url = receiver
+    voice_app.script = pause_then_hangup(1)
+    monkeypatch.setenv("SAUTIKIT_SIP__ALLOWED_SOURCES", '["127.0.0.2/32"]')
+    gw = node(gateway_factory, voice_app, events_url)
+    with udp_peer("127.0.0.1") as stranger:
+        _, data = invite(gw.sip_port, stranger.port)
+        stranger.send(data, gw.sip_port)
+        reply = await stranger.final(3)
+        assert reply is not None and reply.startswith("SIP/2.0 403"), reply
+    assert voice_app.requests == []
+    with udp_peer("127.0.0.2") as trunk:
+        _, data = invite(gw.sip_port, trunk.port, lhost="127.0.0.2")
+        trunk.send(data, gw.sip_port)
+        reply = await trunk.final(5)
+        assert reply is not None and reply.startswith("SIP/2.0 200"), reply
+        trunk.ack_and_bye(reply, gw.sip_port)
+    from gateway.kamailio import rpc_call
+
+    got = await rpc_call(gw.storage / "kamailio" / "rpc.sock", "cnt.get", "script",
+                         "source_denied")
+    assert int(got) == 1, got
+    assert "not in sip.allowed_sources; 403" in gw.log_text()
+    assert await rec.wait_for(lambda evs: len(final_events(evs)) == 1, 10)
+
+
+# --------------------------------------------------------------------------- 6. bypass
+
+
+async def test_invite_straight_to_a_worker_is_refused(voice_app, receiver, gateway_factory):
+    rec, events_url = receiver
+    voice_app.script = pause_then_hangup(1)
+    gw = node(gateway_factory, voice_app, events_url)
+    ports = worker_ports(gw)
+    assert len(ports) == 2
+    with udp_peer() as peer:
+        for port in ports:
+            _, data = invite(port, peer.port)
+            peer.send(data, port)
+            reply = await peer.final(3)
+            assert reply is not None and reply.startswith("SIP/2.0 403"), reply
+    assert voice_app.requests == []
+    # through the front it works
+    with udp_peer() as carrier:
+        _, data = invite(gw.sip_port, carrier.port)
+        carrier.send(data, gw.sip_port)
+        reply = await carrier.final(5, "INVITE")
+        assert reply is not None and reply.startswith("SIP/2.0 200"), reply
+        carrier.ack_and_bye(reply, gw.sip_port)
+    assert await rec.wait_for(lambda evs: len(final_events(evs)) == 1, 10)
+
+
+# --------------------------------------------------------------------------- 7. worker lost
+
+
+async def test_carrier_gets_bye_when_the_worker_dies(voice_app, receiver, gateway_factory,
+                                                      tmp_path):
+    rec, events_url = receiver
+    voice_app.script = pause_then_hangup(30)
+    gw = node(gateway_factory, voice_app, events_url)
+    run = asyncio.create_task(sipp(SIPP_DIR / "node_carrier.xml", gw.sip_port, timeout=15,
+                                   cwd=tmp_path))
+    import aiohttp
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 8
+    live: list[dict[str, Any]] = []
+    async with aiohttp.ClientSession() as http:
+        while not live and loop.time() < deadline:
+            await asyncio.sleep(0.3)
+            async with http.get(f"http://127.0.0.1:{gw.api_port}/v1/calls",
+                                headers={"Authorization": "Bearer test-token"}) as r:
+                live = (await r.json())["data"]
+    assert len(live) == 1, live
+    await asyncio.sleep(0.5)  # answered and ACKed
+    os.kill(worker_pids(gw)[live[0]["worker"]], signal.SIGKILL)
+    killed = loop.time()
+    rc, ok, failed, out = await run
+    assert (rc, ok, failed) == (0, 1, 0), out  # the carrier got its BYE and answered 200
+    assert loop.time() - killed < 5, "BYE came too late"
+    assert await rec.wait_for(lambda evs: len(final_events(evs)) == 1, 10)
+    final = final_events(rec.events)[0]
+    assert final.kind == "call.failed" and final.body["data"]["reason"] == "worker_lost"
+
+
+# --------------------------------------------------------------------------- 5. large INVITEs
+
+
+async def tcp_request(port: int, build: Any, seconds: float = 5.0) -> str | None:
+    """Send one request over TCP; the first final answer, or None."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        lport = writer.get_extra_info("sockname")[1]
+        writer.write(build(lport))
+        await writer.drain()
+        buf = b""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while (left := deadline - loop.time()) > 0:
+            try:
+                chunk = await asyncio.wait_for(reader.read(65536), left)
+            except TimeoutError:
+                return None
+            if not chunk:
+                return None
+            buf += chunk
+            for m in re.finditer(rb"SIP/2\.0 ([2-6]\d\d)[^\r]*\r\n", buf):
+                return buf[m.start():].decode(errors="replace")
+        return None
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+
+
+async def test_large_invites_run_or_get_513_and_long_via_chains_483(voice_app, receiver,
+                                                                    gateway_factory):
+    rec, events_url = receiver
+    voice_app.script = pause_then_hangup(0.5)
+    gw = node(gateway_factory, voice_app, events_url)
+    identity = "Identity: " + "e" * 8000 + ";info=<https://cert.example/c.pem>;alg=ES256\r\n"
+    with udp_peer() as carrier:
+        # 8 KB of STIR/SHAKEN Identity over UDP: the front removes it, the call runs
+        _, data = invite(gw.sip_port, carrier.port, headers=identity)
+        assert len(data) > 8000
+        carrier.send(data, gw.sip_port)
+        reply = await carrier.final(5, "INVITE")
+        assert reply is not None and reply.startswith("SIP/2.0 200"), reply
+        carrier.ack_and_bye(reply, gw.sip_port)
+        # 60 KB of an unknown header: removed too (only what the workers use is kept)
+        _, data = invite(gw.sip_port, carrier.port, headers="X-Padding: " + "p" * 60000 + "\r\n")
+        carrier.send(data, gw.sip_port)
+        reply = await carrier.final(5, "INVITE")
+        assert reply is not None and reply.startswith("SIP/2.0 200"), reply
+        carrier.ack_and_bye(reply, gw.sip_port)
+        # what cannot be made to fit (a 6 KB SDP) gets 513
+        sdp = "v=0\r\no=c 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n" + (
+            "a=x-filler:" + "f" * 100 + "\r\n") * 60 + "m=audio 9 RTP/AVP 8\r\n"
+        _, data = invite(gw.sip_port, carrier.port, body=sdp)
+        carrier.send(data, gw.sip_port)
+        reply = await carrier.final(3, "INVITE")
+        assert reply is not None and reply.startswith("SIP/2.0 513"), reply
+        # 1000 Via headers: 483
+        _, data = invite(gw.sip_port, carrier.port, vias=1000)
+        carrier.send(data, gw.sip_port)
+        reply = await carrier.final(3, "INVITE")
+        assert reply is not None and reply.startswith("SIP/2.0 483"), reply
+    # the same 8 KB Identity INVITE over TCP
+    reply = await tcp_request(
+        gw.sip_port, lambda lport: invite(gw.sip_port, lport, transport="TCP",
+                                          headers=identity)[1])
+    assert reply is not None and reply.startswith("SIP/2.0 200"), reply
+    assert await rec.wait_for(
+        lambda evs: sum(e.kind == "call.started" for e in evs) == 3, 10), rec.events
+    assert len(voice_app.requests) == 3  # each call's document was fetched
+    assert await rec.wait_for(lambda evs: len(final_events(evs)) == 3, 10)
