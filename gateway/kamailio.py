@@ -844,7 +844,7 @@ class KamailioFront:
     async def end_dialogs(self, worker: str | None = None, reason: str = "") -> int:
         """BYE both ways for every dialog of `worker` (all dialogs when None): the carrier's side
         of calls a dead worker can no longer end. Returns how many were ended."""
-        hdrs = f"Reason: SIP;cause=500;text=\"{reason}\"\r\n" if reason else ""
+        hdrs = f'Reason: SIP;cause=500;text="{reason}"\r\n' if reason else ""
         ended = 0
         for d in await self.dialogs(worker):
             # 4: confirmed (answered), 3: confirmed without ACK yet; earlier states have no BYE.

@@ -181,8 +181,9 @@ class Worker:
     def _on_incoming(self, call: SipCall, invite: IncomingInvite) -> None:
         if not source_allowed(self.settings, invite.source):
             # behind a front only the front; with none, sip.allowed_sources (front-owned check)
-            log.warning("INVITE from %s refused: not from the front or allowed_sources; 403",
-                        invite.source)
+            log.warning(
+                "INVITE from %s refused: not from the front or allowed_sources; 403", invite.source
+            )
             call.reject_now(403)
             return
         # Admission: never take a call this worker cannot serve; 503 lets the front try the

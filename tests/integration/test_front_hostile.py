@@ -6,7 +6,6 @@ killed under live calls (the carrier gets its BYE)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import re
 import secrets
@@ -20,147 +19,60 @@ import pytest
 
 from gateway.demo import free_port
 from tests.integration.conftest import NUMBER, final_events, free_port_block, sipp
+from tests.integration.sipraw import invite, tcp_request, udp_peer
 
 pytestmark = pytest.mark.integration
 SIPP_DIR = Path(__file__).parent / "sipp"
 
 
-def node(gateway_factory: Any, voice_app: Any, events_url: str, *, workers: int = 2,
-         extra: str = "", kamailio: str = "") -> Any:
+def node(
+    gateway_factory: Any,
+    voice_app: Any,
+    events_url: str,
+    *,
+    workers: int = 2,
+    extra: str = "",
+    kamailio: str = "",
+) -> Any:
     base = free_port_block(workers)
     return gateway_factory(
-        voice_url=f"{voice_app.base_url}/voice", app_secret=voice_app.secret,
+        voice_url=f"{voice_app.base_url}/voice",
+        app_secret=voice_app.secret,
         events_url=events_url,
         workers=f"count = {workers}\ncalls_per_worker = 4\nreserved_slots = 0\n"
-                f"sip_port_start = {base}",
-        kamailio=f'mode = "managed"\nping_interval_s = 1\n{kamailio}', extra=extra)
+        f"sip_port_start = {base}",
+        kamailio=f'mode = "managed"\nping_interval_s = 1\n{kamailio}',
+        extra=extra,
+    )
 
 
-async def builtin_sipp(scenario: str, port: int, *, calls: int = 1, timeout: int = 15,
-                       extra: tuple[str, ...] = ()) -> tuple[int, str]:
+async def builtin_sipp(
+    scenario: str, port: int, *, calls: int = 1, timeout: int = 15, extra: tuple[str, ...] = ()
+) -> tuple[int, str]:
     """SIPp's built-in scenario (`-sn`), as a newcomer runs it."""
     proc = await asyncio.create_subprocess_exec(
-        "sipp", "-sn", scenario, f"127.0.0.1:{port}", "-s", NUMBER, "-m", str(calls),
-        "-i", "127.0.0.1", "-p", str(free_port(socket.SOCK_DGRAM)),
-        "-timeout", str(timeout), "-timeout_error", "-nostdin", *extra,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        "sipp",
+        "-sn",
+        scenario,
+        f"127.0.0.1:{port}",
+        "-s",
+        NUMBER,
+        "-m",
+        str(calls),
+        "-i",
+        "127.0.0.1",
+        "-p",
+        str(free_port(socket.SOCK_DGRAM)),
+        "-timeout",
+        str(timeout),
+        "-timeout_error",
+        "-nostdin",
+        *extra,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
     out, _ = await asyncio.wait_for(proc.communicate(), timeout + 10)
     return proc.returncode or 0, out.decode(errors="replace")[-3000:]
-
-
-# --------------------------------------------------------------------------- raw SIP
-
-
-def invite(port: int, lport: int, *, transport: str = "UDP", headers: str = "", vias: int = 0,
-           body: str = "", to_tag: str = "", ruri: str = "", method: str = "INVITE",
-           lhost: str = "127.0.0.1") -> tuple[str, bytes]:
-    """(Call-ID, bytes) of a minimal request from lhost:lport."""
-    call_id = secrets.token_hex(8)
-    sdp = body or (
-        "v=0\r\no=c 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
-        "m=audio 9 RTP/AVP 8\r\na=rtpmap:8 PCMA/8000\r\n"
-    )
-    if method != "INVITE":
-        sdp = ""
-    extra_vias = "".join(
-        f"Via: SIP/2.0/UDP 10.{i // 250}.{i % 250}.1:5060;branch=z9hG4bK{i}x\r\n"
-        for i in range(vias)
-    )
-    tag = f";tag={to_tag}" if to_tag else ""
-    msg = (
-        f"{method} {ruri or f'sip:{NUMBER}@127.0.0.1:{port}'} SIP/2.0\r\n"
-        f"Via: SIP/2.0/{transport} {lhost}:{lport};branch=z9hG4bK{secrets.token_hex(6)};rport\r\n"
-        f"{extra_vias}"
-        f"From: <sip:+254722000001@{lhost}:{lport}>;tag={secrets.token_hex(4)}\r\n"
-        f"To: <sip:{NUMBER}@127.0.0.1:{port}>{tag}\r\n"
-        f"Call-ID: {call_id}\r\n"
-        f"CSeq: 1 {method}\r\n"
-        f"Contact: <sip:+254722000001@{lhost}:{lport};transport={transport.lower()}>\r\n"
-        "Max-Forwards: 70\r\n"
-        f"{headers}"
-        + ("Content-Type: application/sdp\r\n" if sdp else "")
-        + f"Content-Length: {len(sdp.encode())}\r\n\r\n{sdp}"
-    )
-    return call_id, msg.encode()
-
-
-class UdpPeer:
-    """A raw UDP SIP peer: sends bytes, collects what arrives."""
-
-    def __init__(self, host: str = "127.0.0.1") -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        self.sock.bind((host, 0))
-        self.sock.setblocking(False)
-        self.host, self.port = self.sock.getsockname()
-
-    def send(self, data: bytes, port: int) -> None:
-        self.sock.sendto(data, ("127.0.0.1", port))
-
-    async def replies(self, seconds: float) -> list[str]:
-        """Everything received within `seconds` (the socket is drained afterwards)."""
-        loop = asyncio.get_running_loop()
-        got: list[str] = []
-        deadline = loop.time() + seconds
-        while (left := deadline - loop.time()) > 0:
-            try:
-                data = await asyncio.wait_for(loop.sock_recv(self.sock, 70000), left)
-            except TimeoutError:
-                break
-            got.append(data.decode(errors="replace"))
-        return got
-
-    async def final(self, seconds: float = 3.0, method: str = "") -> str | None:
-        """The first final answer (>= 200) within `seconds` (to `method` if given: answers to
-        an earlier BYE are skipped); None without one."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + seconds
-        while (left := deadline - loop.time()) > 0:
-            try:
-                data = await asyncio.wait_for(loop.sock_recv(self.sock, 70000), left)
-            except TimeoutError:
-                return None
-            text = data.decode(errors="replace")
-            cseq = re.search(r"^CSeq:\s*\d+\s+(\S+)", text, re.M | re.I)
-            if method and (not cseq or cseq.group(1) != method):
-                continue
-            if re.match(r"SIP/2\.0 [2-6]\d\d", text):
-                return text
-        return None
-
-    def ack_and_bye(self, reply: str, port: int) -> None:
-        """ACK a 2xx and hang up right away (in-dialog to the front, the Request-URI it gave)."""
-        head = reply.split("\r\n\r\n", 1)[0]
-        hdr = {}
-        for line in head.split("\r\n")[1:]:
-            name, _, value = line.partition(":")
-            hdr.setdefault(name.strip().lower(), value.strip())
-        routes = "".join(
-            f"Route: {r}\r\n"
-            for r in reversed(re.findall(r"^Record-Route:\s*(.+)$", head, re.M | re.I))
-        )
-        contact = re.search(r"<([^>]+)>", hdr["contact"]).group(1)  # type: ignore[union-attr]
-        for method, cseq in (("ACK", 1), ("BYE", 2)):
-            msg = (
-                f"{method} {contact} SIP/2.0\r\n"
-                f"Via: SIP/2.0/UDP {self.host}:{self.port};branch=z9hG4bK{secrets.token_hex(6)}"
-                ";rport\r\n"
-                f"From: {hdr['from']}\r\nTo: {hdr['to']}\r\nCall-ID: {hdr['call-id']}\r\n"
-                f"CSeq: {cseq} {method}\r\n{routes}Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
-            )
-            self.send(msg.encode(), port)
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-@contextlib.contextmanager
-def udp_peer(host: str = "127.0.0.1") -> Any:
-    p = UdpPeer(host)
-    try:
-        yield p
-    finally:
-        p.close()
 
 
 def cmdline(pid: int) -> str:
@@ -169,8 +81,9 @@ def cmdline(pid: int) -> str:
 
 def worker_pids(gw: Any) -> dict[int, int]:
     """worker index -> pid."""
-    out = subprocess.run(["pgrep", "-P", str(gw.proc.pid), "-f", "gateway.workers"],
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["pgrep", "-P", str(gw.proc.pid), "-f", "gateway.workers"], capture_output=True, text=True
+    ).stdout
     pids = {}
     for p in out.split():
         m = re.search(r"--index (\d+) ", cmdline(int(p)))
@@ -180,8 +93,12 @@ def worker_pids(gw: Any) -> dict[int, int]:
 
 
 def worker_ports(gw: Any) -> list[int]:
-    return [int(m) for m in re.findall(r"--sip 127\.0\.0\.1:(\d+)",
-                                       " ".join(cmdline(p) for p in worker_pids(gw).values()))]
+    return [
+        int(m)
+        for m in re.findall(
+            r"--sip 127\.0\.0\.1:(\d+)", " ".join(cmdline(p) for p in worker_pids(gw).values())
+        )
+    ]
 
 
 def pause_then_hangup(seconds: float) -> Any:
@@ -226,8 +143,14 @@ async def test_forged_in_dialog_requests_are_not_relayed(voice_app, receiver, ga
             ("MESSAGE", target, ""),
         ]
         for method, ruri, headers in cases:
-            _, data = invite(gw.sip_port, attacker.port, method=method, ruri=ruri,
-                             headers=headers, to_tag=secrets.token_hex(4))
+            _, data = invite(
+                gw.sip_port,
+                attacker.port,
+                method=method,
+                ruri=ruri,
+                headers=headers,
+                to_tag=secrets.token_hex(4),
+            )
             attacker.send(data, gw.sip_port)
             reply = await attacker.final(3)
             assert reply is not None and re.match(r"SIP/2\.0 40[34] ", reply), (method, reply)
@@ -238,8 +161,9 @@ async def test_forged_in_dialog_requests_are_not_relayed(voice_app, receiver, ga
 # --------------------------------------------------------------------------- 3. allowed_sources
 
 
-async def test_invite_from_outside_allowed_sources_gets_403(voice_app, receiver, gateway_factory,
-                                                            monkeypatch):
+async def test_invite_from_outside_allowed_sources_gets_403(
+    voice_app, receiver, gateway_factory, monkeypatch
+):
     rec, events_url = receiver
     voice_app.script = pause_then_hangup(1)
     monkeypatch.setenv("SAUTIKIT_SIP__ALLOWED_SOURCES", '["127.0.0.2/32"]')
@@ -258,8 +182,7 @@ async def test_invite_from_outside_allowed_sources_gets_403(voice_app, receiver,
         trunk.ack_and_bye(reply, gw.sip_port)
     from gateway.kamailio import rpc_call
 
-    got = await rpc_call(gw.storage / "kamailio" / "rpc.sock", "cnt.get", "script",
-                         "source_denied")
+    got = await rpc_call(gw.storage / "kamailio" / "rpc.sock", "cnt.get", "script", "source_denied")
     assert int(got) == 1, got
     assert "not in sip.allowed_sources; 403" in gw.log_text()
     assert await rec.wait_for(lambda evs: len(final_events(evs)) == 1, 10)
@@ -294,13 +217,15 @@ async def test_invite_straight_to_a_worker_is_refused(voice_app, receiver, gatew
 # --------------------------------------------------------------------------- 7. worker lost
 
 
-async def test_carrier_gets_bye_when_the_worker_dies(voice_app, receiver, gateway_factory,
-                                                      tmp_path):
+async def test_carrier_gets_bye_when_the_worker_dies(
+    voice_app, receiver, gateway_factory, tmp_path
+):
     rec, events_url = receiver
     voice_app.script = pause_then_hangup(30)
     gw = node(gateway_factory, voice_app, events_url)
-    run = asyncio.create_task(sipp(SIPP_DIR / "node_carrier.xml", gw.sip_port, timeout=15,
-                                   cwd=tmp_path))
+    run = asyncio.create_task(
+        sipp(SIPP_DIR / "node_carrier.xml", gw.sip_port, timeout=15, cwd=tmp_path)
+    )
     import aiohttp
 
     loop = asyncio.get_running_loop()
@@ -309,8 +234,10 @@ async def test_carrier_gets_bye_when_the_worker_dies(voice_app, receiver, gatewa
     async with aiohttp.ClientSession() as http:
         while not live and loop.time() < deadline:
             await asyncio.sleep(0.3)
-            async with http.get(f"http://127.0.0.1:{gw.api_port}/v1/calls",
-                                headers={"Authorization": "Bearer test-token"}) as r:
+            async with http.get(
+                f"http://127.0.0.1:{gw.api_port}/v1/calls",
+                headers={"Authorization": "Bearer test-token"},
+            ) as r:
                 live = (await r.json())["data"]
     assert len(live) == 1, live
     await asyncio.sleep(0.5)  # answered and ACKed
@@ -327,35 +254,9 @@ async def test_carrier_gets_bye_when_the_worker_dies(voice_app, receiver, gatewa
 # --------------------------------------------------------------------------- 5. large INVITEs
 
 
-async def tcp_request(port: int, build: Any, seconds: float = 5.0) -> str | None:
-    """Send one request over TCP; the first final answer, or None."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        lport = writer.get_extra_info("sockname")[1]
-        writer.write(build(lport))
-        await writer.drain()
-        buf = b""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + seconds
-        while (left := deadline - loop.time()) > 0:
-            try:
-                chunk = await asyncio.wait_for(reader.read(65536), left)
-            except TimeoutError:
-                return None
-            if not chunk:
-                return None
-            buf += chunk
-            for m in re.finditer(rb"SIP/2\.0 ([2-6]\d\d)[^\r]*\r\n", buf):
-                return buf[m.start():].decode(errors="replace")
-        return None
-    finally:
-        writer.close()
-        with contextlib.suppress(Exception):
-            await writer.wait_closed()
-
-
-async def test_large_invites_run_or_get_513_and_long_via_chains_483(voice_app, receiver,
-                                                                    gateway_factory):
+async def test_large_invites_run_or_get_513_and_long_via_chains_483(
+    voice_app, receiver, gateway_factory
+):
     rec, events_url = receiver
     voice_app.script = pause_then_hangup(0.5)
     gw = node(gateway_factory, voice_app, events_url)
@@ -375,8 +276,11 @@ async def test_large_invites_run_or_get_513_and_long_via_chains_483(voice_app, r
         assert reply is not None and reply.startswith("SIP/2.0 200"), reply
         carrier.ack_and_bye(reply, gw.sip_port)
         # what cannot be made to fit (a 6 KB SDP) gets 513
-        sdp = "v=0\r\no=c 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n" + (
-            "a=x-filler:" + "f" * 100 + "\r\n") * 60 + "m=audio 9 RTP/AVP 8\r\n"
+        sdp = (
+            "v=0\r\no=c 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+            + ("a=x-filler:" + "f" * 100 + "\r\n") * 60
+            + "m=audio 9 RTP/AVP 8\r\n"
+        )
         _, data = invite(gw.sip_port, carrier.port, body=sdp)
         carrier.send(data, gw.sip_port)
         reply = await carrier.final(3, "INVITE")
@@ -388,10 +292,11 @@ async def test_large_invites_run_or_get_513_and_long_via_chains_483(voice_app, r
         assert reply is not None and reply.startswith("SIP/2.0 483"), reply
     # the same 8 KB Identity INVITE over TCP
     reply = await tcp_request(
-        gw.sip_port, lambda lport: invite(gw.sip_port, lport, transport="TCP",
-                                          headers=identity)[1])
+        gw.sip_port, lambda lport: invite(gw.sip_port, lport, transport="TCP", headers=identity)[1]
+    )
     assert reply is not None and reply.startswith("SIP/2.0 200"), reply
-    assert await rec.wait_for(
-        lambda evs: sum(e.kind == "call.started" for e in evs) == 3, 10), rec.events
+    assert await rec.wait_for(lambda evs: sum(e.kind == "call.started" for e in evs) == 3, 10), (
+        rec.events
+    )
     assert len(voice_app.requests) == 3  # each call's document was fetched
     assert await rec.wait_for(lambda evs: len(final_events(evs)) == 3, 10)

@@ -159,11 +159,12 @@ async def uac(
     extra: tuple[str, ...] = (),
     port: int | None = None,
     timeout: int = 15,
+    local_ip: str = "127.0.0.1",
 ) -> UacResult:
     started = time.monotonic()
     proc = await asyncio.create_subprocess_exec(
         "sipp", "-sf", str(SIPP_DIR / scenario), f"127.0.0.1:{front.cfg.listen_port}",
-        "-s", NUMBER, "-i", "127.0.0.1", "-p", str(port or udp_port()),
+        "-s", NUMBER, "-i", local_ip, "-p", str(port or udp_port()),
         "-m", str(calls), "-l", str(limit), "-r", "50",
         "-timeout", str(timeout), "-timeout_error", "-nostdin", *extra,
         cwd=env.tmp,
@@ -435,3 +436,52 @@ async def test_reload_with_a_new_list(env: Env) -> None:
     assert a.count("INVITE") == 2 and b.count("INVITE") == 2
     await front.reload([b.uri])  # a second reload within reload_delta is retried
     assert [d["uri"] for d in await front.destinations()] == [b.uri]
+
+
+# --------------------------------------------------------------------------- limits
+
+
+async def test_flood_from_one_source_is_dropped_at_the_front(env: Env) -> None:
+    """A scanner's burst from one address is dropped before it reaches a worker (pike, counted);
+    a carrier on another address still gets its call through meanwhile."""
+    from tests.integration.sipraw import invite, udp_peer
+
+    ok = await env.uas("kam_uas.xml")
+    front = await env.front([ok.uri], flood_limit=10, flood_window_s=2)
+    port = front.cfg.listen_port
+    burst = 150
+    with udp_peer() as scanner:
+        for _ in range(burst):
+            scanner.send(invite(port, scanner.port, ruri=f"sip:100@127.0.0.1:{port}")[1], port)
+        res = await uac(env, front, local_ip="127.0.0.2")
+        answered = await scanner.replies(1.0)
+    assert res.rc == 0 and res.successful == 1, why(front, ok, res=res)
+    reached = ok.count("INVITE") - 1
+    dropped = (await front.counters())["flood_dropped"]
+    # pike blocks between 1x and 3x the limit per window
+    assert reached <= 3 * 10 * 2, reached
+    assert dropped >= burst - reached - 5 and dropped > 0, (dropped, reached)
+    assert sum(a.startswith("SIP/2.0 100") for a in answered) <= reached
+
+
+async def test_full_workers_are_not_offered_calls(env: Env) -> None:
+    """With max_load, a worker holding that many calls through the front is skipped: when all
+    are full the carrier gets 503 at once and no worker sees the INVITE (no 503 chain)."""
+    from tests.integration.sipraw import invite, udp_peer
+
+    workers = [await env.uas("kam_uas.xml") for _ in range(3)]
+    front = await env.front([u.uri for u in workers], max_load=1)
+    port = front.cfg.listen_port
+    with udp_peer() as carrier:
+        for _ in range(3):  # answered, never ACKed: each holds its worker's one slot
+            carrier.send(invite(port, carrier.port)[1], port)
+        await carrier.replies(0.5)
+        assert [u.count("INVITE") for u in workers] == [1, 1, 1], why(front, *workers)
+        started = time.monotonic()
+        carrier.send(invite(port, carrier.port)[1], port)
+        reply = await carrier.final(2, "INVITE")
+        elapsed = time.monotonic() - started
+    assert reply is not None and reply.startswith("SIP/2.0 503"), reply
+    assert "Retry-After:" in reply and elapsed < 0.5, elapsed
+    assert [u.count("INVITE") for u in workers] == [1, 1, 1], why(front, *workers)
+    assert (await front.counters())["workers_full"] == 1
