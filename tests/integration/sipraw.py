@@ -101,29 +101,39 @@ class UdpPeer:
         return None
 
     def ack_and_bye(self, reply: str, port: int) -> None:
-        """ACK a 2xx and hang up right away (in-dialog to the front, the Request-URI it gave)."""
-        head = reply.split("\r\n\r\n", 1)[0]
-        hdr = {}
-        for line in head.split("\r\n")[1:]:
-            name, _, value = line.partition(":")
-            hdr.setdefault(name.strip().lower(), value.strip())
-        routes = "".join(
-            f"Route: {r}\r\n"
-            for r in reversed(re.findall(r"^Record-Route:\s*(.+)$", head, re.M | re.I))
-        )
-        contact = re.search(r"<([^>]+)>", hdr["contact"]).group(1)  # type: ignore[union-attr]
-        for method, cseq in (("ACK", 1), ("BYE", 2)):
-            msg = (
-                f"{method} {contact} SIP/2.0\r\n"
-                f"Via: SIP/2.0/UDP {self.host}:{self.port};branch=z9hG4bK{secrets.token_hex(6)}"
-                ";rport\r\n"
-                f"From: {hdr['from']}\r\nTo: {hdr['to']}\r\nCall-ID: {hdr['call-id']}\r\n"
-                f"CSeq: {cseq} {method}\r\n{routes}Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
-            )
-            self.send(msg.encode(), port)
+        """ACK a 2xx and hang up right away (along the route set, to the Contact it gave)."""
+        for msg in ack_and_bye(reply, self.host, self.port, "UDP"):
+            self.send(msg, port)
 
     def close(self) -> None:
         self.sock.close()
+
+
+def ack_and_bye(reply: str, host: str, port: int, transport: str) -> list[bytes]:
+    """The ACK and the BYE for the 2xx `reply`, sent from host:port."""
+    head = reply.split("\r\n\r\n", 1)[0]
+    hdr: dict[str, str] = {}
+    for line in head.split("\r\n")[1:]:
+        name, _, value = line.partition(":")
+        hdr.setdefault(name.strip().lower(), value.strip())
+    routes = "".join(
+        f"Route: {r}\r\n"
+        for r in reversed(re.findall(r"^Record-Route:\s*(.+)$", head, re.M | re.I))
+    )
+    m = re.search(r"<([^>]+)>", hdr["contact"])
+    assert m, hdr["contact"]
+    out = []
+    for method, cseq in (("ACK", 1), ("BYE", 2)):
+        out.append(
+            (
+                f"{method} {m.group(1)} SIP/2.0\r\n"
+                f"Via: SIP/2.0/{transport} {host}:{port};branch=z9hG4bK{secrets.token_hex(6)}"
+                ";rport\r\n"
+                f"From: {hdr['from']}\r\nTo: {hdr['to']}\r\nCall-ID: {hdr['call-id']}\r\n"
+                f"CSeq: {cseq} {method}\r\n{routes}Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+            ).encode()
+        )
+    return out
 
 
 @contextlib.contextmanager
@@ -135,8 +145,11 @@ def udp_peer(host: str = "127.0.0.1") -> Any:
         p.close()
 
 
-async def tcp_request(port: int, build: Any, seconds: float = 5.0) -> str | None:
-    """Send one request over TCP; the first final answer, or None."""
+async def tcp_request(
+    port: int, build: Any, seconds: float = 5.0, hang_up: bool = False
+) -> str | None:
+    """Send one request over TCP; the first final answer, or None. With `hang_up`, a 2xx is
+    ACKed and the call hung up on the same connection."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         lport = writer.get_extra_info("sockname")[1]
@@ -153,8 +166,15 @@ async def tcp_request(port: int, build: Any, seconds: float = 5.0) -> str | None
             if not chunk:
                 return None
             buf += chunk
-            for m in re.finditer(rb"SIP/2\.0 ([2-6]\d\d)[^\r]*\r\n", buf):
-                return buf[m.start() :].decode(errors="replace")
+            m = re.search(rb"SIP/2\.0 ([2-6]\d\d)[^\r]*\r\n", buf)
+            if m and b"\r\n\r\n" in buf[m.start() :]:
+                reply = buf[m.start() :].decode(errors="replace")
+                if hang_up and reply.startswith("SIP/2.0 2"):
+                    for msg in ack_and_bye(reply, "127.0.0.1", lport, "TCP"):
+                        writer.write(msg)
+                    await writer.drain()
+                    await asyncio.sleep(0.5)  # the BYE's answer
+                return reply
         return None
     finally:
         writer.close()

@@ -292,7 +292,9 @@ async def test_large_invites_run_or_get_513_and_long_via_chains_483(
         assert reply is not None and reply.startswith("SIP/2.0 483"), reply
     # the same 8 KB Identity INVITE over TCP
     reply = await tcp_request(
-        gw.sip_port, lambda lport: invite(gw.sip_port, lport, transport="TCP", headers=identity)[1]
+        gw.sip_port,
+        lambda lport: invite(gw.sip_port, lport, transport="TCP", headers=identity)[1],
+        hang_up=True,
     )
     assert reply is not None and reply.startswith("SIP/2.0 200"), reply
     assert await rec.wait_for(lambda evs: sum(e.kind == "call.started" for e in evs) == 3, 10), (
