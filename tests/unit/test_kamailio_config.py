@@ -101,6 +101,61 @@ def test_listen_lines(tmp_path: Path) -> None:
     assert re.search(r"listen=udp:[0-9.]+:5070 advertise 203.0.113.9:5070", text)
 
 
+def test_limits_rendered(tmp_path: Path) -> None:
+    text, _ = render(cfg(tmp_path))
+    # defaults: loopback may call in, flood limit on, every call offered (no load limit)
+    assert 'is_in_subnet("$si", "127.0.0.0/8,::1/128")' in text
+    assert "#!define WITH_FLOOD_LIMIT" in text and "#!define WITH_MAX_LOAD" not in text
+    assert 'modparam("pike", "reqs_density_per_unit", 60)' in text
+    assert "$ml <= 3600" in text and "> 20)" in text
+    text, _ = render(
+        cfg(
+            tmp_path,
+            allowed_sources=("192.0.2.7", "10.0.0.0/8"),
+            flood_limit=0,
+            max_load=3,
+            max_message_bytes=3000,
+            max_vias=8,
+        )
+    )
+    assert 'is_in_subnet("$si", "192.0.2.7/32,10.0.0.0/8")' in text
+    assert "#!define WITH_FLOOD_LIMIT" not in text and "#!define WITH_MAX_LOAD" in text
+    assert "$var(n) >= 3)" in text and "$ml <= 3000" in text and "> 8)" in text
+    for bad in (
+        {"allowed_sources": ()},
+        {"allowed_sources": ("carrier.example",)},
+        {"max_message_bytes": 100},
+        {"flood_limit": -1},
+        {"max_vias": 0},
+    ):
+        with pytest.raises(ValueError):
+            render(cfg(tmp_path, **bad))
+
+
+def test_who_may_send_a_worker_an_invite() -> None:
+    from config.settings import Settings
+    from gateway.kamailio import source_allowed
+
+    def settings(mode: str, count: int, **sip: object) -> Settings:
+        return Settings.model_validate(
+            {
+                "api": {"token": "dev-token"},
+                "sip": {"listen": "127.0.0.1:5060", **sip},
+                "workers": {"count": count},
+                "kamailio": {"mode": mode},
+            }
+        )
+
+    managed = settings("managed", 2)
+    assert source_allowed(managed, "127.0.0.1:5060")  # the front, from its loopback socket
+    assert not source_allowed(managed, "127.0.0.1:40001")  # anyone else on this host
+    assert not source_allowed(managed, "198.51.100.1:5060")
+    off = settings("off", 1, allowed_sources=["198.51.100.0/24"])
+    assert source_allowed(off, "198.51.100.9:5060")
+    assert not source_allowed(off, "127.0.0.1:5060") and not source_allowed(off, "garbage")
+    assert source_allowed(settings("external", 2), "203.0.113.1:5060")
+
+
 def test_bad_configs_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="too long"):
         render(cfg(tmp_path, runtime_dir=Path("/tmp/" + "x" * 100)))
@@ -165,8 +220,10 @@ def test_kamailio_log_levels() -> None:
         {"advertise": "203.0.113.9"},
         {"destinations": ["sip:127.0.0.1:25101"], "children": 1, "group": 2},
         {"destinations": []},
+        {"flood_limit": 0, "max_load": 0},
+        {"max_load": 3, "allowed_sources": ("10.0.0.0/8", "2001:db8::/32", "192.0.2.7")},
     ],
-    ids=["loopback", "wildcard", "advertise", "one-worker", "no-workers"],
+    ids=["loopback", "wildcard", "advertise", "one-worker", "no-workers", "no-limits", "limits"],
 )
 async def test_kamailio_accepts_the_rendered_config(
     tmp_path: Path, variant: dict[str, object]
