@@ -267,8 +267,8 @@ class KamailioSettings(_Section):
     ping_interval_s: int = Field(default=5, ge=1, le=300)
     remote_workers: list[NonEmptyStr] = Field(default_factory=list)
     # Per source address: requests outside dialogs allowed per flood_window_s; more are dropped.
-    flood_limit: int = Field(default=60, ge=0, le=100000)  # 0: no limit
-    flood_window_s: int = Field(default=2, ge=1, le=3600)
+    flood_limit: int = Field(default=100, ge=0, le=100000)  # 0: no limit
+    flood_window_s: int = Field(default=1, ge=1, le=3600)
     # Skip workers already holding their admission limit of calls through this front.
     load_aware: bool = True
 

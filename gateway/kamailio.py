@@ -100,8 +100,8 @@ class KamailioConfig:
     # CIDRs that may send INVITEs from outside (carriers, PBXs, SBCs); others get 403.
     allowed_sources: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     # Requests outside dialogs per source address per window before it is dropped; 0: no limit.
-    flood_limit: int = 60
-    flood_window_s: int = 2
+    flood_limit: int = 100
+    flood_window_s: int = 1
     # Inbound calls a worker takes (its admission limit): a worker with that many dialogs through
     # this front is not offered another call. 0: offer every call (the worker answers 503).
     max_load: int = 0
