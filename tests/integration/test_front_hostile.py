@@ -275,10 +275,10 @@ async def test_large_invites_run_or_get_513_and_long_via_chains_483(
         reply = await carrier.final(5, "INVITE")
         assert reply is not None and reply.startswith("SIP/2.0 200"), reply
         carrier.ack_and_bye(reply, gw.sip_port)
-        # what cannot be made to fit (a 6 KB SDP) gets 513
+        # what cannot be made to fit (an 11 KB SDP) gets 513
         sdp = (
             "v=0\r\no=c 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
-            + ("a=x-filler:" + "f" * 100 + "\r\n") * 60
+            + ("a=x-filler:" + "f" * 100 + "\r\n") * 100
             + "m=audio 9 RTP/AVP 8\r\n"
         )
         _, data = invite(gw.sip_port, carrier.port, body=sdp)

@@ -107,7 +107,7 @@ def test_limits_rendered(tmp_path: Path) -> None:
     assert 'is_in_subnet("$si", "127.0.0.0/8,::1/128")' in text
     assert "#!define WITH_FLOOD_LIMIT" in text and "#!define WITH_MAX_LOAD" not in text
     assert 'modparam("pike", "reqs_density_per_unit", 100)' in text
-    assert "$ml <= 3600" in text and "> 20)" in text
+    assert "$ml <= 8192" in text and "> 20)" in text
     text, _ = render(
         cfg(
             tmp_path,
