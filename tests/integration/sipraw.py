@@ -82,7 +82,7 @@ class UdpPeer:
             got.append(data.decode(errors="replace"))
         return got
 
-    async def final(self, seconds: float = 3.0, method: str = "") -> str | None:
+    async def final(self, seconds: float = 3.0, method: str = "", call_id: str = "") -> str | None:
         """The first final answer (>= 200) within `seconds` (to `method` if given: answers to
         an earlier BYE are skipped); None without one."""
         loop = asyncio.get_running_loop()
@@ -95,6 +95,10 @@ class UdpPeer:
             text = data.decode(errors="replace")
             cseq = re.search(r"^CSeq:\s*\d+\s+(\S+)", text, re.M | re.I)
             if method and (not cseq or cseq.group(1) != method):
+                continue
+            if call_id and not re.search(
+                rf"^Call-ID:\s*{re.escape(call_id)}\s*$", text, re.M | re.I
+            ):
                 continue
             if re.match(r"SIP/2\.0 [2-6]\d\d", text):
                 return text

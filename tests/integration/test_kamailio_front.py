@@ -478,8 +478,9 @@ async def test_full_workers_are_not_offered_calls(env: Env) -> None:
         await carrier.replies(0.5)
         assert [u.count("INVITE") for u in workers] == [1, 1, 1], why(front, *workers)
         started = time.monotonic()
-        carrier.send(invite(port, carrier.port)[1], port)
-        reply = await carrier.final(2, "INVITE")
+        call_id, data = invite(port, carrier.port)
+        carrier.send(data, port)
+        reply = await carrier.final(2, "INVITE", call_id)
         elapsed = time.monotonic() - started
     assert reply is not None and reply.startswith("SIP/2.0 503"), reply
     assert "Retry-After:" in reply and elapsed < 0.5, elapsed
