@@ -47,6 +47,19 @@ log = logging.getLogger(__name__)
 proc_log = logging.getLogger(__name__ + ".proc")  # Kamailio's own stderr/stdout lines
 
 CFG_NAME = "kamailio.cfg"
+DIALOG_DB = "dialogs"  # db_text directory of the dialog module's tables
+# db_text table headers (Kamailio 5.6 schema: dialog version 7, dialog_vars 1).
+_DBTEXT_TABLES = {
+    "version": "id(int,auto) table_name(string) table_version(int) \n0:dialog:7\n0:dialog_vars:1\n",
+    "dialog": "id(int,auto) hash_entry(int) hash_id(int) callid(string) from_uri(string) "
+    "from_tag(string) to_uri(string) to_tag(string) caller_cseq(string) callee_cseq(string) "
+    "caller_route_set(string,null) callee_route_set(string,null) caller_contact(string) "
+    "callee_contact(string) caller_sock(string) callee_sock(string) state(int) start_time(int) "
+    "timeout(int) sflags(int) iflags(int) toroute_name(string,null) req_uri(string) "
+    "xdata(string,null) \n",
+    "dialog_vars": "id(int,auto) hash_entry(int) hash_id(int) dialog_key(string) "
+    "dialog_value(string) \n",
+}
 LIST_NAME = "dispatcher.list"
 RPC_NAME = "rpc.sock"
 PID_NAME = "kamailio.pid"
@@ -320,6 +333,7 @@ def render(cfg: KamailioConfig) -> tuple[str, str]:
         "DEBUG": str(cfg.log_level),
         "CHILDREN": str(cfg.children),
         "RUN_DIR": str(cfg.runtime_dir),
+        "DIALOG_DB": str(cfg.runtime_dir / DIALOG_DB),
         "LISTEN": _listen_lines(cfg),
         "MPATH": cfg.module_path or find_module_path(),
         "RPC_SOCKET": str(cfg.rpc_socket),
@@ -359,6 +373,11 @@ def write(cfg: KamailioConfig) -> Path:
     """Write kamailio.cfg and dispatcher.list into runtime_dir; returns the kamailio.cfg path."""
     cfg_text, list_text = render(cfg)
     cfg.runtime_dir.mkdir(parents=True, exist_ok=True)
+    db = cfg.runtime_dir / DIALOG_DB
+    db.mkdir(exist_ok=True)
+    for name, text in _DBTEXT_TABLES.items():
+        if not (db / name).is_file():  # never overwrite dialogs left by the previous run
+            (db / name).write_text(text, encoding="utf-8")
     _atomic_write(cfg.list_path, list_text)
     _atomic_write(cfg.cfg_path, cfg_text)
     return cfg.cfg_path

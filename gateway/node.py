@@ -183,6 +183,11 @@ class Node:
         )
         self.front = KamailioFront(cfg)
         await self.front.start()
+        # Dialogs the front kept from the previous run are calls no worker holds now.
+        try:
+            await self.front.end_dialogs(None, reason="gateway node restarted")
+        except Exception as e:
+            log.error("could not end the previous run's dialogs at the front: %s", e)
         self._tasks.append(asyncio.create_task(self.front.supervise(), name="kamailio"))
         log.info(
             "SIP front (Kamailio) on %s:%d -> %d destination(s)", host, port, len(cfg.destinations)

@@ -327,3 +327,35 @@ async def test_without_a_front_the_worker_applies_allowed_sources(
         trunk.ack_and_bye(reply, gw.sip_port)
     assert len(voice_app.requests) == 1
     assert await rec.wait_for(lambda evs: len(final_events(evs)) == 1, 10)
+
+
+async def test_carrier_gets_bye_after_the_whole_node_is_killed(
+    voice_app, receiver, gateway_factory, tmp_path
+):
+    """kill -9 of the supervisor and its workers: Kamailio (its parent gone) stops and keeps the
+    dialogs on disk; the restarted node ends them, so the caller gets a BYE."""
+    from tests.integration.conftest import start_gateway
+
+    _, events_url = receiver
+    voice_app.script = pause_then_hangup(60)
+    gw = node(gateway_factory, voice_app, events_url)
+    run = asyncio.create_task(
+        sipp(SIPP_DIR / "node_carrier.xml", gw.sip_port, timeout=25, cwd=tmp_path)
+    )
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 8
+    while len(voice_app.requests) < 1 and loop.time() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.2)
+    await asyncio.sleep(1.0)  # answered and ACKed
+    for pid in [*worker_pids(gw).values(), gw.proc.pid]:  # supervisor and workers, at once
+        os.kill(pid, signal.SIGKILL)
+    gw.proc.wait(5)
+    await asyncio.sleep(1.0)
+    assert not run.done()
+    again = start_gateway(gw.config, gw.config.parent)
+    try:
+        rc, ok, failed, out = await run
+        assert (rc, ok, failed) == (0, 1, 0), out + again.log_text()[-3000:]
+        assert "ended 1 dialog(s) of all" in again.log_text()
+    finally:
+        again.stop()
