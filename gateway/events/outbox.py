@@ -296,6 +296,15 @@ class Outbox:
             )
             return [_row(r) for r in cur.fetchall()]
 
+    def open_calls(self) -> list[str]:
+        """Calls that have events but no final event, oldest first (what a crash left open)."""
+        with self._lock:
+            cur = self._db.execute(
+                "SELECT call_id FROM outbox WHERE call_id IS NOT NULL GROUP BY call_id"
+                " HAVING COUNT(final_call_id) = 0 ORDER BY MIN(id)"
+            )
+            return [str(r[0]) for r in cur.fetchall()]
+
     def prune_delivered(self, older_than: float) -> int:
         """Delete rows delivered before `older_than` (unix time); returns how many.
 
