@@ -80,6 +80,12 @@ class Placement:
     admit: int  # inbound calls admitted; the rest of the slots are kept for dial legs
 
 
+_SHUTDOWN_MESSAGES = {
+    "supervisor_lost": "the node's supervisor process exited; the worker ended its calls",
+    "node_shutdown": "the node was stopped while the call was in progress",
+}
+
+
 class Worker:
     def __init__(self, settings: Settings, place: Placement, channel: Channel) -> None:
         self.settings = settings
@@ -163,10 +169,17 @@ class Worker:
                 break
             if kind in ("drain", "undrain"):
                 self.draining = kind == "drain"
-        self.stopping.set()  # the supervisor asked, or is gone
+        else:
+            if not self.stopping.is_set():  # no "stop": the supervisor is gone
+                self.shutdown_reason = "supervisor_lost"
+        self.stopping.set()
 
     async def _shutdown(self) -> None:
+        # Calls cut here are the gateway's doing, never a clean completion (README: "Call
+        # endings the gateway caused").
+        why = getattr(self, "shutdown_reason", "node_shutdown")
         for s in list(self.sessions.values()):
+            s.fail(why, _SHUTDOWN_MESSAGES[why])
             s.call.reject_now(503)
         if self.tasks:
             await asyncio.wait(self.tasks, timeout=10)
