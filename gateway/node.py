@@ -77,6 +77,7 @@ class Node:
         self.workers: list[WorkerHandle] = []
         self.stopping = False
         self.draining = False
+        self.started = False  # recovery done, workers ready, front up: see `ready`
         self.front: Any = None  # KamailioFront when the node manages its SIP front
         self.metrics = NodeMetrics(
             calls=self.active_calls,
@@ -102,6 +103,10 @@ class Node:
         return [{**c, "worker": w.index} for w in self.workers for c in w.calls.values()]
 
     # -- NodeControl for the API ------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self.started and not self.stopping
+
     def metrics_text(self) -> str:
         return self.metrics.render()
 
@@ -166,6 +171,7 @@ class Node:
         )
         if self.settings.front_mode() == "managed":
             await self._start_front()
+        self.started = True
         log.info("node ready: %d worker(s), SIP on %s", len(self.workers), self.settings.sip.listen)
 
     def _plan_workers(self) -> list[WorkerHandle]:

@@ -1,10 +1,10 @@
 """The supervisor's internal HTTP API.
 
 Everything under /v1/ and /admin/ needs the bearer token (enforced by middleware, so new
-routes there are protected by default); /healthz, /metrics and /demo/* are open. /metrics and
-/admin/drain exist when `make_app` is given the node (`NodeControl`, see gateway/api/admin.py).
-To add routes, write a `_register_*` function like `_register_calls` and call it from
-`make_app`.
+routes there are protected by default); /healthz, /readyz, /metrics and /demo/* are open.
+/metrics and /admin/drain exist when `make_app` is given the node (`NodeControl`, see
+gateway/api/admin.py). To add routes, write a `_register_*` function like `_register_calls`
+and call it from `make_app`.
 """
 
 from __future__ import annotations
@@ -93,10 +93,24 @@ async def _healthz(request: web.Request) -> web.Response:
     body: dict[str, Any] = {"status": "ok"}
     node = request.app.get(NODE_KEY)
     if node is not None:
-        # Still 200 "ok" while draining: the process is healthy, it just takes no new calls.
-        draining = node.draining
-        body |= {"draining": draining, "accepting_calls": not draining}
+        # Still 200 "ok" while starting or draining: the process is healthy (liveness); whether
+        # it takes calls is `accepting_calls`, and /readyz answers that with its status code.
+        ready, draining = node.ready, node.draining
+        body |= {"ready": ready, "draining": draining, "accepting_calls": ready and not draining}
     return web.json_response(body)
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    """200 while the node takes calls; 503 while it starts, drains or stops (load balancers and
+    harnesses wait on this before sending calls)."""
+    node = request.app.get(NODE_KEY)
+    if node is None:
+        return web.json_response({"ready": True})
+    if not node.ready:
+        return web.json_response({"ready": False, "reason": "not_started"}, status=503)
+    if node.draining:
+        return web.json_response({"ready": False, "reason": "draining"}, status=503)
+    return web.json_response({"ready": True})
 
 
 async def _list_calls(request: web.Request) -> web.Response:
@@ -135,6 +149,7 @@ def make_app(
     app[CALLS_KEY] = calls
     app[RECORDINGS_DIR_KEY] = recordings_dir
     app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
     _register_calls(app)
     if node is not None:
         setup_admin(app, node)
