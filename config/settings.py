@@ -231,6 +231,10 @@ class MediaSettings(_Section):
     rtp_port_start: int = Field(default=30000, ge=1024, le=65534)
     rtp_ports_per_worker: int = Field(default=40, ge=2, le=20000)
     rtp_address: NonEmptyStr | None = None  # RTP bind address; default: the host of sip.listen
+    # Bounds on a `play` URL's audio once decoded (untrusted input): longer or larger is
+    # refused with media_decode_failed.
+    max_play_seconds: float = Field(default=600.0, gt=0, le=86400)
+    max_play_decoded_mib: int = Field(default=64, ge=1, le=4096)
 
 
 class WorkersSettings(_Section):

@@ -119,6 +119,8 @@ class Worker:
             EspeakTts(tts_cache, default_language=settings.tts.default_language),
             self.http,
             guard,
+            max_duration_s=settings.media.max_play_seconds,
+            max_decoded_bytes=settings.media.max_play_decoded_mib << 20,
         )
         self.prompts = GatewayPrompts(store, self.cache_dir, clock)
         self.endpoint = SipEndpoint(
