@@ -169,6 +169,10 @@ class SipSettings(_Section):
 class ApiSettings(_Section):
     listen: HostPort = "127.0.0.1:8080"
     token: Secret
+    # A connection that sends no complete request this long after connecting (or after its
+    # last response) is closed: stalled and half-sent requests cannot pile up.
+    idle_timeout_s: float = Field(default=15.0, gt=0, le=3600)
+    max_connections: int = Field(default=512, ge=1, le=65536)
 
     @property
     def host_port(self) -> tuple[str, int]:

@@ -27,7 +27,7 @@ from typing import Any
 from aiohttp import ClientSession, ClientTimeout, web
 
 from config.settings import ConfigError, Settings, parse_hostport
-from gateway.api.app import make_app
+from gateway.api.app import make_app, start_api
 from gateway.events.delivery import Deliverer
 from gateway.events.envelope import make_event, rfc3339_ms
 from gateway.events.outbox import Outbox
@@ -156,11 +156,8 @@ class Node:
         self._tasks.append(asyncio.create_task(self.deliverer.run(), name="deliverer"))
         self._tasks.append(asyncio.create_task(self._prune(), name="prune"))
         app = make_app(self.settings, self, self.storage / "recordings", node=self)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        host, port = parse_hostport(self.settings.api.listen)
-        await web.TCPSite(self.runner, host, port).start()
-        log.info("internal API on http://%s:%d", host, port)
+        self.runner = await start_api(app, self.settings)
+        log.info("internal API on http://%s", self.settings.api.listen)
         self.workers = await asyncio.to_thread(self._plan_workers)
         for w in self.workers:
             self._tasks.append(asyncio.create_task(self._keep_worker(w), name=f"w{w.index}"))

@@ -13,14 +13,16 @@ import datetime as dt
 import functools
 import hmac
 import json
+import logging
 import re
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from config.settings import Settings
+from config.settings import Settings, parse_hostport
 from gateway.api.admin import NODE_KEY, NodeControl, setup_admin
 from gateway.api.demo import setup_demo
 from gateway.api.errors import (
@@ -40,6 +42,7 @@ __all__ = [
     "CallRegistry",
     "NodeControl",
     "make_app",
+    "start_api",
 ]
 
 
@@ -48,6 +51,8 @@ class CallRegistry(Protocol):
         """Calls in progress: call_id, direction, from, to, number_id, workspace_id, status,
         started_at, answered_at, worker (timestamps as ISO 8601 strings or datetimes)."""
 
+
+log = logging.getLogger(__name__)
 
 SETTINGS_KEY = web.AppKey("settings", Settings)
 CALLS_KEY = web.AppKey("calls", CallRegistry)
@@ -131,6 +136,41 @@ async def _get_recording(request: web.Request) -> web.FileResponse:
 def _register_calls(app: web.Application) -> None:
     app.router.add_get("/v1/calls", _list_calls)
     app.router.add_get("/v1/recordings/{id}", _get_recording)
+
+
+async def start_api(app: web.Application, settings: Settings) -> web.AppRunner:
+    """Serve `app` on `api.listen`, with the connection limits of `[api]`.
+
+    aiohttp's keep-alive timer runs from the moment a connection opens and is not reset by
+    bytes that do not complete a request, so `idle_timeout_s` is also the deadline for a
+    request's line and headers (a slowloris or a silent socket); a handler already running
+    (e.g. /admin/drain?wait=) is not cut by it.
+    """
+    api = settings.api
+    runner = web.AppRunner(app, access_log=None, keepalive_timeout=api.idle_timeout_s)
+    await runner.setup()
+    server = runner.server
+    assert server is not None
+    accept = server.connection_made
+    warned_at = 0.0
+
+    def connection_made(handler: Any, transport: Any) -> None:
+        nonlocal warned_at
+        accept(handler, transport)
+        if len(server.connections) > api.max_connections:
+            transport.close()  # connection_lost then unregisters it
+            now = time.monotonic()
+            if now - warned_at > 10:
+                warned_at = now
+                log.warning(
+                    "internal API: %d connections open (api.max_connections); closing new ones",
+                    api.max_connections,
+                )
+
+    server.connection_made = connection_made  # type: ignore[method-assign]
+    host, port = parse_hostport(api.listen)
+    await web.TCPSite(runner, host, port).start()
+    return runner
 
 
 def make_app(
