@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -22,6 +23,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from gateway.events.outbox import Outbox
 from tests.integration.conftest import (
     CALLER,
     NUMBER,
@@ -212,3 +214,29 @@ async def test_supervisor_crash_fails_calls_as_supervisor_lost(tmp_path, voice_a
             restarted.stop()
         gw.stop(signal.SIGKILL)
         kill_quietly(list(workers))
+
+
+async def test_operator_stop_reports_node_shutdown(tmp_path, voice_app, receiver):
+    """SIGTERM with calls live: the gateway cut them, so they are call.failed node_shutdown
+    (answered_at and ended_at kept for billing), never a clean call.completed."""
+    _, events_url = receiver
+    voice_app.script = pause_then_hangup
+    gw = start_node(node_config(tmp_path, voice_app, events_url), tmp_path)
+    try:
+        carrier = asyncio.create_task(sipp(CARRIER, gw.sip_port, calls=2, limit=2, rate=50,
+                                           timeout=8))
+        ids = {c["call_id"] for c in await until_answered(gw, 2)}
+        gw.stop(signal.SIGTERM)
+        assert gw.proc.returncode == 0, gw.log_text()
+        await carrier
+        with Outbox(gw.storage / "outbox.sqlite3") as outbox:
+            finals = [r for i in ids for r in outbox.rows_for_call(i) if r.final]
+        assert len(finals) == 2, gw.log_text()
+        for row in finals:
+            body = json.loads(row.body)
+            d = body["data"]
+            assert body["kind"] == "call.failed"
+            assert (d["status"], d["reason"]) == ("failed", "node_shutdown"), d
+            assert d["answered_at"] and ts(d["ended_at"]) >= ts(d["answered_at"])
+    finally:
+        gw.stop(signal.SIGKILL)
