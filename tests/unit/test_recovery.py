@@ -64,3 +64,36 @@ def test_heartbeat_round_trip_and_garbage(tmp_path: Path) -> None:
     assert read_heartbeat(p) == Heartbeat(7, 1.5, 2.5)
     p.write_text("{not json")
     assert read_heartbeat(p) is None
+
+
+def test_prune_keeps_a_final_while_its_call_has_other_rows(tmp_path: Path) -> None:
+    """A dead-lettered recording.ready must not leave a completed call looking open."""
+    import time
+
+    with Outbox(tmp_path / "o.sqlite3") as outbox:
+        _open_call(outbox, "c", answered=True)
+        outbox.append(make_event("call.completed", "ws_1", {"call_id": "c"}), url=URL,
+                      secret="s", policy="customer", call_id="c", final=True)
+        outbox.append(make_event("call.recording.ready", "ws_1", {"call_id": "c"}), url=URL,
+                      secret="s", policy="customer", call_id="c")
+        rows = outbox.rows_for_call("c")
+        for r in rows[:-1]:
+            outbox.mark_delivered(r.id)
+        outbox.mark_failed(rows[-1].id, "HTTP 500", None)  # dead letter, kept for retry
+        assert outbox.prune_delivered(time.time() + 1) == 2  # started + answered
+        assert [r.kind for r in outbox.rows_for_call("c")] == [
+            "call.completed", "call.recording.ready"]
+        assert outbox.open_calls() == []
+        assert close_open_calls(outbox, None, time.time()) == []
+        # Once the dead letter is re-sent and delivered, the whole call goes.
+        outbox.retry(rows[-1].id)
+        outbox.mark_delivered(rows[-1].id)
+        assert outbox.prune_delivered(time.time() + 1) == 2
+        assert outbox.rows_for_call("c") == []
+
+
+def test_rows_without_call_started_are_not_reopened(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.sqlite3") as outbox:
+        outbox.append(make_event("call.recording.ready", "ws_1", {"call_id": "x"}), url=URL,
+                      secret="s", policy="customer", call_id="x")
+        assert outbox.open_calls() == []
