@@ -186,6 +186,10 @@ class SipSettings(_Section):
 class ApiSettings(_Section):
     listen: HostPort = "127.0.0.1:8080"
     token: Secret
+    # A connection that sends no complete request this long after connecting (or after its
+    # last response) is closed: stalled and half-sent requests cannot pile up.
+    idle_timeout_s: float = Field(default=15.0, gt=0, le=3600)
+    max_connections: int = Field(default=512, ge=1, le=65536)
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -248,6 +252,10 @@ class MediaSettings(_Section):
     rtp_port_start: int = Field(default=30000, ge=1024, le=65534)
     rtp_ports_per_worker: int = Field(default=40, ge=2, le=20000)
     rtp_address: NonEmptyStr | None = None  # RTP bind address; default: the host of sip.listen
+    # Bounds on a `play` URL's audio once decoded (untrusted input): longer or larger is
+    # refused with media_decode_failed.
+    max_play_seconds: float = Field(default=600.0, gt=0, le=86400)
+    max_play_decoded_mib: int = Field(default=64, ge=1, le=4096)
 
 
 class WorkersSettings(_Section):

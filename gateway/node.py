@@ -2,12 +2,17 @@
 
 A worker that dies costs only its own calls: each still gets its final event (`call.failed`,
 reason `worker_lost`; the outbox keeps it to one final event per call) and the worker restarts.
+A node that dies whole leaves its calls open in the outbox: the next start on the same storage
+closes them (`call.failed`, reason `node_lost`, see gateway/events/recovery.py) before it takes
+a call. One node per storage dir: the supervisor holds an exclusive lock on `node.lock`, and its
+workers inherit that lock, so a restarted node also waits for a dead supervisor's last workers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import signal
@@ -22,16 +27,28 @@ from typing import Any
 from aiohttp import ClientSession, ClientTimeout, web
 
 from config.settings import ConfigError, Settings, parse_hostport
-from gateway.api.app import make_app
+from gateway.api.app import make_app, start_api
 from gateway.events.delivery import Deliverer
 from gateway.events.envelope import make_event, rfc3339_ms
 from gateway.events.outbox import Outbox
+from gateway.events.recovery import (
+    HEARTBEAT_INTERVAL_S,
+    HEARTBEAT_NAME,
+    Heartbeat,
+    close_open_calls,
+    read_heartbeat,
+    write_heartbeat,
+)
 from gateway.kamailio import KamailioConfig, KamailioFront, front_limits
 from gateway.metrics import NodeMetrics
 from gateway.workers.ipc import Channel, open_channel
 from media.probe import probe_max_calls
 
 log = logging.getLogger(__name__)
+
+LOCK_NAME = "node.lock"
+# A dead supervisor's workers end their calls (up to ~15 s) before the lock is free.
+LOCK_WAIT_S = 30.0
 
 
 @dataclass
@@ -60,6 +77,7 @@ class Node:
         self.workers: list[WorkerHandle] = []
         self.stopping = False
         self.draining = False
+        self.started = False  # recovery done, workers ready, front up: see `ready`
         self.front: Any = None  # KamailioFront when the node manages its SIP front
         self.metrics = NodeMetrics(
             calls=self.active_calls,
@@ -73,12 +91,22 @@ class Node:
         self.runner: web.AppRunner | None = None
         self.http: ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._lock_fd: int | None = None
+        self._run_started = time.time()
+        self.recovered = self.metrics.registry.counter(
+            "sautikit_calls_recovered_total",
+            "Calls a crashed node left open, closed at start as call.failed node_lost.",
+        )
 
     # -- CallRegistry for the API -----------------------------------------------------------
     def active_calls(self) -> list[dict[str, Any]]:
         return [{**c, "worker": w.index} for w in self.workers for c in w.calls.values()]
 
     # -- NodeControl for the API ------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self.started and not self.stopping
+
     def metrics_text(self) -> str:
         return self.metrics.render()
 
@@ -111,17 +139,25 @@ class Node:
     async def start(self) -> None:
         for sub in ("recordings", "cache"):
             (self.storage / sub).mkdir(parents=True, exist_ok=True)
+        await self._lock_storage()
         self.outbox = Outbox(self.storage / "outbox.sqlite3")
+        # Before any worker runs: every open call in the outbox was left by a dead node.
+        heartbeat_path = self.storage / HEARTBEAT_NAME
+        last_run = await asyncio.to_thread(read_heartbeat, heartbeat_path)
+        closed = await asyncio.to_thread(close_open_calls, self.outbox, last_run, time.time())
+        if closed:
+            log.warning("closed %d call(s) left open by the previous run (node_lost)", len(closed))
+            self.recovered.inc(len(closed))
+            for _ in closed:
+                self.metrics.call_final("failed")
+        self._tasks.append(asyncio.create_task(self._heartbeat(heartbeat_path), name="heartbeat"))
         self.http = ClientSession(timeout=ClientTimeout(total=self.settings.callbacks.timeout_s))
         self.deliverer = Deliverer(self.outbox, self.http)
         self._tasks.append(asyncio.create_task(self.deliverer.run(), name="deliverer"))
         self._tasks.append(asyncio.create_task(self._prune(), name="prune"))
         app = make_app(self.settings, self, self.storage / "recordings", node=self)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        host, port = parse_hostport(self.settings.api.listen)
-        await web.TCPSite(self.runner, host, port).start()
-        log.info("internal API on http://%s:%d", host, port)
+        self.runner = await start_api(app, self.settings)
+        log.info("internal API on http://%s", self.settings.api.listen)
         self.workers = await asyncio.to_thread(self._plan_workers)
         for w in self.workers:
             self._tasks.append(asyncio.create_task(self._keep_worker(w), name=f"w{w.index}"))
@@ -132,6 +168,7 @@ class Node:
         )
         if self.settings.front_mode() == "managed":
             await self._start_front()
+        self.started = True
         log.info("node ready: %d worker(s), SIP on %s", len(self.workers), self.settings.sip.listen)
 
     def _plan_workers(self) -> list[WorkerHandle]:
@@ -220,6 +257,43 @@ class Node:
             await self.http.close()
         if self.outbox is not None:
             self.outbox.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # workers are gone: their inherited copies too
+            self._lock_fd = None
+
+    async def _lock_storage(self) -> None:
+        path = self.storage / LOCK_NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        deadline = time.monotonic() + LOCK_WAIT_S
+        warned = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise ConfigError(
+                        "storage",
+                        [("storage.dir", f"{self.storage} is in use by another running node")],
+                    ) from None
+                if not warned:
+                    warned = True
+                    log.warning("waiting for %s: another node's processes still hold it", path)
+                await asyncio.sleep(0.2)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    async def _heartbeat(self, path: Path) -> None:
+        """The last time this node was known alive: the ended_at of calls a crash leaves open."""
+        while True:
+            hb = Heartbeat(os.getpid(), self._run_started, time.time())
+            try:
+                await asyncio.to_thread(write_heartbeat, path, hb)
+            except OSError as e:
+                log.error("cannot write the node heartbeat %s: %s", path, e)
+            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
 
     async def _prune(self) -> None:
         # Delivered rows are history; a week of it keeps late duplicate finals deduplicated.
@@ -272,9 +346,11 @@ class Node:
         if self.config_path is not None:
             args += ["--config", str(self.config_path)]
         w.ready.clear()
+        # The worker inherits the storage lock: it stays held until the last worker exits.
+        keep = (child.fileno(),) if self._lock_fd is None else (child.fileno(), self._lock_fd)
         w.proc = await asyncio.create_subprocess_exec(
             *args,
-            pass_fds=(child.fileno(),),
+            pass_fds=keep,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,  # pjsua2 prints its start-up lines there
         )

@@ -14,6 +14,7 @@ import os
 import tempfile
 import wave
 from collections.abc import Sequence
+from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
 
@@ -26,18 +27,24 @@ from media.errors import PromptError
 Samples = NDArray[np.float32]
 
 _READ_BLOCK = 1 << 16
+# Sample rates a decoded file may have; anything else is refused (media_decode_failed).
+MIN_RATE = 4000
+MAX_RATE = 384000
 
 
 def _as_samples(x: NDArray[np.floating] | Sequence[float]) -> Samples:
     return np.asarray(x, dtype=np.float32).reshape(-1)
 
 
-def decode(data: bytes, *, max_duration_s: float | None = None) -> tuple[Samples, int]:
+def decode(
+    data: bytes, *, max_duration_s: float | None = None, max_decoded_bytes: int | None = None
+) -> tuple[Samples, int]:
     """Decode WAV/MP3/OGG/FLAC (anything libsndfile reads) to float32 mono at its own rate.
 
-    `max_duration_s` bounds the decoded length: a few MiB of compressed silence can expand to
-    hours, so callers taking untrusted input should set it. Raises
-    `PromptError("media_decode_failed")` naming the reason.
+    `max_duration_s` and `max_decoded_bytes` (of float32 mono samples at the file's rate) bound
+    what decoding may produce: a few MiB of compressed silence can expand to hours, so callers
+    taking untrusted input should set them. Rates outside MIN_RATE..MAX_RATE are refused.
+    Raises `PromptError("media_decode_failed")` naming the reason.
     """
     if not data:
         raise PromptError("media_decode_failed", "empty body")
@@ -46,9 +53,22 @@ def decode(data: bytes, *, max_duration_s: float | None = None) -> tuple[Samples
     try:
         with sf.SoundFile(io.BytesIO(data)) as f:
             rate = int(f.samplerate)
-            if rate <= 0:
-                raise PromptError("media_decode_failed", f"invalid sample rate {rate}")
-            limit = None if max_duration_s is None else int(max_duration_s * rate)
+            if not MIN_RATE <= rate <= MAX_RATE:
+                raise PromptError(
+                    "media_decode_failed",
+                    f"sample rate {rate} Hz is outside {MIN_RATE}-{MAX_RATE} Hz",
+                )
+            limits: list[tuple[int, str]] = []
+            if max_duration_s is not None:
+                too_long = f"audio longer than {max_duration_s:g} s"
+                limits.append((int(max_duration_s * rate), too_long))
+            if max_decoded_bytes is not None:
+                limits.append(
+                    (max_decoded_bytes // 4, f"decoded audio larger than {max_decoded_bytes} bytes")
+                )
+            limit, too_long = min(limits) if limits else (None, "")
+            if limit is not None and f.frames > limit and f.seekable():
+                raise PromptError("media_decode_failed", too_long)  # the header says so
             # Read in blocks and downmix each one so a stereo file never sits in memory twice.
             while True:
                 block = f.read(_READ_BLOCK, dtype="float32", always_2d=True)
@@ -57,9 +77,7 @@ def decode(data: bytes, *, max_duration_s: float | None = None) -> tuple[Samples
                 blocks.append(block.mean(axis=1, dtype=np.float32))
                 total += block.shape[0]
                 if limit is not None and total > limit:
-                    raise PromptError(
-                        "media_decode_failed", f"audio longer than {max_duration_s:g} s"
-                    )
+                    raise PromptError("media_decode_failed", too_long)
     except PromptError:
         raise
     except (RuntimeError, ValueError, TypeError, EOFError, OSError) as exc:
@@ -79,6 +97,11 @@ _ZERO_CROSSINGS = 24
 _ROLLOFF = 0.90
 _KAISER_BETA = 8.0
 _OUT_BLOCK = 4096
+# Bounds on the polyphase design, whatever the rates: the bank has up rows of about
+# 53 * max(1, down / up) taps, so both terms stay small and the ratio down/up stays near 1.
+_MAX_TERM = 1000
+_MAX_STAGE_RATIO = 4
+_MAX_FRAME_ELEMENTS = 1 << 18  # samples gathered per output block (frames array)
 
 
 @lru_cache(maxsize=16)
@@ -100,30 +123,55 @@ def _filter_bank(up: int, down: int) -> tuple[NDArray[np.float32], int]:
     return h.astype(np.float32), k
 
 
-def resample(x: NDArray[np.floating], src_rate: int, dst_rate: int) -> Samples:
-    """Rational polyphase resampling with a Kaiser-windowed sinc (anti-alias when downsampling).
+def _stage_ratio(ratio: Fraction) -> Fraction:
+    """`ratio` (dst/src), or the nearest ratio whose terms are at most _MAX_TERM: 44100 -> 8000
+    (80/441) stays exact; 48001 -> 8000 (8000/48001) becomes 1/6 (a 2e-5 rate error, far below
+    what an ear or a codec notices) instead of an 8000-phase filter bank."""
+    if max(ratio.numerator, ratio.denominator) <= _MAX_TERM:
+        return ratio
+    if ratio >= 1:
+        return 1 / (1 / ratio).limit_denominator(_MAX_TERM)
+    return ratio.limit_denominator(_MAX_TERM)
 
-    Output length is ceil(len(x) * dst / src), so duration is preserved.
-    """
-    if src_rate <= 0 or dst_rate <= 0:
-        raise ValueError("sample rates must be positive")
-    x = _as_samples(x)
-    if src_rate == dst_rate or x.size == 0:
-        return x.copy()
-    g = math.gcd(src_rate, dst_rate)
-    up, down = dst_rate // g, src_rate // g
+
+def _polyphase(x: Samples, up: int, down: int) -> Samples:
     bank, k = _filter_bank(up, down)
     # Output n sits at input time n*down/up; its taps cover x[base-k+1 .. base+k].
     xp = np.concatenate([np.zeros(k, np.float32), x, np.zeros(k + 1, np.float32)])
     n_out = (x.size * up + down - 1) // down
     taps = np.arange(2 * k, dtype=np.int64)[None, :]
     out = np.empty(n_out, dtype=np.float32)
-    for start in range(0, n_out, _OUT_BLOCK):
-        n = np.arange(start, min(start + _OUT_BLOCK, n_out), dtype=np.int64)
+    block = max(16, min(_OUT_BLOCK, _MAX_FRAME_ELEMENTS // (2 * k)))
+    for start in range(0, n_out, block):
+        n = np.arange(start, min(start + block, n_out), dtype=np.int64)
         base, phase = np.divmod(n * down, up)
         frames = xp[base[:, None] + 1 + taps]
         out[start : start + n.size] = np.einsum("ij,ij->i", frames, bank[phase])
     return out
+
+
+def resample(x: NDArray[np.floating], src_rate: int, dst_rate: int) -> Samples:
+    """Polyphase resampling with a Kaiser-windowed sinc (anti-alias when downsampling).
+
+    Cost is linear in the input and memory bounded whatever the rates: a large downsampling
+    factor first decimates by an integer (each stage at most _MAX_STAGE_RATIO short of the
+    target), and a ratio with huge terms (a 48001 Hz file) is rounded to a near one with small
+    terms (`_stage_ratio`). Output length is about len(x) * dst / src (exact for exact ratios).
+    """
+    if src_rate <= 0 or dst_rate <= 0:
+        raise ValueError("sample rates must be positive")
+    x = _as_samples(x)
+    if src_rate == dst_rate or x.size == 0:
+        return x.copy()
+    ratio = Fraction(dst_rate, src_rate)
+    while ratio * _MAX_STAGE_RATIO < 1:  # more than 4x down: an integer decimation first
+        m = int(1 / (2 * ratio))
+        x = _polyphase(x, 1, m)
+        ratio *= m
+    ratio = _stage_ratio(ratio)
+    if ratio == 1:
+        return x.copy()
+    return _polyphase(x, ratio.numerator, ratio.denominator)
 
 
 def to_pcm16(x: NDArray[np.floating]) -> bytes:

@@ -77,6 +77,7 @@ class PromptStore:
         negative_ttl_s: float = 30.0,
         max_redirects: int = 5,
         max_duration_s: float = 600.0,
+        max_decoded_bytes: int = 64 * MiB,
         max_cache_bytes: int | None = None,
         prune_grace_s: float = 120.0,
         max_entries: int = 10_000,
@@ -95,6 +96,7 @@ class PromptStore:
         self._negative_ttl_s = negative_ttl_s
         self._max_redirects = max_redirects
         self._max_duration_s = max_duration_s
+        self._max_decoded_bytes = max_decoded_bytes
         self._max_cache_bytes = max_cache_bytes
         self._prune_grace_s = prune_grace_s
         self._max_entries = max_entries
@@ -246,7 +248,9 @@ class PromptStore:
         return f"{url}: body larger than {self._max_bytes} bytes"
 
     def _convert(self, body: bytes, path: Path) -> int:
-        x, rate = decode(body, max_duration_s=self._max_duration_s)
+        x, rate = decode(
+            body, max_duration_s=self._max_duration_s, max_decoded_bytes=self._max_decoded_bytes
+        )
         y = resample(x, rate, self._rate)
         write_wav_atomic(path, y, self._rate)
         return 2 * y.size

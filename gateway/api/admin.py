@@ -31,6 +31,11 @@ class NodeControl(Protocol):
         """The Prometheus text exposition (format 0.0.4) of the node's metrics."""
 
     @property
+    def ready(self) -> bool:
+        """True once the node can take calls: outbox recovery done, every worker ready, the SIP
+        front up. False before that and again while the node stops."""
+
+    @property
     def draining(self) -> bool:
         """True from drain() until undrain(): the node refuses new calls."""
 

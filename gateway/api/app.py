@@ -1,10 +1,10 @@
 """The supervisor's internal HTTP API.
 
 Everything under /v1/ and /admin/ needs the bearer token (enforced by middleware, so new
-routes there are protected by default); /healthz, /metrics and /demo/* are open. /metrics and
-/admin/drain exist when `make_app` is given the node (`NodeControl`, see gateway/api/admin.py).
-To add routes, write a `_register_*` function like `_register_calls` and call it from
-`make_app`.
+routes there are protected by default); /healthz, /readyz, /metrics and /demo/* are open.
+/metrics and /admin/drain exist when `make_app` is given the node (`NodeControl`, see
+gateway/api/admin.py). To add routes, write a `_register_*` function like `_register_calls`
+and call it from `make_app`.
 """
 
 from __future__ import annotations
@@ -13,14 +13,16 @@ import datetime as dt
 import functools
 import hmac
 import json
+import logging
 import re
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from config.settings import Settings
+from config.settings import Settings, parse_hostport
 from gateway.api.admin import NODE_KEY, NodeControl, setup_admin
 from gateway.api.demo import setup_demo
 from gateway.api.errors import (
@@ -40,6 +42,7 @@ __all__ = [
     "CallRegistry",
     "NodeControl",
     "make_app",
+    "start_api",
 ]
 
 
@@ -48,6 +51,8 @@ class CallRegistry(Protocol):
         """Calls in progress: call_id, direction, from, to, number_id, workspace_id, status,
         started_at, answered_at, worker (timestamps as ISO 8601 strings or datetimes)."""
 
+
+log = logging.getLogger(__name__)
 
 SETTINGS_KEY = web.AppKey("settings", Settings)
 CALLS_KEY = web.AppKey("calls", CallRegistry)
@@ -93,10 +98,24 @@ async def _healthz(request: web.Request) -> web.Response:
     body: dict[str, Any] = {"status": "ok"}
     node = request.app.get(NODE_KEY)
     if node is not None:
-        # Still 200 "ok" while draining: the process is healthy, it just takes no new calls.
-        draining = node.draining
-        body |= {"draining": draining, "accepting_calls": not draining}
+        # Still 200 "ok" while starting or draining: the process is healthy (liveness); whether
+        # it takes calls is `accepting_calls`, and /readyz answers that with its status code.
+        ready, draining = node.ready, node.draining
+        body |= {"ready": ready, "draining": draining, "accepting_calls": ready and not draining}
     return web.json_response(body)
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    """200 while the node takes calls; 503 while it starts, drains or stops (load balancers and
+    harnesses wait on this before sending calls)."""
+    node = request.app.get(NODE_KEY)
+    if node is None:
+        return web.json_response({"ready": True})
+    if not node.ready:
+        return web.json_response({"ready": False, "reason": "not_started"}, status=503)
+    if node.draining:
+        return web.json_response({"ready": False, "reason": "draining"}, status=503)
+    return web.json_response({"ready": True})
 
 
 async def _list_calls(request: web.Request) -> web.Response:
@@ -119,6 +138,41 @@ def _register_calls(app: web.Application) -> None:
     app.router.add_get("/v1/recordings/{id}", _get_recording)
 
 
+async def start_api(app: web.Application, settings: Settings) -> web.AppRunner:
+    """Serve `app` on `api.listen`, with the connection limits of `[api]`.
+
+    aiohttp's keep-alive timer runs from the moment a connection opens and is not reset by
+    bytes that do not complete a request, so `idle_timeout_s` is also the deadline for a
+    request's line and headers (a slowloris or a silent socket); a handler already running
+    (e.g. /admin/drain?wait=) is not cut by it.
+    """
+    api = settings.api
+    runner = web.AppRunner(app, access_log=None, keepalive_timeout=api.idle_timeout_s)
+    await runner.setup()
+    server = runner.server
+    assert server is not None
+    accept = server.connection_made
+    warned_at = 0.0
+
+    def connection_made(handler: Any, transport: Any) -> None:
+        nonlocal warned_at
+        accept(handler, transport)
+        if len(server.connections) > api.max_connections:
+            transport.close()  # connection_lost then unregisters it
+            now = time.monotonic()
+            if now - warned_at > 10:
+                warned_at = now
+                log.warning(
+                    "internal API: %d connections open (api.max_connections); closing new ones",
+                    api.max_connections,
+                )
+
+    server.connection_made = connection_made  # type: ignore[method-assign]
+    host, port = parse_hostport(api.listen)
+    await web.TCPSite(runner, host, port).start()
+    return runner
+
+
 def make_app(
     settings: Settings,
     calls: CallRegistry,
@@ -135,6 +189,7 @@ def make_app(
     app[CALLS_KEY] = calls
     app[RECORDINGS_DIR_KEY] = recordings_dir
     app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
     _register_calls(app)
     if node is not None:
         setup_admin(app, node)

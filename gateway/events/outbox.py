@@ -296,15 +296,31 @@ class Outbox:
             )
             return [_row(r) for r in cur.fetchall()]
 
+    def open_calls(self) -> list[str]:
+        """Calls with a `call.started` and no final event, oldest first (what a crash left
+        open). `prune_delivered` never leaves a call's other rows without its final."""
+        with self._lock:
+            cur = self._db.execute(
+                "SELECT call_id FROM outbox WHERE call_id IS NOT NULL GROUP BY call_id"
+                " HAVING COUNT(final_call_id) = 0 AND SUM(kind = 'call.started') > 0"
+                " ORDER BY MIN(id)"
+            )
+            return [str(r[0]) for r in cur.fetchall()]
+
     def prune_delivered(self, older_than: float) -> int:
         """Delete rows delivered before `older_than` (unix time); returns how many.
 
         A pruned call no longer blocks a second final event, so keep well beyond any
-        plausible late duplicate (days, not minutes).
+        plausible late duplicate (days, not minutes). A final event goes only with (or after)
+        every other row of its call: a call's dead letter left without its final would look
+        like a call a crash left open (`open_calls`).
         """
         with self._lock:
             cur = self._db.execute(
-                "DELETE FROM outbox WHERE state = 'delivered' AND delivered_at < ?",
+                "DELETE FROM outbox WHERE state = 'delivered' AND delivered_at < ?1"
+                " AND (final_call_id IS NULL OR NOT EXISTS (SELECT 1 FROM outbox AS o"
+                " WHERE o.call_id = outbox.final_call_id AND o.id != outbox.id"
+                " AND NOT (o.state = 'delivered' AND o.delivered_at < ?1)))",
                 (older_than,),
             )
             return cur.rowcount

@@ -81,6 +81,12 @@ class Placement:
     admit: int  # inbound calls admitted; the rest of the slots are kept for dial legs
 
 
+_SHUTDOWN_MESSAGES = {
+    "supervisor_lost": "the node's supervisor process exited; the worker ended its calls",
+    "node_shutdown": "the node was stopped while the call was in progress",
+}
+
+
 class Worker:
     def __init__(self, settings: Settings, place: Placement, channel: Channel) -> None:
         self.settings = settings
@@ -114,6 +120,8 @@ class Worker:
             EspeakTts(tts_cache, default_language=settings.tts.default_language),
             self.http,
             guard,
+            max_duration_s=settings.media.max_play_seconds,
+            max_decoded_bytes=settings.media.max_play_decoded_mib << 20,
         )
         self.prompts = GatewayPrompts(store, self.cache_dir, clock)
         self.endpoint = SipEndpoint(
@@ -164,10 +172,17 @@ class Worker:
                 break
             if kind in ("drain", "undrain"):
                 self.draining = kind == "drain"
-        self.stopping.set()  # the supervisor asked, or is gone
+        else:
+            if not self.stopping.is_set():  # no "stop": the supervisor is gone
+                self.shutdown_reason = "supervisor_lost"
+        self.stopping.set()
 
     async def _shutdown(self) -> None:
+        # Calls cut here are the gateway's doing, never a clean completion (README: "Call
+        # endings the gateway caused").
+        why = getattr(self, "shutdown_reason", "node_shutdown")
         for s in list(self.sessions.values()):
+            s.fail(why, _SHUTDOWN_MESSAGES[why])
             s.call.reject_now(503)
         if self.tasks:
             await asyncio.wait(self.tasks, timeout=10)

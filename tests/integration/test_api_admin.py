@@ -50,6 +50,10 @@ class FakeNode:
         return self.metrics.render()
 
     @property
+    def ready(self) -> bool:
+        return True
+
+    @property
     def draining(self) -> bool:
         return self._draining
 
@@ -152,7 +156,8 @@ async def test_admin_needs_token(api: Api, method: str, headers: dict[str, str])
 
 async def test_drain_status_undrain_and_healthz(api: Api) -> None:
     status, body, _ = await api.call("GET", "/healthz", auth=False)
-    assert (status, body) == (200, {"status": "ok", "draining": False, "accepting_calls": True})
+    assert (status, body) == (
+        200, {"status": "ok", "ready": True, "draining": False, "accepting_calls": True})
 
     status, body, _ = await api.call("POST", "/admin/drain")
     assert (status, body) == (202, {"draining": True, "active_calls": 2})
@@ -160,7 +165,8 @@ async def test_drain_status_undrain_and_healthz(api: Api) -> None:
 
     # Healthy while draining: still 200 "ok", but not taking calls.
     status, body, _ = await api.call("GET", "/healthz", auth=False)
-    assert (status, body) == (200, {"status": "ok", "draining": True, "accepting_calls": False})
+    assert (status, body) == (
+        200, {"status": "ok", "ready": True, "draining": True, "accepting_calls": False})
     status, body, _ = await api.call("GET", "/admin/drain")
     assert (status, body) == (200, {"draining": True, "active_calls": 2, "drained": False})
     async with api.http.get(api.base + "/metrics") as resp:
@@ -178,7 +184,7 @@ async def test_drain_status_undrain_and_healthz(api: Api) -> None:
     assert (status, body) == (200, {"draining": False, "active_calls": 0})
     assert not api.node.draining and api.node.undrain_calls == 1
     status, body, _ = await api.call("GET", "/healthz", auth=False)
-    assert body == {"status": "ok", "draining": False, "accepting_calls": True}
+    assert body == {"status": "ok", "ready": True, "draining": False, "accepting_calls": True}
     status, body, _ = await api.call("GET", "/admin/drain")
     assert body == {"draining": False, "active_calls": 0, "drained": False}
 
