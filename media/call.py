@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+MEDIA_AFTER_ACK_S = 2.0  # how long a confirmed call may wait for the ACK's SDP answer
+
+
 class CallGone(Exception):
     """The call ended (or never had media) while an operation waited on it."""
 
@@ -146,6 +149,8 @@ class SipCall:
         self._inband_detector: Any = None
         self.telephone_event = True
         self.on_end: list[Callable[[CallEnd], None]] = []
+        # (reason, message) when the call ended for want of media (read by the session)
+        self.media_failure: tuple[str, str] | None = None
         self.on_answer: list[Callable[[], None]] = []
 
     def register(self) -> None:
@@ -256,7 +261,22 @@ class SipCall:
             except pj.Error as e:
                 raise CallGone() from RuntimeError(e.info())
         await self._until(asyncio.ensure_future(self._answered.wait()))
-        await self._until(asyncio.ensure_future(self._media.wait()))
+        if self._media.is_set():
+            return
+        # Confirmed without media: a delayed offer (INVITE without SDP) whose answer was due in
+        # the ACK. Its media state comes with the ACK; if none came, the ACK had no SDP and the
+        # call can never carry audio: end it (BYE) and say why, rather than wait forever.
+        media = asyncio.ensure_future(self._media.wait())
+        try:
+            await asyncio.wait_for(self._until(media), MEDIA_AFTER_ACK_S)
+        except TimeoutError:
+            self.media_failure = (
+                "sdp_missing",
+                "the INVITE had no SDP offer and the ACK no SDP answer to ours: no media",
+            )
+            log.warning("call %d: %s; hanging up", self.pj_id, self.media_failure[1])
+            self.reject_now(200)
+            raise CallGone() from None
 
     def reject_now(self, sip_code: int, headers: dict[str, str] | None = None) -> None:
         """Final response to an unanswered call (or BYE if answered). Idempotent."""
