@@ -17,7 +17,8 @@ import threading
 import time
 from collections import deque
 
-IOQUEUE_HANDLES = 64  # PJ_IOQUEUE_MAX_HANDLES of the pjsua2 wheel (media.probe measures it)
+IOQUEUE_HANDLES = 64  # PJ_IOQUEUE_MAX_HANDLES of the pjsua2 wheel (compiled in; not reachable
+# from Python, and pjsua caps SIP transports at 8, so it cannot be probed by filling the queue)
 KEY_FREE_DELAY_S = 0.6  # PJ_IOQUEUE_KEY_FREE_DELAY (500 ms) plus a margin
 KEYS_PER_CALL = 2  # RTP + RTCP
 
