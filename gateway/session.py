@@ -254,6 +254,8 @@ class CallSession:
         if self.final_written:
             return
         self.final_written = True
+        if self.call.media_failure is not None:  # e.g. sdp_missing (media.call)
+            self.fail(*self.call.media_failure)
         status = self._final(end)
         if self.on_final is not None:
             self.on_final(status)

@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+MEDIA_AFTER_ACK_S = 2.0  # how long a confirmed call may wait for the ACK's SDP answer
+
+
 class CallGone(Exception):
     """The call ended (or never had media) while an operation waited on it."""
 
@@ -50,10 +53,15 @@ class Recording:
 class PjCall(pj.Call):  # type: ignore[misc]
     """pjsua2 callbacks: copy what they say, hand it to asyncio, nothing else."""
 
-    def __init__(self, acc: pj.Account, call_id: int = pj.PJSUA_INVALID_ID) -> None:
+    def __init__(
+        self, acc: pj.Account, call_id: int = pj.PJSUA_INVALID_ID, counted: bool = False
+    ) -> None:
         super().__init__(acc, call_id)
-        self.loop = _loop_of(acc)
+        self.endpoint: SipEndpoint = acc._endpoint
+        self.loop = self.endpoint.loop
         self.owner: SipCall | None = None
+        self.inbound = call_id != pj.PJSUA_INVALID_ID
+        self.counted = counted  # in the endpoint's admission counts until DISCONNECTED
 
     def _post(self, fn: Callable[..., None], *args: Any) -> None:
         self.loop.call_soon_threadsafe(self._deliver, fn, args)
@@ -64,6 +72,10 @@ class PjCall(pj.Call):  # type: ignore[misc]
 
     def onCallState(self, prm: pj.OnCallStateParam) -> None:
         ci = self.getInfo()
+        if ci.state == pj.PJSIP_INV_STATE_DISCONNECTED and self.counted:
+            # Here, not in asyncio: the gate in the pump thread must see the slot free now.
+            self.counted = False
+            self.endpoint.admission.ended(self.inbound)
         self._post(SipCall._on_state, ci.state, ci.lastStatusCode, ci.lastReason)
 
     def onCallMediaState(self, prm: pj.OnCallMediaStateParam) -> None:
@@ -77,11 +89,6 @@ class PjCall(pj.Call):  # type: ignore[misc]
 
     def onDtmfDigit(self, prm: pj.OnDtmfDigitParam) -> None:
         self._post(SipCall._on_dtmf, prm.digit, _METHODS.get(prm.method, "rfc4733"))
-
-
-def _loop_of(acc: pj.Account) -> asyncio.AbstractEventLoop:
-    loop: asyncio.AbstractEventLoop = acc._endpoint.loop
-    return loop
 
 
 class _Player(pj.AudioMediaPlayer):  # type: ignore[misc]
@@ -142,6 +149,8 @@ class SipCall:
         self._inband_detector: Any = None
         self.telephone_event = True
         self.on_end: list[Callable[[CallEnd], None]] = []
+        # (reason, message) when the call ended for want of media (read by the session)
+        self.media_failure: tuple[str, str] | None = None
         self.on_answer: list[Callable[[], None]] = []
 
     def register(self) -> None:
@@ -206,15 +215,9 @@ class SipCall:
         pj_call, self._pj = self._pj, None
         if pj_call is not None:
             pj_call.owner = None
-            # ~Call clears the user data of its call id and hangs that id up if it is active,
-            # even when PJSIP has meanwhile reused the id for a newer call (our DISCONNECTED
-            # arrives late when the loop is busy): the newer call would get 603 and lose its
-            # callbacks. Only let SWIG delete it while the id is still ours or free; else
-            # leave the C++ object be (a small leak beats killing a live call).
-            if not _owns_call_id(pj_call):
-                log.warning("call id %d reused before its old call was released", self.pj_id)
-                pj_call.thisown = False
-        # pj_call's last reference goes with this frame: deleted on the asyncio thread.
+            # Never deleted here: ~Call acts on the call id, which the pump thread may be giving
+            # to a new INVITE right now (SipEndpoint._sweep deletes it safely).
+            self.endpoint._bury(pj_call)
 
     async def wait_ended(self) -> CallEnd:
         await self._ended.wait()
@@ -258,7 +261,22 @@ class SipCall:
             except pj.Error as e:
                 raise CallGone() from RuntimeError(e.info())
         await self._until(asyncio.ensure_future(self._answered.wait()))
-        await self._until(asyncio.ensure_future(self._media.wait()))
+        if self._media.is_set():
+            return
+        # Confirmed without media: a delayed offer (INVITE without SDP) whose answer was due in
+        # the ACK. Its media state comes with the ACK; if none came, the ACK had no SDP and the
+        # call can never carry audio: end it (BYE) and say why, rather than wait forever.
+        media = asyncio.ensure_future(self._media.wait())
+        try:
+            await asyncio.wait_for(self._until(media), MEDIA_AFTER_ACK_S)
+        except TimeoutError:
+            self.media_failure = (
+                "sdp_missing",
+                "the INVITE had no SDP offer and the ACK no SDP answer to ours: no media",
+            )
+            log.warning("call %d: %s; hanging up", self.pj_id, self.media_failure[1])
+            self.reject_now(200)
+            raise CallGone() from None
 
     def reject_now(self, sip_code: int, headers: dict[str, str] | None = None) -> None:
         """Final response to an unanswered call (or BYE if answered). Idempotent."""
@@ -460,14 +478,6 @@ class SipCall:
             return await asyncio.wait_for(self._digits.get(), timeout)
         except TimeoutError:
             return None
-
-
-def _owns_call_id(pj_call: PjCall) -> bool:
-    try:
-        current = pj.Call.lookup(pj_call.getId())
-    except pj.Error:
-        return True
-    return current is None or int(current.this) == int(pj_call.this)
 
 
 async def _wav_finalised(path: Path, timeout: float) -> bool:

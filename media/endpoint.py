@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pjsua2 as pj
+
+from media.admission import Admission
 
 if TYPE_CHECKING:
     from media.call import SipCall
@@ -34,6 +37,7 @@ class EndpointConfig:
     rtp_port: int = 30000
     rtp_port_range: int = 40
     max_calls: int = 4
+    admit: int = 0  # inbound calls admitted (0: max_calls); the rest is kept for dial legs
     public_address: str = ""  # SIP (Contact/Via) address when it differs from sip_host
     media_address: str = ""  # address put in SDP for RTP (NAT), when it differs
     rtp_host: str = ""  # RTP bind address; default sip_host
@@ -81,12 +85,57 @@ class _Account(pj.Account):  # type: ignore[misc]
         )
 
 
+class _RefuseAccount(pj.Account):  # type: ignore[misc]
+    """Where the gate sends INVITEs it refuses: a loop media transport (no socket), and a 503
+    from the pump thread itself, so a refusal costs neither a queue slot nor asyncio time."""
+
+    def __init__(self, endpoint: SipEndpoint) -> None:
+        super().__init__()
+        self._endpoint = endpoint
+
+    def onIncomingCall(self, prm: pj.OnIncomingCallParam) -> None:
+        # A deliberate exception to "callbacks only hand off": refusing here is what keeps a
+        # burst from piling calls (and their pjsua slots) up behind a busy asyncio loop.
+        call = pj.Call(self, prm.callId)
+        op = pj.CallOpParam()
+        op.statusCode = 503
+        h = pj.SipHeader()
+        h.hName = "Retry-After"
+        h.hValue = "5"
+        op.txOption.headers.append(h)
+        try:
+            call.hangup(op)
+        except pj.Error:
+            pass
+        self._endpoint._bury(call)
+
+
+class _Ep(pj.Endpoint):  # type: ignore[misc]
+    def __init__(self, endpoint: SipEndpoint) -> None:
+        super().__init__()
+        self._endpoint = endpoint
+
+    def onSelectAccount(self, prm: pj.OnSelectAccountParam) -> None:
+        self._endpoint._select_account(prm)
+
+    def onRejectedIncomingCall(self, prm: pj.OnRejectedIncomingCallParam) -> None:
+        self._endpoint._rejected_incoming()
+
+
 class SipEndpoint:
     def __init__(self, loop: asyncio.AbstractEventLoop, cfg: EndpointConfig) -> None:
         self.loop = loop
         self.cfg = cfg
-        self.ep = pj.Endpoint()
+        self.ep = _Ep(self)
         self._account: _Account | None = None
+        self._refuser: _RefuseAccount | None = None
+        self.admission = Admission(cfg.admit or cfg.max_calls, fixed=len(cfg.transports))
+        self._pending_media = False  # the last INVITE sent to the main account (pump thread)
+        # pjsua2 Call objects whose calls are over, deleted by the pump thread once nothing
+        # else holds them and their call id is not someone else's (see _sweep).
+        self._graveyard: list[pj.Call] = []
+        self._slot_lock = threading.Lock()
+        self._grave_lock = threading.Lock()
         self._pump: threading.Thread | None = None
         self._running = False
         self.calls: dict[int, SipCall] = {}  # pjsua call id -> call; the strong references
@@ -136,6 +185,11 @@ class SipEndpoint:
             tpc.publicAddress = cfg.media_address
         self._account = _Account(self)
         self._account.create(acc_cfg, True)
+        ref_cfg = pj.AccountConfig()
+        ref_cfg.idUri = f"sip:refuse@{cfg.public_address or cfg.sip_host}:{cfg.sip_port}"
+        ref_cfg.mediaConfig.useLoopMedTp = True
+        self._refuser = _RefuseAccount(self)
+        self._refuser.create(ref_cfg, False)
         self._running = True
         self._pump = threading.Thread(target=self._pump_events, name="pjsua-pump", daemon=True)
         self._pump.start()
@@ -163,6 +217,56 @@ class SipEndpoint:
             # Returns as soon as a packet or timer is handled; the timeout only bounds how
             # long stop() waits. Short timeouts cost idle CPU in every worker.
             self.ep.libHandleEvents(500)
+            if self._graveyard:
+                self._sweep()
+
+    # -- admission and object lifetimes (pump thread) -----------------------------------------
+    def _select_account(self, prm: pj.OnSelectAccountParam) -> None:
+        """Before pjsua creates the dialog and media of a new INVITE: admit or refuse."""
+        if not prm.rdata.info.startswith("Request msg INVITE/"):
+            return  # OPTIONS, MESSAGE...: pjsua's own choice
+        if self._pending_media:  # the previous one failed silently after its media was made
+            self.admission.churned()
+        reason = self.admission.decide()
+        if reason is None and self._account is not None:
+            self._pending_media = True
+            prm.accountIndex = self._account.getId()
+        elif self._refuser is not None:
+            self._pending_media = False
+            prm.accountIndex = self._refuser.getId()
+            log.debug("INVITE refused before media (%s): 503", reason)
+
+    def _rejected_incoming(self) -> None:
+        if self._pending_media:
+            self._pending_media = False
+            self.admission.churned()
+
+    def _bury(self, obj: pj.Call) -> None:
+        """Hand a finished pjsua2 Call to the pump thread for deletion (any thread)."""
+        with self._grave_lock:  # never _slot_lock here: makeCall holds it waiting for pjsua
+            self._graveyard.append(obj)
+
+    def _sweep(self) -> None:
+        """Delete finished Calls where `~Call` cannot hit another call.
+
+        `~Call` clears the user data of its call id and hangs that id up if active. Run from the
+        asyncio thread it races with the pump thread giving the freed id to a new INVITE: the
+        new call lost its pjsua2 object (no callbacks, never ends, its slot counted forever)
+        or got a 603. Here, in the only thread that allocates incoming call ids (outbound ones
+        are made under `_slot_lock`), an id that no Call claims stays free while we delete."""
+        with self._slot_lock:
+            with self._grave_lock:
+                items, self._graveyard = self._graveyard, []
+            keep: list[pj.Call] = []
+            for obj in items:
+                # 3 = the list, the loop variable, getrefcount's argument: nothing else holds it
+                # (a callback still queued to asyncio would drop the last reference there).
+                if sys.getrefcount(obj) > 3 or not _id_free_or_own(obj):
+                    keep.append(obj)
+            del obj
+            items.clear()  # the C++ objects are deleted here, in the pump thread
+            with self._grave_lock:
+                self._graveyard.extend(keep)
 
     def stop(self) -> None:
         """Hang up what is left, drop every reference, destroy the library (asyncio thread)."""
@@ -178,9 +282,11 @@ class SipEndpoint:
         for call in list(self.calls.values()):
             call._release()
         self.calls.clear()
-        if self._account is not None:
-            self._account.shutdown()
-            self._account = None
+        self._graveyard.clear()
+        for acc in (self._refuser, self._account):
+            if acc is not None:
+                acc.shutdown()
+        self._account = self._refuser = None
         import gc
 
         gc.collect()
@@ -192,7 +298,9 @@ class SipEndpoint:
     ) -> None:
         from media.call import PjCall
 
-        pj_call = PjCall(acc, call_id)
+        self._pending_media = False
+        self.admission.started(inbound=True)
+        pj_call = PjCall(acc, call_id, counted=True)
         self.loop.call_soon_threadsafe(self._incoming, pj_call, whole_msg, source)
 
     def _incoming(self, pj_call: pj.Call, whole_msg: str, source: str) -> None:
@@ -225,10 +333,26 @@ class SipEndpoint:
             h.hName = name
             h.hValue = value
             prm.txOption.headers.append(h)
-        pj_call.makeCall(uri, prm)
+        with self._slot_lock:  # see _sweep: no id handed out while a Call is deleted
+            self.admission.started(inbound=False)
+            pj_call.counted = True
+            try:
+                pj_call.makeCall(uri, prm)
+            except pj.Error:
+                pj_call.counted = False
+                self.admission.ended(inbound=False)
+                raise
         call.register()
         return call
 
     def account(self) -> pj.Account:
         assert self._account is not None
         return self._account
+
+
+def _id_free_or_own(obj: pj.Call) -> bool:
+    try:
+        current = pj.Call.lookup(obj.getId())
+    except pj.Error:
+        return True
+    return current is None or int(current.this) == int(obj.this)

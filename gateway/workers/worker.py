@@ -46,6 +46,10 @@ from media.tts.espeak import EspeakTts
 
 log = logging.getLogger(__name__)
 
+LAG_TICK_S = 0.1
+LAG_LIMIT_S = 0.25  # a loop this late refuses new calls...
+LAG_CLEAR_S = 0.1  # ...until it is back under this
+
 
 def uri_user(uri: str) -> str:
     """The user part of a SIP URI or name-addr (`"Bob" <sip:+2547...@host>;tag=x`)."""
@@ -133,6 +137,7 @@ class Worker:
                 rtp_port=place.rtp_port,
                 rtp_port_range=settings.media.rtp_ports_per_worker,
                 max_calls=place.max_calls,
+                admit=place.admit,
                 # Behind a front, SIP reaches workers on their own address; RTP goes straight
                 # to them, so the public address (host part) is what SDP advertises.
                 public_address=(settings.sip.public_address or "")
@@ -161,8 +166,11 @@ class Worker:
             }
         )
         commands = asyncio.create_task(self._commands())
+        lag = asyncio.create_task(self._watch_lag())
         await self.stopping.wait()
+        self.endpoint.admission.accepting = False
         commands.cancel()
+        lag.cancel()
         await self._shutdown()
 
     async def _commands(self) -> None:
@@ -172,6 +180,7 @@ class Worker:
                 break
             if kind in ("drain", "undrain"):
                 self.draining = kind == "drain"
+                self.endpoint.admission.accepting = not self.draining
         else:
             if not self.stopping.is_set():  # no "stop": the supervisor is gone
                 self.shutdown_reason = "supervisor_lost"
@@ -192,6 +201,20 @@ class Worker:
         self.outbox.close()
         self.channel.close()
 
+    async def _watch_lag(self) -> None:
+        """Tell the admission gate when this loop falls behind: new INVITEs then get 503 from
+        the pump thread (the front tries another worker) instead of queueing behind the lag."""
+        gate = self.endpoint.admission
+        while True:
+            t0 = self.loop.time()
+            await asyncio.sleep(LAG_TICK_S)
+            lag = self.loop.time() - t0 - LAG_TICK_S
+            overloaded = lag > (LAG_CLEAR_S if gate.overloaded else LAG_LIMIT_S)
+            if overloaded != gate.overloaded:
+                log.warning("event loop lag %.0f ms: %s new calls", lag * 1000,
+                            "refusing" if overloaded else "accepting")
+                gate.overloaded = overloaded
+
     # -- calls ------------------------------------------------------------------------------
     def _on_incoming(self, call: SipCall, invite: IncomingInvite) -> None:
         if not source_allowed(self.settings, invite.source):
@@ -201,12 +224,11 @@ class Worker:
             )
             call.reject_now(403)
             return
-        # Admission: never take a call this worker cannot serve; 503 lets the front try the
-        # next worker (and the carrier retry later when the whole node is full).
-        # Counted in pjsua2 call slots (this call included), not in sessions: a session that is
-        # handing over a recording after its hangup holds no slot.
-        live = sum(1 for c in self.endpoint.calls.values() if c.direction == "inbound")
-        if self.stopping.is_set() or self.draining or live > self.place.admit:
+        # Admission (capacity, drain, loop lag, socket budget) was decided in the pump thread
+        # before pjsua opened any socket (media.admission); counting again here, in calls not
+        # yet released, refused calls the gate had counted free. Only a stop or drain that
+        # began since then is left to catch.
+        if self.stopping.is_set() or self.draining:
             call.reject_now(503, {"Retry-After": "5"})
             return
         task = asyncio.create_task(self._handle(call, invite))

@@ -201,7 +201,8 @@ def sipp_errors(cwd: Path) -> str:
 
 async def sipp(scenario: Path, port: int, *, calls: int = 1, limit: int = 1, rate: int = 20,
                timeout: float = 60, service: str = NUMBER,
-               cwd: Path | None = None) -> tuple[int, int, int, str]:
+               cwd: Path | None = None,
+               args: tuple[str, ...] = ()) -> tuple[int, int, int, str]:
     """Run SIPp as a carrier; (exit code, successful calls, failed calls, tail of its output).
 
     With `cwd`, SIPp writes its files there and what `-trace_err` logged (unexpected messages)
@@ -211,7 +212,7 @@ async def sipp(scenario: Path, port: int, *, calls: int = 1, limit: int = 1, rat
         "sipp", "-sf", str(scenario), f"127.0.0.1:{port}", "-s", service, "-m", str(calls),
         "-l", str(limit), "-r", str(rate), "-i", "127.0.0.1",
         "-p", str(free_port(socket.SOCK_DGRAM)), "-mp", str(free_port(socket.SOCK_DGRAM) // 2 * 2),
-        "-timeout", str(int(timeout)), "-timeout_error", "-nostdin", *trace,
+        "-timeout", str(int(timeout)), "-timeout_error", "-nostdin", *trace, *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=cwd)
     out_b, _ = await asyncio.wait_for(proc.communicate(), timeout + 15)
     out = out_b.decode(errors="replace")
