@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import Mapping
 from typing import Any, Literal
-from urllib.parse import urlencode, urljoin
+from urllib.parse import parse_qsl, urlencode, urljoin
 
 import aiohttp
 from yarl import URL
@@ -18,11 +18,18 @@ from dsl.context import FetchedDocument, VoiceAppError
 from gateway.events.signing import SIGNATURE_HEADER, sign
 from gateway.urlguard import ForbiddenAddressError, HostUnresolvable, UrlForbidden, check_url
 
-__all__ = ["VoiceAppClient", "resolve_relative"]
+__all__ = ["VoiceAppClient", "get_query", "resolve_relative"]
 
 log = logging.getLogger(__name__)
 
 USER_AGENT = "Sautikit-Gateway/0.1"
+
+
+def get_query(url: str, fields: Mapping[str, str]) -> str:
+    """The raw query string of a GET callback: the URL's own parameters (those the call state
+    does not name), then the call state, form-encoded."""
+    own = [(k, v) for k, v in parse_qsl(URL(url).raw_query_string, keep_blank_values=True)]
+    return urlencode([(k, v) for k, v in own if k not in fields] + list(fields.items()))
 
 
 def resolve_relative(base: str, ref: str) -> str:
@@ -121,9 +128,12 @@ class VoiceAppClient:
         headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
         target: str | URL = url
         if method == "GET":
-            # Fields in the query; the signature then covers the (empty) body actually sent.
+            # The call state travels in the query, so the query is what gets signed (README:
+            # raw query string + "." + t); sent exactly as signed (encoded=True: no re-quoting).
+            query = get_query(url, fields)
             body = b""
-            target = URL(url).update_query(fields)
+            target = URL(f"{URL(url).with_query(None).with_fragment(None)}?{query}", encoded=True)
+            headers[SIGNATURE_HEADER] = sign(self._secret, query.encode())
         elif self._body_format == "json":
             body = json.dumps(fields, separators=(",", ":")).encode()
             headers["Content-Type"] = "application/json"
@@ -131,7 +141,8 @@ class VoiceAppClient:
             # Form-encoded: the SDK's examples parse it with express.urlencoded (req.body.Digits).
             body = urlencode(fields).encode()
             headers["Content-Type"] = "application/x-www-form-urlencoded"
-        headers[SIGNATURE_HEADER] = sign(self._secret, body)
+        if method == "POST":
+            headers[SIGNATURE_HEADER] = sign(self._secret, body)
 
         try:
             async with self._session.request(

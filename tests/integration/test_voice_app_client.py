@@ -33,6 +33,7 @@ class Seen:
     form: dict[str, str]
     query: dict[str, str]
     signature: str
+    raw_query: str = ""
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -63,6 +64,7 @@ async def server() -> AsyncIterator[Server]:
                 form=form,
                 query=dict(request.query),
                 signature=request.headers.get("X-Sautikit-Signature", ""),
+                raw_query=request.rel_url.raw_query_string,
             )
         )
         handler = srv.routes.get(request.path)
@@ -146,17 +148,25 @@ async def test_json_body(server: Server, session: aiohttp.ClientSession) -> None
     verify_signature(seen.raw, seen.signature, SECRET)
 
 
-async def test_get_sends_query_and_signs_empty_body(
+async def test_get_sends_query_and_signs_it(
     server: Server, session: aiohttp.ClientSession
 ) -> None:
-    fields = call_fields()
-    url = f"{server.base}/voice?app=ivr&step=2"
-    doc = await client(session, fields).fetch(url, "GET", {"Digits": "9"})
+    fields = {**call_fields(), "from": "+254 722 000001"}  # a value that needs encoding
+    url = f"{server.base}/voice?app=ivr&step=2&callId=spoofed"
+    doc = await client(session, fields).fetch(url, "GET", {"Digits": "9#"})
     assert doc.url == url
     seen = server.seen[0]
     assert seen.method == "GET" and seen.raw == b""
-    assert seen.query == {"app": "ivr", "step": "2", **fields, "Digits": "9"}
-    verify_signature(b"", seen.signature, SECRET)
+    assert seen.query == {"app": "ivr", "step": "2", **fields, "Digits": "9#"}
+    # The HMAC message is the raw query string as it arrived + "." + t (README).
+    verify_signature(seen.raw_query.encode(), seen.signature, SECRET)
+    # A replayed request with other Digits does not verify: the state is signed.
+    forged = seen.raw_query.replace("Digits=9%23", "Digits=1")
+    assert forged != seen.raw_query
+    with pytest.raises(ValueError, match="mismatch"):
+        verify_signature(forged.encode(), seen.signature, SECRET)
+    with pytest.raises(ValueError, match="mismatch"):
+        verify_signature(b"", seen.signature, SECRET)
 
 
 async def test_any_content_type_if_body_is_json(
