@@ -115,15 +115,21 @@ class Router:
             # Settings guarantees the secret whenever resolve_url is set.
             secret = cp.secret.get_secret_value() if cp.secret else ""
             return await self._resolve_remote(cp.resolve_url, secret, to_e164, from_)
-        if self._settings.demo.enabled:
-            return Route(
-                e164=to_e164,
-                number_id="demo",
-                workspace_id="demo",
-                voice_callback_url=f"{self._settings.api.base_url}/demo/voice",
-                source="demo",
-            )
-        return None
+        return self.demo_route(to_e164)
+
+    def demo_route(self, dialled: str) -> Route | None:
+        """In demo mode (and only without a control plane to ask) any dialled user part, a
+        phone number or not (`sip:1234@...`), reaches the built-in demo voice app."""
+        s = self._settings
+        if not s.demo.enabled or s.control_plane.resolve_url or not dialled:
+            return None
+        return Route(
+            e164=dialled,
+            number_id="demo",
+            workspace_id="demo",
+            voice_callback_url=f"{s.api.base_url}/demo/voice",
+            source="demo",
+        )
 
     async def _resolve_remote(
         self, url: str, secret: str, to_e164: str, from_: str

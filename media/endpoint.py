@@ -282,6 +282,11 @@ class SipEndpoint:
         for call in list(self.calls.values()):
             call._release()
         self.calls.clear()
+        for obj in self._graveyard:
+            # Still referenced elsewhere (a traceback's frame, say): its `~Call` would then run
+            # after libDestroy and abort the process in pjsua_call_set_user_data. Leak it.
+            if sys.getrefcount(obj) > 3:
+                obj.thisown = False
         self._graveyard.clear()
         for acc in (self._refuser, self._account):
             if acc is not None:

@@ -240,6 +240,9 @@ class Worker:
         to_raw, from_raw = uri_user(invite.request_uri), uri_user(invite.from_uri)
         to = normalise_e164(to_raw)
         from_ = normalise_e164(from_raw) or from_raw
+        demo = self.router.demo_route(to_raw) if to is None else None
+        if to is None and demo is not None:
+            to = to_raw  # demo mode: `sip:1234@...` is a call too
         if to is None:
             log.warning(
                 "INVITE to %r (from %s, Call-ID %s): not a phone number; 404",
@@ -250,7 +253,7 @@ class Worker:
             call.reject_now(404)
             return
         try:
-            route = await self.router.resolve(to, from_)
+            route = demo or await self.router.resolve(to, from_)
         except RoutingError as e:
             log.error("INVITE to %s: routing failed: %s; 503", to, e)
             # Final: every other worker would ask the same broken control plane.

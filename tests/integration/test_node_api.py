@@ -107,3 +107,16 @@ def test_demo_command_places_a_real_call():
     for kind in ("call.started", "call.answered", "call.completed"):
         assert f"{kind}" in p.stdout and "signature=BAD" not in p.stdout
     assert "non-silent" in p.stdout
+
+
+async def test_demo_answers_any_dialled_user_part(phone, voice_app, gateway_factory):
+    # README: with the demo on, any dialled number (even `sip:1234@...`) gets the demo app;
+    # the configured number still goes to its own voice app.
+    gw = gateway_factory(voice_url=f"{voice_app.base_url}/voice", app_secret=voice_app.secret,
+                         events_url=None, extra="[demo]\nenabled = true")
+    call = phone.make_call(f"sip:1234@127.0.0.1:{gw.sip_port}")
+    await asyncio.wait_for(call.answer(), 10)
+    end = await asyncio.wait_for(call.wait_ended(), 20)
+    assert end.was_answered and end.by == "remote", end  # the demo's own hangup
+    assert "call.completed" in gw.log_text()
+    assert voice_app.requests == []
