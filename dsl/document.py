@@ -23,6 +23,7 @@ from dsl.verbs.say import LANGUAGE_PATTERN
 
 MAX_ACTIONS = 50  # the SDK's limit
 MAX_BYTES = 64 * 1024
+MAX_DEPTH = 32  # arrays/objects inside one another; real documents nest 4-5 deep
 ENVELOPE_KEYS = ("actions",)
 
 # Pydantic's own rule codes become these; the product's rule names pass through as codes.
@@ -93,11 +94,35 @@ def parse_document(raw: bytes | str | Any) -> Document:
     return Document(tuple(v for v in verbs if v is not None))
 
 
+def check_depth(data: bytes) -> None:
+    """Refuse JSON text nested deeper than MAX_DEPTH, scanned without recursion (json.loads
+    recurses, so a 60 000-deep document must be stopped before it is parsed)."""
+    depth, in_string, escaped = 0, False, False
+    for byte in data:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > MAX_DEPTH:
+                message = f"nested deeper than {MAX_DEPTH} levels; at most {MAX_DEPTH} are allowed"
+                raise DocumentError([DocIssue("", "document.too_deep", message)])
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+
+
 def _load(raw: Any) -> Any:
     if isinstance(raw, bytes | bytearray | memoryview | str):
         data = raw.encode() if isinstance(raw, str) else bytes(raw)
         if len(data) > MAX_BYTES:
             raise _too_large(len(data))
+        check_depth(data)
         try:
             return json.loads(data)
         except UnicodeDecodeError:

@@ -81,3 +81,16 @@ async def test_say_empty_text_is_skipped_and_the_call_goes_on(tmp_path: Path) ->
     fake = Fake(tmp_path)
     result = await Interpreter(fake.ctx).run(doc({"say": {"text": ""}}, {"say": {"text": "hi"}}))
     assert fake.said() == ["hi"] and result.ended_by == "document_end" and not result.errors
+
+
+def test_deep_documents_are_refused_without_recursion() -> None:
+    from dsl.document import MAX_DEPTH
+
+    deep = b'{"actions": [' + b"[" * 30_000 + b"]" * 30_000 + b"]}"
+    with pytest.raises(DocumentError) as e:
+        parse_document(deep)
+    assert e.value.errors[0].code == "document.too_deep"
+    assert f"at most {MAX_DEPTH}" in str(e.value)
+    # Brackets inside strings do not count.
+    text = '{"actions": [{"say": {"text": "' + "[" * 100 + '\\"{"}}]}'
+    assert parse_document(text.encode()).actions[0].text.startswith("[[")
