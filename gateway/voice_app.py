@@ -126,10 +126,13 @@ class VoiceAppClient:
 
         headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
         target: str | URL = url
+        signed: bytes | None = None
         if method == "GET":
-            # Fields in the query; the signature then covers the (empty) body actually sent.
+            # Fields in the query, so the signature covers the raw query string as sent
+            # (HMAC over query + "." + t); a replayed request cannot change `Digits`.
             body = b""
             target = URL(url).update_query(fields)
+            signed = target.raw_query_string.encode()
         elif self._body_format == "json":
             body = json.dumps(fields, separators=(",", ":")).encode()
             headers["Content-Type"] = "application/json"
@@ -137,7 +140,7 @@ class VoiceAppClient:
             # Form-encoded: the SDK's examples parse it with express.urlencoded (req.body.Digits).
             body = urlencode(fields).encode()
             headers["Content-Type"] = "application/x-www-form-urlencoded"
-        headers[SIGNATURE_HEADER] = sign(self._secret, body)
+        headers[SIGNATURE_HEADER] = sign(self._secret, body if signed is None else signed)
 
         try:
             async with self._session.request(

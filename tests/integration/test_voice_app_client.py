@@ -33,6 +33,7 @@ class Seen:
     form: dict[str, str]
     query: dict[str, str]
     signature: str
+    raw_query: str = ""
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -63,6 +64,7 @@ async def server() -> AsyncIterator[Server]:
                 form=form,
                 query=dict(request.query),
                 signature=request.headers.get("X-Sautikit-Signature", ""),
+                raw_query=request.rel_url.raw_query_string,
             )
         )
         handler = srv.routes.get(request.path)
@@ -146,7 +148,7 @@ async def test_json_body(server: Server, session: aiohttp.ClientSession) -> None
     verify_signature(seen.raw, seen.signature, SECRET)
 
 
-async def test_get_sends_query_and_signs_empty_body(
+async def test_get_sends_query_and_signs_the_raw_query(
     server: Server, session: aiohttp.ClientSession
 ) -> None:
     fields = call_fields()
@@ -156,7 +158,13 @@ async def test_get_sends_query_and_signs_empty_body(
     seen = server.seen[0]
     assert seen.method == "GET" and seen.raw == b""
     assert seen.query == {"app": "ivr", "step": "2", **fields, "Digits": "9"}
-    verify_signature(b"", seen.signature, SECRET)
+    # GET: the HMAC message is the raw query string + "." + t, so the call state is covered.
+    verify_signature(seen.raw_query.encode(), seen.signature, SECRET)
+    tampered = seen.raw_query.replace("Digits=9", "Digits=1")
+    with pytest.raises(ValueError, match="mismatch"):
+        verify_signature(tampered.encode(), seen.signature, SECRET)
+    with pytest.raises(ValueError, match="mismatch"):
+        verify_signature(b"", seen.signature, SECRET)
 
 
 async def test_any_content_type_if_body_is_json(
