@@ -27,7 +27,7 @@ MAX_DEPTH = 32  # arrays/objects inside one another; real documents nest 4-5 dee
 ENVELOPE_KEYS = ("actions",)
 
 # Pydantic's own rule codes become these; the product's rule names pass through as codes.
-PRODUCT_CODES = frozenset({"ErrDialTargetXOR", "ErrDialNumberNumbers"})
+PRODUCT_CODES = frozenset({"ErrDialTargetXOR", "ErrDialNumberNumbers", "aiAgent.handover"})
 _PATTERN_HINTS = {
     DTMF_KEY_PATTERN: 'expected one key: 0-9, * or #, or "" for none',
     DTMF_KEYS_PATTERN: "expected keys from 0-9, * and #",
@@ -89,6 +89,10 @@ def parse_document(raw: bytes | str | Any) -> Document:
         message = f"{len(actions)} actions; at most {MAX_ACTIONS} are allowed"
         raise DocumentError([*issues, DocIssue("actions", "document.too_many_actions", message)])
     verbs = [_parse_action(item, f"actions[{i}]", issues) for i, item in enumerate(actions)]
+    for i, verb in enumerate(verbs[:-1]):
+        if verb is not None and verb.must_be_last:
+            message = f"{verb.verb} must be the last action"
+            issues.append(DocIssue(f"actions[{i}].{verb.verb}", f"{verb.verb}.not_last", message))
     if issues:
         raise DocumentError(issues)
     return Document(tuple(v for v in verbs if v is not None))

@@ -94,3 +94,33 @@ def test_deep_documents_are_refused_without_recursion() -> None:
     # Brackets inside strings do not count.
     text = '{"actions": [{"say": {"text": "' + "[" * 100 + '\\"{"}}]}'
     assert parse_document(text.encode()).actions[0].text.startswith("[[")
+
+
+def test_ai_agent_is_modelled_as_the_sdk_validates_it() -> None:
+    from dsl.verbs import AiAgent
+
+    agent = {"aiAgent": {"agentId": "ag_1", "handover": {"callbackUrl": "https://a.example/h"}}}
+    parsed = parse_document({"actions": [{"say": {"text": "hi"}}, agent]}).actions[1]
+    assert isinstance(parsed, AiAgent) and parsed.agent_id == "ag_1"
+    with pytest.raises(DocumentError) as e:
+        parse_document({"actions": [agent, {"say": {"text": "after"}}]})
+    assert e.value.errors[0].code == "aiAgent.not_last"
+    with pytest.raises(DocumentError) as e:
+        one({"aiAgent": {}})
+    assert e.value.errors[0].path == "actions[0].aiAgent.agentId"
+    two = {"callbackUrl": "https://a.example/h", "voicemail": {}}
+    with pytest.raises(DocumentError) as e:
+        one({"aiAgent": {"agentId": "a", "handover": two}})
+    assert e.value.errors[0].code == "aiAgent.handover"
+
+
+async def test_ai_agent_fails_the_call_as_verb_unsupported(tmp_path: Path) -> None:
+    from dsl.context import VoiceAppError
+
+    fake = Fake(tmp_path)
+    with pytest.raises(VoiceAppError) as e:
+        await Interpreter(fake.ctx).run(doc({"say": {"text": "hi"}}, {"aiAgent": {"agentId": "a"}}))
+    assert (e.value.code, e.value.message) == (
+        "verb_unsupported",
+        "actions[1].aiAgent: aiAgent is not supported yet",
+    )
