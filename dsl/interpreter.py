@@ -113,6 +113,7 @@ class Interpreter:
         try:
             return await verb.run(self.ctx, state)
         except MediaError as err:  # a prompt that cannot play is skipped; the call goes on
+            log.warning("call %s: %s skipped: %s", leg.call_id, state.path, err)
             state.note(err.code, err.message)
             return NEXT
         except VerbUnsupported as err:

@@ -124,3 +124,19 @@ async def test_ai_agent_fails_the_call_as_verb_unsupported(tmp_path: Path) -> No
         "verb_unsupported",
         "actions[1].aiAgent: aiAgent is not supported yet",
     )
+
+
+async def test_a_skipped_prompt_is_logged_with_the_call_id(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from dsl.context import MediaError
+
+    fake = Fake(tmp_path)
+
+    async def broken(url: str) -> Path:
+        raise MediaError("media_fetch_failed", "HTTP 404")
+
+    fake.ctx.prompts.audio = broken  # type: ignore[method-assign]
+    await Interpreter(fake.ctx).run(doc({"play": {"url": "https://cdn.example/x.wav"}}))
+    line = next(r.getMessage() for r in caplog.records if "skipped" in r.getMessage())
+    assert fake.leg.call_id in line and "actions[0].play" in line
