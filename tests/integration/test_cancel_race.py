@@ -28,7 +28,9 @@ async def test_cancel_5ms_after_invite_is_reported_canceled(
     gw = gateway_factory(
         voice_url=f"{voice_app.base_url}/voice", app_secret=voice_app.secret, events_url=events_url
     )
-    code, ok, _, out = await sipp(SIPP_DIR / "cancel_5ms.xml", gw.sip_port, timeout=15, cwd=tmp_path)
+    code, ok, _, out = await sipp(
+        SIPP_DIR / "cancel_5ms.xml", gw.sip_port, timeout=15, cwd=tmp_path
+    )
     assert code == 0 and ok == 1, out
     assert await rec.wait_for(lambda evs: final_events(evs), 10), gw.log_text()
     await asyncio.sleep(0.5)
