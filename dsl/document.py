@@ -23,10 +23,11 @@ from dsl.verbs.say import LANGUAGE_PATTERN
 
 MAX_ACTIONS = 50  # the SDK's limit
 MAX_BYTES = 64 * 1024
+MAX_DEPTH = 32  # arrays/objects inside one another; real documents nest 4-5 deep
 ENVELOPE_KEYS = ("actions",)
 
 # Pydantic's own rule codes become these; the product's rule names pass through as codes.
-PRODUCT_CODES = frozenset({"ErrDialTargetXOR", "ErrDialNumberNumbers"})
+PRODUCT_CODES = frozenset({"ErrDialTargetXOR", "ErrDialNumberNumbers", "aiAgent.handover"})
 _PATTERN_HINTS = {
     DTMF_KEY_PATTERN: 'expected one key: 0-9, * or #, or "" for none',
     DTMF_KEYS_PATTERN: "expected keys from 0-9, * and #",
@@ -88,9 +89,36 @@ def parse_document(raw: bytes | str | Any) -> Document:
         message = f"{len(actions)} actions; at most {MAX_ACTIONS} are allowed"
         raise DocumentError([*issues, DocIssue("actions", "document.too_many_actions", message)])
     verbs = [_parse_action(item, f"actions[{i}]", issues) for i, item in enumerate(actions)]
+    for i, verb in enumerate(verbs[:-1]):
+        if verb is not None and verb.must_be_last:
+            message = f"{verb.verb} must be the last action"
+            issues.append(DocIssue(f"actions[{i}].{verb.verb}", f"{verb.verb}.not_last", message))
     if issues:
         raise DocumentError(issues)
     return Document(tuple(v for v in verbs if v is not None))
+
+
+def check_depth(data: bytes) -> None:
+    """Refuse JSON text nested deeper than MAX_DEPTH, scanned without recursion (json.loads
+    recurses, so a 60 000-deep document must be stopped before it is parsed)."""
+    depth, in_string, escaped = 0, False, False
+    for byte in data:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > MAX_DEPTH:
+                message = f"nested deeper than {MAX_DEPTH} levels; at most {MAX_DEPTH} are allowed"
+                raise DocumentError([DocIssue("", "document.too_deep", message)])
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
 
 
 def _load(raw: Any) -> Any:
@@ -98,6 +126,7 @@ def _load(raw: Any) -> Any:
         data = raw.encode() if isinstance(raw, str) else bytes(raw)
         if len(data) > MAX_BYTES:
             raise _too_large(len(data))
+        check_depth(data)
         try:
             return json.loads(data)
         except UnicodeDecodeError:

@@ -29,7 +29,7 @@ class VerbUnsupported(Exception):
     """A valid verb this gateway cannot run yet; the interpreter ends the call cleanly."""
 
     def __init__(self, verb: str) -> None:
-        super().__init__(f"{verb} is not supported by this gateway yet")
+        super().__init__(f"{verb} is not supported yet")
         self.verb = verb
 
 

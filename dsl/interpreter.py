@@ -57,6 +57,11 @@ class Interpreter:
     async def _run(self, fetched: FetchedDocument, state: RunState) -> tuple[EndedBy, int | None]:
         while True:
             document = self._parse(fetched)
+            if not document.actions and self._documents == 0:
+                # Not a rejection: the app gave nothing to run. The session answers 500.
+                raise VoiceAppError(
+                    "document_empty", f"the document from {fetched.url} has no actions"
+                )
             self._documents += 1
             state.document_url = fetched.url
             step = await self._run_document(document, state)
@@ -108,9 +113,9 @@ class Interpreter:
         try:
             return await verb.run(self.ctx, state)
         except MediaError as err:  # a prompt that cannot play is skipped; the call goes on
+            log.warning("call %s: %s skipped: %s", leg.call_id, state.path, err)
             state.note(err.code, err.message)
             return NEXT
         except VerbUnsupported as err:
-            state.note("verb_unsupported", str(err))
-            await leg.hangup()
-            return end("verb_unsupported")
+            # Never a silent success: the call fails (before answer a final code, else BYE).
+            raise VoiceAppError("verb_unsupported", f"{state.path}: {err}") from err

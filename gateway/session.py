@@ -296,17 +296,19 @@ class CallSession:
         return status
 
     def _classify(self, end: CallEnd) -> tuple[str, str, str, str]:
+        if not end.was_answered and end.sip_code == 487:
+            # What SIP said wins: a CANCEL that raced the gateway's own hangup (fetch still
+            # pending, or a failure already noted) still ended the call as 487 canceled.
+            return (
+                "canceled",
+                "originator_cancel",
+                "caller_canceled",
+                "the caller hung up before the call was answered",
+            )
         if self.failure is not None:
             return ("failed", "normal_temporary_failure", self.failure.reason, self.failure.message)
         cause = _CAUSE_BY_CODE.get(end.sip_code, "normal_temporary_failure")
         if end.by == "remote" and not end.was_answered:
-            if end.sip_code == 487:
-                return (
-                    "canceled",
-                    "originator_cancel",
-                    "caller_canceled",
-                    "the caller hung up before the call was answered",
-                )
             return (
                 "failed",
                 cause,

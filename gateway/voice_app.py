@@ -15,6 +15,8 @@ from yarl import URL
 
 from config.settings import CallbacksSettings
 from dsl.context import FetchedDocument, VoiceAppError
+from dsl.document import check_depth
+from dsl.errors import DocumentError
 from gateway.events.signing import SIGNATURE_HEADER, sign
 from gateway.urlguard import ForbiddenAddressError, HostUnresolvable, UrlForbidden, check_url
 
@@ -111,6 +113,10 @@ class VoiceAppClient:
             len(body),
             (time.monotonic() - started) * 1000,
         )
+        try:
+            check_depth(body)  # before json.loads, which recurses
+        except DocumentError as err:
+            raise VoiceAppError("document_invalid", str(err)) from None
         try:
             doc: Any = json.loads(body)
         except ValueError:

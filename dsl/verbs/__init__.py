@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
+from dsl.verbs.ai_agent import AiAgent
 from dsl.verbs.base import PromptVerb, RunIssue, RunState, Step, Verb
 from dsl.verbs.conference import Conference
 from dsl.verbs.dial import Dial
@@ -30,12 +31,14 @@ _CLASSES: tuple[type[Verb], ...] = (
     Hangup,
     Stream,
     Pause,
+    AiAgent,
 )
 
 VERBS: Mapping[str, type[Verb]] = MappingProxyType({cls.verb: cls for cls in _CLASSES})
 
 __all__ = [
     "VERBS",
+    "AiAgent",
     "Conference",
     "Dial",
     "GetDigits",

@@ -124,6 +124,7 @@ class Verb(BaseModel):
     needs: ClassVar[Needs]  # precondition the interpreter resolves before `run`
     is_extension: ClassVar[bool] = False  # a whole verb the SDK does not write (pause)
     nested_verbs: ClassVar[tuple[str, ...]] = ()  # verbs allowed in its `nested` list
+    must_be_last: ClassVar[bool] = False  # nothing may follow it in a document (aiAgent)
 
     async def run(self, ctx: CallContext, state: RunState) -> Step:
         raise NotImplementedError

@@ -26,10 +26,10 @@ class Conference(Verb):
     name: str = Field(min_length=1, max_length=128, description="Conference room name.")
     flags: str | list[str] | None = Field(None, description="Participant flags.")
     max_participants: int | None = Field(
-        None, ge=1, le=1000, description="Refuse entry beyond this many participants."
+        None, ge=0, le=1000, description="Refuse entry beyond this many; 0 = the platform default."
     )
     record: bool = Field(False, description="Record the conference.")
-    beep: bool = Field(True, description="Beep when a participant joins or leaves.")
+    beep: bool = Field(False, description="Beep when a participant joins or leaves.")
     muted: bool = Field(False, description="Join muted (listen only).")
     start_on_enter: bool = Field(
         True, description="The conference starts when this participant enters."

@@ -2,18 +2,36 @@
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal
+import logging
+import re
+from typing import Annotated, ClassVar
 
-from pydantic import Field, StringConstraints, model_validator
+from pydantic import AfterValidator, Field, StringConstraints, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from dsl.context import CallContext
 from dsl.errors import VerbUnsupported
+from dsl.phone import normalise_e164
 from dsl.verbs.base import Needs, RunState, Step, Verb, extension
 
 E164_PATTERN = r"^\+[1-9][0-9]{1,14}$"
+log = logging.getLogger(__name__)
+
 SIP_URI_PATTERN = r"^sips?:[^\s]+$"
-E164 = Annotated[str, StringConstraints(pattern=E164_PATTERN)]
+RECORD_MODES = ("record-from-answer", "record-from-ringing")
+
+
+def _to_e164(value: str) -> str:
+    """National forms ("0712345678") normalise as inbound routing does; E.164 passes through."""
+    e164 = normalise_e164(value)
+    if e164 is None or not re.match(E164_PATTERN, e164):
+        raise PydanticCustomError(
+            "dial_number", "expected a phone number like +254711000000 or 0711000000"
+        )
+    return e164
+
+
+E164 = Annotated[str, StringConstraints(max_length=32), AfterValidator(_to_e164)]
 
 
 class Dial(Verb):
@@ -38,8 +56,11 @@ class Dial(Verb):
         None, max_length=64, description="Caller ID presented to the called party."
     )
     timeout: float = Field(30, gt=0, le=600, description="Seconds to ring before giving up.")
-    record: Literal["record-from-answer", "record-from-ringing"] | None = Field(
-        None, description="Record the bridged call, from answer or from ringing."
+    record: str | None = Field(
+        None,
+        max_length=64,
+        description='Record the bridged call: "record-from-answer" or "record-from-ringing"; '
+        "any other value is ignored (logged).",
     )
     sequential: bool = extension(
         False, description="Ring `numbers` one after another instead of all at once."
@@ -47,6 +68,15 @@ class Dial(Verb):
     time_limit: float | None = extension(
         None, gt=0, le=86400, description="Longest bridged call in seconds."
     )
+
+    @field_validator("record")
+    @classmethod
+    def _record_mode(cls, value: str | None) -> str | None:
+        # The SDK types `record` as any string: accept, but say what is understood.
+        if value is not None and value not in RECORD_MODES:
+            log.info("dial.record %r ignored; valid values: %s", value, " or ".join(RECORD_MODES))
+            return None
+        return value
 
     @model_validator(mode="after")
     def _one_target(self) -> Dial:

@@ -91,6 +91,10 @@ class GetDigits(Verb):
         le=3600,
         description="Seconds allowed between digits once one was pressed; default `timeout`.",
     )
+    flush_digits: bool = extension(
+        False,
+        description="Drop keys pressed before this getDigits started (no type-ahead).",
+    )
     valid_digits: str | None = extension(
         None,
         pattern=DTMF_KEYS_PATTERN,
@@ -101,7 +105,10 @@ class GetDigits(Verb):
         leg = ctx.leg
         timeout = self.timeout or ctx.default_digit_timeout_s
         between = self.inter_digit_timeout or timeout
-        leg.flush_digits()  # only keys pressed during this getDigits count
+        if self.flush_digits:
+            leg.flush_digits()
+        # Otherwise type-ahead: keys pressed since the previous getDigits/record (during a
+        # say/play) count, VoiceXML-style. In-band (audio) DTMF is only heard while listening.
         leg.listen_for_digits(True)
         try:
             if self.nested:

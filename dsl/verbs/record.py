@@ -45,11 +45,13 @@ class Record(Verb):
     )
     method: Literal["GET", "POST"] = Field("POST", description="HTTP method for `action`.")
     timeout: float = Field(
-        5, ge=0, le=3600, description="Seconds of silence that stop it; 0 = never on silence."
+        5, ge=0, le=3600, description="Seconds of silence that stop it; 0 = the default (5)."
     )
-    max_length: float = Field(3600, gt=0, le=14400, description="Longest recording in seconds.")
+    max_length: float = Field(
+        3600, ge=0, le=14400, description="Longest recording in seconds; 0 = the default (3600)."
+    )
     finish_on_key: str = Field(
-        "#",
+        "",
         pattern=DTMF_KEY_PATTERN,
         description='Key that stops it: one of 0-9 * #, or "" for none.',
     )
@@ -68,11 +70,14 @@ class Record(Verb):
     async def run(self, ctx: CallContext, state: RunState) -> Step:
         leg = ctx.leg
         recording_id = uuid.uuid4().hex
-        leg.flush_digits()  # an earlier key press must not stop it before it starts
+        # No type-ahead here (unlike getDigits): a key pressed during an earlier prompt would
+        # otherwise end the recording before the caller said a word.
+        leg.flush_digits()
         result = await leg.record(
             ctx.recordings_dir / f"{recording_id}.{self.format}",
-            max_length_s=self.max_length,
-            silence_timeout_s=self.timeout,
+            # The SDK writes 0 for "the platform default": the model's own defaults.
+            max_length_s=self.max_length or _default("max_length"),
+            silence_timeout_s=self.timeout or _default("timeout"),
             finish_on_key=self.finish_on_key,
             beep=self.play_beep,
         )
@@ -93,3 +98,9 @@ class Record(Verb):
                 state.note(err.code, err.message)
             return end("caller")
         return reply_step(await ctx.app.fetch(target, self.method, extra))
+
+
+def _default(name: str) -> float:
+    value = Record.model_fields[name].default
+    assert isinstance(value, int | float)
+    return float(value)

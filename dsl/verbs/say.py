@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from pathlib import Path
 from typing import ClassVar
 
@@ -11,6 +13,8 @@ from dsl.context import CallContext
 from dsl.verbs.base import Needs, PromptVerb, RunState, loop_field
 
 # BCP-47 as voice apps write it (en-KE, sw-KE, en-US, zh-Hant-TW); the TTS decides what it has.
+log = logging.getLogger(__name__)
+
 LANGUAGE_PATTERN = r"^[A-Za-z]{2,8}(-[A-Za-z0-9]{1,8})*$"
 
 
@@ -20,7 +24,7 @@ class Say(PromptVerb):
     verb: ClassVar[str] = "say"
     needs: ClassVar[Needs] = "media"
 
-    text: str = Field(min_length=1, max_length=4000, description="What to say.")
+    text: str = Field(max_length=4000, description="What to say; empty text is skipped (logged).")
     voice: str | None = Field(
         None,
         max_length=100,
@@ -32,6 +36,14 @@ class Say(PromptVerb):
         description='BCP-47 language tag, e.g. "en-KE", "en-US", "sw-KE".',
     )
     loop: int = loop_field()
+
+    async def perform(
+        self, ctx: CallContext, state: RunState, stop: asyncio.Event | None = None
+    ) -> bool:
+        if not self.text.strip():  # the SDK lets `say("")` through: nothing to say, not an error
+            log.info("call %s: %s: empty text, skipped", ctx.leg.call_id, state.path)
+            return True
+        return await super().perform(ctx, state, stop)
 
     async def wav(self, ctx: CallContext, state: RunState) -> Path:
         return await ctx.prompts.tts(self.text, self.voice, self.language)

@@ -10,7 +10,7 @@ from dsl.context import CallContext
 from dsl.errors import VerbUnsupported
 from dsl.verbs.base import Needs, RunState, Step, Verb
 
-Rate = Literal[8000, 16000]
+Rate = Literal[8000, 16000]  # outputSamplingRate: what the SDK documents
 
 
 class Stream(Verb):
@@ -33,11 +33,13 @@ class Stream(Verb):
     output_sampling_rate: Rate = Field(
         8000, description="Rate of the 16-bit LE PCM frames sent to the server."
     )
-    bidirectional_sampling_rate: Rate | None = Field(
-        None, description="Rate of audio the server sends back."
+    bidirectional_sampling_rate: int | float | None = Field(
+        None, gt=0, le=384000, description="Rate (Hz) of audio the server sends back."
     )
     name: str | None = Field(None, max_length=128, description="Name of this stream.")
-    input_sampling_rate: Rate | None = Field(None, description="Rate of the call's audio.")
+    input_sampling_rate: int | float | None = Field(
+        None, gt=0, le=384000, description="Rate (Hz) of the call's audio."
+    )
     header_metadata: str | None = Field(
         None,
         max_length=8192,

@@ -23,6 +23,7 @@ EXPECTED_NEEDS = {
     "getDigits": "media",
     "record": "media",
     "pause": "media",
+    "aiAgent": "media",
     "dial": "media",
     "conference": "media",
     "stream": "media",
@@ -41,7 +42,7 @@ def test_registry_holds_every_verb_with_its_precondition() -> None:
 def test_one_file_per_verb() -> None:
     files = {p.stem for p in (DSL_DIR / "verbs").glob("*.py")} - {"__init__", "base"}
     assert files == {"say", "play", "get_digits", "record", "dial", "conference", "redirect",
-                     "reject", "hangup", "stream", "pause"}  # fmt: skip
+                     "reject", "hangup", "stream", "pause", "ai_agent"}  # fmt: skip
 
 
 def test_schema_envelope() -> None:

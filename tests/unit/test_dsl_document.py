@@ -159,7 +159,7 @@ def test_defaults_live_in_the_models() -> None:
     rec = parse_document(actions({"record": {}})).actions[0]
     assert isinstance(rec, Record)
     assert (rec.action, rec.method, rec.timeout, rec.max_length) == (None, "POST", 5, 3600)
-    assert (rec.finish_on_key, rec.play_beep, rec.format) == ("#", True, "wav")
+    assert (rec.finish_on_key, rec.play_beep, rec.format) == ("", True, "wav")  # SDK: none
     conf = parse_document(actions({"conference": {"name": "x"}})).actions[0]
     assert isinstance(conf, Conference) and conf.start_on_enter is True
     dial = parse_document(actions({"dial": {"number": "+254711000000"}})).actions[0]
@@ -294,7 +294,6 @@ def test_wrong_type_says_what_was_expected(loop: Any) -> None:
         ({"record": {"playBeep": "true"}}, "actions[0].record.playBeep: expected true or false"),
         ({"getDigits": {"timeout": "10"}}, "actions[0].getDigits.timeout: expected a number"),
         ({"say": {"text": 5}}, "actions[0].say.text: expected a string"),
-        ({"say": {"text": ""}}, "actions[0].say.text: must not be empty"),
         ({"say": {"text": "x", "loop": -1}}, "actions[0].say.loop: must be at least 0"),
         (
             {"reject": {"reason": "nope"}},
@@ -310,7 +309,7 @@ def test_wrong_type_says_what_was_expected(loop: Any) -> None:
         ),
         (
             {"dial": {"numbers": ["+254711000000", "0711"]}},
-            "actions[0].dial.numbers[1]: expected an E.164 number like +254711000000",
+            "actions[0].dial.numbers[1]: expected a phone number like +254711000000 or 0711000000",
         ),
         (
             {"stream": {"url": "https://x.example"}},

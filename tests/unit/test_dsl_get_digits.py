@@ -35,17 +35,23 @@ async def test_listens_for_inband_digits_only_while_collecting(fake: Fake) -> No
     await Interpreter(fake.ctx).run(doc({"getDigits": {}}))
     kinds = [op for op in fake.ops if op[0] in ("flush", "listen", "fetch")]
     assert [op[:2] for op in kinds] == [
-        ("flush",),
         ("listen", True),
         ("listen", False),
         ("fetch", CALLBACK_URL),
     ]
 
 
-async def test_keys_pressed_before_get_digits_do_not_count(fake: Fake) -> None:
+async def test_type_ahead_keys_pressed_during_an_earlier_say_count(fake: Fake) -> None:
+    # The SDK quickstart: "Press 1 ..." said, then getDigits; the caller presses 1 meanwhile.
+    fake.leg.on_play = lambda _: (fake.leg.press("1"), setattr(fake.leg, "on_play", None))
+    await Interpreter(fake.ctx).run(doc(say("Press 1 for sales"), {"getDigits": {"numDigits": 1}}))
+    assert digits_posted(fake) == [{"Digits": "1"}]
+
+
+async def test_flush_digits_extension_drops_type_ahead(fake: Fake) -> None:
     fake.leg.press("9")  # e.g. during an earlier say
     fake.leg.digits_on_listen = ["1", "#"]
-    await Interpreter(fake.ctx).run(doc({"getDigits": {}}))
+    await Interpreter(fake.ctx).run(doc({"getDigits": {"flushDigits": True}}))
     assert digits_posted(fake) == [{"Digits": "1"}]
 
 

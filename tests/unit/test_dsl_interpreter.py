@@ -73,12 +73,6 @@ async def test_document_end_hangs_up(fake: Fake) -> None:
     assert fake.ops[-1] == ("hangup",)
 
 
-async def test_empty_document_hangs_up_without_answering(fake: Fake) -> None:
-    result = await Interpreter(fake.ctx).run(doc())
-    assert result.ended_by == "document_end"
-    assert fake.ops == [("hangup",)]
-
-
 async def test_hangup_verb_drops_the_rest(fake: Fake) -> None:
     result = await Interpreter(fake.ctx).run(doc(say("a"), {"hangup": {}}, say("b")))
     assert result.ended_by == "hangup_verb"
@@ -213,13 +207,23 @@ async def test_media_error_skips_the_verb_and_goes_on(fake: Fake) -> None:
         {"stream": {"url": "wss://ai.example/audio"}},
     ],
 )
-async def test_unsupported_verbs_end_the_call_cleanly(fake: Fake, item: dict[str, Any]) -> None:
-    result = await Interpreter(fake.ctx).run(doc(say("a"), item, say("never")))
+async def test_unsupported_verbs_fail_the_call_naming_the_path(
+    fake: Fake, item: dict[str, Any]
+) -> None:
+    # Never a silent success: the session turns this into call.failed verb_unsupported.
     verb = next(iter(item))
-    assert result.ended_by == "verb_unsupported"
-    assert [(e.code, e.path) for e in result.errors] == [("verb_unsupported", f"actions[1].{verb}")]
+    with pytest.raises(VoiceAppError) as e:
+        await Interpreter(fake.ctx).run(doc(say("a"), item, say("never")))
+    assert e.value.code == "verb_unsupported"
+    assert e.value.message == f"actions[1].{verb}: {verb} is not supported yet"
     assert fake.said() == ["a"]
-    assert fake.ops[-1] == ("hangup",)
+
+
+async def test_an_empty_first_document_is_document_empty(fake: Fake) -> None:
+    with pytest.raises(VoiceAppError) as e:
+        await Interpreter(fake.ctx).run(FetchedDocument({"actions": []}, FIRST_URL))
+    assert e.value.code == "document_empty"
+    assert fake.ops == []
 
 
 async def test_body_from_the_voice_app_may_be_raw_json_bytes(fake: Fake) -> None:

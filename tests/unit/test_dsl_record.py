@@ -50,13 +50,13 @@ async def test_parameters_reach_the_leg(fake: Fake) -> None:
     params = {"timeout": 0, "maxLength": 60, "finishOnKey": "*", "playBeep": False}
     await Interpreter(fake.ctx).run(doc({"record": params}))
     ((_, _, max_length, silence, key, beep),) = fake.kinds("record")
-    assert (max_length, silence, key, beep) == (60, 0, "*", False)
+    assert (max_length, silence, key, beep) == (60, 5, "*", False)  # timeout 0 = the default
 
 
 async def test_defaults_reach_the_leg(fake: Fake) -> None:
     await Interpreter(fake.ctx).run(doc({"record": {}}))
     ((_, _, max_length, silence, key, beep),) = fake.kinds("record")
-    assert (max_length, silence, key, beep) == (3600, 5, "#", True)
+    assert (max_length, silence, key, beep) == (3600, 5, "", True)  # SDK: no finish key
 
 
 async def test_default_action_is_the_voice_callback_and_get_is_honoured(fake: Fake) -> None:

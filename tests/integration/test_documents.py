@@ -1,0 +1,56 @@
+"""Documents that must fail the call with a reason that says what happened (real call, real app)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from tests.integration.conftest import dump, final_events
+
+pytestmark = pytest.mark.integration
+
+# 30 000 deep fits the 64 KiB document limit; json.loads alone would raise RecursionError.
+DEEP = '{"actions": [{"say": {"text": "x", "voice": ' + "[" * 30_000 + "]" * 30_000 + "}}]}"
+
+
+@pytest.mark.parametrize(
+    ("document", "reason", "in_message", "answered"),
+    [
+        ({"actions": [{"say": {"text": "hi"}}, {"dial": {"number": "0712345678"}}]},
+         "verb_unsupported", "actions[1].dial: dial is not supported yet", True),
+        ({"actions": []}, "document_empty", "no actions", False),
+        (DEEP, "document_invalid", "32", False),
+    ],
+)  # fmt: skip
+async def test_document_fails_the_call_with_its_reason(
+    document, reason, in_message, answered, phone, voice_app, receiver, gateway_factory
+):
+    rec, events_url = receiver
+
+    async def script(req: web.Request, form: dict[str, str]) -> Any:
+        if isinstance(document, str):
+            return web.Response(text=document, content_type="application/json")
+        return document
+
+    voice_app.script = script
+    gw = gateway_factory(
+        voice_url=f"{voice_app.base_url}/voice", app_secret=voice_app.secret, events_url=events_url
+    )
+    call = phone.make_call(gw.uri)
+    if answered:
+        await asyncio.wait_for(call.answer(), 10)
+    end = await asyncio.wait_for(call.wait_ended(), 20)
+    assert end.was_answered is answered
+    if not answered:
+        assert end.sip_code == 500, end
+    assert await rec.wait_for(lambda evs: final_events(evs), 10), gw.log_text()
+    await asyncio.sleep(0.3)
+    finals = final_events(rec.events)
+    assert len(finals) == 1, dump(rec.events)
+    assert finals[0].kind == "call.failed", dump(rec.events)
+    data = finals[0].body["data"]
+    assert data["status"] == "failed" and data["reason"] == reason, data
+    assert in_message in data["message"], data
