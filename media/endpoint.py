@@ -98,11 +98,12 @@ class _RefuseAccount(pj.Account):  # type: ignore[misc]
         # burst from piling calls (and their pjsua slots) up behind a busy asyncio loop.
         call = pj.Call(self, prm.callId)
         op = pj.CallOpParam()
-        op.statusCode = 503
-        h = pj.SipHeader()
-        h.hName = "Retry-After"
-        h.hValue = "5"
-        op.txOption.headers.append(h)
+        op.statusCode = self._endpoint._refuse_code  # set by _select_account, same thread
+        if op.statusCode == 503:
+            h = pj.SipHeader()
+            h.hName = "Retry-After"
+            h.hValue = "5"
+            op.txOption.headers.append(h)
         try:
             call.hangup(op)
         except pj.Error:
@@ -129,6 +130,10 @@ class SipEndpoint:
         self.ep = _Ep(self)
         self._account: _Account | None = None
         self._refuser: _RefuseAccount | None = None
+        self._refuse_code = 503
+        # Who may send this endpoint an INVITE ("host:port" -> bool); pump thread, so it must be
+        # pure and quick. Refused sources get 403 before pjsua opens a socket for them.
+        self.source_filter: Callable[[str], bool] | None = None
         self.admission = Admission(cfg.admit or cfg.max_calls, fixed=len(cfg.transports))
         self._pending_media = False  # the last INVITE sent to the main account (pump thread)
         # pjsua2 Call objects whose calls are over, deleted by the pump thread once nothing
@@ -227,14 +232,23 @@ class SipEndpoint:
             return  # OPTIONS, MESSAGE...: pjsua's own choice
         if self._pending_media:  # the previous one failed silently after its media was made
             self.admission.churned()
-        reason = self.admission.decide()
+        source = prm.rdata.srcAddress
+        if self.source_filter is not None and not self.source_filter(source):
+            reason: str | None = "source"
+            self._refuse_code = 403
+        else:
+            reason = self.admission.decide()
+            self._refuse_code = 503
         if reason is None and self._account is not None:
             self._pending_media = True
             prm.accountIndex = self._account.getId()
         elif self._refuser is not None:
             self._pending_media = False
             prm.accountIndex = self._refuser.getId()
-            log.debug("INVITE refused before media (%s): 503", reason)
+            if reason == "source":
+                log.warning("INVITE from %s refused: not an allowed source; 403", source)
+            else:
+                log.debug("INVITE refused before media (%s): 503", reason)
 
     def _rejected_incoming(self) -> None:
         if self._pending_media:

@@ -151,6 +151,9 @@ class Worker:
             ),
         )
         self.endpoint.on_incoming = self._on_incoming
+        # Behind a front only the front; with none, sip.allowed_sources: decided in the pump
+        # thread before any media socket opens (a flood from elsewhere costs no queue slot).
+        self.endpoint.source_filter = functools.partial(source_allowed, settings)
         self.api_base = settings.api.base_url  # a wildcard listen is reached via loopback
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -217,13 +220,6 @@ class Worker:
 
     # -- calls ------------------------------------------------------------------------------
     def _on_incoming(self, call: SipCall, invite: IncomingInvite) -> None:
-        if not source_allowed(self.settings, invite.source):
-            # behind a front only the front; with none, sip.allowed_sources (front-owned check)
-            log.warning(
-                "INVITE from %s refused: not from the front or allowed_sources; 403", invite.source
-            )
-            call.reject_now(403)
-            return
         # Admission (capacity, drain, loop lag, socket budget) was decided in the pump thread
         # before pjsua opened any socket (media.admission); counting again here, in calls not
         # yet released, refused calls the gate had counted free. Only a stop or drain that
