@@ -35,6 +35,7 @@ from gateway.events.recovery import (
     HEARTBEAT_INTERVAL_S,
     HEARTBEAT_NAME,
     Heartbeat,
+    append_final,
     close_open_calls,
     read_heartbeat,
     write_heartbeat,
@@ -412,14 +413,7 @@ class Node:
                 "ended_at": now,
             }
             event = make_event("call.failed", first.workspace_id, data)
-            if self.outbox.append(
-                event,
-                url=first.url,
-                secret=first.secret,
-                policy=first.policy,
-                call_id=call_id,
-                final=True,
-            ):
+            if append_final(self.outbox, call_id, rows, event):
                 log.warning("call %s: call.failed (worker_lost)", call_id)
                 self.metrics.call_final("failed")
         w.calls.clear()

@@ -110,6 +110,20 @@ def lost_call_final(
     return make_event("call.failed", rows[0].workspace_id, data), ended
 
 
+def append_final(outbox: Outbox, call_id: str, rows: list[OutboxRow], event: Event) -> bool:
+    """Write a final event the gateway decided for a call it lost, to where the call's first
+    event went; False when the call already has its final (the outbox's UNIQUE rule)."""
+    first = rows[0]
+    return outbox.append(
+        event,
+        url=first.url,
+        secret=first.secret,
+        policy=first.policy,
+        call_id=call_id,
+        final=True,
+    )
+
+
 def close_open_calls(outbox: Outbox, heartbeat: Heartbeat | None, now: float) -> list[str]:
     """Write `call.failed node_lost` for every call with events and no final; the call ids
     that got one. Only safe while no worker of this storage is alive (the node's lock)."""
@@ -119,15 +133,7 @@ def close_open_calls(outbox: Outbox, heartbeat: Heartbeat | None, now: float) ->
         if not rows:
             continue
         event, ended = lost_call_final(rows, heartbeat, now)
-        first = rows[0]
-        if outbox.append(
-            event,
-            url=first.url,
-            secret=first.secret,
-            policy=first.policy,
-            call_id=call_id,
-            final=True,
-        ):
+        if append_final(outbox, call_id, rows, event):
             closed.append(call_id)
             log.warning(
                 "call %s: call.failed (node_lost), ended_at %s: left open by a node that "

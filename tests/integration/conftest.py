@@ -226,7 +226,10 @@ async def sipp(scenario: Path, port: int, *, calls: int = 1, limit: int = 1, rat
             (out[-4000:] + errors)[-6000:])
 
 
-def start_gateway(config: Path, tmp: Path, timeout: float = 30) -> Gateway:
+def start_gateway(config: Path, tmp: Path, timeout: float = 30, *,
+                  new_session: bool = False) -> Gateway:
+    """A gateway process; `new_session` puts it in its own session, so one killpg ends it
+    whole (supervisor, workers, Kamailio)."""
     import tomllib
 
     cfg = tomllib.loads(config.read_text())
@@ -237,6 +240,7 @@ def start_gateway(config: Path, tmp: Path, timeout: float = 30) -> Gateway:
         stdout=out,
         stderr=subprocess.STDOUT,
         cwd=ROOT,
+        start_new_session=new_session,
     )
     gw = Gateway(
         proc,

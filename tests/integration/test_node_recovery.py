@@ -14,7 +14,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -27,12 +26,12 @@ from gateway.events.outbox import Outbox
 from tests.integration.conftest import (
     CALLER,
     NUMBER,
-    ROOT,
     Gateway,
     dump,
     final_events,
     free_port_block,
     sipp,
+    start_gateway,
     write_config,
 )
 
@@ -43,26 +42,7 @@ CALLS = 4
 
 
 def start_node(config: Path, tmp: Path, timeout: float = 60) -> Gateway:
-    """Like conftest.start_gateway, in its own session so that one killpg ends it whole."""
-    import tomllib
-
-    cfg = tomllib.loads(config.read_text())
-    log = tmp / f"gateway-{int(time.time() * 1000)}.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", "run", "--config", str(config)],
-        stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
-    gw = Gateway(proc, int(cfg["sip"]["listen"].rsplit(":", 1)[1]),
-                 int(cfg["api"]["listen"].rsplit(":", 1)[1]), Path(cfg["storage"]["dir"]),
-                 config, log)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if b"sautikit-gateway ready" in log.read_bytes():
-            return gw
-        if proc.poll() is not None:
-            raise AssertionError(f"gateway exited {proc.returncode}:\n{gw.log_text()}")
-        time.sleep(0.05)
-    gw.stop()
-    raise AssertionError(f"gateway not ready in {timeout}s:\n{gw.log_text()}")
+    return start_gateway(config, tmp, timeout, new_session=True)
 
 
 def node_config(tmp: Path, voice_app: Any, events_url: str) -> Path:
