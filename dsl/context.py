@@ -8,7 +8,7 @@ Unit tests implement it with fakes.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -145,3 +145,5 @@ class CallContext:
     recordings_dir: Path
     default_digit_timeout_s: float = 5.0
     params: dict[str, str] = field(default_factory=dict)  # persisted fields sent on each fetch
+    # (verb, reason) of each action skipped because its media failed, for the gateway's metrics
+    on_skip: Callable[[str, str], None] | None = None

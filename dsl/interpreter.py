@@ -45,7 +45,9 @@ class Interpreter:
         self._documents = 0
 
     async def run(self, first: FetchedDocument) -> RunResult:
-        state = RunState(document_url=first.url)
+        state = RunState(
+            document_url=first.url, call_id=self.ctx.leg.call_id, on_skip=self.ctx.on_skip
+        )
         reject_code: int | None = None
         try:
             ended_by, reject_code = await self._run(first, state)
@@ -113,8 +115,7 @@ class Interpreter:
         try:
             return await verb.run(self.ctx, state)
         except MediaError as err:  # a prompt that cannot play is skipped; the call goes on
-            log.warning("call %s: %s skipped: %s", leg.call_id, state.path, err)
-            state.note(err.code, err.message)
+            state.skipped(verb.verb, err.code, err.message)
             return NEXT
         except VerbUnsupported as err:
             # Never a silent success: the call fails (before answer a final code, else BYE).

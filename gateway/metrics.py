@@ -406,6 +406,9 @@ CALLBACK_FETCH_BUCKETS: Final = (*CALL_SETUP_BUCKETS, 5.0, 10.0, 30.0, 120.0)
 # Names in `{"t": "metric", "name": ...}` messages from workers.
 SETUP_SECONDS: Final = "setup_seconds"
 CALLBACK_FETCH_SECONDS: Final = "callback_fetch_seconds"
+ACTION_SKIPPED: Final = "action_skipped"
+SKIP_REASONS: Final = ("tts_failed", "media_fetch_failed", "media_decode_failed", "url_forbidden")
+SKIP_VERBS: Final = ("say", "play")  # label values are bounded: anything else counts as "other"
 
 
 def setup_seconds_msg(seconds: float) -> dict[str, Any]:
@@ -421,6 +424,11 @@ def callback_fetch_msg(seconds: float, ok: bool) -> dict[str, Any]:
         "value": seconds,
         "outcome": "ok" if ok else "error",
     }
+
+
+def action_skipped_msg(verb: str, reason: str) -> dict[str, Any]:
+    """Worker → supervisor: a say/play skipped because its media failed (the call went on)."""
+    return {"t": "metric", "name": ACTION_SKIPPED, "verb": verb, "reason": reason}
 
 
 def final_msg(status: str) -> dict[str, Any]:
@@ -481,6 +489,12 @@ class NodeMetrics:
         )
         for outcome in FETCH_OUTCOMES:
             self.callback_fetch_seconds.labels(outcome=outcome)
+        self.actions_skipped = r.counter(
+            "sautikit_actions_skipped_total",
+            "say/play actions skipped because their media failed, by verb and reason "
+            "(tts_failed, media_fetch_failed, media_decode_failed, url_forbidden).",
+            ["verb", "reason"],
+        )
         r.gauge_fn(
             "sautikit_events_outbox",
             "Event outbox rows by state (pending, delivered, dead_letter).",
@@ -518,6 +532,14 @@ class NodeMetrics:
             return True
         if kind != "metric":
             return False
+        if msg.get("name") == ACTION_SKIPPED:
+            verb, reason = msg.get("verb"), msg.get("reason")
+            if isinstance(reason, str) and reason in SKIP_REASONS:
+                label = verb if isinstance(verb, str) and verb in SKIP_VERBS else "other"
+                self.actions_skipped.labels(verb=label, reason=reason).inc()
+            else:
+                log.warning("metrics: skip reason %r is not one of %s", reason, SKIP_REASONS)
+            return True
         name, value = msg.get("name"), _seconds(msg.get("value"))
         if value is None:
             log.warning("metrics: %r: value %r is not seconds", name, msg.get("value"))

@@ -186,6 +186,7 @@ class CallSession:
         self.failure: Failure | None = None
         self.final_written = False
         self.on_final: Callable[[str], None] | None = None  # the final status, for metrics
+        self.on_skip: Callable[[str, str], None] | None = None  # (verb, reason), for metrics
         call.on_answer.append(self._answered)
 
     def summary(self) -> dict[str, Any]:
@@ -226,6 +227,7 @@ class CallSession:
             events=self.events,
             voice_callback_url=self.route.voice_callback_url,
             recordings_dir=self.recordings_dir,
+            on_skip=self.on_skip,
         )
         try:
             first = await self.app.fetch(

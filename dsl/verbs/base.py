@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -45,6 +46,8 @@ class RunState:
     document_url: str
     path: str = ""  # the running verb's path, for issues and logs
     issues: list[RunIssue] = field(default_factory=list)
+    call_id: str = ""  # for logs
+    on_skip: Callable[[str, str], None] | None = None  # (verb, reason) of a skipped action
 
     def resolve(self, url: str) -> str:
         """Relative URLs ("/voice/menu") are relative to the document that holds them."""
@@ -52,8 +55,14 @@ class RunState:
 
     def note(self, code: str, message: str, path: str | None = None) -> None:
         issue = RunIssue(code, self.path if path is None else path, message)
-        log.warning("%s: %s: %s", issue.path, code, message)
+        log.warning("call %s: %s: %s: %s", self.call_id, issue.path, code, message)
         self.issues.append(issue)
+
+    def skipped(self, verb: str, code: str, message: str, path: str | None = None) -> None:
+        """An action (or nested prompt) skipped because its media failed; the call goes on."""
+        self.note(code, f"skipped: {message}", path)
+        if self.on_skip is not None:
+            self.on_skip(verb, code)
 
 
 @dataclass(frozen=True)

@@ -140,7 +140,8 @@ class GetDigits(Verb):
                     if not await prompt.perform(ctx, state, stop):
                         break
                 except MediaError as err:  # skip that prompt; still wait for digits
-                    state.note(err.code, err.message, f"{state.path}.nested[{i}].{prompt.verb}")
+                    where = f"{state.path}.nested[{i}].{prompt.verb}"
+                    state.skipped(prompt.verb, err.code, err.message, where)
         except BaseException:
             await _cancel(watcher)
             raise

@@ -27,6 +27,7 @@ from config.settings import Settings, load_settings, parse_hostport
 from gateway.events.outbox import Outbox
 from gateway.kamailio import source_allowed
 from gateway.logs import setup_logging
+from gateway.metrics import action_skipped_msg
 from gateway.prompts import GatewayPrompts
 from gateway.routing import Router, RoutingError, normalise_e164
 from gateway.session import (
@@ -312,6 +313,7 @@ class Worker:
         )
         self.sessions[call_id] = session
         session.on_final = lambda status: self.channel.send({"t": "final", "status": status})
+        session.on_skip = lambda verb, reason: self.channel.send(action_skipped_msg(verb, reason))
         self.channel.send({"t": "call", "call": session.summary()})
         call.on_answer.append(lambda: self._answered(session))
         try:

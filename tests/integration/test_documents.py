@@ -54,3 +54,38 @@ async def test_document_fails_the_call_with_its_reason(
     data = finals[0].body["data"]
     assert data["status"] == "failed" and data["reason"] == reason, data
     assert in_message in data["message"], data
+
+
+async def test_skipped_play_is_logged_and_counted(voice_app, receiver, gateway_factory):
+    """A play whose URL 404s is skipped (the call goes on and completes); the skip is logged
+    with the call id and counted in /metrics."""
+    from pathlib import Path
+
+    import aiohttp
+
+    from tests.integration.conftest import sipp
+
+    rec, events_url = receiver
+
+    def script(req, form):
+        if req.path == "/missing.wav":
+            return web.Response(status=404)
+        return {"actions": [{"play": {"url": f"{voice_app.base_url}/missing.wav"}},
+                            {"hangup": {}}]}
+
+    voice_app.script = script
+    gw = gateway_factory(voice_url=f"{voice_app.base_url}/voice", app_secret=voice_app.secret,
+                         events_url=events_url)
+    scenario = Path(__file__).parent / "sipp" / "answered_bye.xml"
+    _, ok, failed, out = await sipp(scenario, gw.sip_port, timeout=20)
+    assert (ok, failed) == (1, 0), out
+    assert await rec.wait_for(lambda evs: final_events(evs), 10)
+    final = final_events(rec.events)[0]
+    assert final.kind == "call.completed", dump(rec.events)
+    call_id = final.body["data"]["call_id"]
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{gw.api_port}/metrics") as r:
+            text = await r.text()
+    assert 'sautikit_actions_skipped_total{verb="play",reason="media_fetch_failed"} 1' in text
+    assert any(f"call {call_id}" in ln and "media_fetch_failed" in ln
+               for ln in gw.log_text().splitlines())

@@ -375,6 +375,7 @@ EXPECTED_FAMILIES = {
     "sautikit_calls_total": "counter",
     "sautikit_call_setup_seconds": "histogram",
     "sautikit_callback_fetch_seconds": "histogram",
+    "sautikit_actions_skipped_total": "counter",
     "sautikit_events_outbox": "gauge",
     "sautikit_events_dead_letters": "gauge",
     "sautikit_workers": "gauge",
