@@ -99,6 +99,9 @@ class Worker:
         self.index = index = place.index
         self.channel = channel
         self.draining = False
+        # Why calls still live at shutdown are cut: a stop we were sent, unless the supervisor
+        # vanished without one (see _commands).
+        self.shutdown_reason = "node_shutdown"
         self.loop = asyncio.get_running_loop()
         storage = settings.storage.dir
         self.recordings_dir = storage / "recordings"
@@ -193,7 +196,7 @@ class Worker:
     async def _shutdown(self) -> None:
         # Calls cut here are the gateway's doing, never a clean completion (README: "Call
         # endings the gateway caused").
-        why = getattr(self, "shutdown_reason", "node_shutdown")
+        why = self.shutdown_reason
         for s in list(self.sessions.values()):
             s.fail(why, _SHUTDOWN_MESSAGES[why])
             s.call.reject_now(503)
