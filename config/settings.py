@@ -44,9 +44,11 @@ __all__ = [
     "LogSettings",
     "MediaSettings",
     "NumberSettings",
+    "OutboundSettings",
     "Settings",
     "SipSettings",
     "StorageSettings",
+    "TrunkSettings",
     "TtsSettings",
     "WorkersSettings",
     "load_settings",
@@ -211,6 +213,8 @@ class ApiSettings(_Section):
 class ControlPlaneSettings(_Section):
     events_url: HttpUrlStr | None = None
     resolve_url: HttpUrlStr | None = None
+    # Where calls under MCP control (`control: "mcp"` on create) ask for their next actions.
+    control_url: HttpUrlStr | None = None
     # validate_default so the "required when a URL is set" rule also fires when it is absent.
     secret: Secret | None = Field(default=None, validate_default=True)
 
@@ -219,8 +223,10 @@ class ControlPlaneSettings(_Section):
     def _secret_required_with_urls(
         cls, value: SecretStr | None, info: ValidationInfo
     ) -> SecretStr | None:
-        if value is None and (info.data.get("events_url") or info.data.get("resolve_url")):
-            raise ValueError("required when events_url or resolve_url is set")
+        if value is None and any(
+            info.data.get(k) for k in ("events_url", "resolve_url", "control_url")
+        ):
+            raise ValueError("required when events_url, resolve_url or control_url is set")
         return value
 
 
@@ -318,6 +324,49 @@ class NumberSettings(_Section):
         return value.upper() if isinstance(value, str) else value
 
 
+class TrunkSettings(_Section):
+    """A carrier or SBC that outbound calls leave through (via the node's SIP front)."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+    address: HostPort  # host:port of the carrier's SIP edge
+    transport: Literal["udp", "tcp"] = "udp"
+    username: NonEmptyStr | None = None  # digest credentials, answered on 401/407
+    password: Secret | None = None
+    # Dialled number rewriting: `strip` leading characters removed (e.g. "+"), then `prefix`
+    # added, e.g. strip "+254" and prefix "0" for a carrier that wants national numbers.
+    strip: str = ""
+    prefix: Annotated[str, Field(pattern=r"^[0-9+*#]{0,16}$")] = ""
+    max_cps: float = Field(default=10.0, gt=0, le=10000)  # new calls per second
+    max_calls: int = Field(default=0, ge=0, le=1000000)  # concurrent calls; 0: no limit
+
+    @model_validator(mode="after")
+    def _credentials_together(self) -> TrunkSettings:
+        if (self.username is None) != (self.password is None):
+            raise ValueError("username and password go together")
+        return self
+
+    def dial_user(self, e164: str) -> str:
+        """The user part sent to this trunk for an E.164 destination."""
+        user = e164[len(self.strip) :] if self.strip and e164.startswith(self.strip) else e164
+        return self.prefix + user
+
+    def request_uri(self, e164: str) -> str:
+        host, port = parse_hostport(self.address)
+        if ":" in host:
+            host = f"[{host}]"
+        tp = ";transport=tcp" if self.transport == "tcp" else ""
+        return f"sip:{self.dial_user(e164)}@{host}:{port}{tp}"
+
+
+class OutboundSettings(_Section):
+    ring_timeout_s: float = Field(default=30.0, gt=0, le=600)  # default `timeout` of a create
+    # A create waits this long for a free worker slot or trunk capacity, then 503.
+    queue_s: float = Field(default=5.0, ge=0, le=60)
+    # Behind an external front (kamailio.mode = "external"): where workers send outbound
+    # INVITEs. Managed front: the front itself; no front: straight to the trunk.
+    proxy: HostPort | None = None
+
+
 class Settings(_Section):
     sip: SipSettings = Field(default_factory=SipSettings)
     api: ApiSettings
@@ -331,6 +380,8 @@ class Settings(_Section):
     demo: DemoSettings = Field(default_factory=DemoSettings)
     log: LogSettings = Field(default_factory=LogSettings)
     numbers: list[NumberSettings] = Field(default_factory=list)
+    trunks: list[TrunkSettings] = Field(default_factory=list)
+    outbound: OutboundSettings = Field(default_factory=OutboundSettings)
 
     @model_validator(mode="before")
     @classmethod
@@ -363,6 +414,15 @@ class Settings(_Section):
                     problems.append(
                         (f"numbers[{i}].{key}", "http:// needs callbacks.allow_http = true")
                     )
+
+        names: dict[str, int] = {}
+        for i, trunk in enumerate(self.trunks):
+            if trunk.name in names:
+                problems.append((f"trunks[{i}].name", f"duplicate of trunks[{names[trunk.name]}]"))
+            names.setdefault(trunk.name, i)
+        if sum(1 for t in self.trunks if t.username) > 5:
+            # pjsua2 holds 8 accounts per process: 2 are the gateway's, one is shared
+            problems.append(("trunks", "at most 5 trunks may have digest credentials"))
 
         if self.demo.enabled and not (self.callbacks.allow_http and self.callbacks.allow_private):
             # The demo app is plain http on the API's (usually loopback) address.

@@ -1,50 +1,97 @@
-"""Supervisor <-> worker messages: JSON lines over a socketpair.
-
-The channel is for coordination (ready, which calls are live, "the outbox has new rows");
-events themselves go through the SQLite outbox, so nothing billing-relevant rides on it.
+"""Supervisor <-> worker transport: JSON lines over a socketpair, each line one protocol message
+(gateway/workers/protocol.py). `Requester` adds request/reply on top: ids, futures, timeouts.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import itertools
 import logging
-from typing import Any
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from gateway.workers.protocol import Op, Reply, Request
 
 log = logging.getLogger(__name__)
 
+M = TypeVar("M")
 
-class Channel:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+
+class ChannelClosed(Exception):
+    """The other side is gone: a request to it will never be answered."""
+
+
+class Channel(Generic[M]):
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, adapter: TypeAdapter[M]
+    ) -> None:
         self.reader = reader
         self.writer = writer
+        self.adapter = adapter
 
-    def send(self, msg: dict[str, Any]) -> None:
+    @property
+    def closed(self) -> bool:
+        return self.writer.is_closing()
+
+    def send(self, msg: BaseModel) -> None:
         if self.writer.is_closing():
             return
-        self.writer.write(json.dumps(msg, separators=(",", ":")).encode() + b"\n")
+        self.writer.write(msg.model_dump_json().encode() + b"\n")
 
-    async def recv(self) -> dict[str, Any] | None:
-        """The next message, or None when the other side is gone."""
+    async def recv(self) -> M | None:
+        """The next valid message, or None when the other side is gone."""
         while True:
             try:
                 line = await self.reader.readline()
-            except (ConnectionError, asyncio.IncompleteReadError):
+            except (ConnectionError, asyncio.IncompleteReadError, ValueError):
                 return None
             if not line:
                 return None
             try:
-                msg = json.loads(line)
-            except ValueError:
-                log.warning("ipc: dropped a malformed line")
-                continue
-            if isinstance(msg, dict):
-                return msg
+                return self.adapter.validate_json(line)
+            except ValidationError as e:
+                log.warning("ipc: dropped an invalid message: %s", e.errors()[:1])
 
     def close(self) -> None:
         self.writer.close()
 
 
-async def open_channel(sock: Any) -> Channel:
+async def open_channel(sock: Any, adapter: TypeAdapter[M]) -> Channel[M]:
     reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 20)
-    return Channel(reader, writer)
+    return Channel(reader, writer, adapter)
+
+
+class Requester:
+    """Requests over a channel, each answered by the `Reply` with its id (or a timeout)."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, channel: Channel[Any]) -> None:
+        self.channel = channel
+        self._pending: dict[int, asyncio.Future[Reply]] = {}
+
+    async def request(self, body: Op, timeout: float = 5.0) -> Reply:
+        """Raises ChannelClosed (the worker is gone) or TimeoutError."""
+        if self.channel.closed:
+            raise ChannelClosed()
+        rid = next(self._ids)
+        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        try:
+            self.channel.send(Request(id=rid, body=body))
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._pending.pop(rid, None)
+
+    def reply(self, msg: Reply) -> None:
+        fut = self._pending.get(msg.id)
+        if fut is not None and not fut.done():
+            fut.set_result(msg)
+
+    def close(self) -> None:
+        """The channel closed: every waiting request fails now, none hangs."""
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(ChannelClosed())
+        self._pending.clear()

@@ -1,0 +1,128 @@
+"""The supervisor <-> worker protocol: tagged messages (field `t`), validated on receipt.
+
+Coordination only: events themselves go through the SQLite outbox (a worker that dies loses no
+event it wrote); the `CallEvent` note here feeds the supervisor's call records and wakes the
+deliverer. Commands to calls are `Request`s (with an id) answered by a `Reply` with that id.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from gateway.control.hangup import Hangup
+from gateway.control.originate import Originate
+from gateway.control.redirect import Redirect
+from gateway.control.respond import Respond
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# -- supervisor -> worker ----------------------------------------------------------------------
+class Stop(_Msg):
+    t: Literal["stop"] = "stop"
+
+
+class Drain(_Msg):
+    t: Literal["drain"] = "drain"
+    on: bool = True
+
+
+Op = Annotated[Hangup | Redirect | Respond | Originate, Field(discriminator="op")]
+
+
+class Request(_Msg):
+    t: Literal["req"] = "req"
+    id: int
+    body: Op
+
+
+# -- worker -> supervisor ----------------------------------------------------------------------
+class Ready(_Msg):
+    t: Literal["ready"] = "ready"
+    worker: int
+    max_calls: int
+    admit: int
+    sip: str
+
+
+class CallState(_Msg):
+    """A call appeared on the worker or changed state (ringing -> in-progress)."""
+
+    t: Literal["call"] = "call"
+    identity: dict[str, Any]  # CallIdentity.to_wire()
+    status: str  # ringing | in-progress
+    answered_at: float | None = None
+
+
+class CallEnded(_Msg):
+    """The call is over on the worker (its final event is written when it had a destination)."""
+
+    t: Literal["ended"] = "ended"
+    call_id: str
+    status: str  # the final status (completed, failed, busy, no_answer, canceled, rejected)
+    answered_at: float | None = None
+    ended_at: float
+    sip_code: int | None = None
+    failure_code: str | None = None
+
+
+class CallEvent(_Msg):
+    """An event the worker wrote for a call (kept in the call's record; wakes delivery)."""
+
+    t: Literal["event"] = "event"
+    call_id: str
+    event_id: str
+    kind: str
+    data: dict[str, Any]
+    occurred_at: str
+    stored: bool = True  # False when there was no events destination (logged only)
+
+
+class Recording(_Msg):
+    """A recording began (`writing`) or its file is complete (`ready`)."""
+
+    t: Literal["recording"] = "recording"
+    call_id: str
+    recording_id: str
+    state: Literal["writing", "ready", "failed"]
+
+
+class Metric(_Msg):
+    t: Literal["metric"] = "metric"
+    name: str
+    value: float | None = None
+    outcome: str | None = None
+    verb: str | None = None
+    reason: str | None = None
+
+
+class Final(_Msg):
+    """A call's final status, for the node's metrics."""
+
+    t: Literal["final"] = "final"
+    status: str
+
+
+class Reply(_Msg):
+    t: Literal["reply"] = "reply"
+    id: int
+    ok: bool
+    result: dict[str, Any] = Field(default_factory=dict)
+    code: str | None = None  # when not ok: call_not_found, call_ended, busy, invalid...
+    message: str | None = None
+
+
+ToWorker = Annotated[Stop | Drain | Request, Field(discriminator="t")]
+FromWorker = Annotated[
+    Ready | CallState | CallEnded | CallEvent | Recording | Metric | Final | Reply,
+    Field(discriminator="t"),
+]
+Message = Stop | Drain | Request | Ready | CallState | CallEnded | CallEvent | Recording | Metric \
+    | Final | Reply
+
+TO_WORKER: TypeAdapter[ToWorker] = TypeAdapter(ToWorker)
+FROM_WORKER: TypeAdapter[FromWorker] = TypeAdapter(FromWorker)
