@@ -20,7 +20,6 @@ import socket
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +27,13 @@ from aiohttp import ClientSession, ClientTimeout, web
 
 from config.settings import ConfigError, Settings, parse_hostport
 from gateway.api.app import make_app, start_api
+from gateway.calls.directory import CallDirectory, Entry
+from gateway.calls.identity import CallIdentity
+from gateway.calls.outcome import CallFacts, Failure, classify
+from gateway.calls.switchboard import Switchboard
+from gateway.calls.writer import final_data
 from gateway.events.delivery import Deliverer
-from gateway.events.envelope import make_event, rfc3339_ms
+from gateway.events.envelope import make_event
 from gateway.events.outbox import Outbox
 from gateway.events.recovery import (
     HEARTBEAT_INTERVAL_S,
@@ -42,7 +46,9 @@ from gateway.events.recovery import (
 )
 from gateway.kamailio import KamailioConfig, KamailioFront, front_limits
 from gateway.metrics import NodeMetrics
-from gateway.workers.ipc import Channel, open_channel
+from gateway.routing import Router
+from gateway.workers import protocol as msgs
+from gateway.workers.ipc import Channel, Requester, open_channel
 from media.probe import probe_max_calls
 
 log = logging.getLogger(__name__)
@@ -56,9 +62,9 @@ LOCK_WAIT_S = 30.0
 class WorkerHandle:
     index: int
     proc: asyncio.subprocess.Process | None = None
-    channel: Channel | None = None
+    channel: Channel[msgs.FromWorker] | None = None
+    requester: Requester | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
-    calls: dict[str, dict[str, Any]] = field(default_factory=dict)
     sip: str = ""  # host:port the worker listens on
     rtp_port: int = 0
     max_calls: int = 0
@@ -80,6 +86,9 @@ class Node:
         self.draining = False
         self.started = False  # recovery done, workers ready, front up: see `ready`
         self.front: Any = None  # KamailioFront when the node manages its SIP front
+        self.directory = CallDirectory()
+        self.router: Router | None = None
+        self.switchboard: Switchboard | None = None
         self.metrics = NodeMetrics(
             calls=self.active_calls,
             workers=lambda: [
@@ -101,7 +110,12 @@ class Node:
 
     # -- CallRegistry for the API -----------------------------------------------------------
     def active_calls(self) -> list[dict[str, Any]]:
-        return [{**c, "worker": w.index} for w in self.workers for c in w.calls.values()]
+        return self.directory.summaries()
+
+    def _requester(self, index: int) -> Requester | None:
+        if 0 <= index < len(self.workers):
+            return self.workers[index].requester
+        return None
 
     # -- NodeControl for the API ------------------------------------------------------------
     @property
@@ -112,7 +126,7 @@ class Node:
         return self.metrics.render()
 
     def active_call_count(self) -> int:
-        return sum(len(w.calls) for w in self.workers)
+        return self.directory.count()
 
     async def drain(self) -> None:
         """Stop taking new calls (workers answer 503; the front stops sending them any)."""
@@ -126,7 +140,7 @@ class Node:
         self.metrics.set_draining(on)
         for w in self.workers:
             if w.channel is not None:
-                w.channel.send({"t": "drain" if on else "undrain"})
+                w.channel.send(msgs.Drain(on=on))
         if self.front is not None:
             for w in self.workers:
                 await self.front.set_state(w.uri, not on)
@@ -154,9 +168,14 @@ class Node:
         self._tasks.append(asyncio.create_task(self._heartbeat(heartbeat_path), name="heartbeat"))
         self.http = ClientSession(timeout=ClientTimeout(total=self.settings.callbacks.timeout_s))
         self.deliverer = Deliverer(self.outbox, self.http)
+        self.router = Router(self.settings, self.http)
+        self.switchboard = Switchboard(
+            self.settings, self.directory, self.router, self._requester
+        )
         self._tasks.append(asyncio.create_task(self.deliverer.run(), name="deliverer"))
         self._tasks.append(asyncio.create_task(self._prune(), name="prune"))
         app = make_app(self.settings, self, self.storage / "recordings", node=self)
+        app["switchboard"] = self.switchboard
         self.runner = await start_api(app, self.settings)
         log.info("internal API on http://%s", self.settings.api.listen)
         self.workers = await asyncio.to_thread(self._plan_workers)
@@ -240,7 +259,7 @@ class Node:
             await self.front.stop()  # no new calls while the workers wind down
         for w in self.workers:
             if w.channel is not None:
-                w.channel.send({"t": "stop"})
+                w.channel.send(msgs.Stop())
         procs = [w.proc for w in self.workers if w.proc is not None]
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.gather(*(p.wait() for p in procs)), 15)
@@ -317,7 +336,7 @@ class Node:
                 "worker %d exited (%s) with %d call(s) live; restarting",
                 w.index,
                 code,
-                len(w.calls),
+                len(self.directory.on_worker(w.index)),
             )
             self._worker_lost(w)
             w.restarts += 1
@@ -356,30 +375,39 @@ class Node:
             stdout=asyncio.subprocess.DEVNULL,  # pjsua2 prints its start-up lines there
         )
         child.close()
-        w.channel = await open_channel(parent)
+        w.channel = await open_channel(parent, msgs.FROM_WORKER)
+        w.requester = Requester(w.channel)
         try:
             while (msg := await w.channel.recv()) is not None:
                 self._on_message(w, msg)
         finally:
             w.channel.close()
             w.channel = None
+            w.requester.close()  # requests waiting on it fail now (404 / next worker)
+            w.requester = None
         return await w.proc.wait()
 
-    def _on_message(self, w: WorkerHandle, msg: dict[str, Any]) -> None:
-        self.metrics.observe(msg)
-        kind = msg.get("t")
-        if kind == "event" and self.deliverer is not None:
-            self.deliverer.notify()
-        elif kind == "call":
-            call = msg["call"]
-            w.calls[call["call_id"]] = call
-        elif kind == "ended":
-            w.calls.pop(msg["call_id"], None)
+    def _on_message(self, w: WorkerHandle, msg: msgs.FromWorker) -> None:
+        if isinstance(msg, msgs.Reply):
+            if w.requester is not None:
+                w.requester.reply(msg)
+        elif isinstance(msg, msgs.CallEvent):
+            if msg.stored and self.deliverer is not None:
+                self.deliverer.notify()
+        elif isinstance(msg, msgs.CallState):
+            self.directory.update(
+                w.index, CallIdentity.from_wire(msg.identity), msg.status, msg.answered_at
+            )
+        elif isinstance(msg, msgs.CallEnded):
+            self.directory.ended(msg.call_id)
             if self.deliverer is not None:
                 self.deliverer.notify()
-        elif kind == "ready":
+        elif isinstance(msg, msgs.Metric | msgs.Final):
+            self.metrics.observe(msg.model_dump(exclude_none=True))
+        elif isinstance(msg, msgs.Ready):
             if self.draining and w.channel is not None:
-                w.channel.send({"t": "drain"})  # a worker restarted during a drain
+                w.channel.send(msgs.Drain(on=True))  # a worker restarted during a drain
+            self.directory.worker_ready(w.index, msg.max_calls)
             w.ready.set()
             log.info(
                 "worker %d ready (pid %s, %d calls)",
@@ -391,37 +419,39 @@ class Node:
     def _worker_lost(self, w: WorkerHandle) -> None:
         """Each call the dead worker held gets its final event, unless it already has one."""
         assert self.outbox is not None
-        now = rfc3339_ms(datetime.now(UTC))
-        for call_id, call in list(w.calls.items()):
-            rows = self.outbox.rows_for_call(call_id)
-            if not rows:
-                log.error("call %s lost with worker %d (no events destination)", call_id, w.index)
-                continue
-            first = rows[0]
-            data = {
-                "call_id": call_id,
-                "direction": call.get("direction"),
-                "from": call.get("from"),
-                "to": call.get("to"),
-                "number_id": call.get("number_id"),
-                "status": "failed",
-                "hangup_cause": "normal_temporary_failure",
-                "sip_code": None,
-                "reason": "worker_lost",
-                "message": f"the worker process holding the call exited (worker {w.index})",
-                "answered_at": call.get("answered_at"),
-                "ended_at": now,
-            }
-            event = make_event("call.failed", first.workspace_id, data)
-            if append_final(self.outbox, call_id, rows, event):
-                log.warning("call %s: call.failed (worker_lost)", call_id)
-                self.metrics.call_final("failed")
-        w.calls.clear()
+        now = time.time()
+        for entry in self.directory.worker_gone(w.index):
+            self._lost_final(entry, w.index, now)
         if self.deliverer is not None:
             self.deliverer.notify()
         if self.front is not None:
             # the carrier's side of those calls is still up: the front sends it BYE
             self._tasks.append(asyncio.create_task(self._end_dialogs(w), name="end-dialogs"))
+
+    def _lost_final(self, entry: Entry, index: int, now: float) -> None:
+        assert self.outbox is not None
+        ident = entry.identity
+        rows = self.outbox.rows_for_call(ident.call_id)
+        if not rows:
+            log.error("call %s lost with worker %d (no events destination)", ident.call_id, index)
+            return
+        answered = entry.answered_at is not None
+        outcome = classify(
+            CallFacts(
+                direction=ident.direction,
+                answered=answered,
+                sip_code=200 if answered else 503,
+                by="local",
+                failure=Failure(
+                    "worker_lost", f"the worker process holding the call exited (worker {index})"
+                ),
+            )
+        )
+        data = final_data(ident.event_base(), outcome, entry.answered_at, now)
+        event = make_event(outcome.final_kind, rows[0].workspace_id, data)
+        if append_final(self.outbox, ident.call_id, rows, event):
+            log.warning("call %s: call.failed (worker_lost)", ident.call_id)
+            self.metrics.call_final("failed")
 
     async def _end_dialogs(self, w: WorkerHandle) -> None:
         try:

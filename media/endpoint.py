@@ -42,6 +42,7 @@ class EndpointConfig:
     media_address: str = ""  # address put in SDP for RTP (NAT), when it differs
     rtp_host: str = ""  # RTP bind address; default sip_host
     user_agent: str = "Sautikit-Gateway"
+    outbound_proxy: str = ""  # e.g. "sip:127.0.0.1:5060;lr" (the node's front); "" = direct
     transports: tuple[str, ...] = ("udp", "tcp")
     log_file: Path | None = None
     log_level: int = 1

@@ -5,8 +5,9 @@ child legs and lost workers all go through `classify`; tests/unit/test_outcome.p
 Rules, in order:
 1. Answered and nobody failed: `completed` / normal_clearing, whoever hung up.
 2. Answered, then the gateway failed it (voice app error, worker lost...): `failed`.
-3. Not answered, a CANCEL was answered 487: `canceled` (the caller gave up inbound; an API
-   hangup outbound), even if the gateway was failing the call at that moment.
+3. Not answered and hung up through the API: `canceled` (CANCEL outbound, a final response
+   inbound). Inbound, a CANCEL from the caller answered 487: `canceled`, even if the gateway was
+   failing the call at that moment (a CANCEL racing the voice app's fetch).
 4. Not answered, the gateway's own ring timeout CANCELed it: `no_answer`.
 5. Not answered, the gateway failed it (document error, no media): `failed` with its reason.
 6. Not answered, the far end refused (outbound callee, or a carrier's final for inbound):
@@ -110,13 +111,13 @@ def classify(f: CallFacts) -> Outcome:
         if f.failure is None:
             return Outcome("completed", NORMAL_CLEARING, 200, None, None)
         return Outcome("failed", TEMPORARY_FAILURE, 200, f.failure.reason, f.failure.message)
-    if f.sip_code == 487 and not f.ring_timeout:
-        if f.direction == "inbound":
-            return Outcome("canceled", ORIGINATOR_CANCEL, 487, "caller_canceled",
-                           "the caller hung up before the call was answered")
-        if f.by == "api":
-            return Outcome("canceled", ORIGINATOR_CANCEL, 487, "api_hangup",
-                           "hung up through the API before the callee answered")
+    if f.by == "api" and not f.ring_timeout:
+        # An API hangup before answer: CANCEL (outbound) or a final response (inbound).
+        return Outcome("canceled", ORIGINATOR_CANCEL, f.sip_code, "api_hangup",
+                       "hung up through the API before the call was answered")
+    if f.sip_code == 487 and not f.ring_timeout and f.direction == "inbound":
+        return Outcome("canceled", ORIGINATOR_CANCEL, 487, "caller_canceled",
+                       "the caller hung up before the call was answered")
     if f.ring_timeout:
         return Outcome("no_answer", NO_ANSWER, 487, "ring_timeout",
                        "the callee did not answer within the ring timeout")
@@ -142,8 +143,8 @@ def classify(f: CallFacts) -> Outcome:
     if f.sip_code in (486, 600):
         return Outcome("busy", cause, f.sip_code, "callee_busy", f"the callee was busy: {what}")
     if f.sip_code in (480, 408):
-        return Outcome("no_answer", cause if f.sip_code == 408 else NO_USER_RESPONSE,
-                       f.sip_code, "no_answer", f"the callee did not answer: {what}")
+        return Outcome("no_answer", cause, f.sip_code, "no_answer",
+                       f"the callee did not answer: {what}")
     if f.sip_code in (404, 484, 604):
         return Outcome("failed", cause, f.sip_code, "unallocated_number",
                        f"the number does not exist: {what}")

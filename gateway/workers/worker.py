@@ -24,21 +24,21 @@ from typing import Any
 from aiohttp import ClientSession
 
 from config.settings import Settings, load_settings, parse_hostport
+from gateway.calls.identity import CallIdentity
+from gateway.calls.outcome import Outcome
+from gateway.calls.writer import CallEventWriter
+from gateway.control.originate import Destination
 from gateway.events.outbox import Outbox
 from gateway.kamailio import source_allowed
 from gateway.logs import setup_logging
-from gateway.metrics import action_skipped_msg
+from gateway.metrics import ACTION_SKIPPED
 from gateway.prompts import GatewayPrompts
 from gateway.routing import Router, RoutingError, normalise_e164
-from gateway.session import (
-    CallEvents,
-    CallSession,
-    Destination,
-    TimedVoiceApp,
-    new_call_id,
-)
+from gateway.session import CallSession, TimedVoiceApp, new_call_id
 from gateway.urlguard import check_url, make_session
 from gateway.voice_app import VoiceAppClient
+from gateway.workers import protocol as p
+from gateway.workers.commands import LiveCall, handle_request
 from gateway.workers.ipc import Channel, open_channel
 from media.call import SipCall
 from media.endpoint import EndpointConfig, IncomingInvite, SipEndpoint
@@ -74,6 +74,24 @@ def public_host(address: str | None) -> str:
     return address.rsplit(":", 1)[0] if address.count(":") == 1 else address
 
 
+def sip_host_of(settings: Settings) -> str:
+    host = parse_hostport(settings.sip.listen)[0]
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+def outbound_proxy(settings: Settings) -> str:
+    """Where a worker sends outbound INVITEs: the node's front (carriers see one address, and
+    its record-route keeps in-dialog requests on this worker), or straight to the trunk."""
+    mode = settings.front_mode()
+    if mode == "managed":
+        host, port = parse_hostport(settings.sip.listen)
+        host = sip_host_of(settings)
+        return f"sip:{host}:{port};lr"
+    if mode == "external" and settings.outbound.proxy:
+        return f"sip:{settings.outbound.proxy};lr"
+    return ""
+
+
 @dataclass(frozen=True)
 class Placement:
     """Where a worker listens and how many calls it takes; decided by the supervisor."""
@@ -93,7 +111,9 @@ _SHUTDOWN_MESSAGES = {
 
 
 class Worker:
-    def __init__(self, settings: Settings, place: Placement, channel: Channel) -> None:
+    def __init__(
+        self, settings: Settings, place: Placement, channel: Channel[p.ToWorker]
+    ) -> None:
         self.settings = settings
         self.place = place
         self.index = index = place.index
@@ -109,7 +129,9 @@ class Worker:
         for d in (self.recordings_dir, self.cache_dir):
             d.mkdir(parents=True, exist_ok=True)
         self.outbox = Outbox(storage / "outbox.sqlite3")
-        self.sessions: dict[str, CallSession] = {}
+        # Every call this worker holds, inbound or outbound, ringing or answered: what
+        # commands from the supervisor reach (gateway/workers/commands.py).
+        self.calls: dict[str, LiveCall] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.stopping = asyncio.Event()
         cb = settings.callbacks
@@ -150,6 +172,7 @@ class Worker:
                 media_address=public_host(settings.sip.public_address),
                 rtp_host=settings.media.rtp_address or parse_hostport(settings.sip.listen)[0],
                 user_agent=settings.sip.user_agent,
+                outbound_proxy=outbound_proxy(settings),
                 log_file=storage / f"pjsip-worker{index}.log",
                 log_level=3 if settings.log.level == "DEBUG" else 1,
             ),
@@ -159,18 +182,25 @@ class Worker:
         # thread before any media socket opens (a flood from elsewhere costs no queue slot).
         self.endpoint.source_filter = functools.partial(source_allowed, settings)
         self.api_base = settings.api.base_url  # a wildcard listen is reached via loopback
+        # The host of outbound calls' From (the caller id's domain): what carriers see.
+        self.from_host = public_host(settings.sip.public_address) or sip_host_of(settings)
+        for trunk in settings.trunks:
+            self.endpoint.add_trunk(
+                trunk.name,
+                username=trunk.username,
+                password=trunk.password.get_secret_value() if trunk.password else None,
+            )
 
     # -- lifecycle --------------------------------------------------------------------------
     async def run(self) -> None:
         self.endpoint.start()
         self.channel.send(
-            {
-                "t": "ready",
-                "worker": self.index,
-                "max_calls": self.place.max_calls,
-                "admit": self.place.admit,
-                "sip": f"{self.place.sip_host}:{self.place.sip_port}",
-            }
+            p.Ready(
+                worker=self.index,
+                max_calls=self.place.max_calls,
+                admit=self.place.admit,
+                sip=f"{self.place.sip_host}:{self.place.sip_port}",
+            )
         )
         commands = asyncio.create_task(self._commands())
         lag = asyncio.create_task(self._watch_lag())
@@ -182,12 +212,13 @@ class Worker:
 
     async def _commands(self) -> None:
         while (msg := await self.channel.recv()) is not None:
-            kind = msg.get("t")
-            if kind == "stop":
+            if isinstance(msg, p.Stop):
                 break
-            if kind in ("drain", "undrain"):
-                self.draining = kind == "drain"
+            if isinstance(msg, p.Drain):
+                self.draining = msg.on
                 self.endpoint.admission.accepting = not self.draining
+            elif isinstance(msg, p.Request):
+                self._spawn(self._request(msg))
         else:
             if not self.stopping.is_set():  # no "stop": the supervisor is gone
                 self.shutdown_reason = "supervisor_lost"
@@ -197,9 +228,9 @@ class Worker:
         # Calls cut here are the gateway's doing, never a clean completion (README: "Call
         # endings the gateway caused").
         why = self.shutdown_reason
-        for s in list(self.sessions.values()):
-            s.fail(why, _SHUTDOWN_MESSAGES[why])
-            s.call.reject_now(503)
+        for c in list(self.calls.values()):
+            c.fail(why, _SHUTDOWN_MESSAGES[why])
+            c.cut(503)
         if self.tasks:
             await asyncio.wait(self.tasks, timeout=10)
         self.endpoint.stop()
@@ -223,6 +254,15 @@ class Worker:
                 gate.overloaded = overloaded
 
     # -- calls ------------------------------------------------------------------------------
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _request(self, req: p.Request) -> None:
+        reply = await handle_request(self, req)
+        self.channel.send(reply)
+
     def _on_incoming(self, call: SipCall, invite: IncomingInvite) -> None:
         # Admission (capacity, drain, loop lag, socket budget) was decided in the pump thread
         # before pjsua opened any socket (media.admission); counting again here, in calls not
@@ -231,9 +271,66 @@ class Worker:
         if self.stopping.is_set() or self.draining:
             call.reject_now(503, {"Retry-After": "5"})
             return
-        task = asyncio.create_task(self._handle(call, invite))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self._spawn(self._handle(call, invite))
+
+    def destination(self, route_events_url: str | None, route_secret: str) -> Destination | None:
+        """Where a call's events go: the control plane when configured, else the number's."""
+        cp = self.settings.control_plane
+        if cp.events_url and cp.secret is not None:
+            return Destination(
+                url=cp.events_url, secret=cp.secret.get_secret_value(), policy="control_plane"
+            )
+        if route_events_url:
+            return Destination(url=route_events_url, secret=route_secret, policy="customer")
+        return None
+
+    def writer(self, identity: CallIdentity, dest: Destination | None) -> CallEventWriter:
+        return CallEventWriter(
+            self.outbox,
+            dest,
+            identity,
+            on_event=self.channel.send,
+            recording_url=lambda rid: f"{self.api_base}/v1/recordings/{rid}",
+        )
+
+    def voice_app(
+        self, fields: dict[str, str], secret: str, body: Any
+    ) -> TimedVoiceApp:
+        client = VoiceAppClient.from_settings(
+            self.http, fields, secret, body, self.settings.callbacks
+        )
+        return TimedVoiceApp(client, self._observe_fetch)
+
+    def track(self, live: LiveCall) -> None:
+        """Register a call for commands and tell the supervisor where it is."""
+        self.calls[live.call_id] = live
+        self.report(live)
+
+    def report(self, live: LiveCall) -> None:
+        self.channel.send(
+            p.CallState(
+                identity=live.identity.to_wire(), status=live.status, answered_at=live.answered_at
+            )
+        )
+
+    def untrack(self, live: LiveCall, outcome: Outcome | None, ended_at: float) -> None:
+        self.calls.pop(live.call_id, None)
+        self.channel.send(
+            p.CallEnded(
+                call_id=live.call_id,
+                status=outcome.status if outcome else "failed",
+                answered_at=live.answered_at,
+                ended_at=ended_at,
+                sip_code=outcome.sip_code if outcome else None,
+                failure_code=outcome.reason if outcome and outcome.status != "completed" else None,
+            )
+        )
+
+    def final(self, outcome: Outcome) -> None:
+        self.channel.send(p.Final(status=outcome.status))
+
+    def skipped(self, verb: str, reason: str) -> None:
+        self.channel.send(p.Metric(name=ACTION_SKIPPED, verb=verb, reason=reason))
 
     async def _handle(self, call: SipCall, invite: IncomingInvite) -> None:
         started_at = time.time()
@@ -268,93 +365,69 @@ class Worker:
             )
             call.reject_now(404)
             return
-        call_id = new_call_id()
-        base: dict[str, Any] = {
-            "call_id": call_id,
-            "direction": "inbound",
-            "from": from_,
-            "to": to,
-            "number_id": route.number_id,
-        }
-        cp = self.settings.control_plane
-        dest: Destination | None = None
-        if cp.events_url and cp.secret is not None:
-            dest = Destination(cp.events_url, cp.secret.get_secret_value(), "control_plane")
-        elif route.events_url:
-            dest = Destination(route.events_url, route.webhook_secret, "customer")
-        events = CallEvents(
-            self.outbox,
-            dest,
-            route.workspace_id,
-            call_id,
-            self._notify,
-            lambda rid: f"{self.api_base}/v1/recordings/{rid}",
-            base,
+        identity = CallIdentity(
+            call_id=new_call_id(),
+            direction="inbound",
+            from_=from_,
+            to=to,
+            number_id=route.number_id,
+            workspace_id=route.workspace_id,
+            created_at=started_at,
+            worker=self.index,
+            sip_call_id=invite.sip_call_id,
         )
-        fields = {
-            "callId": call_id,
-            "direction": "inbound",
-            "from": from_,
-            "to": to,
-            "numberId": route.number_id,
-            "workspaceId": route.workspace_id,
-            "callStatus": "ringing",
-        }
-        client = VoiceAppClient.from_settings(
-            self.http, fields, route.webhook_secret, route.callback_body, self.settings.callbacks
-        )
-        app = TimedVoiceApp(client, self._observe_fetch)
+        writer = self.writer(identity, self.destination(route.events_url, route.webhook_secret))
+        fields = identity.callback_fields("ringing")
+        app = self.voice_app(fields, route.webhook_secret, route.callback_body)
         session = CallSession(
             call=call,
-            route=route,
-            events=events,
+            identity=identity,
+            writer=writer,
             app=app,
             call_fields=fields,
+            first_document=lambda: app.fetch(
+                route.voice_callback_url, route.voice_callback_method
+            ),
+            voice_callback_url=route.voice_callback_url,
             prompts=self.prompts,
             recordings_dir=self.recordings_dir,
-            started_at=started_at,
         )
-        self.sessions[call_id] = session
-        session.on_final = lambda status: self.channel.send({"t": "final", "status": status})
-        session.on_skip = lambda verb, reason: self.channel.send(action_skipped_msg(verb, reason))
-        self.channel.send({"t": "call", "call": session.summary()})
-        call.on_answer.append(lambda: self._answered(session))
+        live = LiveCall(identity, session=session)
+        session.on_final = lambda outcome, end: self.final(outcome)
+        session.on_skip = self.skipped
+        session.on_state = lambda: self._answered(live)
+        self.track(live)
         try:
             await session.run()
         finally:
-            self.sessions.pop(call_id, None)
-            self.channel.send({"t": "ended", "call_id": call_id})
+            end = call.end
+            self.untrack(live, session.outcome, end.ended_at if end else time.time())
 
-    def _answered(self, session: CallSession) -> None:
-        self.channel.send({"t": "call", "call": session.summary()})
-        call = session.call
-        if call.answer_sent_at is not None:
+    def _answered(self, live: LiveCall) -> None:
+        self.report(live)
+        call = live.sip_call
+        if call is not None and call.answer_sent_at is not None:
             setup = call.answer_sent_at - call.created_at
-            self.channel.send({"t": "metric", "name": "setup_seconds", "value": setup})
+            self.channel.send(p.Metric(name="setup_seconds", value=setup))
 
     def _observe_fetch(self, seconds: float, outcome: str) -> None:
-        self.channel.send(
-            {"t": "metric", "name": "callback_fetch_seconds", "value": seconds, "outcome": outcome}
-        )
-
-    def _notify(self) -> None:
-        self.channel.send({"t": "event"})
+        self.channel.send(p.Metric(name="callback_fetch_seconds", value=seconds, outcome=outcome))
 
 
 async def amain(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="gateway.workers.worker")
-    p.add_argument("--index", type=int, required=True)
-    p.add_argument("--ipc-fd", type=int, required=True)
-    p.add_argument("--config", type=Path)
-    p.add_argument("--sip", required=True, help="host:port to listen on")
-    p.add_argument("--rtp-port", type=int, required=True)
-    p.add_argument("--max-calls", type=int, required=True)
-    p.add_argument("--admit", type=int, required=True)
-    args = p.parse_args(argv)
+    ap = argparse.ArgumentParser(prog="gateway.workers.worker")
+    ap.add_argument("--index", type=int, required=True)
+    ap.add_argument("--ipc-fd", type=int, required=True)
+    ap.add_argument("--config", type=Path)
+    ap.add_argument("--sip", required=True, help="host:port to listen on")
+    ap.add_argument("--rtp-port", type=int, required=True)
+    ap.add_argument("--max-calls", type=int, required=True)
+    ap.add_argument("--admit", type=int, required=True)
+    args = ap.parse_args(argv)
     settings = load_settings(args.config)
     setup_logging(settings.log.level, settings.log.json_format, f"worker{args.index}")
     sock = socket.socket(fileno=args.ipc_fd)
-    channel = await open_channel(sock)
+    channel = await open_channel(sock, p.TO_WORKER)
     host, port = parse_hostport(args.sip)
     place = Placement(args.index, host, port, args.rtp_port, args.max_calls, args.admit)
     worker = Worker(settings, place, channel)

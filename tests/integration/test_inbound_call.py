@@ -95,7 +95,9 @@ async def test_say_then_hangup_is_heard_and_reported(
         "answered_at",
         "ended_at",
         "hangup_cause",
+        "sip_code",  # beyond the seeds' example: every final event says how SIP ended
     }
+    assert done["sip_code"] == 200
     assert done["call_id"] == form["callId"]
     assert done["status"] == "completed" and done["hangup_cause"] == "normal_clearing"
     assert done["direction"] == "inbound" and done["to"] == NUMBER

@@ -1,0 +1,225 @@
+"""The supervisor's switchboard: implements the API's `CallControl` on the call directory.
+
+Placing an outbound call: the `from` number's route (numbers / control plane / demo), where
+its events and voice callbacks go, the trunks to try in order, then a worker with a free slot
+(queued up to `[outbound] queue_s` for one, else 503) and an `Originate` request to it. A
+command goes to the worker holding the call, and its reply comes back; a call whose worker is
+gone answers 404 (its final event was written by the node), never a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+from config.settings import Settings
+from gateway.calls.control import (
+    CALL_NOT_ANSWERED,
+    CALL_NOT_CONTROLLED,
+    CALLS_NOT_FOUND,
+    CAPACITY,
+    NO_TRUNK,
+    NUMBERS_NOT_FOUND,
+    ControlError,
+    OutboundCall,
+)
+from gateway.calls.directory import CallDirectory
+from gateway.calls.identity import CallIdentity
+from gateway.control import errors as op_errors
+from gateway.control.hangup import Hangup
+from gateway.control.originate import Destination, Mcp, Originate, TrunkTarget
+from gateway.control.redirect import Redirect
+from gateway.control.respond import Respond
+from gateway.routing import Router, RoutingError
+from gateway.workers.ipc import ChannelClosed, Requester
+
+log = logging.getLogger(__name__)
+
+REQUEST_TIMEOUT_S = 5.0
+
+
+class Switchboard:
+    def __init__(
+        self,
+        settings: Settings,
+        directory: CallDirectory,
+        router: Router,
+        requester: Callable[[int], Requester | None],
+        trunks: Any = None,
+    ) -> None:
+        self.settings = settings
+        self.directory = directory
+        self.router = router
+        self._requester = requester
+        self.trunks = trunks  # gateway.outbound.trunks.TrunkPool when configured
+        self.queued = 0  # creates waiting for capacity (for /metrics)
+        self.outcomes: dict[str, int] = {}  # placement outcomes (for /metrics)
+
+    # -- CallControl ----------------------------------------------------------------------------
+    def live_call(self, call_id: str) -> dict[str, Any] | None:
+        entry = self.directory.get(call_id)
+        return entry.summary() if entry else None
+
+    def live_calls(self) -> list[dict[str, Any]]:
+        return self.directory.summaries()
+
+    async def command(self, op: Hangup | Redirect | Respond) -> dict[str, Any]:
+        entry = self.directory.get(op.call_id)
+        req = self._requester(entry.worker) if entry else None
+        if entry is None or req is None:
+            raise ControlError(404, CALLS_NOT_FOUND, f"no live call {op.call_id}")
+        try:
+            reply = await req.request(op, REQUEST_TIMEOUT_S)
+        except ChannelClosed:
+            raise ControlError(404, CALLS_NOT_FOUND,
+                               f"call {op.call_id} was lost with its worker") from None
+        except TimeoutError:
+            raise ControlError(504, "calls.command_timeout",
+                               f"worker {entry.worker} did not answer in time") from None
+        if reply.ok:
+            return reply.result
+        if reply.code == op_errors.NOT_FOUND:
+            raise ControlError(404, CALLS_NOT_FOUND, reply.message or "call not found")
+        if reply.code == op_errors.NOT_ANSWERED:
+            raise ControlError(409, CALL_NOT_ANSWERED, reply.message or "not answered")
+        if reply.code == op_errors.NOT_CONTROLLED:
+            raise ControlError(409, CALL_NOT_CONTROLLED, reply.message or "not under control")
+        raise ControlError(500, "internal_error", reply.message or "the command failed")
+
+    async def originate(self, call: OutboundCall) -> dict[str, Any]:
+        s = self.settings
+        try:
+            route = await self.router.resolve(call.from_, call.to)
+        except RoutingError as e:
+            raise ControlError(503, "numbers.resolve_failed", str(e), 5) from None
+        if route is None:
+            raise ControlError(422, NUMBERS_NOT_FOUND,
+                               f"from: {call.from_} is not a number this gateway routes")
+        if not s.trunks:
+            raise ControlError(422, NO_TRUNK, "no [[trunks]] configured: outbound calls need one")
+        secret = call.webhook_secret or route.webhook_secret
+        voice_url = call.voice_callback_url
+        if voice_url is None and call.actions is None and call.control != "mcp":
+            voice_url = route.voice_callback_url
+        identity = CallIdentity(
+            call_id=call.call_id,
+            direction="outbound",
+            from_=call.from_,
+            to=call.to,
+            number_id=route.number_id,
+            workspace_id=route.workspace_id,
+            created_at=time.time(),
+            client_request_id=call.client_request_id,
+            session_id=call.session_id,
+        )
+        mcp = None
+        if call.control == "mcp":
+            cp = s.control_plane
+            if not cp.control_url or cp.secret is None:
+                raise ControlError(422, "validation.bad_request",
+                                   "control: mcp needs [control_plane] control_url and secret")
+            mcp = Mcp(
+                control_url=cp.control_url,
+                control_secret=cp.secret.get_secret_value(),
+                control_timeout_ms=call.control_timeout_ms or 10000,
+                hold_audio_url=call.hold_audio_url,
+                opening_actions=call.opening_actions,
+                fallback_actions=call.fallback_actions,
+            )
+        deadline = time.monotonic() + s.outbound.queue_s
+        targets = await self._targets(call.to, deadline)
+        op = Originate(
+            identity=identity.to_wire(),
+            targets=targets,
+            caller_id=call.caller_id or call.from_,
+            timeout_s=call.timeout_s or s.outbound.ring_timeout_s,
+            time_limit_s=call.time_limit_s,
+            voice_callback_url=voice_url,
+            voice_callback_method="GET" if call.voice_callback_method == "GET" else "POST",
+            callback_body=route.callback_body,
+            webhook_secret=secret,
+            actions=call.actions,
+            events=self._events(call, route, secret),
+            mcp=mcp,
+        )
+        try:
+            return await self._place(op, deadline)
+        except BaseException:
+            if self.trunks is not None:
+                self.trunks.ended(targets[0].trunk)
+            raise
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _events(self, call: OutboundCall, route: Any, secret: str) -> Destination | None:
+        cp = self.settings.control_plane
+        if call.events_url:
+            return Destination(url=call.events_url, secret=secret, policy="customer")
+        if cp.events_url and cp.secret is not None:
+            return Destination(url=cp.events_url, secret=cp.secret.get_secret_value(),
+                               policy="control_plane")
+        if route.events_url:
+            return Destination(url=route.events_url, secret=secret, policy="customer")
+        return None
+
+    async def _targets(self, to: str, deadline: float) -> list[TrunkTarget]:
+        if self.trunks is None:
+            return [TrunkTarget(trunk=t.name, uri=t.request_uri(to)) for t in self.settings.trunks]
+        while True:
+            targets, wait = self.trunks.acquire(to, time.monotonic())
+            if targets:
+                return list(targets)
+            left = deadline - time.monotonic()
+            if wait is None or wait > left:
+                self._count("trunk_capacity")
+                raise ControlError(503, CAPACITY, "every trunk is at its max_calls or max_cps",
+                                   max(1, math.ceil(wait or 1)))
+            self.queued += 1
+            try:
+                await asyncio.sleep(wait)
+            finally:
+                self.queued -= 1
+
+    async def _place(self, op: Originate, deadline: float) -> dict[str, Any]:
+        tried: set[int] = set()
+        while True:
+            index = self.directory.reserve(tried)
+            if index is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._count("no_slot")
+                    raise ControlError(503, CAPACITY, "no free call slot on this node", 5)
+                self.queued += 1
+                try:
+                    if not await self.directory.wait_for_slot(left):
+                        continue
+                finally:
+                    self.queued -= 1
+                tried.clear()
+                continue
+            req = self._requester(index)
+            try:
+                if req is None:
+                    raise ChannelClosed()
+                reply = await req.request(op, REQUEST_TIMEOUT_S)
+            except (ChannelClosed, TimeoutError):
+                tried.add(index)
+                continue
+            finally:
+                self.directory.release(index)
+            if reply.ok:
+                self._count("placed")
+                summary = reply.result.get("call") or {}
+                return dict(summary)
+            if reply.code == op_errors.NO_SLOT:
+                tried.add(index)
+                continue
+            self._count("failed")
+            raise ControlError(502, "calls.originate_failed",
+                               reply.message or "the worker could not place the call")
+
+    def _count(self, outcome: str) -> None:
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
