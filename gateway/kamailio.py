@@ -903,17 +903,13 @@ class KamailioFront:
 def config_from_settings(path: Path, out: Path | None) -> KamailioConfig:
     """A KamailioConfig from gateway.toml, with the workers the node would start."""
     from config.settings import load_settings, parse_hostport
+    from gateway.plan import plan_node
 
     s = load_settings(path)
     host, port = parse_hostport(s.sip.listen)
-    max_calls = s.workers.calls_per_worker
-    if not max_calls:
-        from media.probe import probe_max_calls
-
-        max_calls = probe_max_calls(s.storage.dir / "pjsua2-probe.json")
-    count, admit = s.worker_plan(max_calls)
-    dests = [f"sip:{s.workers.host}:{s.workers.sip_port_start + i}" for i in range(count)]
-    dests += [normalize_destination(r) for r in s.kamailio.remote_workers]
+    plan = plan_node(s)
+    dests = plan.destinations
+    admit = plan.admit
     return KamailioConfig(
         listen_host=host,
         listen_port=port,

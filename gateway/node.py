@@ -46,10 +46,10 @@ from gateway.events.recovery import (
 )
 from gateway.kamailio import KamailioConfig, KamailioFront, front_limits
 from gateway.metrics import NodeMetrics
+from gateway.plan import NodePlan, plan_node
 from gateway.routing import Router
 from gateway.workers import protocol as msgs
 from gateway.workers.ipc import Channel, Requester, open_channel
-from media.probe import probe_max_calls
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,7 @@ class Node:
         self.draining = False
         self.started = False  # recovery done, workers ready, front up: see `ready`
         self.front: Any = None  # KamailioFront when the node manages its SIP front
+        self.plan: NodePlan | None = None
         self.directory = CallDirectory()
         self.router: Router | None = None
         self.switchboard: Switchboard | None = None
@@ -193,34 +194,16 @@ class Node:
 
     def _plan_workers(self) -> list[WorkerHandle]:
         """Worker count and ports from the config and what this pjsua2 build holds per process."""
-        s = self.settings
-        probe_cache = self.storage / "pjsua2-probe.json"
-        max_calls = s.workers.calls_per_worker or probe_max_calls(probe_cache)
-        count, admit = s.worker_plan(max_calls)
-        mode = s.front_mode()
-        sip_host, sip_port = parse_hostport(s.sip.listen)
-        workers = []
-        for i in range(count):
-            w = WorkerHandle(i, max_calls=max_calls, admit=admit)
-            w.sip = (
-                f"{sip_host}:{sip_port}"
-                if mode == "off"
-                else f"{s.workers.host}:{s.workers.sip_port_start + i}"
-            )
-            w.rtp_port = s.media.rtp_port_start + i * s.media.rtp_ports_per_worker
-            if w.rtp_port + s.media.rtp_ports_per_worker > 65536:
-                raise ConfigError(
-                    "workers",
-                    [("media.rtp_port_start", f"{count} workers need RTP ports past 65535")],
-                )
-            workers.append(w)
+        self.plan = plan = plan_node(self.settings, probe_cache=self.storage / "pjsua2-probe.json")
+        workers = [
+            WorkerHandle(w.index, sip=w.sip, rtp_port=w.rtp_port, max_calls=w.max_calls,
+                         admit=w.admit)
+            for w in plan.workers
+        ]
+        first = plan.workers[0]
         log.info(
             "%d worker(s) x %d calls (%d pjsua2 slots, %d kept for dial legs); front: %s",
-            count,
-            admit,
-            max_calls,
-            max_calls - admit,
-            mode,
+            len(workers), first.admit, first.max_calls, first.max_calls - first.admit, plan.front,
         )
         return workers
 
@@ -230,7 +213,7 @@ class Node:
         cfg = KamailioConfig(
             listen_host=host,
             listen_port=port,
-            destinations=[w.uri for w in self.workers] + list(s.kamailio.remote_workers),
+            destinations=self.plan.destinations if self.plan else [],
             runtime_dir=(self.storage / "kamailio").resolve(),
             children=s.kamailio.children,
             ping_interval_s=s.kamailio.ping_interval_s,
@@ -354,14 +337,8 @@ class Node:
             str(w.index),
             "--ipc-fd",
             str(child.fileno()),
-            "--sip",
-            w.sip,
-            "--rtp-port",
-            str(w.rtp_port),
             "--max-calls",
             str(w.max_calls),
-            "--admit",
-            str(w.admit),
         ]
         if self.config_path is not None:
             args += ["--config", str(self.config_path)]

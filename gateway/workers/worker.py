@@ -2,8 +2,8 @@
 
 Started by the supervisor (`gateway.node`) with a socketpair for coordination; events go through
 the shared SQLite outbox, so a worker that dies loses no event it has written.
-usage: python -m gateway.workers.worker --index N --ipc-fd FD --sip HOST:PORT --rtp-port P
-       --max-calls N --admit N [--config FILE]
+usage: python -m gateway.workers.worker --index N --ipc-fd FD --max-calls N [--config FILE]
+(its ports come from the node's plan, gateway/plan.py, as the supervisor's do)
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from gateway.events.outbox import Outbox
 from gateway.kamailio import source_allowed
 from gateway.logs import setup_logging
 from gateway.metrics import ACTION_SKIPPED
+from gateway.plan import NodePlan, plan_node
 from gateway.prompts import GatewayPrompts
 from gateway.routing import Router, RoutingError, normalise_e164
 from gateway.session import CallSession, TimedVoiceApp, new_call_id
@@ -79,31 +79,6 @@ def sip_host_of(settings: Settings) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
-def outbound_proxy(settings: Settings) -> str:
-    """Where a worker sends outbound INVITEs: the node's front (carriers see one address, and
-    its record-route keeps in-dialog requests on this worker), or straight to the trunk."""
-    mode = settings.front_mode()
-    if mode == "managed":
-        host, port = parse_hostport(settings.sip.listen)
-        host = sip_host_of(settings)
-        return f"sip:{host}:{port};lr"
-    if mode == "external" and settings.outbound.proxy:
-        return f"sip:{settings.outbound.proxy};lr"
-    return ""
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where a worker listens and how many calls it takes; decided by the supervisor."""
-
-    index: int
-    sip_host: str
-    sip_port: int
-    rtp_port: int
-    max_calls: int  # pjsua2 call slots
-    admit: int  # inbound calls admitted; the rest of the slots are kept for dial legs
-
-
 _SHUTDOWN_MESSAGES = {
     "supervisor_lost": "the node's supervisor process exited; the worker ended its calls",
     "node_shutdown": "the node was stopped while the call was in progress",
@@ -112,11 +87,12 @@ _SHUTDOWN_MESSAGES = {
 
 class Worker:
     def __init__(
-        self, settings: Settings, place: Placement, channel: Channel[p.ToWorker]
+        self, settings: Settings, plan: NodePlan, index: int, channel: Channel[p.ToWorker]
     ) -> None:
         self.settings = settings
-        self.place = place
-        self.index = index = place.index
+        self.plan = plan
+        self.place = place = plan.workers[index]
+        self.index = index
         self.channel = channel
         self.draining = False
         # Why calls still live at shutdown are cut: a stop we were sent, unless the supervisor
@@ -161,7 +137,7 @@ class Worker:
                 sip_port=place.sip_port,
                 clock_rate=clock,
                 rtp_port=place.rtp_port,
-                rtp_port_range=settings.media.rtp_ports_per_worker,
+                rtp_port_range=place.rtp_ports,
                 max_calls=place.max_calls,
                 admit=place.admit,
                 # Behind a front, SIP reaches workers on their own address; RTP goes straight
@@ -172,7 +148,7 @@ class Worker:
                 media_address=public_host(settings.sip.public_address),
                 rtp_host=settings.media.rtp_address or parse_hostport(settings.sip.listen)[0],
                 user_agent=settings.sip.user_agent,
-                outbound_proxy=outbound_proxy(settings),
+                outbound_proxy=plan.outbound_proxy,
                 log_file=storage / f"pjsip-worker{index}.log",
                 log_level=3 if settings.log.level == "DEBUG" else 1,
             ),
@@ -199,7 +175,7 @@ class Worker:
                 worker=self.index,
                 max_calls=self.place.max_calls,
                 admit=self.place.admit,
-                sip=f"{self.place.sip_host}:{self.place.sip_port}",
+                sip=self.place.sip,
             )
         )
         commands = asyncio.create_task(self._commands())
@@ -419,18 +395,14 @@ async def amain(argv: list[str] | None = None) -> int:
     ap.add_argument("--index", type=int, required=True)
     ap.add_argument("--ipc-fd", type=int, required=True)
     ap.add_argument("--config", type=Path)
-    ap.add_argument("--sip", required=True, help="host:port to listen on")
-    ap.add_argument("--rtp-port", type=int, required=True)
     ap.add_argument("--max-calls", type=int, required=True)
-    ap.add_argument("--admit", type=int, required=True)
     args = ap.parse_args(argv)
     settings = load_settings(args.config)
     setup_logging(settings.log.level, settings.log.json_format, f"worker{args.index}")
     sock = socket.socket(fileno=args.ipc_fd)
     channel = await open_channel(sock, p.TO_WORKER)
-    host, port = parse_hostport(args.sip)
-    place = Placement(args.index, host, port, args.rtp_port, args.max_calls, args.admit)
-    worker = Worker(settings, place, channel)
+    plan = plan_node(settings, max_calls=args.max_calls)
+    worker = Worker(settings, plan, args.index, channel)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stopping.set)
