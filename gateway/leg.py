@@ -22,10 +22,17 @@ async def _guard(aw: Awaitable[T]) -> T:
 
 
 class SipCallLeg:
-    def __init__(self, call: SipCall, call_id: str, beep: Callable[[], Awaitable[Path]]) -> None:
+    def __init__(
+        self,
+        call: SipCall,
+        call_id: str,
+        beep: Callable[[], Awaitable[Path]],
+        on_record_start: Callable[[str], None] | None = None,
+    ) -> None:
         self.call = call
         self.call_id = call_id
         self._beep = beep
+        self._on_record_start = on_record_start  # the recording's id (the file's stem)
 
     @property
     def answered(self) -> bool:
@@ -73,6 +80,8 @@ class SipCallLeg:
         beep: bool,
     ) -> RecordResult:
         beep_wav = await self._beep() if beep else None
+        if self._on_record_start is not None:
+            self._on_record_start(dest.stem)
         rec = await _guard(
             self.call.record(
                 dest,

@@ -140,7 +140,9 @@ class CallSession:
         self.call.reject_now(200)
 
     async def _drive(self) -> None:
-        leg = SipCallLeg(self.call, self.call_id, self.prompts.beep)
+        leg = SipCallLeg(
+            self.call, self.call_id, self.prompts.beep, self.writer.recording_started
+        )
         ctx = CallContext(
             leg=leg,
             prompts=self.prompts,

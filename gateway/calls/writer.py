@@ -17,7 +17,7 @@ from gateway.calls.outcome import Outcome
 from gateway.control.originate import Destination
 from gateway.events.envelope import Event, make_event
 from gateway.events.outbox import Outbox
-from gateway.workers.protocol import CallEvent
+from gateway.workers.protocol import CallEvent, Recording
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +63,14 @@ class CallEventWriter:
         *,
         on_event: Callable[[CallEvent], None] | None = None,
         recording_url: Callable[[str], str] | None = None,
+        on_recording: Callable[[Recording], None] | None = None,
     ) -> None:
         self.outbox = outbox
         self.dest = dest
         self.identity = identity
         self.on_event = on_event
         self._recording_url = recording_url
+        self._on_recording = on_recording
         self.final_written = False
 
     @property
@@ -129,6 +131,13 @@ class CallEventWriter:
         return self.emit(outcome.final_kind, final_data(self.base, outcome, answered_at, ended_at),
                          final=True)
 
+    def recording_started(self, recording_id: str) -> None:
+        """A recording is being written (the API answers 202 for it until it is ready)."""
+        if self._on_recording is not None:
+            self._on_recording(
+                Recording(call_id=self.call_id, recording_id=recording_id, state="writing")
+            )
+
     def recording_ready(self, recording_id: str, path: Path, duration_s: float, fmt: str) -> str:
         data = path.read_bytes()
         url = self._recording_url(recording_id) if self._recording_url else ""
@@ -146,4 +155,8 @@ class CallEventWriter:
                    if self.identity.client_request_id else {}),
             },
         )
+        if self._on_recording is not None:
+            self._on_recording(
+                Recording(call_id=self.call_id, recording_id=recording_id, state="ready")
+            )
         return url

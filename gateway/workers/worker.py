@@ -267,6 +267,7 @@ class Worker:
             identity,
             on_event=self.channel.send,
             recording_url=lambda rid: f"{self.api_base}/v1/recordings/{rid}",
+            on_recording=self.channel.send,
         )
 
     def voice_app(
