@@ -101,6 +101,9 @@ class SlowApp(FakeApp):
 
 
 class Live(Fake):
+    leg: LiveLeg
+    app: SlowApp
+
     def __init__(self, tmp: Path, *, answered: bool = False) -> None:
         super().__init__(tmp, answered=answered)
         self.leg = LiveLeg(self.ops, answered=answered)
