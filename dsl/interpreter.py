@@ -111,7 +111,9 @@ class Interpreter:
         self._wake.set()
         return True
 
-    async def run(self, first: FetchedDocument) -> RunResult:
+    async def run(self, first: FetchedDocument | Fetch) -> RunResult:
+        """Run `first` (a document, or one to fetch: then an interrupt during that first fetch
+        cancels it too) and whatever replaces it, until the call or the documents end."""
         state = RunState(
             document_url=first.url, call_id=self.ctx.leg.call_id, on_skip=self.ctx.on_skip
         )
@@ -125,8 +127,10 @@ class Interpreter:
             self._done = True
         return RunResult(ended_by, reject_code, state.issues, self._documents, self._interrupts)
 
-    async def _run(self, fetched: FetchedDocument, state: RunState) -> tuple[RunEnd, int | None]:
-        source: FetchedDocument | None = fetched
+    async def _run(
+        self, initial: FetchedDocument | Fetch, state: RunState
+    ) -> tuple[RunEnd, int | None]:
+        source: FetchedDocument | Fetch = initial
         first = True  # the document given to `run`, from the voice app
         while True:
             if self._pending is not None:
@@ -134,15 +138,13 @@ class Interpreter:
                 if command == END:
                     return "api_hangup", None
                 first = False
-                if isinstance(command, Fetch):
-                    url = state.resolve(command.url)
-                    got = await self._until_interrupted(self.ctx.app.fetch(url, command.method))
-                    if isinstance(got, _Interrupted):
-                        continue
-                    source = got
-                else:
-                    source = command
-            assert source is not None
+                source = command
+            if isinstance(source, Fetch):
+                url = state.resolve(source.url)
+                got = await self._until_interrupted(self.ctx.app.fetch(url, source.method))
+                if isinstance(got, _Interrupted):
+                    continue
+                source = got
             document = self._parse(source)
             if not document.actions and first:
                 # Not a rejection: the app gave nothing to run. The session answers 500.

@@ -180,6 +180,11 @@ class McpController:
         Cancelled (an interrupt replaced the document), it stops the hold audio and the POST.
         Raises CallEnded when the call ends while waiting.
         """
+        if self._leg.ended:
+            # Nothing can run any more (a recording handed over after the hangup): the
+            # controller still learns the result; its reply has no call to run on.
+            await self._post(self._state(reason, extra))
+            return self._document([])
         stop = asyncio.Event()
         hold = asyncio.create_task(self._hold(stop)) if self._hold_url else None
         try:
@@ -211,8 +216,7 @@ class McpController:
         self, reason: Reason, extra: Mapping[str, str] | None
     ) -> list[dict[str, Any]] | None:
         """One cycle: POST the state, wait for actions; None on timeout or a failed POST."""
-        self.cycle += 1
-        body = {**(extra or {}), **self._call_fields, "cycle": self.cycle, "reason": reason}
+        body = self._state(reason, extra)
         if self._queued is not None:
             actions, self._queued = self._queued, None
             self._spawn(self._post(body))  # the controller still sees the state
@@ -252,6 +256,11 @@ class McpController:
             for fut in (post, deadline):
                 if not fut.cancelled() and (exc := fut.exception()) is not None:
                     log.debug("cycle %d: %r after the cycle was answered", self.cycle, exc)
+
+    def _state(self, reason: Reason, extra: Mapping[str, str] | None) -> dict[str, Any]:
+        """The next cycle's state: the call's fields win over verb results of the same name."""
+        self.cycle += 1
+        return {**(extra or {}), **self._call_fields, "cycle": self.cycle, "reason": reason}
 
     def _spawn(self, aw: Any) -> None:
         task = asyncio.ensure_future(aw)

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from dsl.context import FetchedDocument, RecordResult
+from dsl.context import FetchedDocument, RecordResult, VoiceAppError
 from dsl.interpreter import END, MAX_REDIRECTS, Fetch, Interpreter, RunResult
 from tests.unit.test_dsl_fakes import CALLBACK_URL, FIRST_URL, Fake, FakeApp, FakeLeg, doc, say
 
@@ -25,6 +25,7 @@ class LiveLeg(FakeLeg):
         self.play_seconds = LONG
         self.playing: set[str] = set()
         self.listening = False
+        self.record_blocks = True  # False: FakeLeg's instant `record_result`
 
     async def play(self, wav: Path, *, stop: asyncio.Event | None = None) -> bool:
         self._check()
@@ -71,6 +72,14 @@ class LiveLeg(FakeLeg):
         beep: bool,
     ) -> RecordResult:
         # Like media: a partial file beside `dest`, renamed into place when recording ends.
+        if not self.record_blocks:
+            return await super().record(
+                dest,
+                max_length_s=max_length_s,
+                silence_timeout_s=silence_timeout_s,
+                finish_on_key=finish_on_key,
+                beep=beep,
+            )
         self._check()
         self.ops.append(("record", dest))
         part = dest.with_name(f".{dest.stem}.part.wav")
@@ -113,6 +122,9 @@ class Live(Fake):
         self.interpreter = Interpreter(self.ctx)
 
     def start(self, first: FetchedDocument) -> asyncio.Task[RunResult]:
+        return asyncio.create_task(self.interpreter.run(first))
+
+    def start_fetch(self, first: Fetch) -> asyncio.Task[RunResult]:
         return asyncio.create_task(self.interpreter.run(first))
 
 
@@ -347,9 +359,9 @@ async def test_api_redirects_neither_count_nor_reset_the_loop_cap(live: Live) ->
     live.app.routes[loop_url] = looping
     live.app.routes[side_url] = {"actions": [{"redirect": {"url": loop_url}}]}
     task = live.start(doc({"redirect": {"url": loop_url}}))
-    with pytest.raises(Exception) as info:
+    with pytest.raises(VoiceAppError) as info:
         await finish(task)
-    assert getattr(info.value, "code", None) == "redirect_loop"
+    assert info.value.code == "redirect_loop"
     # 4 counted before the command, the 5th superseded by it, the command's own fetch not
     # counted and not resetting: 6 more verb redirects reach the cap.
     assert fetched == MAX_REDIRECTS + 1
@@ -415,3 +427,34 @@ async def test_a_redirect_from_the_first_document_still_is_relative(live: Live) 
     )
     await finish(live.start(doc(say("first"), url=FIRST_URL)))
     assert live.said() == ["b"]
+
+
+async def test_run_can_fetch_its_first_document_and_be_interrupted_meanwhile(
+    live: Live,
+) -> None:
+    slow = "https://app.example/voice/slow"
+    live.app.slow.add(slow)
+    live.leg.play_seconds = 0.01
+    task = live.start_fetch(Fetch(slow, "GET"))
+    await until(lambda: live.kinds("fetch_started"), "the first fetch")
+    assert live.interpreter.interrupt(doc(say("instead")))
+    result = await finish(task)
+    assert ("fetch_cancelled", slow) in live.ops
+    assert live.said() == ["instead"]
+    assert (result.documents, result.interrupts) == (1, 1)
+
+
+async def test_run_fetches_its_first_document(live: Live) -> None:
+    live.app.routes[FIRST_URL] = {"actions": [say("fetched")]}
+    live.leg.play_seconds = 0.01
+    result = await finish(live.start_fetch(Fetch(FIRST_URL)))
+    assert live.kinds("fetch") == [("fetch", FIRST_URL, "POST", {})]
+    assert live.said() == ["fetched"]
+    assert result.ended_by == "document_end"
+
+
+async def test_an_empty_first_fetched_document_is_still_refused(live: Live) -> None:
+    live.app.routes[FIRST_URL] = {"actions": []}
+    with pytest.raises(VoiceAppError) as info:
+        await finish(live.start_fetch(Fetch(FIRST_URL)))
+    assert info.value.code == "document_empty"

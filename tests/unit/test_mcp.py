@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from dsl.context import CallEnded, FetchedDocument
+from dsl.context import CallEnded, FetchedDocument, RecordResult
 from dsl.interpreter import Interpreter
 from gateway.demo import free_port
 from gateway.events.signing import SIGNATURE_HEADER
@@ -310,3 +310,22 @@ async def test_an_interrupt_while_waiting_stops_hold_and_keeps_later_responds(
     result = await finish(task)
     assert result.ended_by == "hangup_verb"
     assert [s["cycle"] for s in ctl.states] == [1, 2]
+
+
+async def test_a_recording_after_the_hangup_still_reaches_the_controller(
+    live: Live, session: aiohttp.ClientSession, controller: tuple[Controller, str]
+) -> None:
+    ctl, url = controller
+    ctl.script = [{"actions": [say("no call to say this on")]}]
+    live.leg.record_blocks = False
+    live.leg.record_result = lambda p: RecordResult(p, 3.2, "hangup")
+    mcp = make(live, session, url, opening_actions=[{"record": {}}])
+    result = await finish(live.start(await mcp.first_document()))
+    assert result.ended_by == "caller"
+    ((state),) = ctl.states
+    assert state["reason"] == "record"
+    assert (state["RecordingDuration"], state["RecordingUrl"]) == (
+        "3",
+        f"https://rec.example/{state['recordingId']}",
+    )
+    assert live.said() == []
