@@ -41,6 +41,8 @@ from dsl.context import (
 )
 from dsl.document import check_depth, parse_document
 from dsl.errors import DocumentError
+from dsl.interpreter import Fetch
+from gateway.control.originate import Mcp
 from gateway.events.signing import SIGNATURE_HEADER, sign
 
 __all__ = ["MCP_CALLBACK_URL", "McpController"]
@@ -118,12 +120,42 @@ class McpController:
     def __repr__(self) -> str:  # never show the secret
         return f"McpController(callId={self._call_fields.get('callId')!r}, cycle={self.cycle})"
 
+    @classmethod
+    def for_call(
+        cls,
+        session: aiohttp.ClientSession,
+        mcp: Mcp,
+        call_fields: Mapping[str, str],
+        *,
+        leg: CallLeg,
+        prompts: Prompts,
+        inner: VoiceApp | None = None,
+        callback_url: str = MCP_CALLBACK_URL,
+    ) -> McpController:
+        """From the originate op's `mcp` options."""
+        return cls(
+            session,
+            mcp.control_url,
+            mcp.control_secret,
+            call_fields,
+            leg=leg,
+            prompts=prompts,
+            control_timeout_ms=mcp.control_timeout_ms,
+            hold_audio_url=mcp.hold_audio_url,
+            opening_actions=mcp.opening_actions,
+            fallback_actions=mcp.fallback_actions,
+            callback_url=callback_url,
+            inner=inner,
+        )
+
     # -- what the gateway calls -------------------------------------------------------------
-    async def first_document(self) -> FetchedDocument:
-        """The document to run on answer: `opening_actions`, else the first cycle's actions."""
+    def opening(self) -> FetchedDocument | Fetch:
+        """What `Interpreter.run` starts with on answer: `opening_actions`, else a fetch of the
+        callback URL from this controller (the first cycle, `reason: "answered"`), which an
+        interrupt can cancel like any fetch."""
         if self._opening:
             return self._document(self._opening)
-        return await self._ask("answered")
+        return Fetch(self.callback_url)
 
     async def next_document(self) -> FetchedDocument:
         """CallContext.next_document: the running actions ended; ask for the next ones."""
@@ -165,6 +197,8 @@ class McpController:
             reason: Reason = "record"
         elif "Digits" in fields:
             reason = "digits"
+        elif self.cycle == 0:
+            reason = "answered"  # `opening()` without opening actions
         else:
             reason = "request"
         return await self._ask(reason, fields)

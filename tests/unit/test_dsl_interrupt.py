@@ -121,10 +121,7 @@ class Live(Fake):
         self.ctx.app = self.app
         self.interpreter = Interpreter(self.ctx)
 
-    def start(self, first: FetchedDocument) -> asyncio.Task[RunResult]:
-        return asyncio.create_task(self.interpreter.run(first))
-
-    def start_fetch(self, first: Fetch) -> asyncio.Task[RunResult]:
+    def start(self, first: FetchedDocument | Fetch) -> asyncio.Task[RunResult]:
         return asyncio.create_task(self.interpreter.run(first))
 
 
@@ -435,7 +432,7 @@ async def test_run_can_fetch_its_first_document_and_be_interrupted_meanwhile(
     slow = "https://app.example/voice/slow"
     live.app.slow.add(slow)
     live.leg.play_seconds = 0.01
-    task = live.start_fetch(Fetch(slow, "GET"))
+    task = live.start(Fetch(slow, "GET"))
     await until(lambda: live.kinds("fetch_started"), "the first fetch")
     assert live.interpreter.interrupt(doc(say("instead")))
     result = await finish(task)
@@ -447,7 +444,7 @@ async def test_run_can_fetch_its_first_document_and_be_interrupted_meanwhile(
 async def test_run_fetches_its_first_document(live: Live) -> None:
     live.app.routes[FIRST_URL] = {"actions": [say("fetched")]}
     live.leg.play_seconds = 0.01
-    result = await finish(live.start_fetch(Fetch(FIRST_URL)))
+    result = await finish(live.start(Fetch(FIRST_URL)))
     assert live.kinds("fetch") == [("fetch", FIRST_URL, "POST", {})]
     assert live.said() == ["fetched"]
     assert result.ended_by == "document_end"
@@ -456,5 +453,5 @@ async def test_run_fetches_its_first_document(live: Live) -> None:
 async def test_an_empty_first_fetched_document_is_still_refused(live: Live) -> None:
     live.app.routes[FIRST_URL] = {"actions": []}
     with pytest.raises(VoiceAppError) as info:
-        await finish(live.start_fetch(Fetch(FIRST_URL)))
+        await finish(live.start(Fetch(FIRST_URL)))
     assert info.value.code == "document_empty"

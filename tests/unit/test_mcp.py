@@ -111,7 +111,7 @@ async def test_opening_actions_then_actions_from_the_post_reply(
     ctl, url = controller
     ctl.script = [{"actions": [say("from the reply")]}, {"actions": [{"hangup": {}}]}]
     mcp = make(live, session, url, opening_actions=[say("opening")])
-    result = await finish(live.start(await mcp.first_document()))
+    result = await finish(live.start(mcp.opening()))
     assert live.said() == ["opening", "from the reply"]
     assert result.ended_by == "hangup_verb"
     first, second = ctl.states
@@ -125,12 +125,31 @@ async def test_without_opening_actions_the_first_cycle_is_asked_on_answer(
     live: Live, session: aiohttp.ClientSession, controller: tuple[Controller, str]
 ) -> None:
     ctl, url = controller
-    ctl.script = [{"actions": [{"hangup": {}}]}]
-    mcp = make(live, session, url)
-    first = await mcp.first_document()
-    assert actions_of(first) == [{"hangup": {}}]
-    assert first.url == url  # relative URLs in the controller's actions resolve against it
-    assert ctl.states[0]["reason"] == "answered"
+    ctl.script = [{"actions": [say("first"), {"redirect": {"url": "/voice/next"}}]}]
+    inner = live.app
+    inner.routes[url.replace("/mcp", "/voice/next")] = {"actions": [{"hangup": {}}]}
+    mcp = make(live, session, url, inner=inner)
+    result = await finish(live.start(mcp.opening()))
+    assert ctl.states[0] == {**FIELDS, "cycle": 1, "reason": "answered"}
+    assert live.said() == ["first"]
+    # relative URLs in the controller's actions resolve against the control URL; a redirect
+    # verb goes to the call's voice app
+    assert [op[1] for op in live.kinds("fetch")] == [url.replace("/mcp", "/voice/next")]
+    assert result.ended_by == "hangup_verb"
+
+
+async def test_an_interrupt_during_the_first_cycle_cancels_it(
+    live: Live, session: aiohttp.ClientSession, controller: tuple[Controller, str]
+) -> None:
+    ctl, url = controller
+    mcp = make(live, session, url, hold_audio_url=HOLD_URL)
+    task = live.start(mcp.opening())
+    await until(lambda: "hold.wav" in live.leg.playing, "hold audio")
+    assert live.interpreter.interrupt(FetchedDocument({"actions": [{"hangup": {}}]}, url))
+    result = await finish(task)
+    assert result.ended_by == "hangup_verb"
+    assert live.leg.playing == set()
+    assert len(ctl.seen) == 1
 
 
 async def test_respond_answers_a_waiting_cycle_while_hold_audio_plays(
@@ -260,7 +279,7 @@ async def test_digits_reach_the_controller_and_its_reply_replaces_the_rest(
     ctl.script = [{"actions": [say("you chose 1"), {"hangup": {}}]}]
     live.leg.digits_on_listen = ["1", "#"]
     mcp = make(live, session, url, opening_actions=[{"getDigits": {}}, say("never")])
-    result = await finish(live.start(await mcp.first_document()))
+    result = await finish(live.start(mcp.opening()))
     assert live.said() == ["you chose 1"]
     assert result.ended_by == "hangup_verb"
     ((state),) = ctl.states
@@ -320,7 +339,7 @@ async def test_a_recording_after_the_hangup_still_reaches_the_controller(
     live.leg.record_blocks = False
     live.leg.record_result = lambda p: RecordResult(p, 3.2, "hangup")
     mcp = make(live, session, url, opening_actions=[{"record": {}}])
-    result = await finish(live.start(await mcp.first_document()))
+    result = await finish(live.start(mcp.opening()))
     assert result.ended_by == "caller"
     ((state),) = ctl.states
     assert state["reason"] == "record"
