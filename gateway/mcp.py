@@ -164,7 +164,7 @@ class McpController:
     def respond(self, actions: list[dict[str, Any]]) -> bool:
         """Actions from `POST /v1/calls/{id}/respond`: they answer the waiting cycle, or the next
         one when none waits. An empty list changes nothing. False once the call is over."""
-        if self._closed:
+        if self._closed or self._leg.ended:
             return False
         if not actions:
             return True

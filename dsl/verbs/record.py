@@ -35,8 +35,9 @@ class Record(Verb):
     the finish key ended it, `Digits`. A non-empty reply document replaces the rest of this
     one. If the caller hung up, the event and the request still happen and the run ends.
 
-    Interrupted (a live redirect), it is discarded: the partial file is deleted and neither
-    the event nor the request happens. An API hangup lets it end as a hangup (kept, reported).
+    A live redirect (`POST /v1/calls/{id}/redirect`) while recording discards it: the partial
+    file is deleted, no event, no request. A hangup through the API ends it like the caller's
+    hangup: the file is kept and reported.
     """
 
     verb: ClassVar[str] = "record"

@@ -310,6 +310,7 @@ async def test_call_ending_while_waiting_stops_the_cycle(
     with pytest.raises(CallEnded):
         await asyncio.wait_for(ask, 2)
     assert live.leg.playing == set()
+    assert not mcp.respond([say("too late")])
 
 
 async def test_an_interrupt_while_waiting_stops_hold_and_keeps_later_responds(
