@@ -8,7 +8,7 @@ Unit tests implement it with fakes.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -147,3 +147,6 @@ class CallContext:
     params: dict[str, str] = field(default_factory=dict)  # persisted fields sent on each fetch
     # (verb, reason) of each action skipped because its media failed, for the gateway's metrics
     on_skip: Callable[[str, str], None] | None = None
+    # Asked for the next document when one runs off its end (MCP control); None from it, or no
+    # hook, hangs up as usual. The interpreter cancels it when an interrupt arrives.
+    next_document: Callable[[], Awaitable[FetchedDocument | None]] | None = None

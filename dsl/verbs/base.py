@@ -134,6 +134,9 @@ class Verb(BaseModel):
     is_extension: ClassVar[bool] = False  # a whole verb the SDK does not write (pause)
     nested_verbs: ClassVar[tuple[str, ...]] = ()  # verbs allowed in its `nested` list
     must_be_last: ClassVar[bool] = False  # nothing may follow it in a document (aiAgent)
+    # An `interrupt("end")` lets it run on until the gateway's hangup ends it (record: what was
+    # recorded is kept and reported), instead of cancelling it like every other verb.
+    ends_with_call: ClassVar[bool] = False
 
     async def run(self, ctx: CallContext, state: RunState) -> Step:
         raise NotImplementedError

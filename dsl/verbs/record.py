@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
+from contextlib import suppress
+from pathlib import Path
 from typing import ClassVar, Literal
 
 from pydantic import Field
@@ -31,10 +34,15 @@ class Record(Verb):
     `action` with `RecordingUrl`, `RecordingDuration` (whole seconds), `recordingId` and, when
     the finish key ended it, `Digits`. A non-empty reply document replaces the rest of this
     one. If the caller hung up, the event and the request still happen and the run ends.
+
+    A live redirect (`POST /v1/calls/{id}/redirect`) while recording discards it: the partial
+    file is deleted, no event, no request. A hangup through the API ends it like the caller's
+    hangup: the file is kept and reported.
     """
 
     verb: ClassVar[str] = "record"
     needs: ClassVar[Needs] = "media"
+    ends_with_call: ClassVar[bool] = True
 
     action: str | None = Field(
         None,
@@ -73,14 +81,18 @@ class Record(Verb):
         # No type-ahead here (unlike getDigits): a key pressed during an earlier prompt would
         # otherwise end the recording before the caller said a word.
         leg.flush_digits()
-        result = await leg.record(
-            ctx.recordings_dir / f"{recording_id}.{self.format}",
-            # The SDK writes 0 for "the platform default": the model's own defaults.
-            max_length_s=self.max_length or _default("max_length"),
-            silence_timeout_s=self.timeout or _default("timeout"),
-            finish_on_key=self.finish_on_key,
-            beep=self.play_beep,
-        )
+        try:
+            result = await leg.record(
+                ctx.recordings_dir / f"{recording_id}.{self.format}",
+                # The SDK writes 0 for "the platform default": the model's own defaults.
+                max_length_s=self.max_length or _default("max_length"),
+                silence_timeout_s=self.timeout or _default("timeout"),
+                finish_on_key=self.finish_on_key,
+                beep=self.play_beep,
+            )
+        except asyncio.CancelledError:
+            _discard(ctx.recordings_dir, recording_id)
+            raise
         url = ctx.events.recording_ready(recording_id, result.path, result.duration_s, self.format)
         extra = {
             "RecordingUrl": url,
@@ -98,6 +110,15 @@ class Record(Verb):
                 state.note(err.code, err.message)
             return end("caller")
         return reply_step(await ctx.app.fetch(target, self.method, extra))
+
+
+def _discard(recordings_dir: Path, recording_id: str) -> None:
+    """Delete what an interrupted recording left: the final file or the recorder's partial one
+    (whatever its name, it holds the id; nothing else does)."""
+    for path in recordings_dir.glob(f"*{recording_id}*"):
+        with suppress(OSError):
+            path.unlink()  # the recorder may still hold it open: fine, the inode goes with it
+    log.info("recording %s: interrupted, discarded", recording_id)
 
 
 def _default(name: str) -> float:
