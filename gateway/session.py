@@ -12,27 +12,31 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 from dsl.context import CallContext, FetchedDocument, VoiceAppError
-from dsl.interpreter import Interpreter
+from dsl.interpreter import END, Fetch, Interpreter
 from gateway.calls.identity import CallIdentity
 from gateway.calls.outcome import CallFacts, EndedBy, Failure, Outcome, classify
 from gateway.calls.writer import CallEventWriter
-from gateway.control.errors import FAILED, NOT_CONTROLLED, OpRefused
+from gateway.control.errors import CALL_ENDED, NOT_CONTROLLED, OpRefused
+from gateway.control.originate import Mcp
 from gateway.control.redirect import Redirect
 from gateway.control.respond import Respond
 from gateway.events.envelope import uuid7
 from gateway.leg import SipCallLeg
+from gateway.mcp import McpController
 from gateway.prompts import GatewayPrompts
 from gateway.voice_app import VoiceAppClient
 from media.call import CallEnd, SipCall
 
 log = logging.getLogger(__name__)
 
-FirstDocument = Callable[[], Awaitable[FetchedDocument]]
+FirstDocument = FetchedDocument | Fetch
 
 
 class TimedVoiceApp:
@@ -75,6 +79,8 @@ class CallSession:
         prompts: GatewayPrompts,
         recordings_dir: Path,
         time_limit_s: float | None = None,
+        mcp: Mcp | None = None,
+        http: aiohttp.ClientSession | None = None,
     ) -> None:
         self.call = call
         self.identity = identity
@@ -87,6 +93,9 @@ class CallSession:
         self.prompts = prompts
         self.recordings_dir = recordings_dir
         self.time_limit_s = time_limit_s
+        self.mcp = mcp
+        self.http = http
+        self.controller: McpController | None = None
         self.failure: Failure | None = None
         self.ended_by_api = False
         self.outcome: Outcome | None = None
@@ -94,7 +103,6 @@ class CallSession:
         self.on_final: Callable[[Outcome, CallEnd], None] | None = None
         self.on_skip: Callable[[str, str], None] | None = None  # (verb, reason), for metrics
         self.on_state: Callable[[], None] | None = None  # ringing -> in-progress
-        self.next_document: Callable[[], Awaitable[FetchedDocument | None]] | None = None
         if not call.answered:
             call.on_answer.append(self._answered)
 
@@ -152,13 +160,19 @@ class CallSession:
             recordings_dir=self.recordings_dir,
             on_skip=self.on_skip,
         )
-        if self.next_document is not None:
-            ctx.next_document = self.next_document  # type: ignore[attr-defined]
+        first = self.first_document
+        if self.mcp is not None:
+            assert self.http is not None
+            self.controller = mcp = McpController.for_call(
+                self.http, self.mcp, self.call_fields, leg=leg, prompts=self.prompts,
+                inner=self.app,
+            )
+            ctx.app = mcp
+            ctx.voice_callback_url = mcp.callback_url
+            ctx.next_document = mcp.next_document
+            first = mcp.opening()
         self.interpreter = Interpreter(ctx)
         try:
-            first = await self.first_document()
-            if self.call.ended:
-                return
             result = await self.interpreter.run(first)
             log.info("call %s: document done (%s)", self.call_id, result.ended_by)
         except VoiceAppError as e:
@@ -168,6 +182,8 @@ class CallSession:
             log.exception("call %s: internal error", self.call_id)
             self.fail("internal_error", f"{type(e).__name__}: {e}")
         finally:
+            if self.controller is not None:
+                await self.controller.aclose()
             if not self.call.ended:
                 # 500 only reaches the carrier when the call was never answered.
                 await self.call.hangup(500 if self.failure else 603)
@@ -178,13 +194,29 @@ class CallSession:
         if self.call.ended:
             return
         self.ended_by_api = True
+        if self.interpreter is not None:
+            self.interpreter.interrupt(END)  # the verb stops now (a recording is kept)
         self.call.reject_now(480 if self.identity.direction == "inbound" else 487)
 
     def redirect(self, op: Redirect) -> None:
-        raise OpRefused(FAILED, "redirect is not wired yet")
+        """The current verb stops; the new document runs (validated by the API already)."""
+        if op.actions is not None:
+            repl: FetchedDocument | Fetch = FetchedDocument(
+                body={"actions": op.actions}, url=self.voice_callback_url
+            )
+        else:
+            assert op.url is not None
+            repl = Fetch(op.url, op.method)
+        if self.call.ended or self.interpreter is None or not self.interpreter.interrupt(repl):
+            raise OpRefused(CALL_ENDED, "the call has ended")
+        log.info("call %s: redirected by the API (%s)", self.call_id,
+                 "inline actions" if op.actions is not None else op.url)
 
     def respond(self, op: Respond) -> None:
-        raise OpRefused(NOT_CONTROLLED, "the call is not under MCP control")
+        if self.controller is None:
+            raise OpRefused(NOT_CONTROLLED, "the call is not under MCP control")
+        if not self.controller.respond(op.actions):
+            raise OpRefused(CALL_ENDED, "the call has ended")
 
     def fail(self, reason: str, message: str) -> None:
         if self.failure is None:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from dsl.context import FetchedDocument, VoiceAppError
+from dsl.interpreter import Fetch
 from gateway.calls.identity import CallIdentity
 from gateway.calls.outcome import CallFacts, EndedBy, Failure, Outcome, classify
 from gateway.control.errors import NO_SLOT, OpRefused
@@ -215,22 +216,24 @@ class OutboundRunner:
             self.identity.client_request_id,
         )
 
-        async def first_document() -> FetchedDocument:
-            if op.actions is not None:
-                return FetchedDocument(body={"actions": op.actions}, url=url)
-            return await app.fetch(url, op.voice_callback_method)
-
+        first: FetchedDocument | Fetch = (
+            FetchedDocument(body={"actions": op.actions}, url=url)
+            if op.actions is not None
+            else Fetch(url, op.voice_callback_method)
+        )
         session = CallSession(
             call=call,
             identity=self.identity,
             writer=self.writer,
             app=app,
             call_fields=fields,
-            first_document=first_document,
+            first_document=first,
             voice_callback_url=url,
             prompts=self.worker.prompts,
             recordings_dir=self.worker.recordings_dir,
             time_limit_s=op.time_limit_s,
+            mcp=op.mcp,
+            http=self.worker.cp_http,
         )
         if self.failure is not None:
             session.fail(self.failure.reason, self.failure.message)

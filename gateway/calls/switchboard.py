@@ -102,9 +102,9 @@ class Switchboard:
         if not s.trunks:
             raise ControlError(422, NO_TRUNK, "no [[trunks]] configured: outbound calls need one")
         secret = call.webhook_secret or route.webhook_secret
-        voice_url = call.voice_callback_url
-        if voice_url is None and call.actions is None and call.control != "mcp":
-            voice_url = route.voice_callback_url
+        # Inline `actions` run first; what getDigits/record report, and a failure, still go to a
+        # voice app: the one given, else the `from` number's.
+        voice_url = call.voice_callback_url or route.voice_callback_url
         identity = CallIdentity(
             call_id=call.call_id,
             direction="outbound",

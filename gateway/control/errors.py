@@ -6,6 +6,7 @@ NOT_FOUND = "call_not_found"
 NOT_ANSWERED = "call_not_answered"
 NOT_CONTROLLED = "call_not_controlled"
 NO_SLOT = "no_slot"
+CALL_ENDED = "call_ended"
 FAILED = "failed"
 
 

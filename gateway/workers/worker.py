@@ -23,6 +23,7 @@ from typing import Any
 from aiohttp import ClientSession
 
 from config.settings import Settings, load_settings, parse_hostport
+from dsl.interpreter import Fetch
 from gateway.calls.identity import CallIdentity
 from gateway.calls.outcome import Outcome
 from gateway.calls.writer import CallEventWriter
@@ -362,9 +363,7 @@ class Worker:
             writer=writer,
             app=app,
             call_fields=fields,
-            first_document=lambda: app.fetch(
-                route.voice_callback_url, route.voice_callback_method
-            ),
+            first_document=Fetch(route.voice_callback_url, route.voice_callback_method),
             voice_callback_url=route.voice_callback_url,
             prompts=self.prompts,
             recordings_dir=self.recordings_dir,

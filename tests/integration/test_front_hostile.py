@@ -93,12 +93,12 @@ def worker_pids(gw: Any) -> dict[int, int]:
 
 
 def worker_ports(gw: Any) -> list[int]:
-    return [
-        int(m)
-        for m in re.findall(
-            r"--sip 127\.0\.0\.1:(\d+)", " ".join(cmdline(p) for p in worker_pids(gw).values())
-        )
-    ]
+    """The SIP ports of the node's running workers, from the node's own plan."""
+    from config.settings import load_settings
+    from gateway.plan import plan_node
+
+    plan = plan_node(load_settings(gw.config), max_calls=4)
+    return [plan.workers[i].sip_port for i in sorted(worker_pids(gw))]
 
 
 def pause_then_hangup(seconds: float) -> Any:
