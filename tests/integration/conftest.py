@@ -54,6 +54,7 @@ class VoiceApp:
         self.requests.append(
             {
                 "path": request.path,
+                "query": dict(request.query),
                 "method": request.method,
                 "form": form,
                 "signature_ok": sig_ok,
