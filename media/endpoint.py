@@ -159,6 +159,7 @@ class SipEndpoint:
         self._outbound: _Account | None = None  # outbound calls of trunks without credentials
         self._trunks: dict[str, _Trunk] = {}
         self._trunk_accounts: dict[str, _Account] = {}  # trunks with credentials
+        self._proxy = cfg.outbound_proxy
         self._refuse_code = 503
         # Who may send this endpoint an INVITE ("host:port" -> bool); pump thread, so it must be
         # pure and quick. Refused sources get 403 before pjsua opens a socket for them.
@@ -247,8 +248,8 @@ class SipEndpoint:
         tpc.boundAddress = cfg.rtp_host or cfg.sip_host
         if cfg.media_address:
             tpc.publicAddress = cfg.media_address
-        if outbound and cfg.outbound_proxy:
-            acc_cfg.sipConfig.proxies.append(cfg.outbound_proxy)
+        if outbound and self._proxy:
+            acc_cfg.sipConfig.proxies.append(self._proxy)
         if trunk is not None and trunk.username is not None and trunk.password is not None:
             # Realm "*": whatever realm the trunk's challenge names (each trunk its own account).
             acc_cfg.sipConfig.authCreds.append(
@@ -262,8 +263,10 @@ class SipEndpoint:
         return f"{self.cfg.public_address or self.cfg.sip_host}:{self.cfg.sip_port}"
 
     def caller_uri(self, user: str) -> str:
-        """A From URI for caller id `user` (e.g. an E.164 number) at this endpoint's address."""
-        return f"sip:{user}@{self.host_port}"
+        """A From URI for caller id `user` (e.g. an E.164 number) at this endpoint's host (PJSIP
+        prints no port in From/To: RFC 3261 table 1)."""
+        host = self.cfg.public_address or self.cfg.sip_host
+        return f"sip:{user}@{host.rsplit(':', 1)[0] if host.count(':') == 1 else host}"
 
     def _set_codecs(self) -> None:
         # G.711 first (what carriers send; no transcoding at an 8 kHz bridge), the rest off.
@@ -428,6 +431,21 @@ class SipEndpoint:
         self._trunks[name] = trunk
         if self._running and username is not None:
             self._create_trunk_account(trunk)
+
+    @property
+    def outbound_proxy(self) -> str:
+        return self._proxy
+
+    def set_outbound_proxy(self, uri: str) -> None:
+        """Change the proxy of outbound calls placed from now on (`EndpointConfig.outbound_proxy`
+        is the initial one; "" for none). Calls in progress keep their route set."""
+        self._proxy = uri
+        if not self._running:
+            return
+        if self._outbound is not None:
+            self._outbound.modify(self._account_config(outbound=True))
+        for name, acc in self._trunk_accounts.items():
+            acc.modify(self._account_config(outbound=True, trunk=self._trunks[name]))
 
     def _create_trunk_account(self, trunk: _Trunk) -> None:
         acc = _Account(self)
