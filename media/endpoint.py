@@ -250,6 +250,9 @@ class SipEndpoint:
             tpc.publicAddress = cfg.media_address
         if outbound and self._proxy:
             acc_cfg.sipConfig.proxies.append(self._proxy)
+        if outbound:
+            # No RFC 5626 ";ob" in our Contact: there is no registration flow to keep alive.
+            acc_cfg.natConfig.sipOutboundUse = 0
         if trunk is not None and trunk.username is not None and trunk.password is not None:
             # Realm "*": whatever realm the trunk's challenge names (each trunk its own account).
             acc_cfg.sipConfig.authCreds.append(

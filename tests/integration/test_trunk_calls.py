@@ -132,7 +132,7 @@ class Env:
             assert await _listening_tcp(port, 5.0), f"{scenario} not listening on tcp"
         return c
 
-    async def front(self, phone: Any) -> KamailioFront:
+    async def front(self, phone: Any, **kw: Any) -> KamailioFront:
         cfg = KamailioConfig(
             listen_host="127.0.0.1",
             listen_port=free_port(both=True),
@@ -140,6 +140,7 @@ class Env:
             runtime_dir=self.runtime / f"k{len(self.fronts)}",
             children=2,
             ping_interval_s=1,
+            **kw,
         )
         f = KamailioFront(cfg)
         self.fronts.append(f)
@@ -167,8 +168,8 @@ async def env(tmp_path: Path, phone: Any) -> AsyncIterator[Env]:
         shutil.rmtree(runtime, ignore_errors=True)
 
 
-async def via_front(env: Env, phone: Any) -> KamailioFront:
-    front = await env.front(phone)
+async def via_front(env: Env, phone: Any, **kw: Any) -> KamailioFront:
+    front = await env.front(phone, **kw)
     phone.set_outbound_proxy(f"sip:127.0.0.1:{front.cfg.listen_port};lr")
     return front
 
@@ -309,6 +310,35 @@ async def test_final_refusal_reaches_us_with_its_code_and_q850_cause(
     assert should_fail_over(end.sip_code, rang=False) is (code == 503)
     assert await carrier.result() == 0, why(carrier, front)
     assert_front_clean(front)
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+async def test_a_dead_trunk_is_a_final_failure_without_ringing(
+    env: Env, phone: Any, transport: str
+) -> None:
+    # Nothing listens at the trunk's address: over UDP the front gives up after its outbound
+    # timer (408; kamailio out_fr_timer_ms, 1 s here), over TCP at once (connection refused:
+    # 477). Either way no provisional answer came: the runner fails over.
+    front = await via_front(env, phone, out_fr_timer_ms=1000)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))  # a UDP port that swallows everything
+    try:
+        port = sock.getsockname()[1] if transport == "udp" else free_port()
+        dead = TrunkSettings(name=f"dead-{transport}", address=f"127.0.0.1:{port}",
+                             transport=transport)
+        t0 = time.monotonic()
+        call = place(phone, dead)
+        end = await asyncio.wait_for(call.wait_ended(), 10)
+        took = time.monotonic() - t0
+    finally:
+        sock.close()
+    assert not end.was_answered and call.provisional_code is None, end
+    assert should_fail_over(end.sip_code, rang=False), end
+    if transport == "udp":
+        assert end.sip_code == 408 and 0.9 < took < 3.0, (end, took)
+        assert_front_clean(front)
+    else:  # "477 Unfortunately error on sending to next hop occurred"
+        assert end.sip_code == 477 and took < 1.0, (end, took)
 
 
 async def test_503_fails_over_to_the_next_trunk_which_answers(env: Env, phone: Any) -> None:
