@@ -9,6 +9,15 @@ back; once the free list is empty, `pj_ioqueue_register_sock2` asserts and the w
 `Endpoint.onSelectAccount` runs before the dialog and media are created: the gate decides there
 and sends refused calls to an account with a loop media transport (no socket), which answers
 503 at once. This object is shared by the pump thread and asyncio: every field under `_lock`.
+
+Inbound and outbound calls share pjsua's call slots (`max_calls`, 4 in the PyPI wheel). An
+INVITE that finds every slot taken is answered 486 by pjsua itself, before `onSelectAccount`
+(so before this gate) runs (seen with this wheel: 4 outbound calls up, an INVITE got 486), and
+a front takes a 486 for a busy callee or a full worker. So while any outbound call is up the
+last slot is kept for refusals: an outbound call is only placed while two slots are free
+(`start_outbound`), and an inbound INVITE that would take the last slot is refused 503 by the
+gate. Without outbound calls `admit` alone limits inbound calls, as before (it may equal
+`max_calls`: the INVITE beyond gets pjsua's 486, which the front fails over).
 """
 
 from __future__ import annotations
@@ -24,15 +33,18 @@ KEYS_PER_CALL = 2  # RTP + RTCP
 
 
 class Admission:
-    def __init__(self, admit: int, *, handles: int = IOQUEUE_HANDLES, fixed: int = 2,
-                 tcp_reserve: int = 16) -> None:
+    def __init__(self, admit: int, *, max_calls: int = 0, handles: int = IOQUEUE_HANDLES,
+                 fixed: int = 2, tcp_reserve: int = 16) -> None:
         self._lock = threading.Lock()
         self.admit = admit
+        # pjsua call slots, inbound and outbound together; 0: not known, no limit but `admit`.
+        self.max_calls = max_calls
         # Queue slots INVITEs may use: the rest is for SIP transports and TCP connections.
         self.media_budget = handles - fixed - tcp_reserve
         self.accepting = True  # false while draining or stopping (set by asyncio)
         self.overloaded = False  # the asyncio loop lags (set by asyncio)
         self.inbound = 0  # admitted inbound calls not yet DISCONNECTED
+        self.outbound = 0  # outbound calls placed, not yet DISCONNECTED
         self.media_calls = 0  # calls (in or out) holding real RTP/RTCP sockets
         self._closed: deque[float] = deque()  # when a call's sockets were closed
         self.refused = 0
@@ -51,7 +63,9 @@ class Admission:
         with self._lock:
             if not self.accepting:
                 reason = "draining"
-            elif self.inbound >= self.admit:
+            elif self.inbound >= self.admit or (
+                self.max_calls and self.outbound > 0 and self.media_calls >= self.max_calls - 1
+            ):
                 reason = "full"
             elif self.overloaded:
                 reason = "overloaded"
@@ -63,17 +77,40 @@ class Admission:
             self.refused += 1
             return reason
 
+    def start_outbound(self, *, last_slot: bool = False) -> bool:
+        """Count an outbound call about to be placed (asyncio thread); False, nothing counted,
+        when it would leave no slot for refusals. `last_slot`: it may take the last one (a dial
+        leg of a call on this process; new INVITEs then get pjsua's own 486 until one ends)."""
+        with self._lock:
+            if self.max_calls and self.media_calls >= self.max_calls - (0 if last_slot else 1):
+                return False
+            self.media_calls += 1
+            self.outbound += 1
+            return True
+
+    def free_slots(self) -> int:
+        """Outbound calls this process can place now (one slot always kept for refusals); -1
+        when `max_calls` is not known."""
+        with self._lock:
+            if not self.max_calls:
+                return -1
+            return max(0, self.max_calls - 1 - self.media_calls)
+
     def started(self, inbound: bool) -> None:
         with self._lock:
             self.media_calls += 1
             if inbound:
                 self.inbound += 1
+            else:
+                self.outbound += 1
 
     def ended(self, inbound: bool) -> None:
         with self._lock:
             self.media_calls = max(0, self.media_calls - 1)
             if inbound:
                 self.inbound = max(0, self.inbound - 1)
+            else:
+                self.outbound = max(0, self.outbound - 1)
             self._closed.append(time.monotonic())
 
     def churned(self) -> None:

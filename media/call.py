@@ -1,4 +1,11 @@
-"""A pjsua2 call as an asyncio object: answer, reject, hang up, play, record, DTMF."""
+"""A pjsua2 call as an asyncio object: answer, reject, hang up, play, record, DTMF.
+
+Outbound calls (`SipEndpoint.make_call`) report their progress here too: the first ringing
+answer (`provisional_code`, `on_early`), the 200 OK (`answered_at`, `answered_mono`), and on
+failure the final response's code, reason phrase and Q.850 cause (`CallEnd`). A runner tells
+"408 with no ringing first" (the trunk is dead: fail over) from "408 after ringing" (no
+answer) by `provisional_code`.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import time
 import wave
 from collections.abc import Callable
@@ -30,16 +38,56 @@ class CallGone(Exception):
     """The call ended (or never had media) while an operation waited on it."""
 
 
+class CallSetupError(Exception):
+    """`make_call` could not send the INVITE (bad URI, unknown trunk, ...): no call exists.
+
+    `status` is the PJSIP status code (0 when the gateway refused before asking PJSIP)."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class NoCallSlot(CallSetupError):
+    """Every pjsua2 call slot of this process is taken (the compiled limit, 4 in the PyPI
+    wheel, counts inbound and outbound calls together): place the call on another worker."""
+
+
+PJ_ETOOMANY = 70010  # PJ_ERRNO_START_STATUS + 10: "too many objects" (here: calls)
+
+
 _METHODS = {pj.PJSUA_DTMF_METHOD_RFC2833: "rfc4733", pj.PJSUA_DTMF_METHOD_SIP_INFO: "sip_info"}
 
 
 @dataclass(frozen=True)
 class CallEnd:
-    sip_code: int  # last status code PJSIP saw (487 for CANCEL, 200 after a BYE, ...)
-    reason: str
+    # Last status code PJSIP saw: an outbound call's final response (486, 503, 487 after our
+    # CANCEL, 408 when nothing answered), 200 after a BYE, an inbound call's final answer.
+    sip_code: int
+    reason: str  # its reason phrase
     by: Literal["remote", "local"]
     was_answered: bool
     ended_at: float  # time.time()
+    # From a `Reason: Q.850;cause=N` header of the message that ended the call (the final
+    # response of an outbound call, or the far end's BYE); None when it had none.
+    q850_cause: int | None = None
+
+
+_REASON_Q850 = re.compile(r"(?:^|,)\s*Q\.850\s*;(?:[^,]*?;)?\s*cause\s*=\s*(\d{1,3})", re.I)
+
+
+def q850_cause(whole_msg: str) -> int | None:
+    """The Q.850 cause of a SIP message's Reason header(s) (RFC 3326), if any."""
+    if not whole_msg:
+        return None
+    head = whole_msg.split("\r\n\r\n", 1)[0].replace("\r\n", "\n")
+    for line in head.split("\n")[1:]:
+        name, sep, value = line.partition(":")
+        if sep and name.strip().lower() == "reason":
+            m = _REASON_Q850.search(value)
+            if m:
+                return int(m.group(1))
+    return None
 
 
 @dataclass(frozen=True)
@@ -62,6 +110,10 @@ class PjCall(pj.Call):  # type: ignore[misc]
         self.owner: SipCall | None = None
         self.inbound = call_id != pj.PJSUA_INVALID_ID
         self.counted = counted  # in the endpoint's admission counts until DISCONNECTED
+        # SIP Call-ID, copied at the first state change (CALLING fires inside makeCall, so an
+        # outbound call has it when makeCall returns, even if it ended at once).
+        self.sip_call_id = ""
+        self.first_id = call_id  # the pjsua call id (outbound: set at the first state change)
 
     def _post(self, fn: Callable[..., None], *args: Any) -> None:
         self.loop.call_soon_threadsafe(self._deliver, fn, args)
@@ -72,11 +124,30 @@ class PjCall(pj.Call):  # type: ignore[misc]
 
     def onCallState(self, prm: pj.OnCallStateParam) -> None:
         ci = self.getInfo()
-        if ci.state == pj.PJSIP_INV_STATE_DISCONNECTED and self.counted:
-            # Here, not in asyncio: the gate in the pump thread must see the slot free now.
-            self.counted = False
-            self.endpoint.admission.ended(self.inbound)
-        self._post(SipCall._on_state, ci.state, ci.lastStatusCode, ci.lastReason)
+        if not self.sip_call_id:
+            self.sip_call_id = ci.callIdString
+            self.first_id = ci.id
+        msg = ""
+        if ci.state == pj.PJSIP_INV_STATE_DISCONNECTED:
+            if self.counted:
+                # Here, not in asyncio: the gate in the pump thread must see the slot free now.
+                self.counted = False
+                self.endpoint.admission.ended(self.inbound)
+            # The message that ended the call (final response, or the far end's BYE), for its
+            # Reason header; parsed in asyncio.
+            e = prm.e
+            tsx = e.body.tsxState
+            if e.type == pj.PJSIP_EVENT_TSX_STATE and tsx.type == pj.PJSIP_EVENT_RX_MSG:
+                msg = tsx.src.rdata.wholeMsg
+        self._post(
+            SipCall._on_state,
+            ci.state,
+            ci.lastStatusCode,
+            ci.lastReason,
+            time.time(),
+            time.monotonic(),
+            msg,
+        )
 
     def onCallMediaState(self, prm: pj.OnCallMediaStateParam) -> None:
         ci = self.getInfo()
@@ -133,9 +204,18 @@ class SipCall:
         self.pj_id: int = -1
         if direction == "inbound":
             self.register()
-        self.answered_at: float | None = None
+        self.answered_at: float | None = None  # time.time() of CONFIRMED (the 200 OK / ACK)
         self.created_at = time.monotonic()  # INVITE handed to asyncio (inbound) / sent
         self.answer_sent_at: float | None = None  # our 200 OK (inbound)
+        # Outbound progress, stamped in the pump thread when PJSIP saw it. `provisional_code`:
+        # the first 18x answer (180 Ringing, 183 Session Progress; 100 Trying is not one).
+        self.provisional_code: int | None = None
+        self.provisional_at: float | None = None  # time.time()
+        self.answered_mono: float | None = None  # time.monotonic() of answered_at
+        self.invite_sent_at: float | None = None  # time.monotonic() once makeCall returned
+        self.first_audio_at: float | None = None  # time.monotonic(): first prompt connected
+        self.sip_call_id = ""  # the SIP Call-ID of an outbound call (inbound: the INVITE's)
+        self.on_early: list[Callable[[int], None]] = []  # called with the first 18x code
         self.end: CallEnd | None = None
         self._answered = asyncio.Event()
         self._media = asyncio.Event()
@@ -156,8 +236,14 @@ class SipCall:
     def register(self) -> None:
         """Keep this call (and so its pjsua2 object) alive until DISCONNECTED."""
         assert self._pj is not None
+        # getId() turns invalid once PJSIP is done with the call, which for an outbound call
+        # can be before makeCall's caller registers it.
         self.pj_id = self._pj.getId()
-        self.endpoint.calls[self.pj_id] = self
+        if self.pj_id >= 0:
+            self.endpoint.calls[self.pj_id] = self
+        else:  # over already; its id may be a new call's by now: never displace that one
+            self.pj_id = self._pj.first_id
+            self.endpoint.calls.setdefault(self.pj_id, self)
 
     # -- state ------------------------------------------------------------------------------
     @property
@@ -168,11 +254,19 @@ class SipCall:
     def ended(self) -> bool:
         return self.end is not None
 
-    def _on_state(self, state: int, code: int, reason: str) -> None:
+    def _on_state(
+        self, state: int, code: int, reason: str, wall: float, mono: float, msg: str
+    ) -> None:
         if self.end is not None:
             return
-        if state == pj.PJSIP_INV_STATE_CONFIRMED and self.answered_at is None:
-            self.answered_at = time.time()
+        if state == pj.PJSIP_INV_STATE_EARLY and self.provisional_code is None and code > 100:
+            self.provisional_code = code
+            self.provisional_at = wall
+            for cb_early in self.on_early:
+                cb_early(code)
+        elif state == pj.PJSIP_INV_STATE_CONFIRMED and self.answered_at is None:
+            self.answered_at = wall
+            self.answered_mono = mono
             self._answered.set()
             for cb in self.on_answer:
                 cb()
@@ -182,7 +276,8 @@ class SipCall:
                 reason=reason,
                 by="local" if self._hangup_requested else "remote",
                 was_answered=self.answered_at is not None,
-                ended_at=time.time(),
+                ended_at=wall,
+                q850_cause=q850_cause(msg),
             )
             self._ended.set()
             self._detach_inband()
@@ -279,7 +374,12 @@ class SipCall:
             raise CallGone() from None
 
     def reject_now(self, sip_code: int, headers: dict[str, str] | None = None) -> None:
-        """Final response to an unanswered call (or BYE if answered). Idempotent."""
+        """End the call now, whatever its state; idempotent. Answered: BYE. Unanswered
+        inbound: `sip_code` is the final response. Unanswered outbound: CANCEL (`sip_code` is
+        not sent; the far end answers the INVITE 487, which becomes `CallEnd.sip_code`). A
+        CANCEL needs a provisional answer first (RFC 3261 9.1): PJSIP holds it until one comes,
+        so a trunk that never sent even 100 Trying ends with 408 after Timer B (32 s). Through
+        the Kamailio front a 100 comes at once."""
         if self._pj is None or self.end is not None:
             return
         self._hangup_requested = True
@@ -300,10 +400,20 @@ class SipCall:
         await self.wait_ended()
 
     async def hangup(self, sip_code: int = 603) -> None:
-        # For an unanswered call `sip_code` is the final response; answered calls get BYE.
+        """`reject_now` (BYE, final response, or CANCEL of a ringing outbound call), then wait
+        up to 5 s for the end."""
         self.reject_now(sip_code)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._ended.wait(), 5)
+
+    async def cancel(self, timeout: float = 5.0) -> CallEnd | None:
+        """CANCEL an unanswered outbound call (BYE if it was answered meanwhile) and wait up to
+        `timeout` for its end: 487 normally, 200 if the 200 OK crossed the CANCEL (PJSIP then
+        ACKs and BYEs). None if it has not ended by then."""
+        self.reject_now(487)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._ended.wait(), timeout)
+        return self.end
 
     # -- media ------------------------------------------------------------------------------
     def _audio(self) -> pj.AudioMedia:
@@ -322,6 +432,10 @@ class SipCall:
         stopper = asyncio.ensure_future(stop.wait()) if stop is not None else None
         try:
             player.startTransmit(am)
+            if self.first_audio_at is None:
+                # Its first frame leaves on the bridge's next 20 ms tick (the benchmark's
+                # "answer -> first RTP of the prompt" ends within a frame of this).
+                self.first_audio_at = time.monotonic()
             waiters: set[asyncio.Future[Any]] = {done}
             if stopper is not None:
                 waiters.add(stopper)

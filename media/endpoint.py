@@ -6,6 +6,13 @@ House rules (see shared/design/pjsua2.md):
 - every pjsua2 callback hands its result to asyncio with `loop.call_soon_threadsafe` and does
   nothing else;
 - Python references to every `Call`, player, recorder and port are kept until PJSIP is done.
+
+Outbound calls leave through a trunk (`add_trunk`): a trunk with digest credentials has its own
+pjsua2 account (answers 401/407 challenges on INVITE with them), the others share one outbound
+account. Every outbound account sends through `EndpointConfig.outbound_proxy` when set (the
+node's Kamailio front: carriers see one address, and its record-route keeps in-dialog requests
+on this process). pjsua2 allows 8 accounts per process (PJSUA_MAX_ACC, compiled in): inbound,
+refusals and the shared outbound account take 3, leaving 5 for trunks with credentials.
 """
 
 from __future__ import annotations
@@ -14,8 +21,9 @@ import asyncio
 import logging
 import sys
 import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -44,6 +52,9 @@ class EndpointConfig:
     user_agent: str = "Sautikit-Gateway"
     outbound_proxy: str = ""  # e.g. "sip:127.0.0.1:5060;lr" (the node's front); "" = direct
     transports: tuple[str, ...] = ("udp", "tcp")
+    # Outbound calls go through this proxy (a loose-routing SIP URI, e.g. the node's Kamailio
+    # front "sip:127.0.0.1:5060;lr"); empty: straight to the Request-URI (the trunk).
+    outbound_proxy: str = ""
     log_file: Path | None = None
     log_level: int = 1
 
@@ -84,6 +95,21 @@ class _Account(pj.Account):  # type: ignore[misc]
         self._endpoint._incoming_from_pjsip(
             self, prm.callId, prm.rdata.wholeMsg, prm.rdata.srcAddress
         )
+
+
+MAX_ACCOUNTS = 8  # PJSUA_MAX_ACC of the wheel (compiled in, not reachable from Python)
+FIXED_ACCOUNTS = 3  # inbound, refusals, shared outbound
+
+
+class TooManyTrunkAccounts(ValueError):
+    """More trunks with credentials than pjsua2 has accounts left (MAX_ACCOUNTS - 3)."""
+
+
+@dataclass(frozen=True)
+class _Trunk:
+    name: str
+    username: str | None
+    password: str | None = field(repr=False)
 
 
 class _RefuseAccount(pj.Account):  # type: ignore[misc]
@@ -131,11 +157,17 @@ class SipEndpoint:
         self.ep = _Ep(self)
         self._account: _Account | None = None
         self._refuser: _RefuseAccount | None = None
+        self._outbound: _Account | None = None  # outbound calls of trunks without credentials
+        self._trunks: dict[str, _Trunk] = {}
+        self._trunk_accounts: dict[str, _Account] = {}  # trunks with credentials
+        self._proxy = cfg.outbound_proxy
         self._refuse_code = 503
         # Who may send this endpoint an INVITE ("host:port" -> bool); pump thread, so it must be
         # pure and quick. Refused sources get 403 before pjsua opens a socket for them.
         self.source_filter: Callable[[str], bool] | None = None
-        self.admission = Admission(cfg.admit or cfg.max_calls, fixed=len(cfg.transports))
+        self.admission = Admission(
+            cfg.admit or cfg.max_calls, max_calls=cfg.max_calls, fixed=len(cfg.transports)
+        )
         self._pending_media = False  # the last INVITE sent to the main account (pump thread)
         # pjsua2 Call objects whose calls are over, deleted by the pump thread once nothing
         # else holds them and their call id is not someone else's (see _sweep).
@@ -181,21 +213,18 @@ class SipEndpoint:
         self.ep.audDevManager().setNullDev()
         self._set_codecs()
         self.ep.libStart()
-        acc_cfg = pj.AccountConfig()
-        acc_cfg.idUri = f"sip:gateway@{cfg.public_address or cfg.sip_host}:{cfg.sip_port}"
-        tpc = acc_cfg.mediaConfig.transportConfig
-        tpc.port = cfg.rtp_port
-        tpc.portRange = cfg.rtp_port_range
-        tpc.boundAddress = cfg.rtp_host or cfg.sip_host
-        if cfg.media_address:
-            tpc.publicAddress = cfg.media_address
         self._account = _Account(self)
-        self._account.create(acc_cfg, True)
+        self._account.create(self._account_config(), True)
         ref_cfg = pj.AccountConfig()
         ref_cfg.idUri = f"sip:refuse@{cfg.public_address or cfg.sip_host}:{cfg.sip_port}"
         ref_cfg.mediaConfig.useLoopMedTp = True
         self._refuser = _RefuseAccount(self)
         self._refuser.create(ref_cfg, False)
+        self._outbound = _Account(self)
+        self._outbound.create(self._account_config(outbound=True), False)
+        for trunk in self._trunks.values():
+            if trunk.username is not None:
+                self._create_trunk_account(trunk)
         self._running = True
         self._pump = threading.Thread(target=self._pump_events, name="pjsua-pump", daemon=True)
         self._pump.start()
@@ -208,6 +237,40 @@ class SipEndpoint:
             cfg.rtp_port + cfg.rtp_port_range,
             cfg.clock_rate,
         )
+
+    def _account_config(self, *, outbound: bool = False, trunk: _Trunk | None = None
+                        ) -> pj.AccountConfig:
+        cfg = self.cfg
+        acc_cfg = pj.AccountConfig()
+        acc_cfg.idUri = f"sip:gateway@{self.host_port}"
+        tpc = acc_cfg.mediaConfig.transportConfig
+        tpc.port = cfg.rtp_port
+        tpc.portRange = cfg.rtp_port_range
+        tpc.boundAddress = cfg.rtp_host or cfg.sip_host
+        if cfg.media_address:
+            tpc.publicAddress = cfg.media_address
+        if outbound and self._proxy:
+            acc_cfg.sipConfig.proxies.append(self._proxy)
+        if outbound:
+            # No RFC 5626 ";ob" in our Contact: there is no registration flow to keep alive.
+            acc_cfg.natConfig.sipOutboundUse = 0
+        if trunk is not None and trunk.username is not None and trunk.password is not None:
+            # Realm "*": whatever realm the trunk's challenge names (each trunk its own account).
+            acc_cfg.sipConfig.authCreds.append(
+                pj.AuthCredInfo("digest", "*", trunk.username, 0, trunk.password)
+            )
+        return acc_cfg
+
+    @property
+    def host_port(self) -> str:
+        """This endpoint's SIP address as peers should see it (Contact, default From host)."""
+        return f"{self.cfg.public_address or self.cfg.sip_host}:{self.cfg.sip_port}"
+
+    def caller_uri(self, user: str) -> str:
+        """A From URI for caller id `user` (e.g. an E.164 number) at this endpoint's host (PJSIP
+        prints no port in From/To: RFC 3261 table 1)."""
+        host = self.cfg.public_address or self.cfg.sip_host
+        return f"sip:{user}@{host.rsplit(':', 1)[0] if host.count(':') == 1 else host}"
 
     def _set_codecs(self) -> None:
         # G.711 first (what carriers send; no transcoding at an 8 kHz bridge), the rest off.
@@ -303,10 +366,12 @@ class SipEndpoint:
             if sys.getrefcount(obj) > 3:
                 obj.thisown = False
         self._graveyard.clear()
-        for acc in (self._refuser, self._account):
+        for acc in (*self._trunk_accounts.values(), self._outbound, self._refuser,
+                    self._account):
             if acc is not None:
                 acc.shutdown()
-        self._account = self._refuser = None
+        self._account = self._refuser = self._outbound = None
+        self._trunk_accounts.clear()
         import gc
 
         gc.collect()
@@ -341,27 +406,117 @@ class SipEndpoint:
             return
         self.on_incoming(call, invite)
 
-    def make_call(self, uri: str, headers: dict[str, str] | None = None) -> SipCall:
-        """Place an outbound call (asyncio thread); await `answer()` on it for the 200 OK."""
-        from media.call import PjCall, SipCall
+    # -- outbound (asyncio thread) -----------------------------------------------------------
+    def add_trunk(
+        self, name: str, *, username: str | None = None, password: str | None = None
+    ) -> None:
+        """Make trunk `name` usable by `make_call(..., trunk=name)`; before or after `start()`.
 
-        pj_call = PjCall(self.account())
-        call = SipCall(self, pj_call, direction="outbound")
+        With credentials the trunk gets its own pjsua2 account that answers 401/407 challenges
+        with them (at most MAX_ACCOUNTS - 3 such trunks: TooManyTrunkAccounts); without, its
+        calls use the shared outbound account. Adding a name again with the same credentials
+        does nothing; with others it is a ValueError once started."""
+        if (username is None) != (password is None):
+            raise ValueError(f"trunk {name!r}: username and password go together")
+        trunk = _Trunk(name, username, password)
+        with_creds = {n for n, t in self._trunks.items() if t.username is not None} - {name}
+        if username is not None and len(with_creds) + 1 > MAX_ACCOUNTS - FIXED_ACCOUNTS:
+            raise TooManyTrunkAccounts(
+                f"trunk {name!r}: pjsua2 has {MAX_ACCOUNTS} accounts per process and "
+                f"{FIXED_ACCOUNTS} are the gateway's; at most "
+                f"{MAX_ACCOUNTS - FIXED_ACCOUNTS} trunks may have credentials"
+            )
+        if name in self._trunks:
+            if self._trunks[name] == trunk:
+                return
+            if self._running:
+                # Replacing a live account would pull it from under calls placed with it.
+                raise ValueError(f"trunk {name!r} is already added with other credentials")
+        self._trunks[name] = trunk
+        if self._running and username is not None:
+            self._create_trunk_account(trunk)
+
+    @property
+    def outbound_proxy(self) -> str:
+        return self._proxy
+
+    def set_outbound_proxy(self, uri: str) -> None:
+        """Change the proxy of outbound calls placed from now on (`EndpointConfig.outbound_proxy`
+        is the initial one; "" for none). Calls in progress keep their route set."""
+        self._proxy = uri
+        if not self._running:
+            return
+        if self._outbound is not None:
+            self._outbound.modify(self._account_config(outbound=True))
+        for name, acc in self._trunk_accounts.items():
+            acc.modify(self._account_config(outbound=True, trunk=self._trunks[name]))
+
+    def _create_trunk_account(self, trunk: _Trunk) -> None:
+        acc = _Account(self)
+        acc.create(self._account_config(outbound=True, trunk=trunk), False)
+        self._trunk_accounts[trunk.name] = acc
+
+    def make_call(
+        self,
+        uri: str,
+        headers: dict[str, str] | None = None,
+        *,
+        trunk: str | None = None,
+        from_uri: str | None = None,
+        last_slot: bool = False,
+    ) -> SipCall:
+        """Send an INVITE to `uri` (asyncio thread); await `answer()` on the call for the 200 OK.
+
+        `trunk`: a name given to `add_trunk` (its credentials answer challenges); None: the
+        shared outbound account. `from_uri`: the From header's URI (the caller id, e.g.
+        `caller_uri("+254700000001")`); default the endpoint's own. Goes through
+        `outbound_proxy` when set. `headers` are added to the INVITE.
+        Raises NoCallSlot when fewer than two pjsua2 call slots are free (inbound and outbound
+        count together; the last one is kept for refusing INVITEs with 503, see
+        media.admission; `last_slot=True` may take it, for a dial leg), CallSetupError when
+        PJSIP refuses otherwise (bad URI...): no call exists then."""
+        from media.call import PJ_ETOOMANY, CallSetupError, NoCallSlot, PjCall, SipCall
+
+        if trunk is None:
+            acc = self._outbound or self.account()
+        elif trunk not in self._trunks:
+            raise CallSetupError(f"unknown trunk {trunk!r} (add_trunk it first)")
+        else:
+            acc = self._trunk_accounts.get(trunk) or self._outbound
+        if acc is None:
+            raise CallSetupError("the SIP endpoint is not started")
         prm = pj.CallOpParam(True)
+        if from_uri:
+            prm.txOption.localUri = from_uri
         for name, value in (headers or {}).items():
             h = pj.SipHeader()
             h.hName = name
             h.hValue = value
             prm.txOption.headers.append(h)
+        pj_call = PjCall(acc)
+        call = SipCall(self, pj_call, direction="outbound")
         with self._slot_lock:  # see _sweep: no id handed out while a Call is deleted
-            self.admission.started(inbound=False)
+            if not self.admission.start_outbound(last_slot=last_slot):
+                pj_call.owner = None
+                self._bury(pj_call)
+                raise NoCallSlot(
+                    f"no call slot free: {self.admission.media_calls} of {self.cfg.max_calls} "
+                    "taken (the last is kept for refusals)"
+                )
             pj_call.counted = True
+            call.created_at = time.monotonic()
             try:
                 pj_call.makeCall(uri, prm)
-            except pj.Error:
+            except pj.Error as e:
                 pj_call.counted = False
                 self.admission.ended(inbound=False)
-                raise
+                pj_call.owner = None
+                self._bury(pj_call)
+                if e.status == PJ_ETOOMANY:
+                    raise NoCallSlot(f"pjsua2 has no call slot left: {e.info()}") from None
+                raise CallSetupError(f"INVITE to {uri} not sent: {e.info()}", e.status) from None
+            call.invite_sent_at = time.monotonic()
+        call.sip_call_id = pj_call.sip_call_id
         call.register()
         return call
 
@@ -371,8 +526,11 @@ class SipEndpoint:
 
 
 def _id_free_or_own(obj: pj.Call) -> bool:
+    call_id = obj.getId()
+    if call_id < 0:  # never got an id (makeCall failed): its `~Call` touches nothing
+        return True
     try:
-        current = pj.Call.lookup(obj.getId())
+        current = pj.Call.lookup(call_id)
     except pj.Error:
         return True
     return current is None or int(current.this) == int(obj.this)

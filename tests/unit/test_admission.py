@@ -43,3 +43,40 @@ def test_outbound_calls_hold_sockets_not_inbound_slots() -> None:
     gate.started(inbound=False)
     assert gate.inbound == 0 and gate.keys_in_use() == 2
     assert gate.decide() is None
+
+
+def test_an_outbound_leg_never_takes_the_slot_refusals_run_in() -> None:
+    # pjsua answers 486 itself, before the gate, when all max_calls slots are up: with an
+    # outbound call among them the gate keeps the last one free and refuses with 503 instead.
+    gate = Admission(admit=3, max_calls=4)
+    gate.started(inbound=True)
+    gate.started(inbound=True)
+    assert gate.start_outbound() is True  # 3 of 4 slots
+    assert gate.decide() == "full"  # 2 inbound < admit, but this INVITE would take the last
+    assert gate.start_outbound() is False  # nor may another outbound leg
+    assert (gate.media_calls, gate.inbound, gate.outbound) == (3, 2, 1)
+    assert gate.free_slots() == 0
+    gate.ended(inbound=False)
+    assert gate.outbound == 0 and gate.decide() is None and gate.free_slots() == 1
+
+
+def test_outbound_calls_alone_fill_all_but_the_refusal_slot() -> None:
+    gate = Admission(admit=4, max_calls=4)
+    assert gate.free_slots() == 3
+    assert [gate.start_outbound() for _ in range(4)] == [True, True, True, False]
+    assert gate.decide() == "full"
+    # a dial leg of a call on this process may take the last slot itself
+    assert gate.start_outbound(last_slot=True) is True
+    assert gate.start_outbound(last_slot=True) is False
+    assert gate.media_calls == 4 and gate.free_slots() == 0
+
+
+def test_inbound_only_keeps_admit_as_its_limit() -> None:
+    # Without outbound calls nothing changes: admit may be every slot (reserved_slots = 0).
+    gate = Admission(admit=4, max_calls=4)
+    for _ in range(3):
+        gate.started(inbound=True)
+    assert gate.decide() is None
+    gate.started(inbound=True)
+    assert gate.decide() == "full"
+    assert gate.start_outbound() is False

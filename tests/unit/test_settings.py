@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import re
+import typing
 from pathlib import Path
 
 import pytest
@@ -87,11 +88,9 @@ def test_example_documents_every_key() -> None:
     text = EXAMPLE.read_text()
     for section, field in Settings.model_fields.items():
         sub = field.annotation
-        if section == "numbers":
-            from config.settings import NumberSettings
-
-            sub = NumberSettings
-            assert "[[numbers]]" in text
+        if typing.get_origin(sub) is list:  # [[numbers]], [[trunks]]: an array of tables
+            (sub,) = typing.get_args(sub)
+            assert re.search(rf"^(# )?\[\[{section}\]\]", text, re.M), section
         else:
             assert f"[{section}]" in text, section
         assert isinstance(sub, type) and issubclass(sub, BaseModel)
