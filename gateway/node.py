@@ -173,6 +173,7 @@ class Node:
         self.switchboard = Switchboard(
             self.settings, self.directory, self.router, self._requester
         )
+        self.switchboard.register_metrics(self.metrics.registry)
         self._tasks.append(asyncio.create_task(self.deliverer.run(), name="deliverer"))
         self._tasks.append(asyncio.create_task(self._prune(), name="prune"))
         app = make_app(self.settings, self, self.storage / "recordings", node=self)
@@ -372,11 +373,16 @@ class Node:
             if msg.stored and self.deliverer is not None:
                 self.deliverer.notify()
         elif isinstance(msg, msgs.CallState):
-            self.directory.update(
-                w.index, CallIdentity.from_wire(msg.identity), msg.status, msg.answered_at
+            _entry, before = self.directory.update(
+                w.index, CallIdentity.from_wire(msg.identity), msg.status, msg.answered_at,
+                msg.trunk,
             )
+            if self.switchboard is not None:
+                self.switchboard.trunk_moved(before, msg.trunk)
         elif isinstance(msg, msgs.CallEnded):
             self.directory.ended(msg.call_id)
+            if self.switchboard is not None:
+                self.switchboard.trunk_done(msg.trunk, msg.status, msg.answered_at is not None)
             if self.deliverer is not None:
                 self.deliverer.notify()
         elif isinstance(msg, msgs.Metric | msgs.Final):
@@ -399,6 +405,8 @@ class Node:
         now = time.time()
         for entry in self.directory.worker_gone(w.index):
             self._lost_final(entry, w.index, now)
+            if self.switchboard is not None:
+                self.switchboard.trunk_done(entry.trunk, "failed", entry.answered_at is not None)
         if self.deliverer is not None:
             self.deliverer.notify()
         if self.front is not None:

@@ -50,7 +50,6 @@ class EndpointConfig:
     media_address: str = ""  # address put in SDP for RTP (NAT), when it differs
     rtp_host: str = ""  # RTP bind address; default sip_host
     user_agent: str = "Sautikit-Gateway"
-    outbound_proxy: str = ""  # e.g. "sip:127.0.0.1:5060;lr" (the node's front); "" = direct
     transports: tuple[str, ...] = ("udp", "tcp")
     # Outbound calls go through this proxy (a loose-routing SIP URI, e.g. the node's Kamailio
     # front "sip:127.0.0.1:5060;lr"); empty: straight to the Request-URI (the trunk).

@@ -23,6 +23,7 @@ class Entry:
     worker: int
     status: str
     answered_at: float | None = None
+    trunk: str | None = None
 
     def summary(self) -> dict[str, Any]:
         return self.identity.summary(self.status, self.answered_at)
@@ -66,15 +67,20 @@ class CallDirectory:
 
     # -- calls ------------------------------------------------------------------------------
     def update(self, worker: int, identity: CallIdentity, status: str,
-               answered_at: float | None) -> Entry:
+               answered_at: float | None, trunk: str | None = None) -> tuple[Entry, str | None]:
+        """The call's entry, and the trunk it was on before this update (None if new)."""
         entry = self.calls.get(identity.call_id)
         if entry is None:
-            entry = self.calls[identity.call_id] = Entry(identity, worker, status, answered_at)
+            entry = self.calls[identity.call_id] = Entry(
+                identity, worker, status, answered_at, trunk
+            )
             if (w := self.workers.get(worker)) is not None:
                 w.live += 1
-        else:
-            entry.identity, entry.status, entry.answered_at = identity, status, answered_at
-        return entry
+            return entry, trunk
+        before = entry.trunk
+        entry.identity, entry.status, entry.answered_at = identity, status, answered_at
+        entry.trunk = trunk
+        return entry, before
 
     def ended(self, call_id: str) -> Entry | None:
         entry = self.calls.pop(call_id, None)

@@ -22,9 +22,10 @@ from gateway.calls.identity import CallIdentity
 from gateway.calls.outcome import CallFacts, EndedBy, Failure, Outcome, classify
 from gateway.control.errors import NO_SLOT, OpRefused
 from gateway.control.originate import Originate, TrunkTarget
+from gateway.outbound.trunks import should_fail_over
 from gateway.session import CallSession
 from gateway.workers.commands import LiveCall
-from media.call import CallGone, SipCall
+from media.call import CallGone, CallSetupError, NoCallSlot, SipCall
 
 if TYPE_CHECKING:
     from gateway.workers.worker import Worker
@@ -47,13 +48,13 @@ def with_client_request_id(url: str, crid: str | None) -> str:
 
 
 def fails_over(call: SipCall) -> bool:
-    """Whether the trunk, not the callee, failed: try the next trunk."""
+    """Whether the trunk, not the callee, failed (nothing rang first): try the next trunk."""
     end = call.end
-    if end is None or end.was_answered:
+    if end is None:
         return False
-    if end.sip_code == 503:
-        return True
-    return end.sip_code == 408 and call.provisional_code is None
+    return should_fail_over(
+        end.sip_code, rang=call.provisional_code is not None, answered=end.was_answered
+    )
 
 
 class OutboundRunner:
@@ -69,6 +70,7 @@ class OutboundRunner:
         self.api_hangup = False
         self.ring_timeout = False
         self.attempts = 0
+        self.trunk: str | None = None  # the trunk of the current attempt
         self._targets = list(op.targets)
         self.invite_sent_at: float | None = None  # monotonic, for the benchmark's figures
 
@@ -88,8 +90,12 @@ class OutboundRunner:
             call = self.worker.endpoint.make_call(
                 target.uri, trunk=target.trunk, from_uri=f"sip:{self.op.caller_id}@{host}"
             )
-        except Exception as e:  # PJ_ETOOMANY (all slots taken) or the account is gone
-            raise OpRefused(NO_SLOT, f"worker {self.worker.index} cannot place a call: {e}") from e
+        except NoCallSlot as e:  # every pjsua2 slot taken: the supervisor tries another worker
+            raise OpRefused(NO_SLOT, f"worker {self.worker.index}: {e}") from e
+        except CallSetupError as e:
+            raise OpRefused("invite_failed", f"could not send the INVITE to {target.uri}: {e}") \
+                from e
+        self.trunk = target.trunk
         self.attempts += 1
         self.invite_sent_at = time.monotonic()
         log.info("call %s: INVITE %s via trunk %s (attempt %d)", self.call_id, target.uri,
@@ -164,8 +170,9 @@ class OutboundRunner:
             try:
                 self.call = self._dial(nxt)
             except OpRefused as e:
-                self.fail("no_slot", e.message)
+                self.fail(e.code, e.message)
                 return False
+            self.worker.report(self.live)  # the supervisor follows the call to its new trunk
 
     def _unanswered(self) -> tuple[Outcome, float]:
         call = self.call
@@ -180,6 +187,7 @@ class OutboundRunner:
                 sip_reason=end.reason if end else "",
                 failure=self.failure,
                 ring_timeout=self.ring_timeout,
+                q850=end.q850_cause if end else None,
             )
         )
         ended_at = end.ended_at if end else time.time()
@@ -241,6 +249,7 @@ class OutboundRunner:
         session.on_skip = self.worker.skipped
         self.live.session = session
         self.live.outbound = None
+        self.live.trunk_used = self.trunk
         self.worker.report(self.live)
         await session.run(inbound_start=False)
         return session.outcome

@@ -34,12 +34,15 @@ from gateway.control.hangup import Hangup
 from gateway.control.originate import Destination, Mcp, Originate, TrunkTarget
 from gateway.control.redirect import Redirect
 from gateway.control.respond import Respond
+from gateway.metrics import Counter, Registry
+from gateway.outbound.trunks import TrunkPool
 from gateway.routing import Router, RoutingError
 from gateway.workers.ipc import ChannelClosed, Requester
 
 log = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT_S = 5.0
+PLACEMENT_OUTCOMES = ("placed", "no_slot", "trunk_capacity", "failed")
 
 
 class Switchboard:
@@ -49,15 +52,32 @@ class Switchboard:
         directory: CallDirectory,
         router: Router,
         requester: Callable[[int], Requester | None],
-        trunks: Any = None,
     ) -> None:
         self.settings = settings
         self.directory = directory
         self.router = router
         self._requester = requester
-        self.trunks = trunks  # gateway.outbound.trunks.TrunkPool when configured
+        self.trunks = TrunkPool(settings.trunks)
         self.queued = 0  # creates waiting for capacity (for /metrics)
-        self.outcomes: dict[str, int] = {}  # placement outcomes (for /metrics)
+        self._placements: Counter | None = None
+
+    def register_metrics(self, registry: Registry) -> None:
+        """sautikit_outbound_placements_total{outcome} (placed, no_slot, trunk_capacity,
+        failed), sautikit_outbound_queued (creates waiting for a slot or trunk), and the trunk
+        pool's own families (calls and attempts by outcome per trunk)."""
+        self._placements = registry.counter(
+            "sautikit_outbound_placements_total",
+            "Outbound call creates by placement outcome.",
+            ["outcome"],
+        )
+        for o in PLACEMENT_OUTCOMES:
+            self._placements.labels(outcome=o)
+        registry.gauge_fn(
+            "sautikit_outbound_queued",
+            "Outbound call creates waiting for a free worker slot or trunk capacity.",
+            lambda: [({}, float(self.queued))],
+        )
+        self.trunks.register_metrics(registry)
 
     # -- CallControl ----------------------------------------------------------------------------
     def live_call(self, call_id: str) -> dict[str, Any] | None:
@@ -149,8 +169,7 @@ class Switchboard:
         try:
             return await self._place(op, deadline)
         except BaseException:
-            if self.trunks is not None:
-                self.trunks.ended(targets[0].trunk)
+            self.trunks.ended(targets[0].trunk)  # nothing was placed on it
             raise
 
     # -- helpers --------------------------------------------------------------------------------
@@ -166,22 +185,50 @@ class Switchboard:
         return None
 
     async def _targets(self, to: str, deadline: float) -> list[TrunkTarget]:
-        if self.trunks is None:
-            return [TrunkTarget(trunk=t.name, uri=t.request_uri(to)) for t in self.settings.trunks]
+        """The trunks to try, in order; the first has a start and a call reserved on it. Waits
+        (up to the deadline) while every trunk is at max_calls or max_cps."""
         while True:
-            targets, wait = self.trunks.acquire(to, time.monotonic())
-            if targets:
-                return list(targets)
+            pick = self.trunks.pick(to, time.monotonic())
+            if pick.targets:
+                return list(pick.targets)
             left = deadline - time.monotonic()
-            if wait is None or wait > left:
+            wait = pick.retry_in
+            if left <= 0 or (wait is not None and wait > left):
                 self._count("trunk_capacity")
                 raise ControlError(503, CAPACITY, "every trunk is at its max_calls or max_cps",
                                    max(1, math.ceil(wait or 1)))
             self.queued += 1
             try:
-                await asyncio.sleep(wait)
+                if wait is None:
+                    await self._trunk_freed(left)
+                else:
+                    await asyncio.sleep(wait)
             finally:
                 self.queued -= 1
+
+    async def _trunk_freed(self, timeout: float) -> None:
+        ev = asyncio.Event()
+        self.trunks.on_ended.append(lambda _trunk: ev.set())
+        try:
+            await asyncio.wait_for(ev.wait(), timeout)
+        except TimeoutError:
+            pass
+        finally:
+            self.trunks.on_ended.pop()
+
+    # -- what the supervisor reports as calls move ---------------------------------------------
+    def trunk_moved(self, old: str | None, new: str | None) -> None:
+        """An outbound call failed over from `old` to `new` (CallState with another trunk)."""
+        if old == new:
+            return
+        if old is not None:
+            self.trunks.ended(old, "failover")
+        if new is not None:
+            self.trunks.started(new)
+
+    def trunk_done(self, trunk: str | None, status: str, answered: bool) -> None:
+        if trunk is not None:
+            self.trunks.ended(trunk, "answered" if answered else status)
 
     async def _place(self, op: Originate, deadline: float) -> dict[str, Any]:
         tried: set[int] = set()
@@ -222,4 +269,5 @@ class Switchboard:
                                reply.message or "the worker could not place the call")
 
     def _count(self, outcome: str) -> None:
-        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+        if self._placements is not None:
+            self._placements.labels(outcome=outcome).inc()

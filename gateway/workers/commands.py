@@ -31,6 +31,7 @@ class LiveCall:
     identity: CallIdentity
     session: CallSession | None = None
     outbound: OutboundRunner | None = None
+    trunk_used: str | None = None  # the trunk an answered outbound call is on
 
     @property
     def call_id(self) -> str:
@@ -47,6 +48,12 @@ class LiveCall:
         if self.session is not None:
             return self.session.status
         return "ringing"
+
+    @property
+    def trunk(self) -> str | None:
+        if self.outbound is not None:
+            return self.outbound.trunk
+        return self.trunk_used
 
     @property
     def answered_at(self) -> float | None:

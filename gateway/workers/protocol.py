@@ -56,6 +56,7 @@ class CallState(_Msg):
     identity: dict[str, Any]  # CallIdentity.to_wire()
     status: str  # ringing | in-progress
     answered_at: float | None = None
+    trunk: str | None = None  # outbound: the trunk of the current attempt
 
 
 class CallEnded(_Msg):
@@ -68,6 +69,7 @@ class CallEnded(_Msg):
     ended_at: float
     sip_code: int | None = None
     failure_code: str | None = None
+    trunk: str | None = None
 
 
 class CallEvent(_Msg):

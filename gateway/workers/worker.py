@@ -287,7 +287,8 @@ class Worker:
     def report(self, live: LiveCall) -> None:
         self.channel.send(
             p.CallState(
-                identity=live.identity.to_wire(), status=live.status, answered_at=live.answered_at
+                identity=live.identity.to_wire(), status=live.status,
+                answered_at=live.answered_at, trunk=live.trunk,
             )
         )
 
@@ -301,6 +302,7 @@ class Worker:
                 ended_at=ended_at,
                 sip_code=outcome.sip_code if outcome else None,
                 failure_code=outcome.reason if outcome and outcome.status != "completed" else None,
+                trunk=live.trunk,
             )
         )
 
