@@ -85,9 +85,7 @@ class LinkSigner:
         rid = quote(recording_id, safe="")
         return f"{ROUTE_PREFIX}{rid}?exp={exp}&sig={self._sig(recording_id, exp)}"
 
-    def recording_link(
-        self, base_url: str, recording_id: str, ttl_s: float = DEFAULT_TTL_S
-    ) -> str:
+    def recording_link(self, base_url: str, recording_id: str, ttl_s: float = DEFAULT_TTL_S) -> str:
         """`{base_url}/recordings/{id}?exp=...&sig=...`, e.g. for a callback's RecordingUrl."""
         return base_url.rstrip("/") + self.recording_path(recording_id, ttl_s)
 

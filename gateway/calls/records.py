@@ -519,9 +519,7 @@ class CallRecords:
         self, call_id: str, event_id: str, kind: str, data: dict[str, Any], occurred_at: str
     ) -> None:
         """`add_event`, fire-and-forget."""
-        self._note(
-            self._event_fn(call_id, event_id, kind, data, occurred_at), f"event {event_id}"
-        )
+        self._note(self._event_fn(call_id, event_id, kind, data, occurred_at), f"event {event_id}")
 
     async def events(self, call_id: str) -> builtins.list[StoredEvent]:
         """A call's events in the order they were stored."""
