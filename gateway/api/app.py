@@ -1,75 +1,51 @@
 """The supervisor's internal HTTP API.
 
 Everything under /v1/ and /admin/ needs the bearer token (enforced by middleware, so new
-routes there are protected by default); /healthz, /readyz, /metrics and /demo/* are open.
+routes there are protected by default); /healthz, /readyz, /metrics, /demo/* and the signed
+recording links (/recordings/*, their signature checked by the handler) are open.
 /metrics and /admin/drain exist when `make_app` is given the node (`NodeControl`, see
-gateway/api/admin.py). To add routes, write a `_register_*` function like `_register_calls`
-and call it from `make_app`.
+gateway/api/admin.py). The calls API is gateway/api/calls.py. To add routes, write a
+`setup_*` function like `setup_calls` and call it from `make_app`.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import functools
 import hmac
-import json
 import logging
-import re
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from config.settings import Settings, parse_hostport
 from gateway.api.admin import NODE_KEY, NodeControl, setup_admin
+from gateway.api.calls import CONTROL_KEY, LINKS_KEY, setup_calls
 from gateway.api.demo import setup_demo
-from gateway.api.errors import (
-    API_KEY_INVALID,
-    RECORDING_NOT_FOUND,
-    VALIDATION_BAD_REQUEST,
-    ApiError,
-    Handler,
-    error_middleware,
-)
+from gateway.api.errors import API_KEY_INVALID, ApiError, Handler, error_middleware
+from gateway.calls.control import CallControl
+from gateway.calls.links import LinkSigner
+from gateway.calls.records import CallRecords
 
 __all__ = [
-    "CALLS_KEY",
+    "CONTROL_KEY",
+    "LINKS_KEY",
     "NODE_KEY",
     "RECORDINGS_DIR_KEY",
     "SETTINGS_KEY",
-    "CallRegistry",
+    "CallControl",
     "NodeControl",
     "make_app",
     "start_api",
 ]
 
-
-class CallRegistry(Protocol):
-    def active_calls(self) -> list[dict[str, Any]]:
-        """Calls in progress: call_id, direction, from, to, number_id, workspace_id, status,
-        started_at, answered_at, worker (timestamps as ISO 8601 strings or datetimes)."""
-
-
 log = logging.getLogger(__name__)
 
 SETTINGS_KEY = web.AppKey("settings", Settings)
-CALLS_KEY = web.AppKey("calls", CallRegistry)
 RECORDINGS_DIR_KEY = web.AppKey("recordings_dir", Path)
 
 _AUTH_PREFIXES = ("/v1/", "/admin/")
-# Recording ids are UUIDs or similar tokens: no dots or slashes, so no path traversal.
-_RECORDING_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
-
-
-def _json_default(value: object) -> str:
-    if isinstance(value, dt.datetime | dt.date):
-        return value.isoformat()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-_dumps = functools.partial(json.dumps, default=_json_default)
 
 
 def _auth_middleware(token: str) -> Middleware:
@@ -118,26 +94,6 @@ async def _readyz(request: web.Request) -> web.Response:
     return web.json_response({"ready": True})
 
 
-async def _list_calls(request: web.Request) -> web.Response:
-    calls = request.app[CALLS_KEY].active_calls()
-    return web.json_response({"data": calls}, dumps=_dumps)
-
-
-async def _get_recording(request: web.Request) -> web.FileResponse:
-    rec_id = request.match_info["id"]
-    if not _RECORDING_ID_RE.match(rec_id):
-        raise ApiError(400, VALIDATION_BAD_REQUEST, "malformed recording id")
-    path = request.app[RECORDINGS_DIR_KEY] / f"{rec_id}.wav"
-    if not path.is_file():
-        raise ApiError(404, RECORDING_NOT_FOUND, f"recording {rec_id} not found")
-    return web.FileResponse(path, headers={"Content-Type": "audio/wav"})
-
-
-def _register_calls(app: web.Application) -> None:
-    app.router.add_get("/v1/calls", _list_calls)
-    app.router.add_get("/v1/recordings/{id}", _get_recording)
-
-
 async def start_api(app: web.Application, settings: Settings) -> web.AppRunner:
     """Serve `app` on `api.listen`, with the connection limits of `[api]`.
 
@@ -175,10 +131,16 @@ async def start_api(app: web.Application, settings: Settings) -> web.AppRunner:
 
 def make_app(
     settings: Settings,
-    calls: CallRegistry,
+    control: CallControl,
     recordings_dir: Path,
     node: NodeControl | None = None,
+    *,
+    records: CallRecords | None = None,
+    links: LinkSigner | None = None,
 ) -> web.Application:
+    """The API app. `control` places and steers calls (the node); `records` is the call record
+    store the node also writes (None: the app opens `storage.dir/calls.sqlite3` itself and
+    closes it on cleanup); `links` signs recording links (None: the key in `storage.dir`)."""
     app = web.Application(
         middlewares=[
             error_middleware,  # outermost: every error, auth's included, gets the envelope
@@ -186,11 +148,17 @@ def make_app(
         ]
     )
     app[SETTINGS_KEY] = settings
-    app[CALLS_KEY] = calls
     app[RECORDINGS_DIR_KEY] = recordings_dir
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
-    _register_calls(app)
+    setup_calls(
+        app,
+        settings=settings,
+        control=control,
+        records=records,
+        links=links if links is not None else LinkSigner.from_storage(settings.storage.dir),
+        recordings_dir=recordings_dir,
+    )
     if node is not None:
         setup_admin(app, node)
     if settings.demo.enabled:

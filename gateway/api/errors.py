@@ -1,4 +1,6 @@
-"""The product's error envelope, `{"error": {"code", "message", "request_id"}}`, for every error."""
+"""The product's error envelope, `{"error": {"code", "message", "request_id", ...}}`, for every
+error. Extra fields (e.g. `retry_after_seconds` on a 503, `errors` listing each invalid field)
+sit beside the three the SDK parses."""
 
 from __future__ import annotations
 
@@ -9,14 +11,30 @@ from typing import Any
 
 from aiohttp import web
 
+# Codes the node raises too (as ControlError): defined once, in the contract. CALLS_CAPACITY
+# (503, no worker slot or trunk capacity) is not in the catalogue; the others are.
+from gateway.calls.control import CALL_EXISTS as CALLS_ALREADY_EXISTS
+from gateway.calls.control import CALLS_ENDED, CALLS_NOT_FOUND, NUMBERS_NOT_FOUND
+from gateway.calls.control import CAPACITY as CALLS_CAPACITY
+
 __all__ = [
     "API_KEY_INVALID",
+    "AUTH_TOKEN_INVALID",
+    "CALLS_ALREADY_EXISTS",
+    "CALLS_CAPACITY",
+    "CALLS_ENDED",
+    "CALLS_NOT_FOUND",
+    "IDEMPOTENCY_CONFLICT",
     "INTERNAL_ERROR",
     "METHOD_NOT_ALLOWED",
     "NOT_FOUND",
+    "NUMBERS_NOT_FOUND",
+    "RECORDING_EXPIRED",
+    "RECORDING_FAILED",
     "RECORDING_NOT_FOUND",
     "REQUEST_ID_KEY",
     "VALIDATION_BAD_REQUEST",
+    "VALIDATION_INVALID_CURSOR",
     "ApiError",
     "error_middleware",
     "error_response",
@@ -30,8 +48,13 @@ API_KEY_INVALID = "api_key.invalid"
 NOT_FOUND = "not_found"
 METHOD_NOT_ALLOWED = "method_not_allowed"
 VALIDATION_BAD_REQUEST = "validation.bad_request"
+VALIDATION_INVALID_CURSOR = "validation.invalid_cursor"
 INTERNAL_ERROR = "internal_error"
+AUTH_TOKEN_INVALID = "auth.token_invalid"  # a recording link's signature does not match
+IDEMPOTENCY_CONFLICT = "idempotency.conflict"
 RECORDING_NOT_FOUND = "calls.recording_not_found"
+RECORDING_EXPIRED = "calls.recording_expired"
+RECORDING_FAILED = "calls.recording_failed"
 
 # web.RequestKey (aiohttp >= 3.13) avoids its NotAppKeyWarning; a plain str key before that.
 REQUEST_ID_KEY: Any = (
@@ -51,12 +74,14 @@ class ApiError(Exception):
         code: str,
         message: str,
         headers: Mapping[str, str] | None = None,
+        extra: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(f"{status} {code}: {message}")
         self.status = status
         self.code = code
         self.message = message
         self.headers = dict(headers or {})
+        self.extra = dict(extra or {})
 
 
 def request_id(request: web.Request) -> str:
@@ -73,10 +98,14 @@ def error_response(
     code: str,
     message: str,
     headers: Mapping[str, str] | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> web.Response:
+    """The envelope; `extra` fields go inside `error`, never replacing the three standard ones."""
     rid = request_id(request)
+    error: dict[str, Any] = dict(extra or {})
+    error |= {"code": code, "message": message, "request_id": rid}
     resp = web.json_response(
-        {"error": {"code": code, "message": message, "request_id": rid}},
+        {"error": error},
         status=status,
         headers=headers,
     )
@@ -102,7 +131,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         resp = await handler(request)
     except ApiError as exc:
-        return error_response(request, exc.status, exc.code, exc.message, exc.headers)
+        return error_response(
+            request, exc.status, exc.code, exc.message, exc.headers, exc.extra
+        )
     except web.HTTPException as exc:
         if exc.status < 400:
             raise  # redirects etc. pass through untouched

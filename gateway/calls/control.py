@@ -15,6 +15,8 @@ from gateway.control.respond import Respond
 # Error codes (the seeds' catalogue where it has one).
 NUMBERS_NOT_FOUND = "numbers.not_found"
 CALLS_NOT_FOUND = "calls.not_found"
+CALLS_ENDED = "calls.ended"  # a command to a call that has ended (409)
+CALL_EXISTS = "calls.already_exists"  # a create with the call_id of a known call (409)
 CALL_NOT_ANSWERED = "calls.not_answered"
 CALL_NOT_CONTROLLED = "calls.not_controlled"
 CAPACITY = "calls.capacity"  # no worker slot / trunk capacity within the queue time (503)

@@ -16,31 +16,31 @@ from yarl import URL
 
 from config.settings import Settings
 from gateway.api import make_app
+from tests.call_control import StaticCalls
 
 TOKEN = "api-token-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 REC_ID = "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b"
 
 
-class FakeRegistry:
+class FakeRegistry(StaticCalls):
     def __init__(self) -> None:
-        self.calls: list[dict[str, Any]] = [
-            {
-                "call_id": "call_1",
-                "direction": "inbound",
-                "from": "+254722000001",
-                "to": "+254700000001",
-                "number_id": "num_1",
-                "workspace_id": "ws_1",
-                "status": "in-progress",
-                "started_at": "2026-06-27T10:00:00.000Z",
-                "answered_at": "2026-06-27T10:00:02.000Z",
-                "worker": 0,
-            }
-        ]
-
-    def active_calls(self) -> list[dict[str, Any]]:
-        return self.calls
+        super().__init__(
+            [
+                {
+                    "call_id": "call_1",
+                    "direction": "inbound",
+                    "from": "+254722000001",
+                    "to": "+254700000001",
+                    "number_id": "num_1",
+                    "workspace_id": "ws_1",
+                    "status": "in-progress",
+                    "started_at": "2026-06-27T10:00:00.000Z",
+                    "answered_at": "2026-06-27T10:00:02.000Z",
+                    "worker": 0,
+                }
+            ]
+        )
 
 
 class Api:
@@ -73,6 +73,7 @@ async def start_api(
             "api": {"token": TOKEN, "listen": f"127.0.0.1:{port}"},
             "demo": {"enabled": demo},
             "callbacks": {"allow_http": True, "allow_private": True},
+            "storage": {"dir": str(tmp_path)},
         }
     )
     runner = web.AppRunner(make_app(settings, FakeRegistry(), recordings), access_log=None)
@@ -127,7 +128,7 @@ async def test_list_calls(api: Api) -> None:
     async with api.http.get(api.base + "/v1/calls", headers=AUTH) as resp:
         assert resp.status == 200
         body = await resp.json()
-    assert body == {"data": FakeRegistry().calls}
+    assert body == {"data": FakeRegistry().calls, "next_cursor": None}
 
 
 async def test_unknown_route_and_method(api: Api) -> None:
@@ -215,11 +216,11 @@ async def test_demo_disabled(tmp_path: Path) -> None:
 
 
 async def test_internal_error_envelope(tmp_path: Path) -> None:
-    class Broken:
-        def active_calls(self) -> list[dict[str, Any]]:
+    class Broken(StaticCalls):
+        def live_calls(self) -> list[dict[str, Any]]:
             raise RuntimeError("registry exploded")
 
-    settings = Settings.model_validate({"api": {"token": TOKEN}})
+    settings = Settings.model_validate({"api": {"token": TOKEN}, "storage": {"dir": str(tmp_path)}})
     runner = web.AppRunner(make_app(settings, Broken(), tmp_path), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()

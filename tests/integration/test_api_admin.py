@@ -18,6 +18,7 @@ from config.settings import Settings
 from gateway.api import make_app
 from gateway.api.admin import NodeControl
 from gateway.metrics import NodeMetrics
+from tests.call_control import StaticCalls
 from tests.unit.test_metrics import check_histogram, parse
 
 pytestmark = pytest.mark.integration
@@ -26,7 +27,7 @@ TOKEN = "admin-token-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-class FakeNode:
+class FakeNode(StaticCalls):
     """A NodeControl: calls are a plain list; the metrics are the real NodeMetrics over it."""
 
     def __init__(self, active: int = 2) -> None:
@@ -43,7 +44,7 @@ class FakeNode:
             outbox_counts=lambda: {"pending": 1, "delivered": 5, "dead_letter": 0},
         )
 
-    def active_calls(self) -> list[dict[str, Any]]:  # CallRegistry, for /v1/calls
+    def active_calls(self) -> list[dict[str, Any]]:
         return self.calls
 
     def metrics_text(self) -> str:
@@ -98,14 +99,14 @@ async def _serve(app: web.Application) -> tuple[web.AppRunner, str]:
     return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
 
 
-def _settings() -> Settings:
-    return Settings.model_validate({"api": {"token": TOKEN}})
+def _settings(storage: Path) -> Settings:
+    return Settings.model_validate({"api": {"token": TOKEN}, "storage": {"dir": str(storage)}})
 
 
 @pytest.fixture
 async def api(tmp_path: Path) -> AsyncIterator[Api]:
     node = FakeNode(active=2)
-    runner, base = await _serve(make_app(_settings(), node, tmp_path, node=node))
+    runner, base = await _serve(make_app(_settings(tmp_path), node, tmp_path, node=node))
     async with aiohttp.ClientSession() as http:
         yield Api(base, http, node)
     await runner.cleanup()
@@ -278,7 +279,7 @@ async def test_metrics_failure_is_an_enveloped_500(tmp_path: Path) -> None:
             raise RuntimeError("registry exploded")
 
     node = Broken()
-    runner, base = await _serve(make_app(_settings(), node, tmp_path, node=node))
+    runner, base = await _serve(make_app(_settings(tmp_path), node, tmp_path, node=node))
     try:
         async with aiohttp.ClientSession() as http, http.get(base + "/metrics") as resp:
             body = await resp.json()
@@ -290,7 +291,7 @@ async def test_metrics_failure_is_an_enveloped_500(tmp_path: Path) -> None:
 
 async def test_without_node_no_metrics_no_admin_plain_healthz(tmp_path: Path) -> None:
     node = FakeNode()
-    runner, base = await _serve(make_app(_settings(), node, tmp_path))
+    runner, base = await _serve(make_app(_settings(tmp_path), node, tmp_path))
     try:
         async with aiohttp.ClientSession() as http:
             async with http.get(base + "/healthz") as resp:

@@ -15,14 +15,14 @@ import pytest
 from config.settings import Settings
 from gateway.api.app import make_app, start_api
 from gateway.demo import free_port
+from tests.call_control import StaticCalls
 
 pytestmark = pytest.mark.integration
 STALLED = 200  # well under `ulimit -n`; loopback only
 
 
-class NoCalls:
-    def active_calls(self) -> list[dict[str, Any]]:
-        return []
+class NoCalls(StaticCalls):
+    pass
 
 
 async def serve(tmp_path, **api: Any) -> AsyncIterator[str]:

@@ -1,0 +1,690 @@
+"""The durable call record store (`storage.dir/calls.sqlite3`): what the API answers about calls
+that have ended, their events and recordings, and the create requests' idempotency keys.
+
+Nothing here blocks the event loop: one writer thread owns the one connection, takes jobs from
+a queue and runs every job waiting at that moment in ONE transaction (group commit: one fsync
+for a burst of events from many calls). Reads go through the same thread, so a read always
+sees every write queued before it (and only committed data: results are handed back after the
+COMMIT). The node writes fire-and-forget (`note_*`, callable from any thread); the API awaits
+(`await records.get(...)`). WAL + synchronous=FULL like the outbox; the file is created 0600.
+
+Retention: a call, its events and recordings are kept `call_retention_s` (default 7 days) after
+their last update; idempotency keys `idempotency_ttl_s` (24 h) after the first request. The
+writer thread prunes hourly when idle; `prune()` does it on demand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import concurrent.futures
+import json
+import logging
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal, TypeVar, cast
+
+__all__ = [
+    "FINAL_STATUSES",
+    "RECORDING_STATES",
+    "CallRecords",
+    "IdempotencyRecord",
+    "Recording",
+    "StoredEvent",
+    "sort_key",
+]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+FINAL_STATUSES = frozenset({"completed", "failed", "busy", "no_answer", "canceled", "rejected"})
+RecordingState = Literal["in_progress", "ready", "failed"]
+RECORDING_STATES: frozenset[str] = frozenset({"in_progress", "ready", "failed"})
+CALL_RETENTION_S = 7 * 86400.0
+IDEMPOTENCY_TTL_S = 86400.0
+_PRUNE_EVERY_S = 3600.0
+_MAX_BATCH = 500  # jobs per transaction: bounds how long one commit holds results back
+_SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS calls (
+    call_id           TEXT PRIMARY KEY,
+    workspace_id      TEXT,
+    session_id        TEXT,
+    parent_call_id    TEXT,
+    direction         TEXT,
+    from_e164         TEXT,
+    to_e164           TEXT,
+    local_e164        TEXT,
+    remote_e164       TEXT,
+    number_id         TEXT,
+    client_request_id TEXT,
+    status            TEXT,
+    started_at        TEXT,
+    started_ms        INTEGER NOT NULL,
+    answered_at       TEXT,
+    ended_at          TEXT,
+    duration_seconds  INTEGER,
+    failure_code      TEXT,
+    sip_code          INTEGER,
+    data              TEXT NOT NULL,
+    created_at        REAL NOT NULL,
+    updated_at        REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS calls_started ON calls (started_ms DESC, call_id DESC);
+CREATE INDEX IF NOT EXISTS calls_updated ON calls (updated_at);
+CREATE TABLE IF NOT EXISTS call_events (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id    TEXT NOT NULL UNIQUE,
+    call_id     TEXT NOT NULL,
+    kind        TEXT NOT NULL,
+    payload     TEXT NOT NULL,
+    occurred_at TEXT NOT NULL,
+    created_at  REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS call_events_call ON call_events (call_id, seq);
+CREATE INDEX IF NOT EXISTS call_events_created ON call_events (created_at);
+CREATE TABLE IF NOT EXISTS recordings (
+    recording_id TEXT PRIMARY KEY,
+    call_id      TEXT NOT NULL,
+    state        TEXT NOT NULL,
+    path         TEXT,
+    created_at   REAL NOT NULL,
+    updated_at   REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS recordings_call ON recordings (call_id, created_at);
+CREATE TABLE IF NOT EXISTS idempotency (
+    key          TEXT PRIMARY KEY,
+    body_hash    TEXT NOT NULL,
+    status       INTEGER,
+    response     TEXT,
+    call_ids     TEXT NOT NULL,
+    created_at   REAL NOT NULL,
+    completed_at REAL
+);
+CREATE INDEX IF NOT EXISTS idempotency_created ON idempotency (created_at);
+"""
+
+# summary key -> column (the rest of the summary lives in `data` only)
+_COLUMNS = {
+    "workspace_id": "workspace_id",
+    "session_id": "session_id",
+    "parent_call_id": "parent_call_id",
+    "direction": "direction",
+    "from": "from_e164",
+    "to": "to_e164",
+    "local_e164": "local_e164",
+    "remote_e164": "remote_e164",
+    "number_id": "number_id",
+    "client_request_id": "client_request_id",
+    "status": "status",
+    "started_at": "started_at",
+    "answered_at": "answered_at",
+    "ended_at": "ended_at",
+    "duration_seconds": "duration_seconds",
+    "failure_code": "failure_code",
+    "sip_code": "sip_code",
+}
+
+
+def _iso_ms(value: Any) -> int | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        dt = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if dt.tzinfo is None:
+        return None
+    return round(dt.timestamp() * 1000)
+
+
+def sort_key(summary: dict[str, Any]) -> tuple[int, str]:
+    """Newest-first order of calls: (started_at in ms, call_id), compared descending. A call
+    without a parsable started_at sorts as started at the epoch (last)."""
+    call_id = str(summary.get("call_id") or summary.get("id") or "")
+    return (_iso_ms(summary.get("started_at")) or 0, call_id)
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    id: str
+    call_id: str
+    kind: str
+    payload: dict[str, Any]
+    occurred_at: str
+    created_at: float
+
+    def api(self) -> dict[str, Any]:
+        """The SDK's event shape inside `GET /v1/calls/{id}`."""
+        return {
+            "id": self.id,
+            "call_id": self.call_id,
+            "kind": self.kind,
+            "payload": self.payload,
+            "occurred_at": self.occurred_at,
+        }
+
+
+@dataclass(frozen=True)
+class Recording:
+    recording_id: str
+    call_id: str
+    state: RecordingState
+    path: str | None
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class IdempotencyRecord:
+    key: str
+    body_hash: str
+    status: int | None  # None: the first request is still in flight (or died in flight)
+    response: Any  # the JSON body answered, when status is set
+    call_ids: list[str]
+    created_at: float
+
+    @property
+    def in_flight(self) -> bool:
+        return self.status is None
+
+
+@dataclass
+class _Job:
+    fn: Callable[[sqlite3.Connection], Any]
+    future: concurrent.futures.Future[Any] | None  # None: fire-and-forget
+    what: str  # for the log line when a fire-and-forget write fails
+
+
+_STOP = object()
+
+
+def _create_private(path: Path) -> None:
+    """Create the file 0600 before SQLite opens it (it holds client_request_ids and responses);
+    SQLite gives its -wal/-shm files the same mode."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if os.fstat(fd).st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+    except PermissionError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class CallRecords:
+    """The store; see the module docstring. Construct, then use; `await close()` at the end."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        call_retention_s: float = CALL_RETENTION_S,
+        idempotency_ttl_s: float = IDEMPOTENCY_TTL_S,
+        busy_timeout_s: float = 5.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = Path(path)
+        self.call_retention_s = call_retention_s
+        self.idempotency_ttl_s = idempotency_ttl_s
+        self._busy_timeout_s = busy_timeout_s
+        self.clock = clock
+        self._queue: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
+        self._opened: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._closed = False
+        self._done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._thread = threading.Thread(
+            target=self._run, name=f"call-records:{self.path.name}", daemon=True
+        )
+        self._thread.start()
+
+    @classmethod
+    async def open(cls, path: str | os.PathLike[str], **kw: Any) -> CallRecords:
+        """Construct and wait until the file is open (raises what opening raised)."""
+        records = cls(path, **kw)
+        await asyncio.wrap_future(records._opened)
+        return records
+
+    @staticmethod
+    def default_path(storage_dir: str | os.PathLike[str]) -> Path:
+        return Path(storage_dir) / "calls.sqlite3"
+
+    # -- the writer thread ---------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        _create_private(self.path)
+        db = sqlite3.connect(self.path, timeout=self._busy_timeout_s, isolation_level=None)
+        try:
+            db.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_s * 1000)}")
+            mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise RuntimeError(f"call records {self.path} cannot use WAL mode (got {mode})")
+            db.execute("PRAGMA synchronous = FULL")
+            db.execute("BEGIN IMMEDIATE")
+            for stmt in _SCHEMA.split(";"):
+                if stmt.strip():
+                    db.execute(stmt)
+            db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _run(self) -> None:
+        try:
+            db = self._connect()
+        except BaseException as exc:
+            log.error("call records %s cannot be opened: %s", self.path, exc)
+            self._opened.set_exception(exc)
+            self._done.set_result(None)
+            self._fail_all(exc)
+            return
+        self._opened.set_result(None)
+        next_prune = time.monotonic() + _PRUNE_EVERY_S
+        try:
+            while True:
+                try:
+                    first = self._queue.get(timeout=max(0.0, next_prune - time.monotonic()))
+                except queue.Empty:
+                    next_prune = time.monotonic() + _PRUNE_EVERY_S
+                    self._batch(db, [_Job(self._prune_fn(None), None, "prune")])
+                    continue
+                batch: list[_Job] = []
+                stop = first is _STOP
+                if not stop:
+                    batch.append(cast(_Job, first))
+                while not stop and len(batch) < _MAX_BATCH:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is _STOP:
+                        stop = True
+                    else:
+                        batch.append(cast(_Job, item))
+                if batch:
+                    self._batch(db, batch)
+                if stop:
+                    break
+        finally:
+            db.close()
+            self._done.set_result(None)
+
+    def _batch(self, db: sqlite3.Connection, jobs: list[_Job]) -> None:
+        """All `jobs` in one transaction, each in its own savepoint (one bad job fails alone);
+        results are handed back only once the COMMIT (and its fsync) is done."""
+        results: list[tuple[_Job, bool, Any]] = []
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for job in jobs:
+                db.execute("SAVEPOINT job")
+                try:
+                    value = job.fn(db)
+                except Exception as exc:
+                    db.execute("ROLLBACK TO job")
+                    db.execute("RELEASE job")
+                    results.append((job, False, exc))
+                else:
+                    db.execute("RELEASE job")
+                    results.append((job, True, value))
+            db.execute("COMMIT")
+        except Exception as exc:  # the transaction itself failed (disk full, I/O error)
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            log.error("call records %s: a batch of %d writes failed: %s", self.path, len(jobs), exc)
+            results = [(job, False, exc) for job in jobs]
+        for job, ok, value in results:
+            if job.future is None:
+                if not ok:
+                    log.error("call records: %s failed: %s", job.what, value)
+            elif ok:
+                job.future.set_result(value)
+            else:
+                job.future.set_exception(value)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, _Job) and item.future is not None:
+                item.future.set_exception(exc)
+
+    # -- plumbing for the public API -----------------------------------------------------
+
+    def _submit(self, fn: Callable[[sqlite3.Connection], T], what: str) -> asyncio.Future[T]:
+        if self._closed:
+            raise RuntimeError("call records are closed")
+        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+        if self._done.done():  # the thread is gone (it could not open the file)
+            exc = self._opened.exception() if self._opened.done() else None
+            fut.set_exception(exc or RuntimeError("call records are closed"))
+        else:
+            self._queue.put(_Job(fn, fut, what))
+        return asyncio.wrap_future(fut)
+
+    def _note(self, fn: Callable[[sqlite3.Connection], Any], what: str) -> None:
+        if self._closed:
+            log.warning("call records closed; dropped %s", what)
+            return
+        self._queue.put(_Job(fn, None, what))
+
+    async def flush(self) -> None:
+        """Wait until everything queued before this call is committed."""
+        await self._submit(lambda db: None, "flush")
+
+    async def close(self) -> None:
+        """Commit what is queued, then close the file. Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._queue.put(_STOP)
+        await asyncio.wrap_future(self._done)
+
+    # -- calls ---------------------------------------------------------------------------
+
+    def _upsert_fn(self, summary: dict[str, Any]) -> Callable[[sqlite3.Connection], None]:
+        summary = dict(summary)  # the caller may keep mutating its own
+        call_id = summary.get("call_id") or summary.get("id")
+        if not isinstance(call_id, str) or not call_id:
+            raise ValueError("a call summary needs a call_id")
+        now = self.clock()
+
+        def fn(db: sqlite3.Connection) -> None:
+            row = db.execute(
+                "SELECT data, created_at FROM calls WHERE call_id = ?", (call_id,)
+            ).fetchone()
+            old: dict[str, Any] = json.loads(row[0]) if row else {}
+            merged = dict(old)
+            for key, value in summary.items():
+                # A None never erases what is known (a late live summary has no ended_at), and
+                # a final status is never replaced by a live one (a late "ringing" from the
+                # create response after the node recorded "failed").
+                if value is None and old.get(key) is not None:
+                    continue
+                if key == "status" and old.get("status") in FINAL_STATUSES:
+                    if value not in FINAL_STATUSES:
+                        continue
+                merged[key] = value
+            merged["call_id"] = merged["id"] = call_id
+            cols = {col: merged.get(key) for key, col in _COLUMNS.items()}
+            started_ms = _iso_ms(merged.get("started_at"))
+            if started_ms is None:
+                started_ms = round((row[1] if row else now) * 1000)
+            params = {
+                "call_id": call_id,
+                **cols,
+                "started_ms": started_ms,
+                "data": json.dumps(merged, separators=(",", ":"), default=str),
+                "created_at": row[1] if row else now,
+                "updated_at": now,
+            }
+            names = ", ".join(params)
+            marks = ", ".join(f":{k}" for k in params)
+            sets = ", ".join(f"{k} = excluded.{k}" for k in params if k not in ("call_id",))
+            db.execute(
+                f"INSERT INTO calls ({names}) VALUES ({marks})"
+                f" ON CONFLICT (call_id) DO UPDATE SET {sets}",
+                params,
+            )
+
+        return fn
+
+    async def upsert_call(self, summary: dict[str, Any]) -> None:
+        """Store a call's summary (CallIdentity.summary(), or a part of one with call_id):
+        merged into what is stored; see `_upsert_fn` for the two rules of the merge."""
+        await self._submit(self._upsert_fn(summary), "upsert_call")
+
+    def note_call(self, summary: dict[str, Any]) -> None:
+        """`upsert_call`, fire-and-forget (for the node's message handler)."""
+        self._note(self._upsert_fn(summary), f"upsert of call {summary.get('call_id')}")
+
+    async def get(self, call_id: str) -> dict[str, Any] | None:
+        """The stored summary of a call, or None."""
+
+        def fn(db: sqlite3.Connection) -> dict[str, Any] | None:
+            row = db.execute("SELECT data FROM calls WHERE call_id = ?", (call_id,)).fetchone()
+            return None if row is None else cast(dict[str, Any], json.loads(row[0]))
+
+        return await self._submit(fn, "get")
+
+    async def list(
+        self,
+        limit: int = 25,
+        cursor: tuple[int, str] | None = None,
+        status: Iterable[str] | None = None,
+        direction: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Stored calls, newest first (`sort_key`), those strictly after `cursor` when given."""
+        where: list[str] = []
+        args: list[Any] = []
+        if cursor is not None:
+            where.append("(started_ms < ? OR (started_ms = ? AND call_id < ?))")
+            args += [cursor[0], cursor[0], cursor[1]]
+        statuses = sorted(set(status)) if status is not None else None
+        if statuses is not None:
+            where.append(f"status IN ({', '.join('?' * len(statuses))})")
+            args += statuses
+        if direction is not None:
+            where.append("direction = ?")
+            args.append(direction)
+        sql = "SELECT data FROM calls"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY started_ms DESC, call_id DESC LIMIT ?"
+        args.append(int(limit))
+
+        def fn(db: sqlite3.Connection) -> list[dict[str, Any]]:
+            return [json.loads(r[0]) for r in db.execute(sql, args).fetchall()]
+
+        return await self._submit(fn, "list")
+
+    # -- events --------------------------------------------------------------------------
+
+    def _event_fn(
+        self, call_id: str, event_id: str, kind: str, data: dict[str, Any], occurred_at: str
+    ) -> Callable[[sqlite3.Connection], bool]:
+        payload = json.dumps(data, separators=(",", ":"), default=str)
+        now = self.clock()
+
+        def fn(db: sqlite3.Connection) -> bool:
+            cur = db.execute(
+                "INSERT INTO call_events (event_id, call_id, kind, payload, occurred_at,"
+                " created_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (event_id) DO NOTHING",
+                (event_id, call_id, kind, payload, occurred_at, now),
+            )
+            return cur.rowcount == 1
+
+        return fn
+
+    async def add_event(
+        self, call_id: str, event_id: str, kind: str, data: dict[str, Any], occurred_at: str
+    ) -> bool:
+        """Store one of a call's events; False when that event_id is already stored."""
+        return await self._submit(
+            self._event_fn(call_id, event_id, kind, data, occurred_at), "add_event"
+        )
+
+    def note_event(
+        self, call_id: str, event_id: str, kind: str, data: dict[str, Any], occurred_at: str
+    ) -> None:
+        """`add_event`, fire-and-forget."""
+        self._note(self._event_fn(call_id, event_id, kind, data, occurred_at), f"event {event_id}")
+
+    async def events(self, call_id: str) -> builtins.list[StoredEvent]:
+        """A call's events in the order they were stored."""
+
+        def fn(db: sqlite3.Connection) -> builtins.list[StoredEvent]:
+            rows = db.execute(
+                "SELECT event_id, call_id, kind, payload, occurred_at, created_at"
+                " FROM call_events WHERE call_id = ? ORDER BY seq",
+                (call_id,),
+            ).fetchall()
+            return [StoredEvent(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5]) for r in rows]
+
+        return await self._submit(fn, "events")
+
+    # -- recordings ----------------------------------------------------------------------
+
+    def _recording_fn(
+        self, call_id: str, recording_id: str, state: str, path: str | None
+    ) -> Callable[[sqlite3.Connection], None]:
+        if state not in RECORDING_STATES:
+            raise ValueError(f"recording state {state!r} is not one of {sorted(RECORDING_STATES)}")
+        now = self.clock()
+
+        def fn(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT INTO recordings (recording_id, call_id, state, path, created_at,"
+                " updated_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (recording_id) DO UPDATE"
+                " SET state = excluded.state, path = COALESCE(excluded.path, path),"
+                " updated_at = excluded.updated_at",
+                (recording_id, call_id, state, path, now, now),
+            )
+
+        return fn
+
+    async def set_recording(
+        self, call_id: str, recording_id: str, state: str, path: str | None = None
+    ) -> None:
+        """A recording started (`in_progress`), was written (`ready`) or was lost (`failed`)."""
+        await self._submit(self._recording_fn(call_id, recording_id, state, path), "recording")
+
+    def note_recording(
+        self, call_id: str, recording_id: str, state: str, path: str | None = None
+    ) -> None:
+        """`set_recording`, fire-and-forget."""
+        self._note(
+            self._recording_fn(call_id, recording_id, state, path), f"recording {recording_id}"
+        )
+
+    async def recordings(self, call_id: str) -> builtins.list[Recording]:
+        """A call's recordings, newest first."""
+
+        def fn(db: sqlite3.Connection) -> builtins.list[Recording]:
+            rows = db.execute(
+                "SELECT recording_id, call_id, state, path, created_at, updated_at"
+                " FROM recordings WHERE call_id = ? ORDER BY created_at DESC, rowid DESC",
+                (call_id,),
+            ).fetchall()
+            return [Recording(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
+
+        return await self._submit(fn, "recordings")
+
+    async def latest_recording(self, call_id: str) -> Recording | None:
+        recs = await self.recordings(call_id)
+        return recs[0] if recs else None
+
+    async def recording(self, recording_id: str) -> Recording | None:
+        def fn(db: sqlite3.Connection) -> Recording | None:
+            r = db.execute(
+                "SELECT recording_id, call_id, state, path, created_at, updated_at"
+                " FROM recordings WHERE recording_id = ?",
+                (recording_id,),
+            ).fetchone()
+            return None if r is None else Recording(r[0], r[1], r[2], r[3], r[4], r[5])
+
+        return await self._submit(fn, "recording")
+
+    # -- idempotency keys ----------------------------------------------------------------
+
+    def _idem_row(self, db: sqlite3.Connection, key: str, now: float) -> IdempotencyRecord | None:
+        r = db.execute(
+            "SELECT key, body_hash, status, response, call_ids, created_at FROM idempotency"
+            " WHERE key = ? AND created_at >= ?",
+            (key, now - self.idempotency_ttl_s),
+        ).fetchone()
+        if r is None:
+            return None
+        response = None if r[3] is None else json.loads(r[3])
+        return IdempotencyRecord(r[0], r[1], r[2], response, json.loads(r[4]), r[5])
+
+    async def idempotency_get(self, key: str) -> IdempotencyRecord | None:
+        """The key's record if its first request came within the TTL."""
+        return await self._submit(lambda db: self._idem_row(db, key, self.clock()), "idem_get")
+
+    async def idempotency_claim(
+        self, key: str, body_hash: str, call_ids: builtins.list[str]
+    ) -> IdempotencyRecord | None:
+        """Atomically: the key's live record when there is one (the caller replays or refuses),
+        else None after storing an in-flight claim (the caller goes on, then `idempotency_put`
+        or `idempotency_release`). Two racing requests: exactly one gets None."""
+
+        def fn(db: sqlite3.Connection) -> IdempotencyRecord | None:
+            now = self.clock()
+            existing = self._idem_row(db, key, now)
+            if existing is not None:
+                return existing
+            db.execute(
+                "INSERT OR REPLACE INTO idempotency (key, body_hash, status, response, call_ids,"
+                " created_at) VALUES (?, ?, NULL, NULL, ?, ?)",
+                (key, body_hash, json.dumps(call_ids), now),
+            )
+            return None
+
+        return await self._submit(fn, "idem_claim")
+
+    async def idempotency_put(self, key: str, status: int, response: Any) -> None:
+        """The answer to the claimed key's request, replayed to every retry within the TTL."""
+        body = json.dumps(response, separators=(",", ":"), default=str)
+
+        def fn(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE idempotency SET status = ?, response = ?, completed_at = ? WHERE key = ?",
+                (status, body, self.clock(), key),
+            )
+
+        await self._submit(fn, "idem_put")
+
+    async def idempotency_release(self, key: str) -> None:
+        """Forget an in-flight claim whose request produced nothing to replay (a 5xx)."""
+        await self._submit(
+            lambda db: db.execute(
+                "DELETE FROM idempotency WHERE key = ? AND status IS NULL", (key,)
+            ),
+            "idem_release",
+        )
+
+    # -- retention -----------------------------------------------------------------------
+
+    def _prune_fn(self, now: float | None) -> Callable[[sqlite3.Connection], dict[str, int]]:
+        def fn(db: sqlite3.Connection) -> dict[str, int]:
+            t = self.clock() if now is None else now
+            calls_before = t - self.call_retention_s
+            old = "SELECT call_id FROM calls WHERE updated_at < ?"
+            counts = {
+                "events": db.execute(
+                    f"DELETE FROM call_events WHERE call_id IN ({old}) OR created_at < ?",
+                    (calls_before, calls_before),
+                ).rowcount,
+                "recordings": db.execute(
+                    f"DELETE FROM recordings WHERE call_id IN ({old}) OR updated_at < ?",
+                    (calls_before, calls_before),
+                ).rowcount,
+                "calls": db.execute(
+                    "DELETE FROM calls WHERE updated_at < ?", (calls_before,)
+                ).rowcount,
+                "idempotency": db.execute(
+                    "DELETE FROM idempotency WHERE created_at < ?",
+                    (t - self.idempotency_ttl_s,),
+                ).rowcount,
+            }
+            if any(counts.values()):
+                log.info("call records pruned: %s", counts)
+            return counts
+
+        return fn
+
+    async def prune(self, now: float | None = None) -> dict[str, int]:
+        """Delete what is past retention; the number of rows deleted per table."""
+        return await self._submit(self._prune_fn(now), "prune")
