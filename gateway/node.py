@@ -30,6 +30,7 @@ from gateway.api.app import make_app, start_api
 from gateway.calls.directory import CallDirectory, Entry
 from gateway.calls.identity import CallIdentity
 from gateway.calls.outcome import CallFacts, Failure, classify
+from gateway.calls.records import CallRecords
 from gateway.calls.switchboard import Switchboard
 from gateway.calls.writer import final_data
 from gateway.events.delivery import Deliverer
@@ -90,6 +91,7 @@ class Node:
         self.directory = CallDirectory()
         self.router: Router | None = None
         self.switchboard: Switchboard | None = None
+        self.records: CallRecords | None = None
         self.metrics = NodeMetrics(
             calls=self.active_calls,
             workers=lambda: [
@@ -176,8 +178,15 @@ class Node:
         self.switchboard.register_metrics(self.metrics.registry)
         self._tasks.append(asyncio.create_task(self.deliverer.run(), name="deliverer"))
         self._tasks.append(asyncio.create_task(self._prune(), name="prune"))
-        app = make_app(self.settings, self, self.storage / "recordings", node=self)
-        app["switchboard"] = self.switchboard
+        self.records = await CallRecords.open(CallRecords.default_path(self.storage))
+        self._tasks.append(asyncio.create_task(self._prune_records(), name="prune-records"))
+        app = make_app(
+            self.settings,
+            self.switchboard,
+            self.storage / "recordings",
+            node=self,
+            records=self.records,
+        )
         self.runner = await start_api(app, self.settings)
         log.info("internal API on http://%s", self.settings.api.listen)
         self.workers = await asyncio.to_thread(self._plan_workers)
@@ -259,6 +268,8 @@ class Node:
             await self.runner.cleanup()
         if self.http is not None:
             await self.http.close()
+        if self.records is not None:
+            await self.records.close()
         if self.outbox is not None:
             self.outbox.close()
         if self._lock_fd is not None:
@@ -298,6 +309,15 @@ class Node:
             except OSError as e:
                 log.error("cannot write the node heartbeat %s: %s", path, e)
             await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+
+    async def _prune_records(self) -> None:
+        while True:
+            assert self.records is not None
+            try:
+                await self.records.prune(time.time())
+            except Exception as e:
+                log.error("call records: prune failed: %s", e)
+            await asyncio.sleep(3600)
 
     async def _prune(self) -> None:
         # Delivered rows are history; a week of it keeps late duplicate finals deduplicated.
@@ -372,15 +392,30 @@ class Node:
         elif isinstance(msg, msgs.CallEvent):
             if msg.stored and self.deliverer is not None:
                 self.deliverer.notify()
+            if self.records is not None:
+                self.records.note_event(
+                    msg.call_id, msg.event_id, msg.kind, msg.data, msg.occurred_at
+                )
+        elif isinstance(msg, msgs.Recording):
+            if self.records is not None:
+                self.records.note_recording(msg.call_id, msg.recording_id, msg.state)
         elif isinstance(msg, msgs.CallState):
-            _entry, before = self.directory.update(
+            entry, before = self.directory.update(
                 w.index, CallIdentity.from_wire(msg.identity), msg.status, msg.answered_at,
                 msg.trunk,
             )
             if self.switchboard is not None:
                 self.switchboard.trunk_moved(before, msg.trunk)
+            if self.records is not None:
+                self.records.note_call(entry.summary())
         elif isinstance(msg, msgs.CallEnded):
-            self.directory.ended(msg.call_id)
+            ended = self.directory.ended(msg.call_id)
+            if self.records is not None and ended is not None:
+                self.records.note_call({
+                    **ended.identity.summary(msg.status, msg.answered_at, msg.ended_at),
+                    "failure_code": msg.failure_code,
+                    "sip_code": msg.sip_code,
+                })
             if self.switchboard is not None:
                 self.switchboard.trunk_done(msg.trunk, msg.status, msg.answered_at is not None)
             if self.deliverer is not None:
@@ -405,6 +440,11 @@ class Node:
         now = time.time()
         for entry in self.directory.worker_gone(w.index):
             self._lost_final(entry, w.index, now)
+            if self.records is not None:
+                self.records.note_call({
+                    **entry.identity.summary("failed", entry.answered_at, now),
+                    "failure_code": "worker_lost",
+                })
             if self.switchboard is not None:
                 self.switchboard.trunk_done(entry.trunk, "failed", entry.answered_at is not None)
         if self.deliverer is not None:

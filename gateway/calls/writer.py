@@ -64,6 +64,7 @@ class CallEventWriter:
         on_event: Callable[[CallEvent], None] | None = None,
         recording_url: Callable[[str], str] | None = None,
         on_recording: Callable[[Recording], None] | None = None,
+        recording_link: Callable[[str], str] | None = None,
     ) -> None:
         self.outbox = outbox
         self.dest = dest
@@ -71,6 +72,7 @@ class CallEventWriter:
         self.on_event = on_event
         self._recording_url = recording_url
         self._on_recording = on_recording
+        self._recording_link = recording_link
         self.final_written = False
 
     @property
@@ -139,6 +141,7 @@ class CallEventWriter:
             )
 
     def recording_ready(self, recording_id: str, path: Path, duration_s: float, fmt: str) -> str:
+        """Emit `call.recording.ready`; the URL the voice app is given (RecordingUrl)."""
         data = path.read_bytes()
         url = self._recording_url(recording_id) if self._recording_url else ""
         self.emit(
@@ -159,4 +162,6 @@ class CallEventWriter:
             self._on_recording(
                 Recording(call_id=self.call_id, recording_id=recording_id, state="ready")
             )
-        return url
+        # The voice app gets a link that works without the API token, for 15 minutes; the
+        # event keeps the API's own URL (the control plane has the token, and events last).
+        return self._recording_link(recording_id) if self._recording_link else url

@@ -25,6 +25,7 @@ from aiohttp import ClientSession
 from config.settings import Settings, load_settings, parse_hostport
 from dsl.interpreter import Fetch
 from gateway.calls.identity import CallIdentity
+from gateway.calls.links import LinkSigner
 from gateway.calls.outcome import Outcome
 from gateway.calls.writer import CallEventWriter
 from gateway.control.originate import Destination
@@ -159,6 +160,7 @@ class Worker:
         # thread before any media socket opens (a flood from elsewhere costs no queue slot).
         self.endpoint.source_filter = functools.partial(source_allowed, settings)
         self.api_base = settings.api.base_url  # a wildcard listen is reached via loopback
+        self.links = LinkSigner.from_storage(storage)
         # The host of outbound calls' From (the caller id's domain): what carriers see.
         self.from_host = public_host(settings.sip.public_address) or sip_host_of(settings)
         for trunk in settings.trunks:
@@ -269,6 +271,7 @@ class Worker:
             on_event=self.channel.send,
             recording_url=lambda rid: f"{self.api_base}/v1/recordings/{rid}",
             on_recording=self.channel.send,
+            recording_link=lambda rid: self.links.recording_link(self.api_base, rid),
         )
 
     def voice_app(

@@ -58,7 +58,8 @@ async def test_ivr_digits_then_record(phone, voice_app, receiver, gateway_factor
     assert paths[2][0] == "/voice/recorded"
     assert all(r["signature_ok"] for r in voice_app.requests)
     result = voice_app.requests[2]["form"]
-    assert result["RecordingUrl"].endswith(f"/v1/recordings/{result['recordingId']}")
+    # a signed link the voice app can fetch without the API token (15 minutes)
+    assert f"/recordings/{result['recordingId']}?exp=" in result["RecordingUrl"], result
     assert 2.0 <= float(result["RecordingDuration"]) <= 5.0, result
 
     assert await rec.wait_for(lambda evs: final_events(evs), 10), dump(rec.events)

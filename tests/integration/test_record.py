@@ -118,8 +118,15 @@ async def check_recording_handed_over(
     assert post["content_type"] == "application/x-www-form-urlencoded"
     assert form["callId"] == data["call_id"]
     assert form["recordingId"] == data["recording_id"]
-    assert form["RecordingUrl"] == data["url"]
+    assert data["url"].endswith(f"/v1/recordings/{data['recording_id']}")
+    assert form["RecordingUrl"].split("?")[0].endswith(f"/recordings/{data['recording_id']}")
     assert form["RecordingDuration"] == str(round(data["duration_seconds"]))
+    # the voice app's link works without the API token, and serves the same file
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http, http.get(form["RecordingUrl"]) as resp:
+        assert resp.status == 200, await resp.text()
+        assert hashlib.sha256(await resp.read()).hexdigest() == data["sha256"]
 
     body = await fetch_recording(data["url"])
     assert len(body) == data["size_bytes"]
@@ -265,4 +272,5 @@ async def test_caller_hangs_up_mid_recording(voice_app, receiver, gateway_factor
     assert finals[0].body["data"]["hangup_cause"] == "normal_clearing"
     assert len([e for e in rec.events if e.kind == "call.recording.ready"]) == 1
     # The voice app got the record result and nothing after it (its reply had no call).
-    assert voice_app.requests[-1]["form"].get("RecordingUrl") == data["url"]
+    last = voice_app.requests[-1]["form"].get("RecordingUrl", "")
+    assert f"/recordings/{data['recording_id']}?exp=" in last, last
