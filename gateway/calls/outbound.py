@@ -87,8 +87,12 @@ class OutboundRunner:
     def _dial(self, target: TrunkTarget) -> SipCall:
         host = self.worker.from_host
         try:
+            # Every slot may carry an outbound call (the directory counts all 4): an INVITE
+            # that then finds the worker full gets pjsua2's own 486, which the front takes
+            # as "worker full" and offers to the next worker.
             call = self.worker.endpoint.make_call(
-                target.uri, trunk=target.trunk, from_uri=f"sip:{self.op.caller_id}@{host}"
+                target.uri, trunk=target.trunk, from_uri=f"sip:{self.op.caller_id}@{host}",
+                last_slot=True,
             )
         except NoCallSlot as e:  # every pjsua2 slot taken: the supervisor tries another worker
             raise OpRefused(NO_SLOT, f"worker {self.worker.index}: {e}") from e
