@@ -31,6 +31,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
+from gateway.calls.identity import iso
+
 __all__ = [
     "FINAL_STATUSES",
     "RECORDING_STATES",
@@ -170,6 +172,7 @@ class StoredEvent:
             "kind": self.kind,
             "payload": self.payload,
             "occurred_at": self.occurred_at,
+            "created_at": iso(self.created_at),
         }
 
 
@@ -231,12 +234,14 @@ class CallRecords:
         call_retention_s: float = CALL_RETENTION_S,
         idempotency_ttl_s: float = IDEMPOTENCY_TTL_S,
         busy_timeout_s: float = 5.0,
+        prune_every_s: float = _PRUNE_EVERY_S,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.path = Path(path)
         self.call_retention_s = call_retention_s
         self.idempotency_ttl_s = idempotency_ttl_s
         self._busy_timeout_s = busy_timeout_s
+        self._prune_every_s = prune_every_s
         self.clock = clock
         self._queue: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
         self._opened: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -290,13 +295,13 @@ class CallRecords:
             self._fail_all(exc)
             return
         self._opened.set_result(None)
-        next_prune = time.monotonic() + _PRUNE_EVERY_S
+        next_prune = time.monotonic() + self._prune_every_s
         try:
             while True:
                 try:
                     first = self._queue.get(timeout=max(0.0, next_prune - time.monotonic()))
                 except queue.Empty:
-                    next_prune = time.monotonic() + _PRUNE_EVERY_S
+                    next_prune = time.monotonic() + self._prune_every_s
                     self._batch(db, [_Job(self._prune_fn(None), None, "prune")])
                     continue
                 batch: list[_Job] = []

@@ -64,8 +64,14 @@ async def test_call_round_trip_and_merge(store: CallRecords) -> None:
     assert await store.get("nope") is None
     # a later update: None never erases, new values win
     await store.upsert_call(
-        {"call_id": "c1", "status": "completed", "ended_at": "2026-06-27T10:01:00.000Z",
-         "answered_at": "2026-06-27T10:00:05.000Z", "duration_seconds": 55, "sip_code": 200}
+        {
+            "call_id": "c1",
+            "status": "completed",
+            "ended_at": "2026-06-27T10:01:00.000Z",
+            "answered_at": "2026-06-27T10:00:05.000Z",
+            "duration_seconds": 55,
+            "sip_code": 200,
+        }
     )
     await store.upsert_call(summary("c1", "2026-06-27T10:00:00.000Z", status="in-progress"))
     got = await store.get("c1")
@@ -112,8 +118,12 @@ async def test_events_and_recordings(store: CallRecords) -> None:
     evs = await store.events("c1")
     assert [e.id for e in evs] == ["ev1", "ev2"]
     assert evs[0].api() == {
-        "id": "ev1", "call_id": "c1", "kind": "call.started",
-        "payload": {"call_id": "c1"}, "occurred_at": "2026-06-27T10:00:00.000Z",
+        "id": "ev1",
+        "call_id": "c1",
+        "kind": "call.started",
+        "payload": {"call_id": "c1"},
+        "occurred_at": "2026-06-27T10:00:00.000Z",
+        "created_at": "2026-09-21T14:13:20.000Z",
     }
     assert await store.add_event("c1", "ev2", "call.answered", {}, "x") is False
 
@@ -152,7 +162,10 @@ async def test_idempotency_claim_put_release(store: CallRecords) -> None:
     await store.idempotency_put("k1", 201, {"call_id": "c1"})
     rec = await store.idempotency_get("k1")
     assert rec is not None and (rec.status, rec.response, rec.body_hash) == (
-        201, {"call_id": "c1"}, "h1")
+        201,
+        {"call_id": "c1"},
+        "h1",
+    )
     # released claims can be claimed again; completed ones cannot be released
     assert await store.idempotency_claim("k2", "h2", []) is None
     await store.idempotency_release("k2")
@@ -187,6 +200,21 @@ async def test_prune(store: CallRecords) -> None:
     assert counts == {"events": 1, "recordings": 1, "calls": 1, "idempotency": 1}
     assert await store.get("old") is None and await store.get("new") is not None
     assert await store.events("old") == [] and await store.recordings("old") == []
+
+
+async def test_prunes_by_itself_when_idle(tmp_path: Path) -> None:
+    clock = Clock()
+    records = await CallRecords.open(tmp_path / "c.sqlite3", clock=clock, prune_every_s=0.05)
+    try:
+        await records.upsert_call(summary("old", "2026-06-20T10:00:00.000Z"))
+        clock.now += 8 * 86400
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if await records.get("old") is None:
+                break
+        assert await records.get("old") is None
+    finally:
+        await records.close()
 
 
 async def test_restart_keeps_everything(tmp_path: Path) -> None:
