@@ -8,12 +8,14 @@ import os
 import stat
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from gateway.calls.records import CallRecords, sort_key
+from gateway.events.envelope import make_event
 
 T0 = 1_790_000_000.0
 
@@ -142,6 +144,68 @@ async def test_events_and_recordings(store: CallRecords) -> None:
     assert rec_a is not None and rec_a.path == "/r/rec_a.wav"
     with pytest.raises(ValueError, match="recording state"):
         await store.set_recording("c1", "rec_c", "done")
+
+
+async def test_record_built_from_the_call_events(store: CallRecords) -> None:
+    """The event writer's one line (`note_call_event`) keeps the call's record up to date."""
+    base = {
+        "call_id": "c1",
+        "direction": "outbound",
+        "from": "+254700000001",
+        "to": "+254722000001",
+        "number_id": "num_1",
+        "clientRequestId": "crm-1",
+    }
+    t0 = datetime(2026, 6, 27, 10, 0, 0, tzinfo=UTC)
+    store.note_call_event(make_event("call.started", "ws_1", base, t0))
+    store.note_call_event(make_event("call.answered", "ws_1", base, t0 + timedelta(seconds=2)))
+    final = base | {
+        "status": "busy",
+        "hangup_cause": "user_busy",
+        "sip_code": 486,
+        "reason": "callee_busy",
+        "ended_at": "2026-06-27T10:00:09.000Z",
+    }
+    store.note_call_event(make_event("call.failed", "ws_1", final, t0 + timedelta(seconds=9)))
+    store.note_call_event(make_event("number.released", "ws_1", {"number_id": "n"}))
+    await store.flush()
+    call = await store.get("c1")
+    assert call is not None
+    assert {
+        k: call[k]
+        for k in (
+            "status",
+            "direction",
+            "local_e164",
+            "remote_e164",
+            "client_request_id",
+            "started_at",
+            "answered_at",
+            "ended_at",
+            "sip_code",
+            "hangup_cause",
+            "failure_code",
+            "workspace_id",
+        )
+    } == {
+        "status": "busy",
+        "direction": "outbound",
+        "local_e164": "+254700000001",
+        "remote_e164": "+254722000001",
+        "client_request_id": "crm-1",
+        "started_at": "2026-06-27T10:00:00.000Z",
+        "answered_at": "2026-06-27T10:00:02.000Z",
+        "ended_at": "2026-06-27T10:00:09.000Z",
+        "sip_code": 486,
+        "hangup_cause": "user_busy",
+        "failure_code": "callee_busy",
+        "workspace_id": "ws_1",
+    }
+    assert [e.kind for e in await store.events("c1")] == [
+        "call.started",
+        "call.answered",
+        "call.failed",
+    ]
 
 
 async def test_a_bad_write_fails_alone(store: CallRecords) -> None:
