@@ -25,7 +25,7 @@ from gateway.api.calls import CONTROL_KEY, LINKS_KEY, setup_calls
 from gateway.api.demo import setup_demo
 from gateway.api.errors import API_KEY_INVALID, ApiError, Handler, error_middleware
 from gateway.calls.control import CallControl
-from gateway.calls.links import LinkSigner
+from gateway.calls.links import LinkSigner, signer_for
 from gateway.calls.records import CallRecords
 
 __all__ = [
@@ -156,7 +156,7 @@ def make_app(
         settings=settings,
         control=control,
         records=records,
-        links=links if links is not None else LinkSigner.from_storage(settings.storage.dir),
+        links=links if links is not None else signer_for(settings.storage.dir),
         recordings_dir=recordings_dir,
     )
     if node is not None:

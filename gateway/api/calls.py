@@ -251,8 +251,26 @@ async def _place(
     except Exception:
         log.exception("originate %s failed", call.call_id)
         return ApiError(500, "internal_error", "internal error placing the call")
-    records.note_call(summary or {"call_id": call.call_id})
-    return summary or {}
+    summary = summary or {}
+    # What the API knows of the call, under what the node says: the record is whole even if
+    # the node's summary is partial, and keyed by the id the client was given.
+    records.note_call(
+        {
+            "direction": "outbound",
+            "from": call.from_,
+            "to": call.to,
+            "local_e164": call.from_,
+            "remote_e164": call.to,
+            "status": "ringing",
+            "client_request_id": call.client_request_id,
+            "session_id": call.session_id or call.call_id,
+            "started_at": _now_iso(),
+            **summary,
+            "call_id": call.call_id,
+            "id": call.call_id,
+        }
+    )
+    return summary
 
 
 async def _execute(

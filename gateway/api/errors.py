@@ -131,9 +131,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         resp = await handler(request)
     except ApiError as exc:
-        return error_response(
-            request, exc.status, exc.code, exc.message, exc.headers, exc.extra
-        )
+        return error_response(request, exc.status, exc.code, exc.message, exc.headers, exc.extra)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise  # redirects etc. pass through untouched

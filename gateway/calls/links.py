@@ -10,6 +10,7 @@ Deleting the file and restarting revokes every link handed out.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import os
@@ -19,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
 
-__all__ = ["DEFAULT_TTL_S", "LinkError", "LinkSigner", "load_key"]
+__all__ = ["DEFAULT_TTL_S", "LinkError", "LinkSigner", "load_key", "recording_link", "signer_for"]
 
 DEFAULT_TTL_S = 900  # 15 minutes, as the SDK documents
 KEY_BYTES = 32
@@ -99,3 +100,25 @@ class LinkSigner:
             raise LinkError("bad link signature")
         if int(exp) < self.clock():
             raise LinkError("this recording link has expired; ask for a new one", expired=True)
+
+
+@functools.cache
+def _signer(storage_dir: Path) -> LinkSigner:
+    return LinkSigner(load_key(storage_dir))
+
+
+def signer_for(storage_dir: str | os.PathLike[str]) -> LinkSigner:
+    """This process's signer for a storage dir (the key read once, then kept)."""
+    return _signer(Path(storage_dir).resolve())
+
+
+def recording_link(
+    base_url: str,
+    recording_id: str,
+    ttl_s: float = DEFAULT_TTL_S,
+    *,
+    storage_dir: str | os.PathLike[str],
+) -> str:
+    """A signed link to a recording, e.g. a voice callback's `RecordingUrl` built in a worker:
+    `recording_link(settings.api.base_url, rid, storage_dir=settings.storage.dir)`."""
+    return signer_for(storage_dir).recording_link(base_url, recording_id, ttl_s)

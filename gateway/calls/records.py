@@ -31,6 +31,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
+from gateway.calls.identity import iso
+from gateway.events.envelope import Event
+
 __all__ = [
     "FINAL_STATUSES",
     "RECORDING_STATES",
@@ -153,6 +156,49 @@ def sort_key(summary: dict[str, Any]) -> tuple[int, str]:
     return (_iso_ms(summary.get("started_at")) or 0, call_id)
 
 
+_FINAL_KINDS = ("call.completed", "call.failed")
+
+
+def _summary_from_event(event: Event) -> dict[str, Any] | None:
+    """The part of a call's summary an event tells (None: it tells nothing about the call)."""
+    d = event.data
+    out: dict[str, Any] = {"call_id": d["call_id"]}
+    if event.kind == "call.started":
+        direction = d.get("direction")
+        local, remote = (d.get("to"), d.get("from"))
+        if direction == "outbound":
+            local, remote = remote, local
+        out |= {
+            "workspace_id": event.workspace_id,
+            "direction": direction,
+            "from": d.get("from"),
+            "to": d.get("to"),
+            "local_e164": local,
+            "remote_e164": remote,
+            "number_id": d.get("number_id"),
+            "parent_call_id": d.get("parent_call_id"),
+            "client_request_id": d.get("clientRequestId"),
+            "status": "ringing",
+            "started_at": event.occurred_at,
+        }
+    elif event.kind == "call.answered":
+        out |= {"status": "in-progress", "answered_at": d.get("answered_at") or event.occurred_at}
+    elif event.kind in _FINAL_KINDS:
+        out |= {
+            "status": d.get("status")
+            or ("completed" if event.kind == "call.completed" else "failed"),
+            "answered_at": d.get("answered_at"),
+            "ended_at": d.get("ended_at") or event.occurred_at,
+            "duration_seconds": d.get("duration_seconds"),
+            "sip_code": d.get("sip_code"),
+            "hangup_cause": d.get("hangup_cause"),
+            "failure_code": d.get("reason") if event.kind == "call.failed" else None,
+        }
+    else:
+        return None
+    return out
+
+
 @dataclass(frozen=True)
 class StoredEvent:
     id: str
@@ -170,6 +216,7 @@ class StoredEvent:
             "kind": self.kind,
             "payload": self.payload,
             "occurred_at": self.occurred_at,
+            "created_at": iso(self.created_at),
         }
 
 
@@ -231,12 +278,14 @@ class CallRecords:
         call_retention_s: float = CALL_RETENTION_S,
         idempotency_ttl_s: float = IDEMPOTENCY_TTL_S,
         busy_timeout_s: float = 5.0,
+        prune_every_s: float = _PRUNE_EVERY_S,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.path = Path(path)
         self.call_retention_s = call_retention_s
         self.idempotency_ttl_s = idempotency_ttl_s
         self._busy_timeout_s = busy_timeout_s
+        self._prune_every_s = prune_every_s
         self.clock = clock
         self._queue: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
         self._opened: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -290,13 +339,13 @@ class CallRecords:
             self._fail_all(exc)
             return
         self._opened.set_result(None)
-        next_prune = time.monotonic() + _PRUNE_EVERY_S
+        next_prune = time.monotonic() + self._prune_every_s
         try:
             while True:
                 try:
                     first = self._queue.get(timeout=max(0.0, next_prune - time.monotonic()))
                 except queue.Empty:
-                    next_prune = time.monotonic() + _PRUNE_EVERY_S
+                    next_prune = time.monotonic() + self._prune_every_s
                     self._batch(db, [_Job(self._prune_fn(None), None, "prune")])
                     continue
                 batch: list[_Job] = []
@@ -520,6 +569,19 @@ class CallRecords:
     ) -> None:
         """`add_event`, fire-and-forget."""
         self._note(self._event_fn(call_id, event_id, kind, data, occurred_at), f"event {event_id}")
+
+    def note_call_event(self, event: Event) -> None:
+        """Fire-and-forget: a `call.*` event as written to the outbox, stored with its call,
+        and the call's record updated from it (started: who and when; answered; the final
+        event: status, times, sip_code, hangup_cause, failure_code). The one line the event
+        writer needs; events without a call_id are not call records and are skipped."""
+        call_id = event.data.get("call_id")
+        if not isinstance(call_id, str) or not call_id:
+            return
+        self.note_event(call_id, event.event_id, event.kind, event.data, event.occurred_at)
+        update = _summary_from_event(event)
+        if update is not None:
+            self.note_call(update)
 
     async def events(self, call_id: str) -> builtins.list[StoredEvent]:
         """A call's events in the order they were stored."""

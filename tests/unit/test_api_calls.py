@@ -423,6 +423,7 @@ async def test_get_call_live_ended_unknown(api: Api) -> None:
             "kind": "call.completed",
             "payload": {"status": "completed"},
             "occurred_at": "2026-06-27T10:00:09.000Z",
+            "created_at": call["events"][0]["created_at"],
         }
     ]
     status, body, _ = await api.req("GET", "/v1/calls/nope")

@@ -8,12 +8,14 @@ import os
 import stat
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from gateway.calls.records import CallRecords, sort_key
+from gateway.events.envelope import make_event
 
 T0 = 1_790_000_000.0
 
@@ -64,8 +66,14 @@ async def test_call_round_trip_and_merge(store: CallRecords) -> None:
     assert await store.get("nope") is None
     # a later update: None never erases, new values win
     await store.upsert_call(
-        {"call_id": "c1", "status": "completed", "ended_at": "2026-06-27T10:01:00.000Z",
-         "answered_at": "2026-06-27T10:00:05.000Z", "duration_seconds": 55, "sip_code": 200}
+        {
+            "call_id": "c1",
+            "status": "completed",
+            "ended_at": "2026-06-27T10:01:00.000Z",
+            "answered_at": "2026-06-27T10:00:05.000Z",
+            "duration_seconds": 55,
+            "sip_code": 200,
+        }
     )
     await store.upsert_call(summary("c1", "2026-06-27T10:00:00.000Z", status="in-progress"))
     got = await store.get("c1")
@@ -112,8 +120,12 @@ async def test_events_and_recordings(store: CallRecords) -> None:
     evs = await store.events("c1")
     assert [e.id for e in evs] == ["ev1", "ev2"]
     assert evs[0].api() == {
-        "id": "ev1", "call_id": "c1", "kind": "call.started",
-        "payload": {"call_id": "c1"}, "occurred_at": "2026-06-27T10:00:00.000Z",
+        "id": "ev1",
+        "call_id": "c1",
+        "kind": "call.started",
+        "payload": {"call_id": "c1"},
+        "occurred_at": "2026-06-27T10:00:00.000Z",
+        "created_at": "2026-09-21T14:13:20.000Z",
     }
     assert await store.add_event("c1", "ev2", "call.answered", {}, "x") is False
 
@@ -134,6 +146,68 @@ async def test_events_and_recordings(store: CallRecords) -> None:
         await store.set_recording("c1", "rec_c", "done")
 
 
+async def test_record_built_from_the_call_events(store: CallRecords) -> None:
+    """The event writer's one line (`note_call_event`) keeps the call's record up to date."""
+    base = {
+        "call_id": "c1",
+        "direction": "outbound",
+        "from": "+254700000001",
+        "to": "+254722000001",
+        "number_id": "num_1",
+        "clientRequestId": "crm-1",
+    }
+    t0 = datetime(2026, 6, 27, 10, 0, 0, tzinfo=UTC)
+    store.note_call_event(make_event("call.started", "ws_1", base, t0))
+    store.note_call_event(make_event("call.answered", "ws_1", base, t0 + timedelta(seconds=2)))
+    final = base | {
+        "status": "busy",
+        "hangup_cause": "user_busy",
+        "sip_code": 486,
+        "reason": "callee_busy",
+        "ended_at": "2026-06-27T10:00:09.000Z",
+    }
+    store.note_call_event(make_event("call.failed", "ws_1", final, t0 + timedelta(seconds=9)))
+    store.note_call_event(make_event("number.released", "ws_1", {"number_id": "n"}))
+    await store.flush()
+    call = await store.get("c1")
+    assert call is not None
+    assert {
+        k: call[k]
+        for k in (
+            "status",
+            "direction",
+            "local_e164",
+            "remote_e164",
+            "client_request_id",
+            "started_at",
+            "answered_at",
+            "ended_at",
+            "sip_code",
+            "hangup_cause",
+            "failure_code",
+            "workspace_id",
+        )
+    } == {
+        "status": "busy",
+        "direction": "outbound",
+        "local_e164": "+254700000001",
+        "remote_e164": "+254722000001",
+        "client_request_id": "crm-1",
+        "started_at": "2026-06-27T10:00:00.000Z",
+        "answered_at": "2026-06-27T10:00:02.000Z",
+        "ended_at": "2026-06-27T10:00:09.000Z",
+        "sip_code": 486,
+        "hangup_cause": "user_busy",
+        "failure_code": "callee_busy",
+        "workspace_id": "ws_1",
+    }
+    assert [e.kind for e in await store.events("c1")] == [
+        "call.started",
+        "call.answered",
+        "call.failed",
+    ]
+
+
 async def test_a_bad_write_fails_alone(store: CallRecords) -> None:
     """One job failing inside a group commit rolls back only itself."""
     ok = store.add_event("c1", "ev1", "call.started", {}, "t")
@@ -152,7 +226,10 @@ async def test_idempotency_claim_put_release(store: CallRecords) -> None:
     await store.idempotency_put("k1", 201, {"call_id": "c1"})
     rec = await store.idempotency_get("k1")
     assert rec is not None and (rec.status, rec.response, rec.body_hash) == (
-        201, {"call_id": "c1"}, "h1")
+        201,
+        {"call_id": "c1"},
+        "h1",
+    )
     # released claims can be claimed again; completed ones cannot be released
     assert await store.idempotency_claim("k2", "h2", []) is None
     await store.idempotency_release("k2")
@@ -187,6 +264,21 @@ async def test_prune(store: CallRecords) -> None:
     assert counts == {"events": 1, "recordings": 1, "calls": 1, "idempotency": 1}
     assert await store.get("old") is None and await store.get("new") is not None
     assert await store.events("old") == [] and await store.recordings("old") == []
+
+
+async def test_prunes_by_itself_when_idle(tmp_path: Path) -> None:
+    clock = Clock()
+    records = await CallRecords.open(tmp_path / "c.sqlite3", clock=clock, prune_every_s=0.05)
+    try:
+        await records.upsert_call(summary("old", "2026-06-20T10:00:00.000Z"))
+        clock.now += 8 * 86400
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if await records.get("old") is None:
+                break
+        assert await records.get("old") is None
+    finally:
+        await records.close()
 
 
 async def test_restart_keeps_everything(tmp_path: Path) -> None:

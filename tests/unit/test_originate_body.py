@@ -36,7 +36,10 @@ def test_quickstart_body() -> None:
     assert not plan.to_is_list and plan.ignored_fields == []
     (call,) = plan.calls
     assert (call.from_, call.to, call.voice_callback_url) == (
-        "+254700000001", "+254722000001", "https://a.example/v")
+        "+254700000001",
+        "+254722000001",
+        "https://a.example/v",
+    )
     assert call.timeout_s == 25  # settings.outbound.ring_timeout_s
     assert len(call.call_id) == 36 and call.control is None and call.control_timeout_ms is None
 
@@ -132,8 +135,9 @@ def test_documents_validated_with_json_paths() -> None:
         ("actions[0].say.text", "expected a string"),
         ("actions[2].play.url", "required parameter missing"),
     ]
-    mcp = issues(BASE | {"control": "mcp", "opening_actions": [{"sya": {}}],
-                         "fallback_actions": "hangup"})
+    mcp = issues(
+        BASE | {"control": "mcp", "opening_actions": [{"sya": {}}], "fallback_actions": "hangup"}
+    )
     assert mcp[0][0] == "opening_actions[0].sya" and "did you mean say" in mcp[0][1]
     assert mcp[1][0] == "fallback_actions"
     assert paths(BASE | {"actions": [{"hangup": {}}]}) == ["actions"]  # not both

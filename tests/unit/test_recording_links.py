@@ -11,7 +11,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from gateway.calls.links import KEY_FILE, LinkError, LinkSigner, load_key
+from gateway.calls.links import KEY_FILE, LinkError, LinkSigner, load_key, recording_link
 
 NOW = 1_790_000_000.0
 
@@ -87,3 +87,12 @@ def test_processes_racing_share_one_key(tmp_path: Path) -> None:
     with ProcessPoolExecutor(4) as pool:
         keys = list(pool.map(load_key, [tmp_path] * 8))
     assert len(set(keys)) == 1
+
+
+def test_module_function_signs_with_the_storage_key(tmp_path: Path) -> None:
+    link = recording_link("http://127.0.0.1:8080", "rec_9", storage_dir=tmp_path)
+    rid, exp, sig = parts(link)
+    LinkSigner(load_key(tmp_path)).verify(rid, exp, sig)  # what the API process checks
+    assert recording_link("http://h", "rec_9", 60, storage_dir=tmp_path).startswith(
+        "http://h/recordings/rec_9?exp="
+    )
