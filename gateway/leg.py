@@ -27,12 +27,13 @@ class SipCallLeg:
         call: SipCall,
         call_id: str,
         beep: Callable[[], Awaitable[Path]],
-        on_record_start: Callable[[str], None] | None = None,
+        on_recording: Callable[[str, str], None] | None = None,
     ) -> None:
         self.call = call
         self.call_id = call_id
         self._beep = beep
-        self._on_record_start = on_record_start  # the recording's id (the file's stem)
+        # (recording id = the file's stem, "in_progress" | "failed"): the API's 202 / 404
+        self._on_recording = on_recording
 
     @property
     def answered(self) -> bool:
@@ -80,15 +81,20 @@ class SipCallLeg:
         beep: bool,
     ) -> RecordResult:
         beep_wav = await self._beep() if beep else None
-        if self._on_record_start is not None:
-            self._on_record_start(dest.stem)
-        rec = await _guard(
-            self.call.record(
-                dest,
-                max_length_s=max_length_s,
-                silence_timeout_s=silence_timeout_s,
-                finish_on_key=finish_on_key,
-                beep=beep_wav,
+        if self._on_recording is not None:
+            self._on_recording(dest.stem, "in_progress")
+        try:
+            rec = await _guard(
+                self.call.record(
+                    dest,
+                    max_length_s=max_length_s,
+                    silence_timeout_s=silence_timeout_s,
+                    finish_on_key=finish_on_key,
+                    beep=beep_wav,
+                )
             )
-        )
+        except BaseException:  # interrupted (a redirect discards it) or no media
+            if self._on_recording is not None:
+                self._on_recording(dest.stem, "failed")
+            raise
         return RecordResult(rec.path, rec.duration_s, rec.ended_by, rec.digit)

@@ -149,7 +149,7 @@ class CallSession:
 
     async def _drive(self) -> None:
         leg = SipCallLeg(
-            self.call, self.call_id, self.prompts.beep, self.writer.recording_started
+            self.call, self.call_id, self.prompts.beep, self.writer.recording_state
         )
         ctx = CallContext(
             leg=leg,

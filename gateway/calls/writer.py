@@ -133,11 +133,12 @@ class CallEventWriter:
         return self.emit(outcome.final_kind, final_data(self.base, outcome, answered_at, ended_at),
                          final=True)
 
-    def recording_started(self, recording_id: str) -> None:
-        """A recording is being written (the API answers 202 for it until it is ready)."""
-        if self._on_recording is not None:
+    def recording_state(self, recording_id: str, state: str) -> None:
+        """A recording is being written (the API answers 202 until it is ready) or was lost."""
+        if self._on_recording is not None and state in ("in_progress", "failed"):
             self._on_recording(
-                Recording(call_id=self.call_id, recording_id=recording_id, state="writing")
+                Recording(call_id=self.call_id, recording_id=recording_id,
+                          state="in_progress" if state == "in_progress" else "failed")
             )
 
     def recording_ready(self, recording_id: str, path: Path, duration_s: float, fmt: str) -> str:

@@ -85,12 +85,12 @@ class CallEvent(_Msg):
 
 
 class Recording(_Msg):
-    """A recording began (`writing`) or its file is complete (`ready`)."""
+    """A recording began (`in_progress`) or its file is complete (`ready`)."""
 
     t: Literal["recording"] = "recording"
     call_id: str
     recording_id: str
-    state: Literal["writing", "ready", "failed"]
+    state: Literal["in_progress", "ready", "failed"]
 
 
 class Metric(_Msg):
