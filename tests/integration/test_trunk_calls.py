@@ -241,6 +241,20 @@ async def test_answered_through_the_front_caller_id_and_bye_follow_the_route(
     print(f"\nINVITE make_call -> carrier ({transport}, via front): {(at - sent) * 1000:.1f} ms")
 
 
+async def test_the_callees_bye_reaches_us_through_the_front_with_its_cause(
+    env: Env, phone: Any
+) -> None:
+    front = await via_front(env, phone)
+    carrier = await env.carrier("trunk_answer_bye.xml")
+    call = place(phone, carrier.trunk("callee-hangs-up"))
+    await asyncio.wait_for(call.answer(), 10)
+    end = await asyncio.wait_for(call.wait_ended(), 10)
+    assert (end.by, end.was_answered, end.q850_cause) == ("remote", True, 16), end
+    assert call.answered_at is not None and 0.4 < end.ended_at - call.answered_at < 3.0
+    assert await carrier.result() == 0, why(carrier, front)
+    assert_front_clean(front)
+
+
 # --------------------------------------------------------------------------- digest auth
 
 
