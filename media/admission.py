@@ -22,6 +22,7 @@ gate. Without outbound calls `admit` alone limits inbound calls, as before (it m
 
 from __future__ import annotations
 
+import heapq
 import threading
 import time
 from collections import deque
@@ -30,6 +31,11 @@ IOQUEUE_HANDLES = 64  # PJ_IOQUEUE_MAX_HANDLES of the pjsua2 wheel (compiled in;
 # from Python, and pjsua caps SIP transports at 8, so it cannot be probed by filling the queue)
 KEY_FREE_DELAY_S = 0.6  # PJ_IOQUEUE_KEY_FREE_DELAY (500 ms) plus a margin
 KEYS_PER_CALL = 2  # RTP + RTCP
+# An outbound INVITE cancelled before any response (not even 100 Trying) keeps its pjsua call
+# slot after DISCONNECTED: PJSIP may only send the CANCEL once a response comes (RFC 3261 9.1),
+# so the INVITE transaction lives on until Timer B (64 x T1 = 32 s after the INVITE) ends it.
+# Seen with this wheel: a 4-slot endpoint took 3 calls, then 4 again 32.1 s later.
+TIMER_B_S = 32.0 + 1.0
 
 
 class Admission:
@@ -47,7 +53,14 @@ class Admission:
         self.outbound = 0  # outbound calls placed, not yet DISCONNECTED
         self.media_calls = 0  # calls (in or out) holding real RTP/RTCP sockets
         self._closed: deque[float] = deque()  # when a call's sockets were closed
+        self._held: list[float] = []  # heap: when an ended outbound call's slot frees (Timer B)
         self.refused = 0
+
+    def _release_held(self, now: float) -> None:
+        while self._held and self._held[0] <= now:
+            heapq.heappop(self._held)
+            self.media_calls = max(0, self.media_calls - 1)
+            self.outbound = max(0, self.outbound - 1)
 
     def _closing(self, now: float) -> int:
         while self._closed and now - self._closed[0] > KEY_FREE_DELAY_S:
@@ -61,6 +74,7 @@ class Admission:
     def decide(self) -> str | None:
         """None to admit, else why the INVITE is refused (pump thread)."""
         with self._lock:
+            self._release_held(time.monotonic())
             if not self.accepting:
                 reason = "draining"
             elif self.inbound >= self.admit or (
@@ -82,6 +96,7 @@ class Admission:
         when it would leave no slot for refusals. `last_slot`: it may take the last one (a dial
         leg of a call on this process; new INVITEs then get pjsua's own 486 until one ends)."""
         with self._lock:
+            self._release_held(time.monotonic())
             if self.max_calls and self.media_calls >= self.max_calls - (0 if last_slot else 1):
                 return False
             self.media_calls += 1
@@ -92,6 +107,7 @@ class Admission:
         """Outbound calls this process can place now (one slot always kept for refusals); -1
         when `max_calls` is not known."""
         with self._lock:
+            self._release_held(time.monotonic())
             if not self.max_calls:
                 return -1
             return max(0, self.max_calls - 1 - self.media_calls)
@@ -104,8 +120,14 @@ class Admission:
             else:
                 self.outbound += 1
 
-    def ended(self, inbound: bool) -> None:
+    def ended(self, inbound: bool, *, slot_held_until: float | None = None) -> None:
+        """A call is DISCONNECTED. `slot_held_until` (time.monotonic()): pjsua keeps its call
+        slot until then (see TIMER_B_S); it stays in `media_calls` meanwhile (its sockets,
+        closed now, are counted until then too: a harmless overestimate)."""
         with self._lock:
+            if slot_held_until is not None and slot_held_until > time.monotonic():
+                heapq.heappush(self._held, slot_held_until)
+                return
             self.media_calls = max(0, self.media_calls - 1)
             if inbound:
                 self.inbound = max(0, self.inbound - 1)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import pjsua2 as pj
 
+from media import admission
 from media.dtmf import DigitDeduper
 
 if TYPE_CHECKING:
@@ -114,6 +115,8 @@ class PjCall(pj.Call):  # type: ignore[misc]
         # outbound call has it when makeCall returns, even if it ended at once).
         self.sip_call_id = ""
         self.first_id = call_id  # the pjsua call id (outbound: set at the first state change)
+        self.sent_at = 0.0  # time.monotonic() of the INVITE (outbound)
+        self.progressed = False  # outbound: past CALLING (a provisional or final answer)
 
     def _post(self, fn: Callable[..., None], *args: Any) -> None:
         self.loop.call_soon_threadsafe(self._deliver, fn, args)
@@ -127,15 +130,24 @@ class PjCall(pj.Call):  # type: ignore[misc]
         if not self.sip_call_id:
             self.sip_call_id = ci.callIdString
             self.first_id = ci.id
+            self.sent_at = time.monotonic()
         msg = ""
-        if ci.state == pj.PJSIP_INV_STATE_DISCONNECTED:
+        e = prm.e
+        if ci.state in (pj.PJSIP_INV_STATE_EARLY, pj.PJSIP_INV_STATE_CONNECTING,
+                        pj.PJSIP_INV_STATE_CONFIRMED):
+            self.progressed = True
+        elif ci.state == pj.PJSIP_INV_STATE_DISCONNECTED:
             if self.counted:
                 # Here, not in asyncio: the gate in the pump thread must see the slot free now.
+                # Except an outbound INVITE we cancelled before any response (DISCONNECTED by
+                # a user event while still CALLING): PJSIP holds its slot until Timer B.
                 self.counted = False
-                self.endpoint.admission.ended(self.inbound)
+                held = None
+                if not self.inbound and not self.progressed and e.type == pj.PJSIP_EVENT_USER:
+                    held = self.sent_at + admission.TIMER_B_S
+                self.endpoint.admission.ended(self.inbound, slot_held_until=held)
             # The message that ended the call (final response, or the far end's BYE), for its
             # Reason header; parsed in asyncio.
-            e = prm.e
             tsx = e.body.tsxState
             if e.type == pj.PJSIP_EVENT_TSX_STATE and tsx.type == pj.PJSIP_EVENT_RX_MSG:
                 msg = tsx.src.rdata.wholeMsg
@@ -376,10 +388,12 @@ class SipCall:
     def reject_now(self, sip_code: int, headers: dict[str, str] | None = None) -> None:
         """End the call now, whatever its state; idempotent. Answered: BYE. Unanswered
         inbound: `sip_code` is the final response. Unanswered outbound: CANCEL (`sip_code` is
-        not sent; the far end answers the INVITE 487, which becomes `CallEnd.sip_code`). A
-        CANCEL needs a provisional answer first (RFC 3261 9.1): PJSIP holds it until one comes,
-        so a trunk that never sent even 100 Trying ends with 408 after Timer B (32 s). Through
-        the Kamailio front a 100 comes at once."""
+        not sent; the far end answers the INVITE 487, which becomes `CallEnd.sip_code`). Before
+        any 18x (nothing, or only a proxy's 100 Trying) PJSIP reports the call DISCONNECTED
+        (487, by "local") at once, but keeps the INVITE transaction and its call slot until a
+        final answer or Timer B (32 s); the admission gate counts the slot as taken until then
+        (media.admission.TIMER_B_S). With no response at all the CANCEL itself waits for one
+        (RFC 3261 9.1)."""
         if self._pj is None or self.end is not None:
             return
         self._hangup_requested = True

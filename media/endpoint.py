@@ -477,7 +477,7 @@ class SipEndpoint:
         from media.call import PJ_ETOOMANY, CallSetupError, NoCallSlot, PjCall, SipCall
 
         if trunk is None:
-            acc = self._outbound or self.account()
+            acc = self._outbound
         elif trunk not in self._trunks:
             raise CallSetupError(f"unknown trunk {trunk!r} (add_trunk it first)")
         else:

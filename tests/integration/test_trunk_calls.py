@@ -241,6 +241,20 @@ async def test_answered_through_the_front_caller_id_and_bye_follow_the_route(
     print(f"\nINVITE make_call -> carrier ({transport}, via front): {(at - sent) * 1000:.1f} ms")
 
 
+async def test_the_callees_bye_reaches_us_through_the_front_with_its_cause(
+    env: Env, phone: Any
+) -> None:
+    front = await via_front(env, phone)
+    carrier = await env.carrier("trunk_answer_bye.xml")
+    call = place(phone, carrier.trunk("callee-hangs-up"))
+    await asyncio.wait_for(call.answer(), 10)
+    end = await asyncio.wait_for(call.wait_ended(), 10)
+    assert (end.by, end.was_answered, end.q850_cause) == ("remote", True, 16), end
+    assert call.answered_at is not None and 0.4 < end.ended_at - call.answered_at < 3.0
+    assert await carrier.result() == 0, why(carrier, front)
+    assert_front_clean(front)
+
+
 # --------------------------------------------------------------------------- digest auth
 
 
@@ -439,3 +453,31 @@ async def _invite(port: int) -> str:
                 return text
     finally:
         sock.close()
+
+
+# Last in this file: it leaves a pjsua slot held for ~33 s on the shared phone.
+async def test_cancel_before_any_ringing_holds_the_slot_as_pjsua_does(
+    env: Env, phone: Any
+) -> None:
+    # The carrier is silent; only the front's 100 Trying came. Our CANCEL gets its 200 and the
+    # call is DISCONNECTED at once, but PJSIP keeps the INVITE transaction (and its call slot)
+    # until a final answer or Timer B: the gate counts that slot as taken meanwhile, so it
+    # never admits an INVITE that pjsua would answer 486 itself.
+    front = await via_front(env, phone)
+    before = phone.admission.media_calls
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    try:
+        silent = TrunkSettings(name="silent", address=f"127.0.0.1:{sock.getsockname()[1]}")
+        call = place(phone, silent)
+        await asyncio.sleep(0.3)
+        t0 = time.monotonic()
+        end = await call.cancel(timeout=3)
+        took = time.monotonic() - t0
+    finally:
+        sock.close()
+    assert end is not None and (end.sip_code, end.by) == (487, "local") and took < 1.0, end
+    assert call.provisional_code is None
+    assert phone.admission.media_calls == before + 1, "held until Timer B"
+    assert phone.admission.free_slots() == phone.cfg.max_calls - 2 - before
+    assert_front_clean(front)

@@ -80,3 +80,20 @@ def test_inbound_only_keeps_admit_as_its_limit() -> None:
     gate.started(inbound=True)
     assert gate.decide() == "full"
     assert gate.start_outbound() is False
+
+
+def test_a_slot_pjsua_still_holds_after_disconnected_counts_until_timer_b(monkeypatch) -> None:
+    # An outbound INVITE cancelled before any response: DISCONNECTED at once, but pjsua frees
+    # its slot only when the INVITE transaction times out (Timer B).
+    now = [1000.0]
+    monkeypatch.setattr(admission.time, "monotonic", lambda: now[0])
+    gate = Admission(admit=4, max_calls=4)
+    assert gate.start_outbound() and gate.start_outbound()
+    gate.ended(inbound=False, slot_held_until=now[0] - 1 + admission.TIMER_B_S)
+    gate.ended(inbound=False, slot_held_until=now[0] - 5)  # already past: freed now
+    assert (gate.media_calls, gate.outbound, gate.free_slots()) == (1, 1, 2)
+    assert gate.keys_in_use() == 2 * (1 + 1)  # the held call + the other's closing sockets
+    now[0] += admission.TIMER_B_S - 1.5
+    assert gate.free_slots() == 2
+    now[0] += 0.6
+    assert gate.free_slots() == 3 and gate.outbound == 0 and gate.decide() is None

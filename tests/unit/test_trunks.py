@@ -3,6 +3,8 @@ clock (plain floats) throughout."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from config.settings import TrunkSettings
@@ -140,3 +142,17 @@ def test_metrics_render_calls_attempts_and_skips() -> None:
 def test_duplicate_names_are_refused() -> None:
     with pytest.raises(ValueError, match="unique: a"):
         TrunkPool([trunk("a"), trunk("a")])
+
+
+def test_the_examples_commented_trunk_is_a_valid_trunk() -> None:
+    # config/gateway.example.toml documents [[trunks]] commented out; uncommented it must load.
+    import tomllib
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "config" / "gateway.example.toml").read_text()
+    block = text[text.index("# [[trunks]]") : text.index("\n[outbound]\n")]
+    lines = [ln[2:] for ln in block.splitlines() if re.match(r"# (\[\[|\w+ = )", ln)]
+    (entry,) = tomllib.loads("\n".join(lines))["trunks"]
+    t = TrunkSettings.model_validate(entry)
+    assert t.name == "carrier-a" and t.username == "acct-1234"
+    assert t.request_uri("+254722000001") == "sip:254722000001@sip.carrier-a.example:5060"
