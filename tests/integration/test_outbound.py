@@ -184,6 +184,13 @@ async def test_503_fails_over_to_the_second_trunk(
     evs = of_call(rec.events, call_id)
     assert [e.kind for e in evs] == ["call.started", "call.answered", "call.completed"]
     assert evs[-1].body["data"]["sip_code"] == 200
+    async with aiohttp.ClientSession() as http, http.get(
+        f"http://127.0.0.1:{gw.api_port}/metrics"
+    ) as resp:
+        metrics = await resp.text()
+    assert 'sautikit_trunk_attempts_total{trunk="first",outcome="failover"} 1' in metrics
+    assert 'sautikit_trunk_attempts_total{trunk="second",outcome="answered"} 1' in metrics
+    assert 'sautikit_outbound_placements_total{outcome="placed"} 1' in metrics
     assert await dead.result() == 0, dead.why()
     assert await good.result() == 0, good.why()
 
@@ -281,3 +288,67 @@ async def test_twelve_concurrent_calls_on_three_workers_fill_every_slot_once(
         lambda evs: all(final_events(evs, i) for i in ids), 20
     ), dump(rec.events)
     assert await carrier.result(20) == 0, carrier.why()
+
+
+# --------------------------------------------------------------------------- MCP control
+
+
+async def test_mcp_controller_steers_the_call_by_reply_and_by_respond(
+    voice_app, receiver, gateway_factory, carriers  # noqa: F811
+):
+    from aiohttp import web
+
+    from tests.seed_receiver import verify_signature
+
+    rec, events_url = receiver
+    voice_app.script = lambda req, form: {"actions": [{"hangup": {}}]}
+    secret = "cp-secret-1"
+    states: list[dict[str, Any]] = []
+    second = asyncio.Event()
+
+    async def control(request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        verify_signature(raw, request.headers.get("X-Sautikit-Signature", ""), secret)
+        state = json.loads(raw)
+        states.append(state)
+        if len(states) == 1:
+            return web.json_response({"actions": [{"pause": {"length": 0.5}}]})
+        second.set()
+        return web.Response(status=204)  # actions will come through /respond
+
+    app = web.Application()
+    app.router.add_post("/control", control)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        carrier = await carriers.start("trunk_answer.xml")
+        gw = outbound_node(
+            gateway_factory, voice_app, events_url, [trunk_toml("carrier", carrier.port)],
+            extra=f'[control_plane]\ncontrol_url = "http://127.0.0.1:{port}/control"\n'
+            f'secret = "{secret}"\n',
+        )
+        status, body = await api(gw, "POST", "/v1/calls", {
+            "to": DEST, "from": NUMBER, "control": "mcp", "control_timeout_ms": 8000,
+            "client_request_id": "agent-7",
+        })
+        assert status == 201, body
+        call_id = body["call_id"]
+        await asyncio.wait_for(second.wait(), 15)
+        status, got = await api(gw, "POST", f"/v1/calls/{call_id}/respond",
+                                {"actions": [{"hangup": {}}]})
+        assert status == 200, got
+        assert await rec.wait_for(lambda evs: final_events(evs, call_id), 10), dump(rec.events)
+    finally:
+        await runner.cleanup()
+    assert [s["cycle"] for s in states] == [1, 2], states
+    assert [s["reason"] for s in states] == ["answered", "document_end"], states
+    for s in states:
+        assert s["callId"] == call_id and s["direction"] == "outbound"
+        assert s["clientRequestId"] == "agent-7"
+    d = final_events(rec.events, call_id)[0].body["data"]
+    assert d["status"] == "completed", d
+    assert voice_app.requests == [], "a controlled call asks its controller, not a voice app"
+    assert await carrier.result() == 0, carrier.why()
