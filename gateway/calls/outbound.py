@@ -154,7 +154,8 @@ class OutboundRunner:
                 await asyncio.wait_for(call.answer(), max(0.0, deadline - loop.time()))
                 return True
             except CallGone:
-                pass
+                if call.answered:  # answered, then no media (media_failure): the session
+                    return True  # reports it (call.failed sdp_missing / the SIP end)
             except TimeoutError:
                 self.ring_timeout = True
                 log.info("call %s: no answer within %gs; CANCEL", self.call_id, self.op.timeout_s)

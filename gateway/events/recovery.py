@@ -20,6 +20,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from gateway.calls.outcome import CallFacts, Failure, classify
+from gateway.calls.writer import final_data
 from gateway.events.envelope import Event, make_event, rfc3339_ms
 from gateway.events.outbox import Outbox, OutboxRow
 
@@ -64,6 +66,15 @@ def _iso(ts: float) -> str:
     return rfc3339_ms(datetime.fromtimestamp(ts, UTC))
 
 
+def _ts(value: Any) -> float | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
 def _events(rows: list[OutboxRow]) -> list[Event]:
     out = []
     for r in rows:
@@ -92,21 +103,25 @@ def lost_call_final(
     if heartbeat is not None and first_at >= heartbeat.started_at:
         ended = max(ended, heartbeat.alive_at)
     ended = min(ended, now)
-    data = {
-        "call_id": rows[0].call_id,
-        "direction": started.get("direction"),
-        "from": started.get("from"),
-        "to": started.get("to"),
-        "number_id": started.get("number_id"),
-        "status": "failed",
-        "hangup_cause": "normal_temporary_failure",
-        "sip_code": None,
-        "reason": NODE_LOST,
-        "message": "the node stopped (crashed or was killed) during the call; ended_at is "
-        "the last time it was known alive",
-        "answered_at": answered.get("answered_at") if answered else None,
-        "ended_at": _iso(ended),
-    }
+    # The call's own base fields (as its call.started carried them: clientRequestId and
+    # parent_call_id included), and the final from the same classifier and shape as any call's.
+    base = {k: v for k, v in started.items() if k != "started_at"}
+    base.setdefault("call_id", rows[0].call_id)
+    answered_at = _ts(answered.get("answered_at")) if answered else None
+    outcome = classify(
+        CallFacts(
+            direction=started.get("direction") or "inbound",
+            answered=answered_at is not None,
+            sip_code=200 if answered_at is not None else 503,
+            by="local",
+            failure=Failure(
+                NODE_LOST,
+                "the node stopped (crashed or was killed) during the call; ended_at is "
+                "the last time it was known alive",
+            ),
+        )
+    )
+    data = final_data(base, outcome, answered_at, ended)
     return make_event("call.failed", rows[0].workspace_id, data), ended
 
 
