@@ -11,9 +11,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from config.settings import TrunkSettings
 from gateway.demo import free_port
 from gateway.kamailio import sip_ping
 
@@ -29,6 +31,15 @@ class Carrier:
     transport: str
     log: Path
     proc: asyncio.subprocess.Process
+
+    def trunk(self, name: str, **kw: Any) -> TrunkSettings:
+        """A `[[trunks]]` entry pointing at this carrier."""
+        return TrunkSettings.model_validate(
+            {"name": name, "address": f"127.0.0.1:{self.port}", "transport": self.transport, **kw}
+        )
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
 
     async def result(self, timeout: float = 10.0) -> int:
         try:
@@ -56,13 +67,15 @@ class Carrier:
         return [(at, m) for at, m in self.received() if m.startswith(f"{method} ")]
 
     def why(self) -> str:
-        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        text = self.text()
         errs = "".join(p.read_text(errors="replace")[-2000:]
                        for p in self.log.parent.glob("*_errors.log"))
         return f"{self.scenario}:\n{text[-3000:]}\n{errs}"
 
 
-async def _listening_tcp(port: int, timeout: float) -> bool:
+async def listening_tcp(port: int, timeout: float) -> bool:
+    """True once something listens on 127.0.0.1:port over TCP (read from /proc, no connect:
+    SIPp counts every connection)."""
     want = f"0100007F:{port:04X}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -100,7 +113,7 @@ class Carriers:
         if transport == "udp":
             assert await sip_ping("127.0.0.1", port, 5.0) == 200, f"{scenario} not up"
         else:
-            assert await _listening_tcp(port, 5.0), f"{scenario} not listening on tcp"
+            assert await listening_tcp(port, 5.0), f"{scenario} not listening on tcp"
         return c
 
 

@@ -16,7 +16,8 @@ import pytest
 from media.audio import active_duration, read_wav
 from media.tts.espeak import EspeakTts
 from tests.integration.carriers import Carrier, carriers  # noqa: F401 (fixture)
-from tests.integration.conftest import NUMBER, dump, final_events, free_port_block
+from tests.integration.conftest import NUMBER, dump, final_events
+from tests.integration.test_front_hostile import node
 
 pytestmark = pytest.mark.integration
 
@@ -33,16 +34,9 @@ def trunk_toml(name: str, port: int, transport: str = "udp", **kw: Any) -> str:
 
 def outbound_node(gateway_factory: Any, voice_app: Any, events_url: str, trunks: list[str], *,
                   workers: int = 2, extra: str = "") -> Any:
-    base = free_port_block(workers)
-    return gateway_factory(
-        voice_url=f"{voice_app.base_url}/voice",
-        app_secret=voice_app.secret,
-        events_url=events_url,
-        workers=f"count = {workers}\ncalls_per_worker = 4\nreserved_slots = 0\n"
-        f"sip_port_start = {base}",
-        kamailio='mode = "managed"\nping_interval_s = 1\nflood_limit = 0',
-        extra=extra + "\n" + "\n".join(trunks),
-    )
+    """A node with a managed front (flood limit off: tests place calls quickly) and trunks."""
+    return node(gateway_factory, voice_app, events_url, workers=workers,
+                kamailio="flood_limit = 0", extra=extra + "\n" + "\n".join(trunks))
 
 
 async def api(gw: Any, method: str, path: str, body: Any = None,

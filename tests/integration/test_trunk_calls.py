@@ -15,7 +15,6 @@ import tempfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from gateway.demo import free_port
 from gateway.kamailio import KamailioConfig, KamailioFront, find_binary, sip_ping
 from gateway.outbound.trunks import TrunkPool, should_fail_over
 from media.call import NoCallSlot, SipCall
+from tests.integration.carriers import Carrier, listening_tcp
 
 pytestmark = [
     pytest.mark.integration,
@@ -37,66 +37,6 @@ SIPP_DIR = Path(__file__).parent / "sipp"
 CALLER = "+254700000001"  # our number: the caller id in From
 DEST = "+254722000001"
 USER, PASSWORD = "acct-1234", "s3cret-Pw"
-
-
-@dataclass
-class Carrier:
-    """A SIPp UAS behind a trunk; exits after its calls (0 when every one followed the
-    scenario). Its messages are logged to `log`."""
-
-    scenario: str
-    port: int
-    transport: str
-    log: Path
-    proc: asyncio.subprocess.Process
-
-    def trunk(self, name: str, **kw: Any) -> TrunkSettings:
-        return TrunkSettings.model_validate(
-            {"name": name, "address": f"127.0.0.1:{self.port}", "transport": self.transport, **kw}
-        )
-
-    async def result(self, timeout: float = 10.0) -> int:
-        try:
-            return await asyncio.wait_for(self.proc.wait(), timeout)
-        except TimeoutError:
-            self.proc.kill()
-            await self.proc.wait()
-            return -1
-
-    def received(self) -> list[tuple[float, str]]:
-        """(time.time() SIPp logged it, message) for every message it received."""
-        if not self.log.exists():
-            return []
-        out = []
-        text = self.log.read_text(errors="replace")
-        for block in re.split(r"\n(?=-{20,} \d{4}-\d\d-\d\d )", "\n" + text):
-            head = re.match(r"-{20,} (\S+ \S+)\n(\w+) message received", block.strip("\n"))
-            if head:
-                at = datetime.strptime(head.group(1), "%Y-%m-%d %H:%M:%S.%f").timestamp()
-                body = block.strip("\n").split("\n", 2)[2] if block.count("\n") > 2 else ""
-                out.append((at, body.strip()))
-        return out
-
-    def requests(self, method: str) -> list[tuple[float, str]]:
-        return [(at, m) for at, m in self.received() if m.startswith(f"{method} ")]
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-
-async def _listening_tcp(port: int, timeout: float) -> bool:
-    """True once something listens on 127.0.0.1:port over TCP (read from /proc, no connect:
-    SIPp counts every connection)."""
-    want = f"0100007F:{port:04X}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        table = Path("/proc/net/tcp").read_text()  # noqa: ASYNC240 (procfs, never blocks)
-        for line in table.splitlines()[1:]:
-            cols = line.split()
-            if cols[1] == want and cols[3] == "0A":  # LISTEN
-                return True
-        await asyncio.sleep(0.05)
-    return False
 
 
 @dataclass
@@ -129,7 +69,7 @@ class Env:
         if transport == "udp":
             assert await sip_ping("127.0.0.1", port, 5.0) == 200, f"{scenario} not up"
         else:
-            assert await _listening_tcp(port, 5.0), f"{scenario} not listening on tcp"
+            assert await listening_tcp(port, 5.0), f"{scenario} not listening on tcp"
         return c
 
     async def front(self, phone: Any, **kw: Any) -> KamailioFront:
