@@ -44,7 +44,10 @@ async def test_active_calls_listed_with_token_only(phone, voice_app, receiver, g
     async with aiohttp.ClientSession() as http:
         async with http.get(f"{api}/v1/calls",
                             headers={"Authorization": "Bearer test-token"}) as r:
-            assert (await r.json())["data"] == []
+            ended = (await r.json())["data"]
+    # GET /v1/calls lists recent calls too: the same call, now ended
+    assert [c["call_id"] for c in ended] == [calls[0]["call_id"]], ended
+    assert ended[0]["status"] == "completed" and ended[0]["ended_at"], ended
 
 
 def test_invalid_config_names_the_key(tmp_path):
@@ -118,5 +121,9 @@ async def test_demo_answers_any_dialled_user_part(phone, voice_app, gateway_fact
     await asyncio.wait_for(call.answer(), 10)
     end = await asyncio.wait_for(call.wait_ended(), 20)
     assert end.was_answered and end.by == "remote", end  # the demo's own hangup
+    for _ in range(50):  # logged (no events_url) once the gateway saw the call end
+        if "call.completed" in gw.log_text():
+            break
+        await asyncio.sleep(0.1)
     assert "call.completed" in gw.log_text()
     assert voice_app.requests == []
