@@ -20,6 +20,7 @@ from config.settings import Settings
 from gateway.calls.control import (
     CALL_NOT_ANSWERED,
     CALL_NOT_CONTROLLED,
+    CALLS_ENDED,
     CALLS_NOT_FOUND,
     CAPACITY,
     NO_TRUNK,
@@ -106,6 +107,8 @@ class Switchboard:
             raise ControlError(404, CALLS_NOT_FOUND, reply.message or "call not found")
         if reply.code == op_errors.NOT_ANSWERED:
             raise ControlError(409, CALL_NOT_ANSWERED, reply.message or "not answered")
+        if reply.code == op_errors.CALL_ENDED:
+            raise ControlError(409, CALLS_ENDED, reply.message or "the call has ended")
         if reply.code == op_errors.NOT_CONTROLLED:
             raise ControlError(409, CALL_NOT_CONTROLLED, reply.message or "not under control")
         raise ControlError(500, "internal_error", reply.message or "the command failed")

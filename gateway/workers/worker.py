@@ -33,7 +33,7 @@ from gateway.events.outbox import Outbox
 from gateway.kamailio import source_allowed
 from gateway.logs import setup_logging
 from gateway.metrics import ACTION_SKIPPED
-from gateway.plan import NodePlan, plan_node
+from gateway.plan import NodePlan, loopback_for, plan_node
 from gateway.prompts import GatewayPrompts
 from gateway.routing import Router, RoutingError, normalise_e164
 from gateway.session import CallSession, TimedVoiceApp, new_call_id
@@ -74,11 +74,6 @@ def public_host(address: str | None) -> str:
     if address.startswith("["):
         return address[1 : address.index("]")]
     return address.rsplit(":", 1)[0] if address.count(":") == 1 else address
-
-
-def sip_host_of(settings: Settings) -> str:
-    host = parse_hostport(settings.sip.listen)[0]
-    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
 _SHUTDOWN_MESSAGES = {
@@ -162,7 +157,9 @@ class Worker:
         self.api_base = settings.api.base_url  # a wildcard listen is reached via loopback
         self.links = LinkSigner.from_storage(storage)
         # The host of outbound calls' From (the caller id's domain): what carriers see.
-        self.from_host = public_host(settings.sip.public_address) or sip_host_of(settings)
+        self.from_host = public_host(settings.sip.public_address) or loopback_for(
+            parse_hostport(settings.sip.listen)[0]
+        )
         for trunk in settings.trunks:
             self.endpoint.add_trunk(
                 trunk.name,
