@@ -249,6 +249,21 @@ async def test_carrier_gets_bye_when_the_worker_dies(
     assert await rec.wait_for(lambda evs: len(final_events(evs)) == 1, 10)
     final = final_events(rec.events)[0]
     assert final.kind == "call.failed" and final.body["data"]["reason"] == "worker_lost"
+    assert final.body["data"]["sip_code"] == 200  # it was answered when the worker died
+    # Commands to the lost call do not hang: it is ended (hangup answers as for any ended
+    # call, redirect is refused), and its record says why.
+    call_id = live[0]["call_id"]
+    auth = {"Authorization": "Bearer test-token"}
+    base = f"http://127.0.0.1:{gw.api_port}/v1/calls/{call_id}"
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{base}/hangup", headers=auth) as r:
+            assert (r.status, await r.json()) == (200, {"call_id": call_id, "status": "hung_up"})
+        async with http.post(f"{base}/redirect", headers=auth,
+                             json={"actions": [{"hangup": {}}]}) as r:
+            assert r.status == 409, await r.text()
+        async with http.get(base, headers=auth) as r:
+            call = (await r.json())["call"]
+    assert call["status"] == "failed" and call["failure_code"] == "worker_lost", call
 
 
 # --------------------------------------------------------------------------- 5. large INVITEs
