@@ -172,6 +172,8 @@ class CallSession:
             ctx.next_document = mcp.next_document
             first = mcp.opening()
         self.interpreter = Interpreter(ctx)
+        if self.call.ended:  # answered and already over (a loop that lagged): nothing to ask
+            return
         try:
             result = await self.interpreter.run(first)
             log.info("call %s: document done (%s)", self.call_id, result.ended_by)
