@@ -680,6 +680,7 @@ class Bench:
         self.next_index = 0
         self.creates: list[Create] = []
         self.problems: list[str] = []  # counts that do not add up: exit 1
+        self.detail: list[str] = []  # calls whose final event was not call.completed
 
     async def create(self) -> Create:
         c = Create(self.next_index, f"+{DEST_BASE + self.next_index}")
@@ -714,7 +715,14 @@ class Bench:
                                   f"ended_by={call.ended_by!r}")
         kinds = finals.get(c.call_id, [])
         if kinds != ["call.completed"]:
-            return f"final events {kinds}"
+            last = next((e.body["data"] for e in reversed(self.rec.events) if e.kind in FINAL
+                         and e.body["data"].get("call_id") == c.call_id), {})
+            detail = " ".join(f"{k}={last[k]}" for k in ("status", "sip_code", "reason",
+                                                         "answered_at") if k in last)
+            self.detail.append(f"{c.call_id} ({c.to}): {kinds} {detail} "
+                               f"{last.get('message', '')!r}; carrier ended_by={call.ended_by}")
+            return f"final events {kinds}" + (f" ({last.get('status')}, "
+                                              f"{last.get('reason')})" if last else "")
         return ""
 
     # -- phase 1 -------------------------------------------------------------------------------
@@ -1036,6 +1044,8 @@ def report(args: argparse.Namespace, work: Path, bench: Bench, setup: dict[str, 
     dup = [cid for cid, k in all_finals.items() if len(k) > 1]
     if dup:
         bad.append(f"{len(dup)} calls with more than one final event")
+    for d in bench.detail[:10]:
+        print(f"  not completed: {d}")
     if bench.carrier.stray:
         print(f"  carrier saw unexpected requests: {dict(bench.carrier.stray)}")
     print()
