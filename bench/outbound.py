@@ -868,6 +868,16 @@ class Bench:
             why[f"sipp exit {rc}"] += 1
         if sipp_failed:
             why["SIPp failed calls"] += sipp_failed
+            for k, v in stat.items():  # SIPp's own failure counters (timeouts, unexpected...)
+                if k.startswith("Failed") and k.endswith("(C)") and k != "FailedCall(C)":
+                    with contextlib.suppress(ValueError):
+                        if int(v):
+                            why[k.removesuffix("(C)")] += int(v)
+            for err in sorted(d.glob("*_errors.log")):
+                for line in err.read_text(errors="replace").splitlines():
+                    if "Aborting call" in line or "unexpected" in line.lower():
+                        self.detail.append(f"inbound {rate:g}/s, SIPp: {line.strip()[:200]}")
+                        break
         if completed != n:
             why[f"{completed} call.completed for {n} calls"] += 1
         if bad_events:
@@ -1093,6 +1103,9 @@ def report(args: argparse.Namespace, work: Path, bench: Bench, setup: dict[str, 
                               if steps[-1]["failed"] else ""))
         if o and i:
             print(f"  ratio outbound / inbound: {o['rate'] / i['rate']:.2f}")
+        others = [st["others_pct"] for st in out_steps + in_steps]
+        print(f"  CPU not this run's (other work on the machine) per step: "
+              f"{min(others):.0f}-{max(others):.0f} % of the machine")
     here = Path.cwd()
     py, script = (os.path.relpath(x, here) if x.startswith(f"{here}/") else x
                   for x in (sys.executable, str(Path(__file__).absolute())))
