@@ -82,7 +82,8 @@ sys.path.insert(0, str(ROOT))
 
 from gateway.demo import EventReceiver, free_port  # noqa: E402
 
-UAC_SCENARIO = ROOT / "bench" / "sipp" / "uac_setup.xml"
+UAC_HANGS_UP = ROOT / "bench" / "sipp" / "uac_setup.xml"  # the carrier BYEs after -d MS
+UAC_WAITS = ROOT / "bench" / "sipp" / "uac_rate.xml"  # the gateway's BYE ends the call
 NUMBER = "+254700000001"  # the caller id (outbound) and the number called (inbound)
 DEST_BASE = 254722100000  # outbound call i rings +DEST_BASE+i: the carrier matches it by R-URI
 DOCUMENT = {"actions": [{"say": {"text": "Hello."}}, {"hangup": {}}]}
@@ -782,7 +783,7 @@ class Bench:
     # -- phase 2: outbound ramp ----------------------------------------------------------------
     async def outbound_step(self, step: int, rate: float) -> dict[str, Any]:
         self.carrier.step = step
-        self.carrier.hold_s = self.args.hold_ms / 1000
+        self.carrier.hold_s = self.args.hold_ms / 1000 if self.args.hold_ms else None
         n = max(1, round(rate * self.args.step_s))
         ev0 = len(self.rec.events)
         loop = asyncio.get_running_loop()
@@ -837,8 +838,9 @@ class Bench:
         d = self.node.work / f"sipp-in-{step}"
         d.mkdir()
         cmd = [
-            "sipp", "-sf", str(UAC_SCENARIO), f"127.0.0.1:{self.node.sip_port}", "-s", NUMBER,
-            "-r", f"{rate:g}", "-m", str(n), "-d", str(self.args.hold_ms),
+            "sipp", "-sf", str(UAC_HANGS_UP if self.args.hold_ms else UAC_WAITS),
+            f"127.0.0.1:{self.node.sip_port}", "-s", NUMBER, "-r", f"{rate:g}", "-m", str(n),
+            *(["-d", str(self.args.hold_ms)] if self.args.hold_ms else []),
             "-i", "127.0.0.1", "-p", str(free_port(socket.SOCK_DGRAM, both=True)),
             "-mp", str(free_port(socket.SOCK_DGRAM) // 2 * 2),
             "-trace_stat", "-stf", "stat.csv", "-fd", "1", "-trace_err",
@@ -994,6 +996,11 @@ async def ramp(bench: Bench, kind: str, rates: list[float]) -> list[dict[str, An
     return out
 
 
+def hold_text(args: argparse.Namespace) -> str:
+    return (f"the callee hangs up {args.hold_ms} ms after ACK" if args.hold_ms else
+            "the document's hangup ends each call")
+
+
 def fmt_p(xs: list[float]) -> str:
     if not xs:
         return "-"
@@ -1029,10 +1036,11 @@ async def run(args: argparse.Namespace, work: Path) -> int:
                       flush=True)
                 setup = await bench.setup_phase()
             if not args.no_rates:
-                print(f"  rates: outbound ramp {args.rates} /s, {args.step_s:g} s a step, callee "
-                      f"BYE {args.hold_ms} ms after ACK", flush=True)
+                print(f"  rates: outbound ramp {args.rates} /s, {args.step_s:g} s a step, "
+                      f"{hold_text(args)}", flush=True)
                 out_steps = await ramp(bench, "out", args.rate_list)
-                print("  rates: inbound ramp through the front (SIPp uac_setup.xml)", flush=True)
+                print("  rates: inbound ramp through the front (SIPp "
+                      f"{(UAC_HANGS_UP if args.hold_ms else UAC_WAITS).name})", flush=True)
                 in_steps = await ramp(bench, "in", args.rate_list)
     finally:
         await asyncio.to_thread(stop_node, node)
@@ -1091,7 +1099,7 @@ def report(args: argparse.Namespace, work: Path, bench: Bench, setup: dict[str, 
     if out_steps or in_steps:
         o, i = clean_rate(out_steps), clean_rate(in_steps)
         print(f"calls/s with 0 failures ({args.workers} workers x 4 slots, {args.step_s:g} s "
-              f"steps, calls {args.hold_ms} ms after ACK):")
+              f"steps, {hold_text(args)}):")
         for name, best, steps in (("outbound", o, out_steps), ("inbound ", i, in_steps)):
             if best is None:
                 print(f"  {name}: no clean step")
@@ -1129,12 +1137,14 @@ def main() -> int:
     ap.add_argument("--calls", type=int, default=100, help="sequential setup calls (100)")
     ap.add_argument("--warmup", type=int, default=3, help="calls made first, not counted (3)")
     ap.add_argument("--pause-ms", type=int, default=50, help="between setup calls (50)")
-    ap.add_argument("--workers", type=int, default=6, help="node workers, 4 call slots each (6)")
-    ap.add_argument("--rates", default="10,20,30,40,45,50,55,60,70,80",
-                    help="calls/s steps (10,20,30,40,45,50,55,60,70,80)")
+    ap.add_argument("--workers", type=int, default=12,
+                    help="node workers, 4 call slots each (12)")
+    ap.add_argument("--rates", default="10,20,30,40,45,50,55,60",
+                    help="calls/s steps (10,20,30,40,45,50,55,60)")
     ap.add_argument("--step-s", type=float, default=3.0, help="seconds per rate step (3)")
-    ap.add_argument("--hold-ms", type=int, default=200,
-                    help="rate phases: the carrier hangs up this long after ACK (200)")
+    ap.add_argument("--hold-ms", type=int, default=0,
+                    help="rate steps: the carrier hangs up this long after ACK; 0 (default): "
+                    "the document's hangup ends each call")
     ap.add_argument("--no-setup", action="store_true", help="skip the setup phase")
     ap.add_argument("--no-rates", action="store_true", help="skip the rate phases")
     ap.add_argument("--keep", action="store_true", help="keep the work dir")
