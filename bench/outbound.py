@@ -28,7 +28,7 @@ Span b holds the answer's voice callback fetch (the app's own stamps split it) a
 prompt's leading silence, measured from the cached WAV and printed. The first --warmup calls
 (TTS synthesis, first fetch of each worker) are made and checked but left out of the figures.
 
-Phase 2, rates (--rates 10,20,30,40,45,50,55,60, --step-s seconds each): outbound creates paced
+Phase 2, rates (--rates 10,...,70, --step-s seconds each): outbound creates paced
 at R/s (open loop, each POST on its own task); each call runs the same document and the
 gateway's hangup ends it (about 0.8 s a call; --hold-ms MS makes the carrier hang up MS after
 ACK instead). A call fails if the create is not 201, its INVITE, 200/ACK or BYE/200 do not all
@@ -46,8 +46,8 @@ what other work on the machine used).
 Every call of every phase must have exactly one final event at the receiver, correctly signed.
 Exits 1 when a setup call fails, a count does not add up, or a ramp has no clean step.
 
-usage: .venv/bin/python bench/outbound.py [--calls 100] [--warmup 3] [--workers 12]
-           [--rates 10,20,30,40,45,50,55,60] [--step-s 3] [--hold-ms 0] [--no-setup]
+usage: .venv/bin/python bench/outbound.py [--calls 100] [--warmup 3] [--workers 16]
+           [--rates 10,20,30,40,45,50,55,60,65,70] [--step-s 3] [--hold-ms 0] [--no-setup]
            [--no-rates] [--keep]
 """
 
@@ -648,6 +648,10 @@ def stop_node(node: Node) -> None:
             node.proc.wait(30)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(node.proc.pid, signal.SIGKILL)  # whatever of our group outlived it
+    for pgid in KAMAILIO_SESSIONS:  # the node's Kamailio, if it outlived the node
+        with contextlib.suppress(OSError):
+            if "(kamailio)" in Path(f"/proc/{pgid}/stat").read_text():
+                os.killpg(pgid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         node.proc.wait(5)
 
@@ -949,6 +953,7 @@ def leading_silence_ms(storage: Path) -> float | None:
 
 
 TICK = os.sysconf("SC_CLK_TCK")
+KAMAILIO_SESSIONS: set[int] = set()  # seen while the node ran: killed at the end if left over
 
 
 def cpu_snapshot(session: int) -> dict[str, float]:
@@ -956,16 +961,24 @@ def cpu_snapshot(session: int) -> dict[str, float]:
     supervisor, workers, Kamailio), this process, and its reaped children (SIPp)."""
     cols = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     busy = sum(cols[:3]) + sum(cols[5:8])  # user nice system + irq softirq steal
-    node = 0
+    procs = []  # (pid, ppid, session, cpu ticks, is kamailio)
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
         with contextlib.suppress(OSError, ValueError, IndexError):
-            f = (d / "stat").read_text().rsplit(")", 1)[1].split()
-            if int(f[3]) == session:  # field 6, session id
-                node += int(f[11]) + int(f[12])  # utime stime
+            stat = (d / "stat").read_text()
+            f = stat.rsplit(")", 1)[1].split()
+            procs.append((int(d.name), int(f[1]), int(f[3]), int(f[11]) + int(f[12]),
+                          "(kamailio)" in stat))
+    # The managed Kamailio runs in a session of its own, started by the supervisor.
+    kam_sessions = {pid for pid, ppid, _, _, k in procs if k and ppid == session}
+    KAMAILIO_SESSIONS.update(kam_sessions)
+    node = sum(t for _, _, sid, t, _ in procs if sid == session or sid in kam_sessions)
+    sup = sum(t for pid, _, _, t, _ in procs if pid == session)
+    kam = sum(t for _, _, sid, t, _ in procs if sid in kam_sessions)
     me, kids = os.times(), os.times()
     return {"busy": busy / TICK, "all": (busy + cols[3] + cols[4]) / TICK, "node": node / TICK,
+            "supervisor": sup / TICK, "kamailio": kam / TICK, "wall": time.monotonic(),
             "bench": me.user + me.system, "children": kids.children_user + kids.children_system}
 
 
@@ -985,13 +998,17 @@ async def ramp(bench: Bench, kind: str, rates: list[float]) -> list[dict[str, An
         # node behind on CPU); no failure, but not that rate either.
         r["behind"] = r["achieved"] < KEEP_UP * rate
         out.append(r)
-        per = {k: 1000 * cpu[k] / r["calls"] for k in ("node", "bench", "children")}
+        per = {k: 1000 * cpu[k] / r["calls"]
+               for k in ("node", "bench", "children", "supervisor", "kamailio")}
         others = cpu["busy"] - cpu["node"] - cpu["bench"] - cpu["children"]
+        r["supervisor_pct"] = 100 * cpu["supervisor"] / cpu["wall"]
         r["others_pct"] = 100 * others / cpu["all"]
         cpu_line = (f"machine busy {100 * cpu['busy'] / cpu['all']:.0f} % over the step "
                     f"(not this run's: {r['others_pct']:.0f} %); CPU ms "
-                    f"per call: node {per['node']:.1f}, bench process {per['bench']:.1f}, "
-                    f"SIPp {per['children']:.1f}")
+                    f"per call: node {per['node']:.1f} (supervisor {per['supervisor']:.1f}, "
+                    f"Kamailio {per['kamailio']:.1f}, workers the rest), bench process "
+                    f"{per['bench']:.1f}, SIPp {per['children']:.1f}; supervisor "
+                    f"{r['supervisor_pct']:.0f} % of one core")
         extra = (f"peak {r['peak']} live at the carrier, create->INVITE p50/p99 "
                  f"{fmt_p(r['a'])}, create->201 p50/p99 {fmt_p(r['resp'])}" if kind == "out"
                  else f"INVITE->200 (SIPp rtd, coarse) p50/p99 {fmt_p(r['rtt'])}")
@@ -1150,10 +1167,10 @@ def main() -> int:
     ap.add_argument("--calls", type=int, default=100, help="sequential setup calls (100)")
     ap.add_argument("--warmup", type=int, default=3, help="calls made first, not counted (3)")
     ap.add_argument("--pause-ms", type=int, default=50, help="between setup calls (50)")
-    ap.add_argument("--workers", type=int, default=12,
-                    help="node workers, 4 call slots each (12)")
-    ap.add_argument("--rates", default="10,20,30,40,45,50,55,60",
-                    help="calls/s steps (10,20,30,40,45,50,55,60)")
+    ap.add_argument("--workers", type=int, default=16,
+                    help="node workers, 4 call slots each (16)")
+    ap.add_argument("--rates", default="10,20,30,40,45,50,55,60,65,70",
+                    help="calls/s steps (10,20,30,40,45,50,55,60,65,70)")
     ap.add_argument("--step-s", type=float, default=3.0, help="seconds per rate step (3)")
     ap.add_argument("--hold-ms", type=int, default=0,
                     help="rate steps: the carrier hangs up this long after ACK; 0 (default): "
