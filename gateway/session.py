@@ -172,9 +172,9 @@ class CallSession:
             ctx.next_document = mcp.next_document
             first = mcp.opening()
         self.interpreter = Interpreter(ctx)
-        if self.call.ended:  # answered and already over (a loop that lagged): nothing to ask
-            return
         try:
+            if self.call.ended:  # answered and already over (a loop that lagged): nothing to ask
+                return
             result = await self.interpreter.run(first)
             log.info("call %s: document done (%s)", self.call_id, result.ended_by)
         except VoiceAppError as e:
