@@ -445,7 +445,14 @@ class SipCall:
         self._objects.append(player)
         stopper = asyncio.ensure_future(stop.wait()) if stop is not None else None
         try:
-            player.startTransmit(am)
+            try:
+                player.startTransmit(am)
+            except pj.Error as e:
+                # PJSIP ended the call a moment ago (its DISCONNECTED is still on its way to
+                # this loop): its media is gone, and so is the call for this play.
+                if self._pj is None or not self._pj.isActive():
+                    raise CallGone() from RuntimeError(e.info())
+                raise
             if self.first_audio_at is None:
                 # Its first frame leaves on the bridge's next 20 ms tick (the benchmark's
                 # "answer -> first RTP of the prompt" ends within a frame of this).
