@@ -153,3 +153,42 @@ async def test_commands_to_an_unknown_call_are_404(voice_app, receiver, gateway_
     assert status == 404 and err["error"]["code"] == "calls.not_found", err
     status, err = await api(gw, "GET", "/v1/calls/nope-123/recording")
     assert status == 404, err
+
+
+async def test_recording_link_from_the_api_serves_the_file_without_the_token(
+    phone, voice_app, receiver, gateway_factory, tmp_path
+):
+    import aiohttp
+
+    rec, events_url = receiver
+    voice_app.script = lambda req, form: (
+        {"actions": [{"hangup": {}}]} if "RecordingUrl" in form else
+        {"actions": [{"record": {"maxLength": 2, "playBeep": False}}, {"hangup": {}}]}
+    )
+    gw = gateway(gateway_factory, voice_app, events_url)
+    call = phone.make_call(gw.uri)
+    await asyncio.wait_for(call.answer(), 10)
+    call_id = await call_id_of(voice_app)
+    for _ in range(30):  # the record verb starts once the document is in
+        status, body = await api(gw, "GET", f"/v1/calls/{call_id}/recording")
+        if status != 404:
+            break
+        await asyncio.sleep(0.05)
+    assert status == 202 and body["retry_after_seconds"] >= 1, (status, body)  # being written
+    await asyncio.wait_for(call.wait_ended(), 15)
+    assert await rec.wait_for(
+        lambda evs: any(e.kind == "call.recording.ready" for e in evs), 10), dump(rec.events)
+    ready = next(e for e in rec.events if e.kind == "call.recording.ready").body["data"]
+    status, body = await api(gw, "GET", f"/v1/calls/{call_id}/recording")
+    assert status == 302, body
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{gw.api_port}/v1/calls/{call_id}/recording",
+                            headers={"Authorization": "Bearer test-token"},
+                            allow_redirects=False) as resp:
+            link = resp.headers["Location"]
+        assert "/recordings/" in link and "sig=" in link
+        async with http.get(link) as resp:  # no token
+            assert resp.status == 200 and resp.content_type == "audio/wav"
+            assert len(await resp.read()) == ready["size_bytes"]
+        async with http.get(link.replace("sig=", "sig=0")) as resp:
+            assert resp.status == 403

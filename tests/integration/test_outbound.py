@@ -346,3 +346,24 @@ async def test_mcp_controller_steers_the_call_by_reply_and_by_respond(
     assert d["status"] == "completed", d
     assert voice_app.requests == [], "a controlled call asks its controller, not a voice app"
     assert await carrier.result() == 0, carrier.why()
+
+
+async def test_a_full_trunk_queues_then_refuses_with_retry_after(
+    voice_app, receiver, gateway_factory, carriers  # noqa: F811
+):
+    rec, events_url = receiver
+    voice_app.script = lambda req, form: {"actions": [{"hangup": {}}]}
+    carrier = await carriers.start("trunk_ring.xml")
+    gw = outbound_node(gateway_factory, voice_app, events_url,
+                       [trunk_toml("carrier", carrier.port, max_calls=1)],
+                       extra="[outbound]\nqueue_s = 0.5")
+    status, first = await api(gw, "POST", "/v1/calls", {"to": DEST, "from": NUMBER})
+    assert status == 201, first
+    status, err = await api(gw, "POST", "/v1/calls", {"to": DEST, "from": NUMBER})
+    assert status == 503 and err["error"]["code"] == "calls.capacity", err
+    assert err["error"]["retry_after_seconds"] >= 1
+    status, _ = await api(gw, "POST", f"/v1/calls/{first['call_id']}/hangup")
+    assert status == 200
+    assert await rec.wait_for(lambda evs: final_events(evs, first["call_id"]), 10)
+    assert await carrier.result() == 0, carrier.why()
+    assert len(carrier.requests("INVITE")) == 1, "the refused create sent nothing"
