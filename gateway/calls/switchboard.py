@@ -125,6 +125,10 @@ class Switchboard:
         if not s.trunks:
             raise ControlError(422, NO_TRUNK, "no [[trunks]] configured: outbound calls need one")
         secret = call.webhook_secret or route.webhook_secret
+        if call.events_url and not secret:
+            raise ControlError(422, "validation.bad_request",
+                               "webhook_secret: required with events_url (the `from` number "
+                               "has no webhook secret to sign its events with)")
         # Inline `actions` run first; what getDigits/record report, and a failure, still go to a
         # voice app: the one given, else the `from` number's.
         voice_url = call.voice_callback_url or route.voice_callback_url
