@@ -20,6 +20,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from gateway.calls.records import CallRecords
 from gateway.calls.switchboard import Switchboard
 from gateway.calls.writer import final_data
 from gateway.events.delivery import Deliverer
-from gateway.events.envelope import make_event
+from gateway.events.envelope import Event, make_event
 from gateway.events.outbox import Outbox
 from gateway.events.recovery import (
     HEARTBEAT_INTERVAL_S,
@@ -173,7 +174,8 @@ class Node:
         self.deliverer = Deliverer(self.outbox, self.http)
         self.router = Router(self.settings, self.http)
         self.switchboard = Switchboard(
-            self.settings, self.directory, self.router, self._requester
+            self.settings, self.directory, self.router, self._requester,
+            draining=lambda: self.draining or self.stopping,
         )
         self.switchboard.register_metrics(self.metrics.registry)
         self._tasks.append(asyncio.create_task(self.deliverer.run(), name="deliverer"))
@@ -439,10 +441,10 @@ class Node:
         assert self.outbox is not None
         now = time.time()
         for entry in self.directory.worker_gone(w.index):
-            self._lost_final(entry, w.index, now)
-            if self.records is not None:
+            answered_at = self._lost_final(entry, w.index, now)
+            if self.records is not None and answered_at is not False:
                 self.records.note_call({
-                    **entry.identity.summary("failed", entry.answered_at, now),
+                    **entry.identity.summary("failed", answered_at or None, now),
                     "failure_code": "worker_lost",
                 })
             if self.switchboard is not None:
@@ -453,36 +455,53 @@ class Node:
             # the carrier's side of those calls is still up: the front sends it BYE
             self._tasks.append(asyncio.create_task(self._end_dialogs(w), name="end-dialogs"))
 
-    def _lost_final(self, entry: Entry, index: int, now: float) -> None:
+    def _lost_final(self, entry: Entry, index: int, now: float) -> float | bool | None:
+        """Write the lost call's final; its answered_at (None: never answered), or False when
+        the call already had its final (the worker wrote it just before dying)."""
         assert self.outbox is not None
         ident = entry.identity
         rows = self.outbox.rows_for_call(ident.call_id)
+        # Answered per the outbox, not only the directory: the worker may have written
+        # call.answered and died before its CallState reached us.
+        answered_at = entry.answered_at
+        for row in rows:
+            if row.kind == "call.answered" and answered_at is None:
+                answered_at = _answered_at(row.body)
         if not rows:
             log.error("call %s lost with worker %d (no events destination)", ident.call_id, index)
-            return
-        answered = entry.answered_at is not None
+            return answered_at
         outcome = classify(
             CallFacts(
                 direction=ident.direction,
-                answered=answered,
-                sip_code=200 if answered else 503,
+                answered=answered_at is not None,
+                sip_code=200 if answered_at is not None else 503,
                 by="local",
                 failure=Failure(
                     "worker_lost", f"the worker process holding the call exited (worker {index})"
                 ),
             )
         )
-        data = final_data(ident.event_base(), outcome, entry.answered_at, now)
+        data = final_data(ident.event_base(), outcome, answered_at, now)
         event = make_event(outcome.final_kind, rows[0].workspace_id, data)
-        if append_final(self.outbox, ident.call_id, rows, event):
-            log.warning("call %s: call.failed (worker_lost)", ident.call_id)
-            self.metrics.call_final("failed")
+        if not append_final(self.outbox, ident.call_id, rows, event):
+            return False
+        log.warning("call %s: call.failed (worker_lost)", ident.call_id)
+        self.metrics.call_final("failed")
+        return answered_at
 
     async def _end_dialogs(self, w: WorkerHandle) -> None:
         try:
             await self.front.end_dialogs(w.uri, reason=f"worker {w.index} lost")
         except Exception as e:  # the front may be restarting too
             log.error("could not end worker %d's dialogs at the front: %s", w.index, e)
+
+
+def _answered_at(body: bytes) -> float | None:
+    try:
+        value = Event.from_body(body).data.get("answered_at")
+        return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 async def run_node(

@@ -78,9 +78,15 @@ class OutboundRunner:
     async def start(self) -> dict[str, Any]:
         if not self._targets:
             raise OpRefused("no_trunk", "no trunk to place the call through")
-        self.call = self._dial(self._targets.pop(0))
-        self.writer.started()
-        self.worker.track(self.live)
+        self.call = call = self._dial(self._targets.pop(0))
+        try:
+            self.worker.track(self.live)
+            self.writer.started()
+        except BaseException:
+            # The INVITE is out but the call cannot be followed: end it at once and say so.
+            call.reject_now(500)
+            self.worker.untrack(self.live, None, time.time())
+            raise
         self.worker._spawn(self.run())
         return {"call": self.identity.summary("ringing"), "sip_call_id": self.identity.sip_call_id}
 
@@ -129,6 +135,7 @@ class OutboundRunner:
                 ended_at = end.ended_at if end else time.time()
             else:
                 outcome, ended_at = self._unanswered()
+                self.worker.untrack(self.live, outcome, ended_at)  # slot and trunk free now
                 await self._tell_app(outcome)
         except Exception as e:  # a bug still ends the call with its final event
             log.exception("call %s: outbound runner failed", self.call_id)
@@ -197,7 +204,7 @@ class OutboundRunner:
         )
         ended_at = end.ended_at if end else time.time()
         self.writer.final(outcome, answered_at=None, ended_at=ended_at)
-        self.worker.final(outcome)
+        self.worker.final(self.live, outcome, ended_at)
         return outcome, ended_at
 
     async def _tell_app(self, outcome: Outcome) -> None:
@@ -250,11 +257,13 @@ class OutboundRunner:
         )
         if self.failure is not None:
             session.fail(self.failure.reason, self.failure.message)
-        session.on_final = lambda outcome, end: self.worker.final(outcome)
+        session.on_final = lambda outcome, end: self.worker.final(self.live, outcome, end.ended_at)
         session.on_skip = self.worker.skipped
         self.live.session = session
         self.live.outbound = None
         self.live.trunk_used = self.trunk
         self.worker.report(self.live)
+        if self.api_hangup:  # the hangup crossed the 200 OK: BYE, no document
+            session.hangup_by_api()
         await session.run(inbound_start=False)
         return session.outcome

@@ -4,7 +4,8 @@ Placing an outbound call: the `from` number's route (numbers / control plane / d
 its events and voice callbacks go, the trunks to try in order, then a worker with a free slot
 (queued up to `[outbound] queue_s` for one, else 503) and an `Originate` request to it. A
 command goes to the worker holding the call, and its reply comes back; a call whose worker is
-gone answers 404 (its final event was written by the node), never a hang.
+gone is no longer live (its final event was written by the node): the API answers from its
+record, never a hang.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 from config.settings import Settings
 from gateway.calls.control import (
+    CALL_EXISTS,
     CALL_NOT_ANSWERED,
     CALL_NOT_CONTROLLED,
     CALLS_ENDED,
@@ -43,6 +45,11 @@ from gateway.workers.ipc import ChannelClosed, Requester
 log = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT_S = 5.0
+
+
+class _Unknown(Exception):
+    """The Originate reached a worker, which did not say whether it placed the call."""
+
 PLACEMENT_OUTCOMES = ("placed", "no_slot", "trunk_capacity", "failed")
 
 
@@ -53,11 +60,14 @@ class Switchboard:
         directory: CallDirectory,
         router: Router,
         requester: Callable[[int], Requester | None],
+        draining: Callable[[], bool] = lambda: False,
     ) -> None:
         self.settings = settings
         self.directory = directory
         self.router = router
         self._requester = requester
+        self._draining = draining
+        self._placing: set[str] = set()  # call_ids being placed (claimed before any await)
         self.trunks = TrunkPool(settings.trunks)
         self.queued = 0  # creates waiting for capacity (for /metrics)
         self._placements: Counter | None = None
@@ -114,6 +124,18 @@ class Switchboard:
         raise ControlError(500, "internal_error", reply.message or "the command failed")
 
     async def originate(self, call: OutboundCall) -> dict[str, Any]:
+        # Claimed before the first await: two creates with one call_id never both dial.
+        if call.call_id in self._placing or self.directory.get(call.call_id) is not None:
+            raise ControlError(409, CALL_EXISTS, f"a call {call.call_id} already exists")
+        if self._draining():
+            raise ControlError(503, CAPACITY, "the node is draining: it places no new calls", 5)
+        self._placing.add(call.call_id)
+        try:
+            return await self._originate(call)
+        finally:
+            self._placing.discard(call.call_id)
+
+    async def _originate(self, call: OutboundCall) -> dict[str, Any]:
         s = self.settings
         try:
             route = await self.router.resolve(call.from_, call.to)
@@ -175,6 +197,10 @@ class Switchboard:
         )
         try:
             return await self._place(op, deadline)
+        except _Unknown as e:
+            # The worker may have sent the INVITE: its CallState/CallEnded (or its loss) will
+            # release the trunk; placing the call again elsewhere could ring the callee twice.
+            raise ControlError(504, "calls.originate_unknown", str(e)) from None
         except BaseException:
             self.trunks.ended(targets[0].trunk)  # nothing was placed on it
             raise
@@ -215,13 +241,17 @@ class Switchboard:
 
     async def _trunk_freed(self, timeout: float) -> None:
         ev = asyncio.Event()
-        self.trunks.on_ended.append(lambda _trunk: ev.set())
+
+        def freed(_trunk: str) -> None:
+            ev.set()
+
+        self.trunks.on_ended.append(freed)
         try:
             await asyncio.wait_for(ev.wait(), timeout)
         except TimeoutError:
             pass
         finally:
-            self.trunks.on_ended.pop()
+            self.trunks.on_ended.remove(freed)
 
     # -- what the supervisor reports as calls move ---------------------------------------------
     def trunk_moved(self, old: str | None, new: str | None) -> None:
@@ -259,15 +289,24 @@ class Switchboard:
                 if req is None:
                     raise ChannelClosed()
                 reply = await req.request(op, REQUEST_TIMEOUT_S)
-            except (ChannelClosed, TimeoutError):
-                tried.add(index)
+            except ChannelClosed as e:
+                if e.sent:
+                    self._count("failed")
+                    raise _Unknown(f"worker {index} exited while placing the call") from None
+                tried.add(index)  # never reached it: another worker may
                 continue
+            except TimeoutError:
+                self._count("failed")
+                raise _Unknown(f"worker {index} did not answer within {REQUEST_TIMEOUT_S:g} s; "
+                               "the call may be ringing: see GET /v1/calls/{id}") from None
             finally:
                 self.directory.release(index)
             if reply.ok:
                 self._count("placed")
                 summary = reply.result.get("call") or {}
                 return dict(summary)
+            if reply.code == op_errors.CALL_EXISTS:
+                raise ControlError(409, CALL_EXISTS, reply.message or "call exists")
             if reply.code == op_errors.NO_SLOT:
                 tried.add(index)
                 continue

@@ -7,6 +7,7 @@ NOT_ANSWERED = "call_not_answered"
 NOT_CONTROLLED = "call_not_controlled"
 NO_SLOT = "no_slot"
 CALL_ENDED = "call_ended"
+CALL_EXISTS = "call_exists"
 FAILED = "failed"
 
 

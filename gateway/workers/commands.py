@@ -9,7 +9,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from gateway.calls.identity import CallIdentity
-from gateway.control.errors import FAILED, NOT_ANSWERED, NOT_FOUND, OpRefused
+from gateway.control.errors import (
+    CALL_EXISTS,
+    FAILED,
+    NO_SLOT,
+    NOT_ANSWERED,
+    NOT_FOUND,
+    OpRefused,
+)
 from gateway.control.hangup import Hangup
 from gateway.control.originate import Originate
 from gateway.control.redirect import Redirect
@@ -32,6 +39,7 @@ class LiveCall:
     session: CallSession | None = None
     outbound: OutboundRunner | None = None
     trunk_used: str | None = None  # the trunk an answered outbound call is on
+    untracked: bool = False  # CallEnded sent
 
     @property
     def call_id(self) -> str:
@@ -105,6 +113,10 @@ async def _apply(worker: Worker, op: Any) -> dict[str, Any]:
     if isinstance(op, Originate):
         from gateway.calls.outbound import OutboundRunner
 
+        if str(op.identity.get("call_id")) in worker.calls:  # a repeated request: never dial twice
+            raise OpRefused(CALL_EXISTS, f"call {op.identity.get('call_id')} is already here")
+        if worker.draining or worker.stopping.is_set():
+            raise OpRefused(NO_SLOT, f"worker {worker.index} is draining")
         runner = OutboundRunner(worker, op)
         return await runner.start()
     live = worker.calls.get(op.call_id)

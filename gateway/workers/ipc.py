@@ -19,7 +19,12 @@ M = TypeVar("M")
 
 
 class ChannelClosed(Exception):
-    """The other side is gone: a request to it will never be answered."""
+    """The other side is gone: a request to it will never be answered. `sent`: whether the
+    request had been written (the other side may have acted on it before it went)."""
+
+    def __init__(self, sent: bool = False) -> None:
+        super().__init__("the channel closed" + (" after the request was sent" if sent else ""))
+        self.sent = sent
 
 
 class Channel(Generic[M]):
@@ -51,7 +56,9 @@ class Channel(Generic[M]):
             try:
                 return self.adapter.validate_json(line)
             except ValidationError as e:
-                log.warning("ipc: dropped an invalid message: %s", e.errors()[:1])
+                # without the input: it may hold secrets (an Originate's webhook_secret)
+                log.warning("ipc: dropped an invalid message: %s",
+                            e.errors(include_input=False, include_url=False)[:1])
 
     def close(self) -> None:
         self.writer.close()
@@ -93,5 +100,5 @@ class Requester:
         """The channel closed: every waiting request fails now, none hangs."""
         for fut in self._pending.values():
             if not fut.done():
-                fut.set_exception(ChannelClosed())
+                fut.set_exception(ChannelClosed(sent=True))
         self._pending.clear()

@@ -293,6 +293,11 @@ class Worker:
         )
 
     def untrack(self, live: LiveCall, outcome: Outcome | None, ended_at: float) -> None:
+        """The call is over: out of reach of commands, and its slot (and trunk) free at the
+        supervisor. Sent once, as soon as its final event is written."""
+        if live.untracked:
+            return
+        live.untracked = True
         self.calls.pop(live.call_id, None)
         self.channel.send(
             p.CallEnded(
@@ -306,8 +311,9 @@ class Worker:
             )
         )
 
-    def final(self, outcome: Outcome) -> None:
+    def final(self, live: LiveCall, outcome: Outcome, ended_at: float) -> None:
         self.channel.send(p.Final(status=outcome.status))
+        self.untrack(live, outcome, ended_at)
 
     def skipped(self, verb: str, reason: str) -> None:
         self.channel.send(p.Metric(name=ACTION_SKIPPED, verb=verb, reason=reason))
@@ -371,7 +377,7 @@ class Worker:
             recordings_dir=self.recordings_dir,
         )
         live = LiveCall(identity, session=session)
-        session.on_final = lambda outcome, end: self.final(outcome)
+        session.on_final = lambda outcome, end: self.final(live, outcome, end.ended_at)
         session.on_skip = self.skipped
         session.on_state = lambda: self._answered(live)
         self.track(live)
