@@ -60,7 +60,6 @@ import csv
 import json
 import math
 import os
-import random
 import secrets
 import shlex
 import shutil
@@ -85,7 +84,7 @@ from aiohttp import web
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gateway.demo import EventReceiver, free_port  # noqa: E402
+from gateway.demo import EventReceiver, free_port, free_port_block  # noqa: E402
 
 UAC_HANGS_UP = ROOT / "bench" / "sipp" / "uac_setup.xml"  # the carrier BYEs after -d MS
 UAC_WAITS = ROOT / "bench" / "sipp" / "uac_rate.xml"  # the gateway's BYE ends the call
@@ -550,32 +549,13 @@ class Node:
     log: Path
 
 
-def free_block(n: int) -> int:
-    """The first of n consecutive ports free for UDP and TCP on 127.0.0.1, below the
-    ephemeral range."""
-    for _ in range(200):
-        base = random.randrange(10000, 32000 - n)
-        socks: list[socket.socket] = []
-        try:
-            for port in range(base, base + n):
-                for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
-                    sk = socket.socket(socket.AF_INET, kind)
-                    socks.append(sk)
-                    sk.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        finally:
-            for sk in socks:
-                sk.close()
-        return base
-    raise RuntimeError("no free port block")
-
-
 def write_config(work: Path, args: argparse.Namespace, app: VoiceApp, events_url: str,
                  carrier_port: int) -> tuple[Path, int, str, str]:
     sip_port, api_port, token = free_port(both=True), free_port(), secrets.token_hex(16)
     rtp_per_worker = 40
     path = work / "gateway.toml"
+    # Worker SIP ports and RTP ranges below the ephemeral range, where the bench's own
+    # sockets and SIPp's come from.
     path.write_text(f"""
 [sip]
 listen = "127.0.0.1:{sip_port}"
@@ -589,13 +569,13 @@ allow_private = true
 [storage]
 dir = "{work / "var"}"
 [media]
-rtp_port_start = {free_block(args.workers * rtp_per_worker)}
+rtp_port_start = {free_port_block(args.workers * rtp_per_worker, 10000, 32000)}
 rtp_ports_per_worker = {rtp_per_worker}
 [workers]
 count = {args.workers}
 calls_per_worker = 4
 reserved_slots = 0
-sip_port_start = {free_block(args.workers)}
+sip_port_start = {free_port_block(args.workers, 10000, 32000)}
 [kamailio]
 mode = "managed"
 flood_limit = 0

@@ -41,6 +41,28 @@ def free_port(kind: int = socket.SOCK_STREAM, both: bool = False) -> int:
     raise RuntimeError("no free port")
 
 
+def free_port_block(n: int, lo: int = 40000, hi: int = 60000) -> int:
+    """The first of n consecutive ports in [lo, hi) free for UDP and TCP on 127.0.0.1."""
+    import random
+
+    for _ in range(200):
+        base = random.randrange(lo, hi - n)
+        socks: list[socket.socket] = []
+        try:
+            for port in range(base, base + n):
+                for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+                    sk = socket.socket(socket.AF_INET, kind)
+                    socks.append(sk)
+                    sk.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for sk in socks:
+                sk.close()
+        return base
+    raise RuntimeError("no free port block")
+
+
 @dataclass
 class ReceivedEvent:
     at: float

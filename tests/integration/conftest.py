@@ -173,28 +173,6 @@ webhook_secret = "{app_secret}"
     return path
 
 
-def free_port_block(n: int) -> int:
-    """The first of n consecutive ports free for UDP and TCP on 127.0.0.1."""
-    import random
-
-    for _ in range(200):
-        base = random.randrange(40000, 60000 - n)
-        try:
-            socks = []
-            for port in range(base, base + n):
-                for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
-                    sk = socket.socket(socket.AF_INET, kind)
-                    socks.append(sk)
-                    sk.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        finally:
-            for sk in socks:
-                sk.close()
-        return base
-    raise RuntimeError("no free port block")
-
-
 def sipp_errors(cwd: Path) -> str:
     """What SIPp's -trace_err wrote (unexpected messages and the like)."""
     return "".join(p.read_text(errors="replace") for p in cwd.glob("*_errors.log"))

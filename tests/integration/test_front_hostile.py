@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from gateway.demo import free_port
-from tests.integration.conftest import NUMBER, final_events, free_port_block, sipp
+from gateway.demo import free_port, free_port_block
+from tests.integration.conftest import NUMBER, final_events, sipp
 from tests.integration.sipraw import invite, tcp_request, udp_peer
 
 pytestmark = pytest.mark.integration

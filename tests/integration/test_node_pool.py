@@ -12,7 +12,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.integration.conftest import final_events, free_port_block, sipp
+from gateway.demo import free_port_block
+from tests.integration.conftest import final_events, sipp
 
 pytestmark = pytest.mark.integration
 CARRIER = Path(__file__).parent / "sipp" / "node_carrier.xml"

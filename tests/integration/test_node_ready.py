@@ -12,7 +12,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.integration.conftest import ROOT, free_port_block, write_config
+from gateway.demo import free_port_block
+from tests.integration.conftest import ROOT, write_config
 
 pytestmark = pytest.mark.integration
 AUTH = {"Authorization": "Bearer test-token"}

@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from gateway.demo import free_port_block
 from gateway.events.outbox import Outbox
 from tests.integration.conftest import (
     CALLER,
@@ -29,7 +30,6 @@ from tests.integration.conftest import (
     Gateway,
     dump,
     final_events,
-    free_port_block,
     sipp,
     start_gateway,
     write_config,

@@ -14,8 +14,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway.demo import free_port
-from tests.integration.conftest import ROOT, free_port_block, rtp_block
+from gateway.demo import free_port, free_port_block
+from tests.integration.conftest import ROOT, rtp_block
 
 pytestmark = pytest.mark.integration
 
