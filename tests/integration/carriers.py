@@ -93,7 +93,7 @@ class Carriers:
     started: list[Carrier] = field(default_factory=list)
 
     async def start(self, scenario: str, *, calls: int = 1, transport: str = "udp",
-                    args: tuple[str, ...] = ()) -> Carrier:
+                    args: tuple[str, ...] = (), timeout: int = 40) -> Carrier:
         port = free_port(socket.SOCK_DGRAM, both=True)
         d = self.tmp / f"carrier-{port}"
         d.mkdir()
@@ -103,7 +103,7 @@ class Carriers:
             "sipp", "-sf", str(SIPP_DIR / scenario), "-i", "127.0.0.1", "-p", str(port),
             "-t", "u1" if transport == "udp" else "t1", "-m", str(n),
             "-mp", str(free_port(socket.SOCK_DGRAM) // 2 * 2),
-            "-timeout", "40", "-timeout_error", "-nostdin",
+            "-timeout", str(timeout), "-timeout_error", "-nostdin",
             "-trace_msg", "-message_file", str(log), "-trace_err", *args,
             cwd=d, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
@@ -117,11 +117,15 @@ class Carriers:
         return c
 
 
+    async def stop(self) -> None:
+        for carrier in self.started:
+            if carrier.proc.returncode is None:
+                carrier.proc.kill()
+                await carrier.proc.wait()
+
+
 @pytest.fixture
 async def carriers(tmp_path: Path) -> AsyncIterator[Carriers]:
     c = Carriers(tmp_path)
     yield c
-    for carrier in c.started:
-        if carrier.proc.returncode is None:
-            carrier.proc.kill()
-            await carrier.proc.wait()
+    await c.stop()

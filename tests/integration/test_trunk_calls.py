@@ -22,10 +22,10 @@ import pytest
 
 from config.settings import TrunkSettings
 from gateway.demo import free_port
-from gateway.kamailio import KamailioConfig, KamailioFront, find_binary, sip_ping
+from gateway.kamailio import KamailioConfig, KamailioFront, find_binary
 from gateway.outbound.trunks import TrunkPool, should_fail_over
 from media.call import NoCallSlot, SipCall
-from tests.integration.carriers import Carrier, listening_tcp
+from tests.integration.carriers import Carrier, Carriers
 
 pytestmark = [
     pytest.mark.integration,
@@ -41,36 +41,16 @@ USER, PASSWORD = "acct-1234", "s3cret-Pw"
 
 @dataclass
 class Env:
-    tmp: Path
-    carriers: list[Carrier]
+    carriers: Carriers
     fronts: list[KamailioFront]
     runtime: Path
 
     async def carrier(
         self, scenario: str, *, calls: int = 1, transport: str = "udp", args: tuple[str, ...] = ()
     ) -> Carrier:
-        port = free_port(socket.SOCK_DGRAM, both=True)
-        log = self.tmp / f"{scenario}-{port}.log"
-        # UDP: an OPTIONS ping says it is up, and counts as one of its calls.
-        n = calls + (1 if transport == "udp" else 0)
-        proc = await asyncio.create_subprocess_exec(
-            "sipp", "-sf", str(SIPP_DIR / scenario), "-i", "127.0.0.1", "-p", str(port),
-            "-t", "u1" if transport == "udp" else "t1", "-m", str(n),
-            "-mp", str(free_port(socket.SOCK_DGRAM) // 2 * 2),
-            "-timeout", "20", "-timeout_error", "-nostdin",
-            "-trace_msg", "-message_file", str(log), "-trace_err", *args,
-            cwd=self.tmp,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )  # fmt: skip
-        c = Carrier(scenario, port, transport, log, proc)
-        self.carriers.append(c)
-        if transport == "udp":
-            assert await sip_ping("127.0.0.1", port, 5.0) == 200, f"{scenario} not up"
-        else:
-            assert await listening_tcp(port, 5.0), f"{scenario} not listening on tcp"
-        return c
+        return await self.carriers.start(
+            scenario, calls=calls, transport=transport, args=args, timeout=20
+        )
 
     async def front(self, phone: Any, **kw: Any) -> KamailioFront:
         cfg = KamailioConfig(
@@ -91,7 +71,7 @@ class Env:
 @pytest.fixture
 async def env(tmp_path: Path, phone: Any) -> AsyncIterator[Env]:
     runtime = Path(tempfile.mkdtemp(prefix="kamt-", dir="/tmp"))  # short UNIX socket paths
-    e = Env(tmp_path, [], [], runtime)
+    e = Env(Carriers(tmp_path), [], runtime)
     try:
         yield e
     finally:
@@ -101,10 +81,7 @@ async def env(tmp_path: Path, phone: Any) -> AsyncIterator[Env]:
         phone.set_outbound_proxy("")
         for f in e.fronts:
             await f.stop()
-        for c in e.carriers:
-            if c.proc.returncode is None:
-                c.proc.kill()
-                await c.proc.wait()
+        await e.carriers.stop()
         shutil.rmtree(runtime, ignore_errors=True)
 
 
