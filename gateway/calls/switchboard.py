@@ -34,7 +34,7 @@ from gateway.calls.directory import CallDirectory
 from gateway.calls.identity import CallIdentity
 from gateway.control import errors as op_errors
 from gateway.control.hangup import Hangup
-from gateway.control.originate import Destination, Mcp, Originate, TrunkTarget
+from gateway.control.originate import Mcp, Originate, TrunkTarget, events_destination
 from gateway.control.redirect import Redirect
 from gateway.control.respond import Respond
 from gateway.metrics import Counter, Registry
@@ -192,7 +192,9 @@ class Switchboard:
             callback_body=route.callback_body,
             webhook_secret=secret,
             actions=call.actions,
-            events=self._events(call, route, secret),
+            events=events_destination(
+                s.control_plane, route.events_url, secret, call.events_url
+            ),
             mcp=mcp,
         )
         try:
@@ -206,17 +208,6 @@ class Switchboard:
             raise
 
     # -- helpers --------------------------------------------------------------------------------
-    def _events(self, call: OutboundCall, route: Any, secret: str) -> Destination | None:
-        cp = self.settings.control_plane
-        if call.events_url:
-            return Destination(url=call.events_url, secret=secret, policy="customer")
-        if cp.events_url and cp.secret is not None:
-            return Destination(url=cp.events_url, secret=cp.secret.get_secret_value(),
-                               policy="control_plane")
-        if route.events_url:
-            return Destination(url=route.events_url, secret=secret, policy="customer")
-        return None
-
     async def _targets(self, to: str, deadline: float) -> list[TrunkTarget]:
         """The trunks to try, in order; the first has a start and a call reserved on it. Waits
         (up to the deadline) while every trunk is at max_calls or max_cps."""

@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from config.settings import ControlPlaneSettings
+
 
 class Destination(BaseModel):
     """Where a call's events go (the outbox row's url/secret/policy)."""
@@ -16,6 +18,22 @@ class Destination(BaseModel):
     url: str
     secret: str = Field(repr=False)
     policy: Literal["control_plane", "customer"]
+
+
+def events_destination(
+    cp: ControlPlaneSettings, number_events_url: str | None, secret: str,
+    explicit_url: str | None = None,
+) -> Destination | None:
+    """Where a call's events go: a URL given for this call, else the control plane when
+    configured, else the number's events_url; None when there is nowhere (only logged)."""
+    if explicit_url:
+        return Destination(url=explicit_url, secret=secret, policy="customer")
+    if cp.events_url and cp.secret is not None:
+        return Destination(url=cp.events_url, secret=cp.secret.get_secret_value(),
+                           policy="control_plane")
+    if number_events_url:
+        return Destination(url=number_events_url, secret=secret, policy="customer")
+    return None
 
 
 class TrunkTarget(BaseModel):

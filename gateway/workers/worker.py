@@ -28,7 +28,7 @@ from gateway.calls.identity import CallIdentity
 from gateway.calls.links import LinkSigner
 from gateway.calls.outcome import Outcome
 from gateway.calls.writer import CallEventWriter
-from gateway.control.originate import Destination
+from gateway.control.originate import Destination, events_destination
 from gateway.events.outbox import Outbox
 from gateway.kamailio import source_allowed
 from gateway.logs import setup_logging
@@ -249,17 +249,6 @@ class Worker:
             return
         self._spawn(self._handle(call, invite))
 
-    def destination(self, route_events_url: str | None, route_secret: str) -> Destination | None:
-        """Where a call's events go: the control plane when configured, else the number's."""
-        cp = self.settings.control_plane
-        if cp.events_url and cp.secret is not None:
-            return Destination(
-                url=cp.events_url, secret=cp.secret.get_secret_value(), policy="control_plane"
-            )
-        if route_events_url:
-            return Destination(url=route_events_url, secret=route_secret, policy="customer")
-        return None
-
     def writer(self, identity: CallIdentity, dest: Destination | None) -> CallEventWriter:
         return CallEventWriter(
             self.outbox,
@@ -362,7 +351,12 @@ class Worker:
             worker=self.index,
             sip_call_id=invite.sip_call_id,
         )
-        writer = self.writer(identity, self.destination(route.events_url, route.webhook_secret))
+        writer = self.writer(
+            identity,
+            events_destination(
+                self.settings.control_plane, route.events_url, route.webhook_secret
+            ),
+        )
         fields = identity.callback_fields("ringing")
         app = self.voice_app(fields, route.webhook_secret, route.callback_body)
         session = CallSession(
