@@ -4,6 +4,7 @@ API, camelCase for callbacks, as the product documents them)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -15,6 +16,12 @@ Direction = Literal["inbound", "outbound"]
 
 def iso(ts: float | None) -> str | None:
     return None if ts is None else rfc3339_ms(datetime.fromtimestamp(ts, UTC))
+
+
+def duration_seconds(answered_at: float, ended_at: float) -> int:
+    """Whole seconds from answer to end, rounded up (a 12.1 s call is 13 s; billing rounds
+    minutes from this)."""
+    return max(0, math.ceil(ended_at - answered_at))
 
 
 @dataclass(frozen=True)
@@ -84,7 +91,7 @@ class CallIdentity:
         """The API's view of the call (the SDK's `Call` fields the gateway knows)."""
         duration = None
         if answered_at is not None and ended_at is not None:
-            duration = max(0, int(-(-(ended_at - answered_at) // 1)))
+            duration = duration_seconds(answered_at, ended_at)
         return {
             "id": self.call_id,
             "call_id": self.call_id,

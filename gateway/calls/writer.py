@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gateway.calls.identity import CallIdentity, iso
+from gateway.calls.identity import CallIdentity, duration_seconds, iso
 from gateway.calls.outcome import Outcome
 from gateway.control.originate import Destination
 from gateway.events.envelope import Event, make_event
@@ -31,7 +31,7 @@ def final_data(
         return {
             **base,
             "status": "completed",
-            "duration_seconds": max(0, int(-(-(ended_at - answered_at) // 1))),
+            "duration_seconds": duration_seconds(answered_at, ended_at),
             "answered_at": iso(answered_at),
             "ended_at": iso(ended_at),
             "hangup_cause": outcome.hangup_cause,
