@@ -14,7 +14,6 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 
@@ -111,12 +110,6 @@ class CallSession:
         if self.outcome is not None:
             return self.outcome.status
         return "in-progress" if self.call.answered else "ringing"
-
-    def summary(self) -> dict[str, Any]:
-        end = self.call.end
-        return self.identity.summary(
-            self.status, self.call.answered_at, end.ended_at if end else None
-        )
 
     def _answered(self) -> None:
         self.call_fields["callStatus"] = "in-progress"

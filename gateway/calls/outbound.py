@@ -72,7 +72,6 @@ class OutboundRunner:
         self.attempts = 0
         self.trunk: str | None = None  # the trunk of the current attempt
         self._targets = list(op.targets)
-        self.invite_sent_at: float | None = None  # monotonic, for the benchmark's figures
 
     # -- start: the first INVITE on the wire ----------------------------------------------------
     async def start(self) -> dict[str, Any]:
@@ -107,7 +106,6 @@ class OutboundRunner:
                 from e
         self.trunk = target.trunk
         self.attempts += 1
-        self.invite_sent_at = time.monotonic()
         log.info("call %s: INVITE %s via trunk %s (attempt %d)", self.call_id, target.uri,
                  target.trunk, self.attempts)
         return call
