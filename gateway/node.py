@@ -48,7 +48,7 @@ from gateway.events.recovery import (
 )
 from gateway.kamailio import KamailioConfig, KamailioFront, front_limits
 from gateway.metrics import NodeMetrics
-from gateway.plan import NodePlan, plan_node
+from gateway.plan import NodePlan, WorkerPlace, plan_node
 from gateway.routing import Router
 from gateway.workers import protocol as msgs
 from gateway.workers.ipc import Channel, Requester, open_channel
@@ -62,20 +62,28 @@ LOCK_WAIT_S = 30.0
 
 @dataclass
 class WorkerHandle:
-    index: int
+    place: WorkerPlace  # where it listens and how many calls it takes (gateway/plan.py)
     proc: asyncio.subprocess.Process | None = None
     channel: Channel[msgs.FromWorker] | None = None
     requester: Requester | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
-    sip: str = ""  # host:port the worker listens on
-    rtp_port: int = 0
-    max_calls: int = 0
-    admit: int = 0
     restarts: int = 0
 
     @property
+    def index(self) -> int:
+        return self.place.index
+
+    @property
     def uri(self) -> str:
-        return f"sip:{self.sip}"
+        return self.place.uri
+
+    @property
+    def max_calls(self) -> int:
+        return self.place.max_calls
+
+    @property
+    def admit(self) -> int:
+        return self.place.admit
 
 
 class Node:
@@ -207,11 +215,7 @@ class Node:
     def _plan_workers(self) -> list[WorkerHandle]:
         """Worker count and ports from the config and what this pjsua2 build holds per process."""
         self.plan = plan = plan_node(self.settings, probe_cache=self.storage / "pjsua2-probe.json")
-        workers = [
-            WorkerHandle(w.index, sip=w.sip, rtp_port=w.rtp_port, max_calls=w.max_calls,
-                         admit=w.admit)
-            for w in plan.workers
-        ]
+        workers = [WorkerHandle(w) for w in plan.workers]
         first = plan.workers[0]
         log.info(
             "%d worker(s) x %d calls (%d pjsua2 slots, %d kept for dial legs); front: %s",
@@ -221,17 +225,18 @@ class Node:
 
     async def _start_front(self) -> None:
         s = self.settings
+        assert self.plan is not None  # planned before any worker starts
         host, port = parse_hostport(s.sip.listen)
         cfg = KamailioConfig(
             listen_host=host,
             listen_port=port,
-            destinations=self.plan.destinations if self.plan else [],
+            destinations=self.plan.destinations,
             runtime_dir=(self.storage / "kamailio").resolve(),
             children=s.kamailio.children,
             ping_interval_s=s.kamailio.ping_interval_s,
             binary=s.kamailio.binary,
             advertise=s.sip.public_address,
-            **front_limits(s, min(w.admit for w in self.workers)),
+            **front_limits(s, self.plan.admit),
         )
         self.front = KamailioFront(cfg)
         await self.front.start()
