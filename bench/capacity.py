@@ -7,37 +7,46 @@ For each concurrency level C it starts a fresh node and drives it, all on 127.0.
     request -> record (maxLength 5, timeout 0 = no silence stop, playBeep); the record result
     -> hangup. Every request and every event is signature-checked and counted per call.
   * the gateway, `python -m gateway.cli run --config FILE`: `[kamailio] mode = "managed"` (the
-    node runs Kamailio on `[sip] listen` and dispatches to its workers), `[workers] count =
-    ceil(C / 3) + 20 %` (round robin + 503 failover runs out of Kamailio branches with less),
-    `calls_per_worker = 4`, `reserved_slots = 1` (so each worker admits
-    3 inbound calls and keeps one slot for a dial leg), events to the receiver through
-    `[control_plane] events_url` (so event delivery is part of the load), storage in a temp dir.
+    node runs Kamailio on `[sip] listen` and dispatches to its workers by load), `[workers]
+    calls_per_worker = 4`, `reserved_slots = 0`, `count = ceil(C / 4)` (--reserved-slots and
+    --headroom for what-ifs), events to the receiver through `[control_plane] events_url` (so
+    event delivery is part of the load), storage in a temp dir.
   * SIPp as the carrier through Kamailio, bench/sipp/ivr_carrier.xml: `-l C -m 2C -r CPS`;
     the caller presses 1 (RFC 4733 pcap) after the prompt and speaks (g711a.pcap) into the
-    recording, then answers the gateway's BYE.
-While SIPp runs it samples, every second, the whole machine's CPU (/proc/stat, busy =
+    recording, then answers the gateway's BYE. A refused INVITE (503 ...) is ACKed and counted.
+While SIPp runs it samples (psutil), every second, the whole machine's CPU (busy =
 user+nice+system over user+nice+system+idle+iowait, as the ceiling's run.sh counts it) and the
-RSS of the node's process tree (supervisor, workers, Kamailio) from /proc; around the run, the
-CPU of each process role and of each worker thread (asyncio loop, pjmedia clock and media).
-INVITE -> 200 per call comes from SIPp's message trace, as in bench/setup_time.py.
+RSS of the node's process tree (supervisor, workers, Kamailio), every 5 s its PSS; around the
+run, the CPU of each process role and of each worker thread (asyncio loop, pjmedia clock and
+media). INVITE -> 200 per call comes from SIPp's message trace, as in bench/setup_time.py.
 
 A call counts as failed if SIPp failed it, or the voice app did not see all three requests
 (start, Digits=1, record result) for it, or its `call.completed` event never arrived.
 
-Then, in the same sitting, it runs the stack's bare ceiling (`/work/shared/bench/ceiling/run.sh
-N CPS PYTHON`: N bare pjsua2 workers x 4 calls behind Kamailio, same SIPp rate) at the same
-levels (N = ceil(C / 4)), and prints gateway capacity / ceiling capacity, capacity being the
-highest level run with 0 failed calls. Then two more levels at 50 % and 80 % of the gateway's
-capacity (--no-fractions to skip).
+The sweep runs --levels in order, stops at the first level with a failed call and runs one
+more level halfway (to a multiple of 25) between the last good and that one. Then, in the same
+sitting:
+  * the stack's bare ceiling (`/work/shared/bench/ceiling/run.sh N CPS PYTHON`: N bare pjsua2
+    workers x 4 calls behind Kamailio, same SIPp rate) at the same levels (N = ceil(C / 4)),
+    the same way; gateway capacity / ceiling capacity, capacity being the highest level run
+    with 0 failed calls;
+  * two levels at 50 % and 80 % of the gateway's capacity (--no-fractions to skip);
+  * an overload run: 1.5 C offered (`-l 1.5C`, at a rate that reaches it) to a node sized for
+    C; refusals at the INVITE (code, Retry-After) and answered calls that completed or failed;
+  * a sustained run (--sustain-s, default 300): 0.8 C / call length calls per second with no
+    call limit, sampling every 10 s the node's RSS/PSS, outbox depth and live calls; a leak
+    verdict from the last 4 minutes.
 
 Writes the table and the commands to stdout and bench/results/capacity-<date>.md, and plots
 INVITE->200 p99, CPU and memory against concurrent calls into docs/capacity.png (matplotlib,
 if installed; the plot is skipped otherwise); every figure also goes to a .json next to the
 report (--render FILE.json redoes report and plot from it).
 
-usage: .venv/bin/python bench/capacity.py [--levels 100,200,300,400,450] [--cps 50]
-           [--ceiling-workers N] [--quick] [--no-ceiling | --ceiling-only] [--no-fractions]
-           [--headroom 0.2] [--reserved-slots 1] [--profile] [--render FILE.json] [--keep]
+usage: .venv/bin/python bench/capacity.py [--levels 250,300,350,400,450] [--cps 50]
+           [--quick] [--no-ceiling | --ceiling-only] [--no-fractions] [--no-overload]
+           [--sustain-s 300] [--overload-only | --sustain-only] [--capacity C]
+           [--sustain-level N] [--headroom 0] [--reserved-slots 0] [--profile]
+           [--render FILE.json] [--keep]
 Needs root (SIPp's pcap play). --quick: one level of 30 calls and a 32-call ceiling, ~1 min.
 """
 
@@ -46,24 +55,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import json
 import math
 import os
-import platform
 import re
-import resource
 import secrets
-import shlex
 import shutil
 import signal
+import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -74,6 +83,22 @@ from aiohttp import web
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import capacity_proc as proc  # noqa: E402
+import capacity_report  # noqa: E402
+from capacity_report import rel  # noqa: E402
+from capacity_results import (  # noqa: E402
+    CeilingResult,
+    LevelResult,
+    OverloadResult,
+    Sitting,
+    SustainResult,
+    SustainSample,
+    capacity,
+    load,
+    save,
+    slope_per_min,
+)
+
 from gateway.demo import free_port  # noqa: E402
 from gateway.events.signing import verify  # noqa: E402
 
@@ -83,8 +108,14 @@ RESULTS = ROOT / "bench" / "results"
 PLOT = ROOT / "docs" / "capacity.png"
 NUMBER = "+254700000001"
 CALLS_PER_WORKER = 4
-RESERVED_SLOTS = 1  # default: one slot per worker kept for a dial leg, so 3 admitted
 CEILING_CALLS_PER_WORKER = 4  # bare workers keep no slot for dial legs
+CALL_S = 8.8  # INVITE -> BYE of this IVR mix when nothing lags (the sustained rate's divisor)
+BISECT_STEP = 25
+READYZ_GRACE_S = 20.0
+OVERLOAD = 1.5
+SUSTAIN_FRACTION = 0.8
+SUSTAIN_EVERY_S = 10.0
+LEAK_FIT_S = 240.0  # the leak verdict fits memory over the last 4 minutes
 SAY_TEXT = "Welcome. Please press one to leave a message."  # espeak-ng en: 2.8 s
 Document = dict[str, list[dict[str, Any]]]
 FIRST: Document = {
@@ -95,10 +126,7 @@ FIRST: Document = {
 }
 RECORD: Document = {"actions": [{"record": {"maxLength": 5, "timeout": 0, "playBeep": True}}]}
 HANGUP: Document = {"actions": [{"hangup": {}}]}
-HZ = os.sysconf("SC_CLK_TCK")
-PAGE = os.sysconf("SC_PAGE_SIZE")
 FINAL_EVENTS = ("call.completed", "call.failed")
-P99_GOAL_MS = 150.0
 
 
 # ------------------------------------------------------------------------ voice app + events
@@ -217,210 +245,6 @@ class Peer:
         )
 
 
-# ------------------------------------------------------------------------ /proc sampling
-
-
-def read_procs() -> dict[int, tuple[int, int, int]]:
-    """pid -> (ppid, utime+stime ticks, RSS pages), for every process now alive."""
-    out: dict[int, tuple[int, int, int]] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                s = f.read()
-        except OSError:
-            continue
-        rest = s[s.rfind(b")") + 2 :].split()
-        out[int(name)] = (int(rest[1]), int(rest[11]) + int(rest[12]), int(rest[21]))
-    return out
-
-
-def descendants(procs: dict[int, tuple[int, int, int]], roots: set[int]) -> set[int]:
-    kids: dict[int, list[int]] = {}
-    for pid, (ppid, _, _) in procs.items():
-        kids.setdefault(ppid, []).append(pid)
-    seen, todo = set(), [r for r in roots if r in procs]
-    while todo:
-        pid = todo.pop()
-        if pid not in seen:
-            seen.add(pid)
-            todo.extend(kids.get(pid, []))
-    return seen
-
-
-def alive(pid: int) -> bool:
-    """The process exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            s = f.read()
-    except OSError:
-        return False
-    return s[s.rfind(b")") + 2 : s.rfind(b")") + 3] != b"Z"
-
-
-def pids_mentioning(text: str) -> set[int]:
-    """Processes whose command line contains `text` (Kamailio started from our work dir)."""
-    found = set()
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/cmdline", "rb") as f:
-                    if text.encode() in f.read():
-                        found.add(int(name))
-            except OSError:
-                pass
-    return found
-
-
-_roles: dict[int, str] = {}
-
-
-def role(pid: int, roots: set[int]) -> str:
-    """supervisor / worker / kamailio / other, from the command line (cached per pid)."""
-    if pid in roots:
-        return "supervisor"
-    if pid not in _roles:
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read()
-        except OSError:
-            cmd = b""
-        _roles[pid] = (
-            "worker"
-            if b"gateway.workers.worker" in cmd
-            else "kamailio"
-            if b"kamailio" in cmd
-            else "node other"
-        )
-    return _roles[pid]
-
-
-def thread_split(pids: set[int]) -> Counter[str]:
-    """CPU ticks of these processes' threads by thread: `main` (the thread that runs Python's
-    asyncio loop in a gateway worker, libHandleEvents in a bare one), `python` (other Python
-    threads: the gateway's pjsua-pump), pjmedia's `clock` and `media`, and `exited` (threads
-    gone: process total minus its live threads)."""
-    out: Counter[str] = Counter()
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                s = f.read()
-            rest = s[s.rfind(b")") + 2 :].split()
-            total = int(rest[11]) + int(rest[12])
-            seen = 0
-            for tid in os.listdir(f"/proc/{pid}/task"):
-                with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
-                    t = f.read()
-                comm = t[t.find(b"(") + 1 : t.rfind(b")")].decode(errors="replace")
-                trest = t[t.rfind(b")") + 2 :].split()
-                ticks = int(trest[11]) + int(trest[12])
-                seen += ticks
-                out["main" if int(tid) == pid else comm] += ticks
-            out["exited"] += max(0, total - seen)
-        except OSError:
-            continue
-    return out
-
-
-def cpu_times() -> tuple[int, int]:
-    """(busy, total) ticks of the whole machine, counted as the ceiling's run.sh does."""
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:6]]
-    user, nice, system, idle, iowait = v
-    busy = user + nice + system
-    return busy, busy + idle + iowait
-
-
-def pss_kb(pids: set[int]) -> int:
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/smaps_rollup") as f:
-                for line in f:
-                    if line.startswith("Pss:"):
-                        total += int(line.split()[1])
-                        break
-        except OSError:
-            pass
-    return total
-
-
-@dataclass
-class Sample:
-    t: float
-    wall: float
-    busy_pct: float  # whole machine, this second
-    rss_mb: float  # the node's tree
-    procs: int
-
-
-class Sampler:
-    """Every second: machine CPU busy and the RSS of the process tree under `roots`."""
-
-    def __init__(self, roots: set[int], extra: set[int] | None = None) -> None:
-        self.roots = roots
-        self.extra = extra or set()
-        self.samples: list[Sample] = []
-        self.pss_mb = 0.0
-        self.children_label = "sipp"
-        self._task: asyncio.Task[None] | None = None
-
-    def members(self, procs: dict[int, tuple[int, int, int]]) -> set[int]:
-        return descendants(procs, self.roots | self.extra)
-
-    def snapshot(self) -> tuple[int, int, int]:
-        """(machine busy ticks, machine total ticks, tree CPU ticks)."""
-        busy, total = cpu_times()
-        procs = read_procs()
-        return busy, total, sum(procs[p][1] for p in self.members(procs))
-
-    def split(self) -> Counter[str]:
-        """CPU ticks so far of the tree's processes by role, plus this process and its reaped
-        children (SIPp, once it has exited)."""
-        procs = read_procs()
-        out: Counter[str] = Counter()
-        for pid in self.members(procs):
-            out[role(pid, self.roots)] += procs[pid][1]
-        me, kids = (
-            resource.getrusage(resource.RUSAGE_SELF),
-            resource.getrusage(resource.RUSAGE_CHILDREN),
-        )
-        out["bench app"] = round((me.ru_utime + me.ru_stime) * HZ)
-        # Reaped children during the SIPp run: SIPp (and py-spy/perf with --profile).
-        out[self.children_label] = round((kids.ru_utime + kids.ru_stime) * HZ)
-        return out
-
-    def worker_threads(self) -> Counter[str]:
-        procs = read_procs()
-        return thread_split({p for p in self.members(procs) if role(p, self.roots) == "worker"})
-
-    async def _run(self) -> None:
-        busy0, total0 = cpu_times()
-        n = 0
-        while True:
-            await asyncio.sleep(1.0)
-            busy, total = cpu_times()
-            procs = read_procs()
-            tree = self.members(procs)
-            rss = sum(procs[p][2] for p in tree) * PAGE / 1e6
-            pct = 100 * (busy - busy0) / max(1, total - total0)
-            self.samples.append(Sample(time.monotonic(), time.time(), pct, rss, len(tree)))
-            busy0, total0 = busy, total
-            n += 1
-            if n % 5 == 0:  # PSS counts shared pages once; dearer to read, so less often
-                self.pss_mb = max(self.pss_mb, await asyncio.to_thread(pss_kb, tree) / 1000)
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-
 # ------------------------------------------------------------------------ SIPp output
 
 
@@ -429,7 +253,8 @@ _STAMP = re.compile(r"^-{20,} (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+)$")
 
 def read_messages(work: Path) -> dict[str, dict[str, Any]]:
     """Per Call-ID, from SIPp's *_messages.log (wall-clock stamps in us): first INVITE sent,
-    first 200 to it received, first BYE received, and any other final INVITE response codes."""
+    first 200 to it received, first BYE received, any other final INVITE response codes, and
+    whether the first of those carried Retry-After."""
     calls: dict[str, dict[str, Any]] = {}
     for path in sorted(work.glob("*_messages.log")):
         text = path.read_text(errors="replace")
@@ -442,7 +267,7 @@ def read_messages(work: Path) -> dict[str, dict[str, Any]]:
             hdr: dict[str, str] = {}
             for ln in lines[2:]:
                 k, sep, v = ln.partition(":")
-                if sep and k.strip().lower() in ("call-id", "cseq"):
+                if sep and k.strip().lower() in ("call-id", "cseq", "retry-after"):
                     hdr.setdefault(k.strip().lower(), v.strip())
             cid, cseq = hdr.get("call-id"), hdr.get("cseq", "")
             if not cid:
@@ -458,6 +283,8 @@ def read_messages(work: Path) -> dict[str, dict[str, Any]]:
                 if code == "200":
                     call.setdefault("200", at)
                 elif code[0] != "1" and code not in call["codes"]:
+                    if not call["codes"]:
+                        call["retry_after"] = "retry-after" in hdr
                     call["codes"].append(code)
     return calls
 
@@ -506,15 +333,13 @@ IDLE_LEAVES = ("EpollSelector.select", "Endpoint.libHandleEvents", "select (", "
 
 
 async def start_profilers(
-    args: argparse.Namespace, work: Path, sampler: Sampler, calls: int
+    args: argparse.Namespace, work: Path, node: proc.Node, calls: int
 ) -> list[Profiler]:
     """py-spy on the supervisor and on a few workers (Python view, summed), perf on one worker
     (native view by thread) and on the whole machine, for about the length of the SIPp run."""
     pyspy = Path(sys.executable).parent / "py-spy"
-    procs = read_procs()
-    members = sorted(sampler.members(procs))
-    workers = [p for p in members if role(p, sampler.roots) == "worker"]
-    sup = next(iter(sampler.roots))
+    workers = sorted(p.pid for p in node.workers())
+    sup = next(iter(node.roots))
     secs = str(int(calls / args.cps + 12))
     out: list[Profiler] = []
 
@@ -608,12 +433,12 @@ async def summarize_perf(path: Path, sort: str = "comm,dso") -> list[str]:
 async def finish_profilers(profilers: list[Profiler]) -> list[str]:
     lines: list[str] = []
     for p in profilers:
-        for proc in p.procs:
+        for child in p.procs:
             try:
-                await asyncio.wait_for(proc.wait(), 30)
+                await asyncio.wait_for(child.wait(), 30)
             except TimeoutError:
-                proc.send_signal(signal.SIGINT)
-                await proc.wait()
+                child.send_signal(signal.SIGINT)
+                await child.wait()
         if not any(path.exists() for path in p.out):
             lines.append(f"{p.kind} {p.what}: no output (see {p.out[0].name}.log)")
             continue
@@ -630,81 +455,8 @@ async def finish_profilers(profilers: list[Profiler]) -> list[str]:
     return lines
 
 
-# ------------------------------------------------------------------------ one level
-
-
-async def scrape_metrics(api_base: str) -> dict[str, float]:
-    """Means of the node's own setup and voice app fetch histograms, from /metrics."""
-    from aiohttp import ClientSession, ClientTimeout
-
-    out: dict[str, float] = {}
-    try:
-        async with ClientSession(timeout=ClientTimeout(total=10)) as http:
-            async with http.get(f"{api_base}/metrics") as r:
-                text = await r.text()
-    except Exception as e:  # the figures are a cross-check only
-        print(f"   (no /metrics: {e})", flush=True)
-        return out
-    sums: dict[str, float] = {}
-    for line in text.splitlines():
-        m = re.match(r"^(sautikit_\w+?)_(sum|count)(\{[^}]*\})? ([0-9.e+-]+)$", line)
-        if m and (m.group(3) or "").find("error") < 0:
-            key = f"{m.group(1)}_{m.group(2)}"
-            sums[key] = sums.get(key, 0.0) + float(m.group(4))
-    for name in ("sautikit_call_setup_seconds", "sautikit_callback_fetch_seconds"):
-        if sums.get(f"{name}_count"):
-            out[name + "_mean_ms"] = 1000 * sums[f"{name}_sum"] / sums[f"{name}_count"]
-            out[name + "_count"] = sums[f"{name}_count"]
-    return out
-
-
-@dataclass
-class LevelResult:
-    level: int
-    workers: int
-    attempted: int = 0
-    ok: int = 0
-    failed: int = 0
-    sipp_ok: int = 0
-    sipp_failed: int = 0
-    sipp_rc: int | None = None
-    app_complete: int = 0
-    app_kinds: dict[str, int] = field(default_factory=dict)
-    events: dict[str, int] = field(default_factory=dict)
-    peak_calls: int = 0
-    cps: float = 0.0  # INVITEs sent per second over the run
-    ramp_cps: float = 0.0  # ... over the first C calls (before the -l limit holds SIPp back)
-    setup_p50: float = float("nan")
-    setup_p99: float = float("nan")
-    setup_max: float = float("nan")
-    call_s_p50: float = float("nan")
-    cpu_pct: float = 0.0
-    cpu_peak_pct: float = 0.0
-    cpu_loaded_pct: float = float("nan")  # mean of 1 s samples from first to last INVITE
-    idle_cpu_pct: float = 0.0
-    cpu_ms_per_call_s: float = float("nan")
-    node_cpu_ms_per_call_s: float = float("nan")
-    node_cpu_share: float = 0.0  # of all busy CPU during the run
-    rss_mb: float = 0.0
-    rss_idle_mb: float = 0.0
-    pss_mb: float = 0.0
-    rss_per_call_mb: float = 0.0
-    ready_s: float = 0.0
-    final_lag_p99: float = float("nan")
-    app_handling_p99: float = float("nan")
-    recording_s_p50: float = float("nan")
-    bad_signatures: int = 0
-    reasons: list[str] = field(default_factory=list)
-    cpu_split: dict[str, float] = field(default_factory=dict)  # % of the machine, by role
-    metrics: dict[str, float] = field(default_factory=dict)
-    profile: list[str] = field(default_factory=list)
-    worker_threads: dict[str, float] = field(default_factory=dict)  # % of the machine
-    sipp_cmd: list[str] = field(default_factory=list)
-    work: str = ""
-
-
 def write_config(
-    work: Path, peer: Peer, level: int, workers: int, args: argparse.Namespace
+    work: Path, peer: Peer, workers: int, args: argparse.Namespace
 ) -> tuple[Path, int, str]:
     sip_port, api_port = free_port(both=True), free_port()
     mode = args.front
@@ -728,7 +480,7 @@ rtp_port_start = {args.rtp_port}
 rtp_ports_per_worker = 20
 [workers]
 count = {workers}
-calls_per_worker = {CALLS_PER_WORKER}
+calls_per_worker = {args.calls_per_worker}
 reserved_slots = {args.reserved_slots}
 host = "127.0.0.1"
 sip_port_start = {args.worker_port}
@@ -750,10 +502,27 @@ webhook_secret = "{peer.app_secret}"
     return path, sip_port, f"http://127.0.0.1:{api_port}"
 
 
-def start_gateway(config: Path, log: Path, timeout: float) -> tuple[subprocess.Popen[bytes], float]:
+@dataclass
+class Started:
+    proc: subprocess.Popen[bytes]
+    ready_s: float  # launch -> `sautikit-gateway ready` in the log
+    readyz_s: float  # launch -> GET /readyz 200
+
+
+def readyz_ok(api_base: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{api_base}/readyz", timeout=1) as r:
+            return bool(r.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def start_gateway(config: Path, log: Path, api_base: str, timeout: float) -> Started:
+    """Launch the node; return once its log says ready and /readyz answers 200, with the time
+    each took from the launch."""
     out = log.open("wb")
     t0 = time.monotonic()
-    proc = subprocess.Popen(
+    gw = subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", "run", "--config", str(config)],
         stdout=out,
         stderr=subprocess.STDOUT,
@@ -761,17 +530,25 @@ def start_gateway(config: Path, log: Path, timeout: float) -> tuple[subprocess.P
         start_new_session=True,  # its own process group: stopped as a whole, and only it
     )
     out.close()
+    ready = readyz = math.nan
     while time.monotonic() - t0 < timeout:
-        if b"sautikit-gateway ready" in log.read_bytes():
-            return proc, time.monotonic() - t0
-        if proc.poll() is not None:
+        if math.isnan(ready) and b"sautikit-gateway ready" in log.read_bytes():
+            ready = time.monotonic() - t0
+        if math.isnan(readyz) and readyz_ok(api_base):
+            readyz = time.monotonic() - t0
+        if not (math.isnan(ready) or math.isnan(readyz)):
+            return Started(gw, ready, readyz)
+        if not math.isnan(ready) and time.monotonic() - t0 > ready + READYZ_GRACE_S:
+            print(f"   ! /readyz not 200 {READYZ_GRACE_S:.0f}s after ready: going on", flush=True)
+            return Started(gw, ready, readyz)
+        if gw.poll() is not None:
             break
-        time.sleep(0.2)
-    stop_gateway(proc)
+        time.sleep(0.1)
+    stop_gateway(gw)
     tail = log.read_text(errors="replace")[-3000:]
     raise RuntimeError(
-        f"gateway not ready after {time.monotonic() - t0:.0f}s "
-        f"(exit {proc.returncode}); log tail:\n{tail}"
+        f"gateway not ready after {time.monotonic() - t0:.0f}s (log ready {ready:.1f}s, "
+        f"/readyz {readyz:.1f}s, exit {gw.returncode}); log tail:\n{tail}"
     )
 
 
@@ -789,73 +566,221 @@ def stop_gateway(proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
         proc.wait(5)
 
 
-async def run_level(level: int, args: argparse.Namespace, peer: Peer, base: Path) -> LevelResult:
-    admit = CALLS_PER_WORKER - args.reserved_slots
-    workers = 1 if args.front == "off" else math.ceil(level / admit)
-    if args.front != "off":
-        workers += max(1, math.ceil(workers * args.headroom))
-    res = LevelResult(level=level, workers=workers)
-    work = base / f"level-{level}"
+# ------------------------------------------------------------------------ the node's /metrics
+
+
+async def fetch_metrics(api_base: str) -> str | None:
+    from aiohttp import ClientSession, ClientTimeout
+
+    try:
+        async with ClientSession(timeout=ClientTimeout(total=10)) as http:
+            async with http.get(f"{api_base}/metrics") as r:
+                return await r.text()
+    except Exception as e:  # the figures are a cross-check only
+        print(f"   (no /metrics: {e})", flush=True)
+        return None
+
+
+_METRIC = re.compile(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})? ([-+]?[0-9.eE+-]+|NaN|[-+]Inf)(?: \d+)?$")
+
+
+def metric_samples(text: str) -> list[tuple[str, str, float]]:
+    """(name, labels text, value) of every sample in a Prometheus text exposition."""
+    out = []
+    for line in text.splitlines():
+        if m := _METRIC.match(line):
+            out.append((m.group(1), m.group(2) or "", float(m.group(3))))
+    return out
+
+
+def setup_means(text: str) -> dict[str, float]:
+    """Means of the node's own setup and voice app fetch histograms."""
+    sums: dict[str, float] = {}
+    for name, labels, v in metric_samples(text):
+        m = re.match(r"^(sautikit_\w+?)_(sum|count)$", name)
+        if m and "error" not in labels:
+            sums[name] = sums.get(name, 0.0) + v
+    out: dict[str, float] = {}
+    for name in ("sautikit_call_setup_seconds", "sautikit_callback_fetch_seconds"):
+        if sums.get(f"{name}_count"):
+            out[name + "_mean_ms"] = 1000 * sums[f"{name}_sum"] / sums[f"{name}_count"]
+            out[name + "_count"] = sums[f"{name}_count"]
+    return out
+
+
+def outbox_pending(text: str) -> float | None:
+    """Outbox rows waiting for delivery: `sautikit_events_outbox{state="pending"}`, or any
+    `sautikit_outbox_*` gauge with a pending state or name (the family may be renamed)."""
+    found = None
+    for name, labels, v in metric_samples(text):
+        if not name.startswith(("sautikit_events_outbox", "sautikit_outbox")):
+            continue
+        if name.endswith(("_sum", "_count", "_bucket", "_created", "_total")):
+            continue
+        if 'state="pending"' in labels or (name.endswith("pending") and "state=" not in labels):
+            found = (found or 0.0) + v
+    return found
+
+
+def active_calls(text: str) -> float:
+    return sum(v for name, _, v in metric_samples(text) if name == "sautikit_active_calls")
+
+
+def outbox_pending_db(storage: Path) -> float | None:
+    """The same from the outbox file, read-only (when /metrics has no such family)."""
+    path = storage / "outbox.sqlite3"
+    if not path.exists():
+        return None
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=2)
+        try:
+            (n,) = db.execute("SELECT COUNT(*) FROM outbox WHERE state = 'pending'").fetchone()
+        finally:
+            db.close()
+        return float(n)
+    except sqlite3.Error:
+        return None
+
+
+# ------------------------------------------------------------------------ one node, one SIPp run
+
+
+@dataclass
+class Drive:
+    """How SIPp drives one node: `-l limit -r rate`, and `-m calls` or, with calls = 0, no call
+    limit: SIGUSR1 after `duration_s` (SIPp stops placing calls and lets the live ones end)."""
+
+    kind: str
+    level: int  # the level reported
+    limit: int  # SIPp -l
+    calls: int  # SIPp -m (0: until duration_s)
+    rate: float
+    duration_s: float = 0.0
+
+
+@dataclass
+class Live:
+    """What a monitor of a running node can read."""
+
+    api_base: str
+    node: proc.Node
+    storage: Path
+    work: Path
+    t0: float  # SIPp started (monotonic)
+
+
+Monitor = Callable[[Live], Awaitable[None]]
+
+
+def workers_for(level: int, args: argparse.Namespace) -> int:
+    """ceil(level / admitted calls per worker), plus --headroom of it."""
+    if args.front == "off":
+        return 1
+    n = math.ceil(level / (args.calls_per_worker - args.reserved_slots))
+    return n + (math.ceil(n * args.headroom) if args.headroom > 0 else 0)
+
+
+def rate_args(rate: float) -> list[str]:
+    if rate == int(rate):
+        return ["-r", str(int(rate))]
+    return ["-r", str(round(rate * 10)), "-rp", "10000"]  # rate calls per 10 s
+
+
+async def run_node(
+    drive: Drive,
+    workers: int,
+    args: argparse.Namespace,
+    peer: Peer,
+    base: Path,
+    monitor: Monitor | None = None,
+) -> tuple[LevelResult, list[dict[str, Any]]]:
+    """A fresh node of `workers` workers, one SIPp run against it; the figures, and SIPp's
+    per-call trace (read_messages)."""
+    level = drive.level
+    res = LevelResult(level=level, workers=workers, kind=drive.kind, rate=drive.rate)
+    work = base / f"{drive.kind}-{level}"
     work.mkdir(parents=True)
     res.work = str(work)
     peer.reset()
-    config, sip_port, api_base = write_config(work, peer, level, workers, args)
+    config, sip_port, api_base = write_config(work, peer, workers, args)
+    admit = args.calls_per_worker - args.reserved_slots
     print(
-        f"\n== level {level}: {workers} worker(s) x {admit} admitted calls, front {args.front}",
+        f"\n== {drive.kind} {level}: {workers} worker(s) x {admit} admitted calls, front "
+        f"{args.front}; SIPp -l {drive.limit} -r {drive.rate:g}"
+        + (f" -m {drive.calls}" if drive.calls else f" for {drive.duration_s:.0f}s"),
         flush=True,
     )
-    gw, res.ready_s = await asyncio.to_thread(
-        start_gateway, config, work / "gateway.log", args.ready_timeout + 1.5 * workers
+    started = await asyncio.to_thread(
+        start_gateway, config, work / "gateway.log", api_base, args.ready_timeout + 1.5 * workers
     )
-    print(f"   node ready in {res.ready_s:.1f}s (pid {gw.pid})", flush=True)
-    calls = 2 * level
-    res.attempted = calls
+    gw, res.ready_s, res.readyz_s = started.proc, started.ready_s, started.readyz_s
+    print(
+        f"   node ready in {res.ready_s:.1f}s, /readyz 200 after {res.readyz_s:.1f}s "
+        f"(pid {gw.pid})",
+        flush=True,
+    )
     try:
-        sampler = Sampler({gw.pid}, pids_mentioning(str(work)) - {os.getpid()})
+        node = proc.Node({gw.pid}, proc.pids_mentioning(str(work)))
+        sampler = proc.Sampler(node)
         # Idle cost (and time for the front's first OPTIONS probes of every worker).
-        b0, t0, _ = sampler.snapshot()
+        m0 = proc.machine_cpu()
         await asyncio.sleep(args.settle)
-        b1, t1, _ = sampler.snapshot()
-        res.idle_cpu_pct = 100 * (b1 - b0) / max(1, t1 - t0)
-        procs = read_procs()
-        res.rss_idle_mb = sum(procs[p][2] for p in sampler.members(procs)) * PAGE / 1e6
+        res.idle_cpu_pct = proc.busy_pct(m0, proc.machine_cpu())
+        res.rss_idle_mb = proc.rss_mb(node.members().values())
+        timeout = (drive.calls / drive.rate if drive.calls else drive.duration_s) + 120
         sipp_cmd = [
             "sipp", "-sf", str(SCENARIO), f"127.0.0.1:{sip_port}", "-s", NUMBER,
-            "-m", str(calls), "-l", str(level), "-r", str(args.cps),
+            *(["-m", str(drive.calls)] if drive.calls else []),
+            "-l", str(drive.limit), *rate_args(drive.rate),
             "-i", "127.0.0.1", "-p", str(free_port(both=True)), "-mp", str(args.sipp_media_port),
             "-trace_msg", "-trace_rtt", "-rtt_freq", "1", "-trace_err",
             "-trace_stat", "-stf", "stat.csv", "-fd", "1",
-            "-timeout", str(int(calls / args.cps + 120)), "-timeout_error", "-nostdin",
+            "-timeout", str(int(timeout)), "-timeout_error", "-nostdin",
         ]  # fmt: skip
         res.sipp_cmd = sipp_cmd
-        busy0, total0, node0 = sampler.snapshot()
-        split0 = sampler.split()
-        threads0 = sampler.worker_threads()
+        m0, node0 = proc.machine_cpu(), node.cpu()
+        children = "sipp + profilers" if args.profile else "sipp"
+        split0 = node.split(children)
+        threads0 = node.worker_threads()
         sampler.start()
-        profilers = await start_profilers(args, work, sampler, calls) if args.profile else []
-        if profilers:
-            split0["sipp + profilers"] = split0.pop("sipp")
-            sampler.children_label = "sipp + profilers"
+        calls_for_profile = drive.calls or int(drive.rate * drive.duration_s)
+        profilers = (
+            await start_profilers(args, work, node, calls_for_profile) if args.profile else []
+        )
         t_start = time.monotonic()
+        watcher = None
         with (work / "sipp.out").open("wb") as out:
             sipp = await asyncio.create_subprocess_exec(
                 *sipp_cmd, cwd=work, stdout=out, stderr=subprocess.STDOUT
             )
+            if monitor is not None:
+                live = Live(api_base, node, work / "var", work, t_start)
+                watcher = asyncio.create_task(monitor(live))
+            if not drive.calls:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(sipp.wait()), drive.duration_s)
+                if sipp.returncode is None:
+                    sipp.send_signal(signal.SIGUSR1)  # soft stop: no new calls, live ones end
             res.sipp_rc = await sipp.wait()
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
         sipp_wall = time.monotonic() - t_start
         if profilers:
             res.profile = await finish_profilers(profilers)
         await sampler.stop()
-        busy1, total1, node1 = sampler.snapshot()
-        split1 = sampler.split()
-        threads1 = sampler.worker_threads()
+        m1, node1 = proc.machine_cpu(), node.cpu()
+        split1 = node.split(children)
+        threads1 = node.worker_threads()
         # Every call that reached the app should get its final event; wait for stragglers.
         deadline = time.monotonic() + 30 + level / 20
         while peer.finished_calls() < len(peer.calls) and time.monotonic() < deadline:
             peer.changed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(peer.changed.wait(), 0.5)
-        res.metrics = await scrape_metrics(api_base)
+        text = await fetch_metrics(api_base)
+        res.metrics = setup_means(text) if text else {}
     finally:
         await asyncio.to_thread(stop_gateway, gw)
 
@@ -875,6 +800,7 @@ async def run_level(level: int, args: argparse.Namespace, peer: Peer, base: Path
     for code, n in sorted(codes.items()):
         res.reasons.append(f"INVITE answered {code} x{n}")
     invites = sorted(c["invite"] for c in msgs if "invite" in c)
+    res.attempted = drive.calls or len(invites)
     if len(invites) > 1:
         res.cps = (len(invites) - 1) / (invites[-1] - invites[0])
         ramp = invites[: min(level, len(invites))]
@@ -915,35 +841,37 @@ async def run_level(level: int, args: argparse.Namespace, peer: Peer, base: Path
     recs = [c.recording_s for c in peer.calls.values() if c.recording_s is not None]
     if recs:
         res.recording_s_p50 = statistics.median(recs)
+    # A refused INVITE ends as a SIPp success (the scenario accepts it), but it reached no app.
     res.ok = min(res.sipp_ok, res.app_complete)
-    res.failed = calls - res.ok
+    res.failed = res.attempted - res.ok
     if res.sipp_rc not in (0, None) and not res.failed:
         res.reasons.append(f"SIPp exit code {res.sipp_rc}")
         res.failed = max(res.failed, 1)
 
     # -- CPU and memory
-    busy, total = busy1 - busy0, total1 - total0
-    res.cpu_pct = 100 * busy / max(1, total)
+    busy, total = m1[0] - m0[0], m1[1] - m0[1]
+    res.cpu_pct = 100 * busy / max(1e-9, total)
     res.cpu_peak_pct = max((s.busy_pct for s in sampler.samples), default=0.0)
     if len(invites) > 1:  # while SIPp was still placing calls: the loaded part of the run
         loaded = [s.busy_pct for s in sampler.samples if invites[0] + 1 <= s.wall <= invites[-1]]
         if loaded:
             res.cpu_loaded_pct = statistics.mean(loaded)
-    res.node_cpu_share = (node1 - node0) / max(1, busy)
+    res.node_cpu_share = (node1 - node0) / max(1e-9, busy)
     split = split1 - split0
-    split["other processes"] = max(0, busy - sum(split.values()))
-    res.cpu_split = {k: 100 * v / max(1, total) for k, v in split.most_common()}
+    split["other processes"] = max(0.0, busy - sum(split.values()))
+    res.cpu_split = {k: 100 * v / max(1e-9, total) for k, v in split.most_common()}
     res.worker_threads = {
-        k: 100 * v / max(1, total) for k, v in (threads1 - threads0).most_common() if v
+        k: 100 * v / max(1e-9, total) for k, v in (threads1 - threads0).most_common() if v > 0
     }
     if call_seconds > 0:
-        res.cpu_ms_per_call_s = busy * 1000 / HZ / call_seconds
-        res.node_cpu_ms_per_call_s = (node1 - node0) * 1000 / HZ / call_seconds
+        res.cpu_ms_per_call_s = busy * 1000 / call_seconds
+        res.node_cpu_ms_per_call_s = (node1 - node0) * 1000 / call_seconds
     res.rss_mb = max((s.rss_mb for s in sampler.samples), default=0.0)
     res.pss_mb = sampler.pss_mb
     res.rss_per_call_mb = res.rss_mb / level
+    res.pss_per_call_mb = res.pss_mb / level
     (work / "samples.json").write_text(json.dumps([s.__dict__ for s in sampler.samples]))
-    print(f"   {fmt_row(res)}", flush=True)
+    print(f"   {capacity_report.fmt_row(res)}", flush=True)
     print(
         f"   SIPp {sipp_wall:.0f}s rc={res.sipp_rc}; app {res.app_kinds}; events {res.events}",
         flush=True,
@@ -964,25 +892,112 @@ async def run_level(level: int, args: argparse.Namespace, peer: Peer, base: Path
         print(f"   {line}", flush=True)
     for r in res.reasons:
         print(f"   ! {r}", flush=True)
+    return res, msgs
+
+
+async def run_level(
+    level: int, kind: str, args: argparse.Namespace, peer: Peer, base: Path
+) -> LevelResult:
+    drive = Drive(kind, level, level, 2 * level, args.cps)
+    res, _ = await run_node(drive, workers_for(level, args), args, peer, base)
     return res
 
 
+async def sweep(levels: list[int], run: Callable[[int, str], Awaitable[int]]) -> None:
+    """Run the levels in order (run -> failed calls); at the first that fails, one more level
+    halfway (to a multiple of BISECT_STEP) between the last good level and it, and stop."""
+    good = 0
+    for lv in sorted(levels):
+        if await run(lv, "sweep") == 0:
+            good = lv
+            continue
+        mid = good + BISECT_STEP * round((lv - good) / 2 / BISECT_STEP)
+        if good < mid < lv:
+            await run(mid, "bisect")
+        return
+
+
+# ------------------------------------------------------------------------ overload
+
+
+async def run_overload(
+    cap: int, args: argparse.Namespace, peer: Peer, base: Path
+) -> OverloadResult:
+    """1.5 C offered to a node sized for C: `-l 1.5C`, at the sweep's rate or faster if that
+    cannot reach 1.5 C concurrent calls of this length, for 4 C calls."""
+    offered = math.ceil(OVERLOAD * cap)
+    rate = args.overload_cps or max(args.cps, math.ceil(offered / CALL_S))
+    drive = Drive("overload", offered, offered, args.overload_calls or 4 * cap, rate)
+    run, msgs = await run_node(drive, workers_for(cap, args), args, peer, base)
+    o = OverloadResult(capacity=cap, offered=offered, run=run)
+    calls = [c for c in msgs if "invite" in c]
+    o.invites = len(calls)
+    answered = [c for c in calls if "200" in c]
+    o.answered = len(answered)
+    refused = [c for c in calls if "200" not in c and c["codes"]]
+    o.refused = dict(Counter(c["codes"][0] for c in refused).most_common())
+    o.refused_retry_after = sum(1 for c in refused if c.get("retry_after"))
+    o.unanswered = o.invites - o.answered - len(refused)
+    o.answered_ok = min(sum(1 for c in answered if "bye" in c), run.app_complete, run.sipp_ok)
+    o.answered_failed = o.answered - o.answered_ok
+    o.answered_setup_p99 = run.setup_p99
+    print(f"   overload: {capacity_report.overload_line(o)}", flush=True)
+    return o
+
+
+# ------------------------------------------------------------------------ sustained rate
+
+
+def memory(node: proc.Node) -> tuple[float, float]:
+    """(RSS, PSS) MB of the node's tree now."""
+    members = list(node.members().values())
+    return proc.rss_mb(members), proc.pss_mb(members)
+
+
+async def run_sustain(
+    cap: int, level: int, args: argparse.Namespace, peer: Peer, base: Path
+) -> SustainResult:
+    """level / call length calls per second for --sustain-s to a node sized for C (SIPp -l C,
+    no -m), sampling the node every 10 s."""
+    rate = round(level / CALL_S, 1)
+    u = SustainResult(capacity=cap, level=level, target_cps=rate, duration_s=args.sustain_s,
+                      run=LevelResult(level=level, workers=0))  # fmt: skip
+
+    async def monitor(live: Live) -> None:
+        while True:
+            await asyncio.sleep(SUSTAIN_EVERY_S - (time.monotonic() - live.t0) % SUSTAIN_EVERY_S)
+            t = time.monotonic() - live.t0
+            rss, pss = await asyncio.to_thread(memory, live.node)
+            text = await fetch_metrics(live.api_base) or ""
+            pending = outbox_pending(text)
+            if pending is None:
+                pending = await asyncio.to_thread(outbox_pending_db, live.storage)
+            stat = read_stat(live.work / "stat.csv")
+            invites = int(stat[-1].get("TotalCallCreated", 0) or 0) if stat else 0
+            s = SustainSample(t, rss, pss, math.nan if pending is None else pending,
+                              active_calls(text), invites)  # fmt: skip
+            u.samples.append(s)
+            print(
+                f"   t={t:4.0f}s RSS {rss:6.0f} MB PSS {pss:6.0f} MB outbox pending "
+                f"{s.pending:g} live calls {s.live_calls:g} INVITEs {invites}",
+                flush=True,
+            )
+
+    drive = Drive("sustain", level, cap, 0, rate, args.sustain_s)
+    u.run, _ = await run_node(drive, workers_for(cap, args), args, peer, base, monitor)
+    end = max((s.t for s in u.samples), default=0.0)
+    window = [s for s in u.samples if s.t >= end - LEAK_FIT_S]
+    u.fit_s = (window[-1].t - window[0].t) if window else 0.0
+    u.rss_slope_mb_min = slope_per_min([(s.t, s.rss_mb) for s in window])
+    u.pss_slope_mb_min = slope_per_min([(s.t, s.pss_mb) for s in window])
+    pend = [s.pending for s in window if not math.isnan(s.pending)]
+    if pend:
+        u.pending_start, u.pending_end, u.pending_max = pend[0], pend[-1], max(pend)
+    print(f"   sustain: {capacity_report.sustain_line(u)}", flush=True)
+    return u
+
+
 # ------------------------------------------------------------------------ the ceiling
-
-
-@dataclass
-class CeilingResult:
-    level: int
-    workers: int
-    ok: int = 0
-    failed: int = -1
-    cpu_pct: float = float("nan")
-    setup_mean: float = float("nan")
-    rss_mb: float = 0.0
-    worker_threads: dict[str, float] = field(default_factory=dict)  # % of the machine
-    sipp_s: float = 0.0
-    line: str = ""
-    cmd: list[str] = field(default_factory=list)
 
 
 _CEIL = re.compile(
@@ -999,46 +1014,49 @@ async def run_ceiling(workers: int, cps: int, base: Path) -> CeilingResult:
     res.cmd = ["bash", str(CEILING), str(workers), str(cps), sys.executable]
     print(f"\n== ceiling: {workers} bare workers x 4 = {level} concurrent calls", flush=True)
     env = {**os.environ, "TMPDIR": str(work), "KEEP": "1"}  # run.sh's mktemp lands in our dir
-    proc = await asyncio.create_subprocess_exec(
+    runsh = await asyncio.create_subprocess_exec(
         *res.cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
     peak = 0.0
     # Bare workers' threads while SIPp runs: when SIPp appears, and the last 0.5 s sample
     # with SIPp alive.
-    first: tuple[float, Counter[str], int] | None = None
-    last: tuple[float, Counter[str], int] | None = None
+    first: tuple[float, Counter[str], float] | None = None
+    last: tuple[float, Counter[str], float] | None = None
+
+    def members() -> list[proc.psutil.Process]:
+        """run.sh's tree (bare workers, SIPp) and Kamailio (daemonized, its config in work)."""
+        return list(proc.tree({runsh.pid} | proc.pids_mentioning(str(work))).values())
 
     async def sample() -> None:
         nonlocal peak, first, last
-        bare: set[int] = set()
+        bare: list[proc.psutil.Process] = []
         sipp_pid = 0
         n = 0
         while True:
             await asyncio.sleep(0.5)
             n += 1
             if not sipp_pid:
-                if found := pids_mentioning("carrier_call.xml") - {os.getpid()}:
+                ps = members()
+                if found := [p.pid for p in ps if "carrier_call.xml" in proc.cmdline(p)]:
                     sipp_pid = min(found)
-                    bare = pids_mentioning("bare_worker.py") - {os.getpid()}
-                    first = (time.monotonic(), thread_split(bare), cpu_times()[1])
-            elif alive(sipp_pid):
-                last = (time.monotonic(), thread_split(bare), cpu_times()[1])
+                    bare = [p for p in ps if "bare_worker.py" in proc.cmdline(p)]
+                    first = (time.monotonic(), proc.thread_split(bare), proc.machine_cpu()[1])
+            elif proc.alive(sipp_pid):
+                last = (time.monotonic(), proc.thread_split(bare), proc.machine_cpu()[1])
             if n % 2 == 0:
-                procs = read_procs()
-                mine = pids_mentioning("bare_worker.py") | pids_mentioning(str(work))
-                mine = (mine & procs.keys()) - {os.getpid()}
-                ours = {p for p in mine if procs[p][0] not in mine} - {proc.pid}
-                tree = descendants(procs, ours)
-                peak = max(peak, sum(procs[p][2] for p in tree) * PAGE / 1e6)
+                ours = [p for p in members() if p.pid != runsh.pid]
+                peak = max(peak, await asyncio.to_thread(proc.rss_mb, ours))
 
     sampler = asyncio.create_task(sample())
-    out, _ = await proc.communicate()
+    out, _ = await runsh.communicate()
     sampler.cancel()
     res.rss_mb = peak
     if first and last and last[2] > first[2]:
         res.sipp_s = last[0] - first[0]
         res.worker_threads = {
-            k: 100 * v / (last[2] - first[2]) for k, v in (last[1] - first[1]).most_common() if v
+            k: 100 * v / (last[2] - first[2])
+            for k, v in (last[1] - first[1]).most_common()
+            if v > 0
         }
     text = out.decode(errors="replace")
     res.line = text.strip().splitlines()[-1] if text.strip() else ""
@@ -1051,353 +1069,84 @@ async def run_ceiling(workers: int, cps: int, base: Path) -> CeilingResult:
     return res
 
 
-# ------------------------------------------------------------------------ report
-
-
-def fmt_row(r: LevelResult) -> str:
-    return (
-        f"level {r.level}: ok {r.ok} failed {r.failed} peak {r.peak_calls} cps {r.cps:.1f} "
-        f"INVITE->200 p50 {r.setup_p50:.1f} p99 {r.setup_p99:.1f} ms; CPU {r.cpu_pct:.0f}% "
-        f"(peak {r.cpu_peak_pct:.0f}%, {r.cpu_ms_per_call_s:.1f} ms/call-s); "
-        f"RSS {r.rss_mb:.0f} MB ({r.rss_per_call_mb:.1f}/call)"
-    )
-
-
-def capacity(levels: list[tuple[int, int]]) -> int:
-    """Highest level with 0 failed calls (0 if none)."""
-    return max((lv for lv, failed in levels if failed == 0), default=0)
-
-
-def clean_up_to(levels: list[tuple[int, int]]) -> int:
-    """Highest level below which no level failed either (stricter than `capacity`)."""
-    best = 0
-    for lv, failed in sorted(levels):
-        if failed:
-            break
-        best = lv
-    return best
-
-
-def rel(path: str) -> str:
-    here = f"{Path.cwd()}/"
-    return os.path.relpath(path) if path.startswith(here) else path
-
-
-def report(
-    args: argparse.Namespace,
-    results: list[LevelResult],
-    ceilings: list[CeilingResult],
-    started: datetime,
-    wall: float,
-    plot_note: str,
-) -> str:
-    py, script = rel(sys.executable), rel(str(Path(__file__).absolute()))
-    commit = args.commit
-    cpu = next(
-        (
-            ln.split(":", 1)[1].strip()
-            for ln in Path("/proc/cpuinfo").read_text().splitlines()
-            if ln.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    mem_gb = os.sysconf("SC_PHYS_PAGES") * PAGE / 2**30
-    admit = CALLS_PER_WORKER - args.reserved_slots
-    L = []
-    L.append(f"# Gateway capacity, {started:%Y-%m-%d %H:%M}")
-    L.append("")
-    L.append(
-        f"Commit {commit}, {os.cpu_count()} cores ({cpu}), {mem_gb:.0f} GB, Python "
-        f"{platform.python_version()}, load average before the run "
-        f"{args.load_before:.2f}; whole run {wall / 60:.1f} min."
-    )
-    L.append(
-        f"IVR mix per call: say (2.8 s) -> getDigits (RFC 4733 '1') -> record 5 s (+0.2 s beep) "
-        f"-> hangup; three voice app requests and four events per call, all on loopback. "
-        f"SIPp through the node's Kamailio (front `{args.front}`), `-l C -m 2C -r {args.cps}`. "
-        f"Workers: `calls_per_worker = {CALLS_PER_WORKER}`, `reserved_slots = "
-        f"{args.reserved_slots}`: {admit} admitted per worker, count = ceil(C/{admit}) + "
-        f"{args.headroom:.0%} headroom."
-    )
-    L.append("")
-    L.append(
-        "| concurrent calls (level / peak seen) | workers | calls ok / failed | "
-        "calls/s (first C calls) | "
-        "INVITE→200 p50 / p99 ms | CPU busy %: run (while placing calls; peak 1 s; not ours) | "
-        "CPU ms per call-second "
-        "(node's share) | RSS MB total (idle) | RSS MB per call | PSS MB |"
-    )
-    L.append("|---|---|---|---|---|---|---|---|---|---|")
-    for r in sorted(results, key=lambda r: r.level):
-        L.append(
-            f"| {r.level} / {r.peak_calls} | {r.workers} | {r.ok} / {r.failed} | {r.cps:.1f} "
-            f"({r.ramp_cps:.1f}) | "
-            f"{r.setup_p50:.1f} / {r.setup_p99:.1f} | {r.cpu_pct:.0f} ({r.cpu_loaded_pct:.0f}; "
-            f"{r.cpu_peak_pct:.0f}; "
-            f"{r.cpu_split.get('other processes', 0):.0f}) | "
-            f"{r.cpu_ms_per_call_s:.1f} ({r.node_cpu_share:.0%}) | {r.rss_mb:.0f} "
-            f"({r.rss_idle_mb:.0f}) | {r.rss_per_call_mb:.1f} | {r.pss_mb:.0f} |"
-        )
-    cap = capacity([(r.level, r.failed) for r in results])
-    L.append("")
-    L.append(
-        f"**Capacity: {cap} concurrent calls with 0 failed calls** "
-        f"(highest level run with none; {admit} admitted per worker)."
-    )
-    for r in sorted(results, key=lambda r: r.level):
-        if r.reasons:
-            L.append(f"- level {r.level} failures/notes: " + "; ".join(r.reasons))
-    L.append("")
-    L.append("Other per-level figures: ")
-    for r in sorted(results, key=lambda r: r.level):
-        L.append(
-            f"- level {r.level}: INVITE→200 max {r.setup_max:.0f} ms; node ready after "
-            f"{r.ready_s:.0f} s; idle CPU {r.idle_cpu_pct:.0f}%; call length p50 "
-            f"{r.call_s_p50:.1f} s; recording p50 {r.recording_s_p50:.0f} s; call.completed "
-            f"delivered p99 {r.final_lag_p99:.0f} ms after it happened; app handling p99 "
-            f"{r.app_handling_p99:.2f} ms; voice app requests {r.app_kinds}; events {r.events}"
-        )
-        L.append(
-            "  - worker threads, % of the machine over the SIPp run: "
-            + ", ".join(f"{k} {v:.1f}" for k, v in r.worker_threads.items())
-        )
-        L.append(
-            "  - CPU by role, % of the machine over the SIPp run: "
-            + ", ".join(f"{k} {v:.1f}" for k, v in r.cpu_split.items())
-        )
-        if r.metrics:
-            L.append(
-                "  - the node's /metrics: setup (INVITE received → 200 sent) mean "
-                f"{r.metrics.get('sautikit_call_setup_seconds_mean_ms', float('nan')):.1f} ms, "
-                "voice app fetch mean "
-                f"{r.metrics.get('sautikit_callback_fetch_seconds_mean_ms', float('nan')):.1f} ms"
-            )
-    if ceilings:
-        L.append("")
-        L.append(f"## The bare stack's ceiling, same sitting (`run.sh N {args.ceiling_cps}`)")
-        L.append("")
-        L.append(
-            "| concurrent calls | bare workers | calls ok / failed | CPU busy % | "
-            "INVITE→200 mean ms | RSS MB total |"
-        )
-        L.append("|---|---|---|---|---|---|")
-        for c in sorted(ceilings, key=lambda c: c.level):
-            L.append(
-                f"| {c.level} | {c.workers} | {c.ok} / {c.failed} | {c.cpu_pct:.0f} | "
-                f"{c.setup_mean:.0f} | {c.rss_mb:.0f} |"
-            )
-        ccap = capacity([(c.level, c.failed) for c in ceilings])
-        L.append("")
-        if args.ceiling_workers:
-            L.append(
-                f"Ceiling run once at {args.ceiling_workers} workers "
-                f"({args.ceiling_workers * 4} calls) and taken as its capacity if it had "
-                "0 failures."
-            )
-        ratio = cap / ccap if ccap else float("nan")
-        strict_g = clean_up_to([(r.level, r.failed) for r in results])
-        strict_c = clean_up_to([(c.level, c.failed) for c in ceilings])
-        top = max((r.level for r in results), default=0)
-        ctop = max(c.level for c in ceilings)
-        bound = (
-            " Neither failed at the highest level it was run at, so both capacities are at "
-            "least these figures: the ratio compares the levels run, not two measured limits."
-            if cap >= top and ccap >= ctop
-            else ""
-        )
-        L.append(
-            f"**Gateway / ceiling capacity = {cap} / {ccap} = {ratio:.2f}** (goal ≥ 0.85).{bound}"
-        )
-        fast = max(
-            (r.level for r in results if r.failed == 0 and r.setup_p99 < P99_GOAL_MS), default=0
-        )
-        if ccap:
-            L.append(
-                f"With the INVITE→200 goal too (0 failed and p99 < {P99_GOAL_MS:.0f} ms): "
-                f"{fast} / {ccap} = {fast / ccap:.2f}."
-            )
-        if (strict_g, strict_c) != (cap, ccap) and strict_c:
-            L.append(
-                f"Counting only levels below which nothing failed either: {strict_g} / "
-                f"{strict_c} = {strict_g / strict_c:.2f}."
-            )
-        by = {c.level: c for c in ceilings}
-        for r in sorted(results, key=lambda r: r.level):
-            cr = by.get(CEILING_CALLS_PER_WORKER * math.ceil(r.level / CEILING_CALLS_PER_WORKER))
-            if cr is None or not cr.cpu_pct > 0:  # also skips NaN: run.sh printed nothing
-                continue
-            note = (
-                f" (the gateway failed {r.failed} calls here; its run was stretched by "
-                f"stuck calls, {r.cpu_loaded_pct:.0f}% while SIPp was placing calls)"
-                if r.failed
-                else ""
-            )
-            L.append(
-                f"- at {r.level} calls: gateway CPU {r.cpu_pct:.0f}% vs bare "
-                f"{cr.cpu_pct:.0f}% ({r.cpu_pct / cr.cpu_pct:.1f}x){note}; RSS "
-                f"{r.rss_mb:.0f} vs {cr.rss_mb:.0f} MB"
-            )
-            wt = ", ".join(f"{k} {v:.1f}" for k, v in cr.worker_threads.items())
-            L.append(f"  - bare worker threads at {cr.level}, % of the machine: {wt}")
-    profiled = [r for r in results if r.profile]
-    for r in profiled:
-        L.append("")
-        L.append(f"### Profile at level {r.level}")
-        L.append("")
-        L.append("```")
-        L.extend(r.profile)
-        L.append("```")
-    L.append("")
-    L.append("## Commands")
-    L.append("")
-    L.append("```")
-    L.append(f"{py} {script} {shlex.join(args.argv)}   # this whole run")
-    front = "" if args.front == "managed" else f" --front {args.front}"
-    for r in sorted(results, key=lambda r: r.level):
-        L.append(
-            f"{py} {script} --levels {r.level} --cps {args.cps} --no-ceiling "
-            f"--no-fractions{front}   # level {r.level}"
-        )
-    for c in sorted(ceilings, key=lambda c: c.level):
-        L.append(f"{shlex.join(c.cmd)}   # ceiling {c.level}")
-    if results:
-        top_run = max(results, key=lambda r: r.level)
-        L.append(f"# SIPp, as run for level {top_run.level} (in its work dir):")
-        L.append(shlex.join(top_run.sipp_cmd))
-    L.append("```")
-    if plot_note:
-        L.append("")
-        L.append(plot_note)
-    return "\n".join(L) + "\n"
-
-
-def plot(results: list[LevelResult], ceilings: list[CeilingResult], path: Path) -> str:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "Plot skipped: matplotlib is not installed (pip install matplotlib)."
-    rs = sorted(results, key=lambda r: r.level)
-    cs = sorted(ceilings, key=lambda c: c.level)
-    x = [r.level for r in rs]
-    fig, ax = plt.subplots(1, 3, figsize=(14, 4.4))
-    ax[0].plot(x, [r.setup_p99 for r in rs], "o-", label="p99")
-    ax[0].plot(x, [r.setup_p50 for r in rs], "s--", label="p50")
-    ax[0].axhline(P99_GOAL_MS, color="red", lw=0.8, ls=":", label="goal: p99 150 ms")
-    ax[0].set_yscale("log")
-    ax[0].set_title("INVITE→200 (voice app fetch included)")
-    ax[0].set_ylabel("ms (log scale)")
-    ax[1].plot(x, [r.cpu_loaded_pct for r in rs], "o-", label="gateway, while placing calls")
-    ax[1].plot(x, [r.cpu_pct for r in rs], "o:", color="C0", alpha=0.5,
-               label="gateway, whole SIPp run")  # fmt: skip
-    if cs:
-        ax[1].plot([c.level for c in cs], [c.cpu_pct for c in cs], "s--", label="bare ceiling")
-    ax[1].set_title("CPU busy, whole machine (2 cores)")
-    ax[1].set_ylabel("% of both cores")
-    ax[1].set_ylim(0, 100)
-    ax[2].plot(x, [r.rss_mb for r in rs], "o-", label="gateway tree RSS")
-    if any(r.pss_mb for r in rs):
-        ax[2].plot(x, [r.pss_mb for r in rs], "^:", label="gateway tree PSS")
-    if cs:
-        ax[2].plot([c.level for c in cs], [c.rss_mb for c in cs], "s--", label="bare ceiling RSS")
-    ax[2].set_title("Memory")
-    ax[2].set_ylabel("MB")
-    failed = [r for r in rs if r.failed]
-    for a, ys in (
-        (ax[0], [r.setup_p99 for r in failed]),
-        (ax[1], [r.cpu_loaded_pct for r in failed]),
-        (ax[2], [r.rss_mb for r in failed]),
-    ):
-        if failed:
-            a.scatter([r.level for r in failed], ys, marker="x", s=80, color="red", zorder=5,
-                      label="level with failed calls")  # fmt: skip
-    for a in ax:
-        a.set_xlabel("concurrent calls")
-        a.grid(alpha=0.3)
-        a.legend(fontsize=7)
-    fig.suptitle("Sautikit gateway node, IVR mix (say → getDigits → record 5 s → hangup)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return f"Plot: {rel(str(path))}"
-
-
 # ------------------------------------------------------------------------ main
 
 
-async def amain(
-    args: argparse.Namespace, base: Path
-) -> tuple[list[LevelResult], list[CeilingResult]]:
+async def amain(args: argparse.Namespace, base: Path, s: Sitting) -> None:
     peer = Peer()
     await peer.start()
-    results: list[LevelResult] = []
     try:
-        for level in [] if args.ceiling_only else args.level_list:
-            results.append(await run_level(level, args, peer, base))
-        cap = capacity([(r.level, r.failed) for r in results])
-        if cap and not args.no_fractions:
-            done = {r.level for r in results}
-            for frac in (0.5, 0.8):
-                lv = max(1, round(cap * frac))
-                if lv not in done:
-                    results.append(await run_level(lv, args, peer, base))
-                    done.add(lv)
+        await gateway_runs(args, peer, base, s)
     finally:
         await peer.stop()
-    ceilings: list[CeilingResult] = []
-    if not args.no_ceiling:
-        if os.geteuid() != 0:
-            print("ceiling skipped: run.sh needs root (SIPp's pcap play)", file=sys.stderr)
-        elif not args.ceiling_found:
-            print(f"ceiling skipped: {CEILING} not found", file=sys.stderr)
-        elif args.ceiling_workers:
-            ceilings.append(await run_ceiling(args.ceiling_workers, args.ceiling_cps, base))
+
+
+async def gateway_runs(args: argparse.Namespace, peer: Peer, base: Path, s: Sitting) -> None:
+    special = args.overload_only or args.sustain_only
+
+    async def level(lv: int, kind: str) -> int:
+        s.levels.append(await run_level(lv, kind, args, peer, base))
+        return s.levels[-1].failed
+
+    if not (args.ceiling_only or special):
+        if args.all_levels:
+            for lv in args.level_list:
+                await level(lv, "sweep")
         else:
-            levels = [r.level for r in results] or args.level_list
-            for n in sorted({math.ceil(lv / CEILING_CALLS_PER_WORKER) for lv in levels}):
-                ceilings.append(await run_ceiling(n, args.ceiling_cps, base))
-    return results, ceilings
+            await sweep(args.level_list, level)
+    if not (args.no_ceiling or special):
+        await ceiling_runs(args, base, s)
+    cap = args.capacity or capacity([(r.level, r.failed) for r in s.levels])
+    if not cap:
+        if special or not args.ceiling_only:
+            print("no capacity found (every level failed): no fractions/overload/sustain")
+        return
+    if not (args.no_fractions or special or args.ceiling_only):
+        done = {r.level for r in s.levels}
+        for frac in (0.5, 0.8):
+            lv = max(1, round(cap * frac))
+            if lv not in done:
+                await level(lv, "fraction")
+                done.add(lv)
+    full = not (special or args.ceiling_only)
+    if args.overload_only or (args.overload and full):
+        s.overload = await run_overload(cap, args, peer, base)
+    if args.sustain_only or (args.sustain_s > 0 and full):
+        sustain_level = args.sustain_level or max(1, round(SUSTAIN_FRACTION * cap))
+        s.sustain = await run_sustain(cap, sustain_level, args, peer, base)
 
 
-SAVED_ARGS = ("argv", "load_before", "commit", "front", "cps", "headroom", "ceiling_cps",
-              "ceiling_workers", "quick", "reserved_slots")  # fmt: skip
+async def ceiling_runs(args: argparse.Namespace, base: Path, s: Sitting) -> None:
+    if os.geteuid() != 0:
+        print("ceiling skipped: run.sh needs root (SIPp's pcap play)", file=sys.stderr)
+    elif not args.ceiling_found:
+        print(f"ceiling skipped: {CEILING} not found", file=sys.stderr)
+    elif args.ceiling_workers:
+        s.ceilings.append(await run_ceiling(args.ceiling_workers, args.ceiling_cps, base))
+    else:
 
+        async def one(lv: int, kind: str) -> int:
+            n = math.ceil(lv / CEILING_CALLS_PER_WORKER)
+            if any(c.workers == n for c in s.ceilings):
+                return next(c.failed for c in s.ceilings if c.workers == n)
+            s.ceilings.append(await run_ceiling(n, args.ceiling_cps, base))
+            return s.ceilings[-1].failed
 
-def save_results(
-    path: Path,
-    args: argparse.Namespace,
-    results: list[LevelResult],
-    ceilings: list[CeilingResult],
-    started: datetime,
-    wall: float,
-) -> None:
-    data = {
-        "started": started.isoformat(),
-        "wall_s": wall,
-        "args": {k: getattr(args, k) for k in SAVED_ARGS},
-        "levels": [dataclasses.asdict(r) for r in results],
-        "ceilings": [dataclasses.asdict(c) for c in ceilings],
-    }
-    path.write_text(json.dumps(data, indent=1))
-
-
-def load_results(
-    path: Path, args: argparse.Namespace
-) -> tuple[argparse.Namespace, list[LevelResult], list[CeilingResult], datetime, float]:
-    data = json.loads(path.read_text())
-    for k, v in data["args"].items():
-        setattr(args, k, v)
-    results = [LevelResult(**r) for r in data["levels"]]
-    ceilings = [CeilingResult(**c) for c in data["ceilings"]]
-    return args, results, ceilings, datetime.fromisoformat(data["started"]), data["wall_s"]
+        if args.all_levels:
+            for lv in args.level_list:
+                await one(lv, "sweep")
+        else:
+            await sweep(args.level_list, one)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    ap.add_argument("--levels", default="100,200,300,400,450", help="concurrent calls to try")
+    ap.add_argument("--levels", default="250,300,350,400,450", help="concurrent calls to try")
+    ap.add_argument(
+        "--all-levels",
+        action="store_true",
+        help="run every level (default: stop at the first with a failed call, bisect once)",
+    )
     ap.add_argument("--cps", type=int, default=50, help="SIPp call rate (-r), default 50")
     ap.add_argument(
         "--ceiling-workers",
@@ -1417,11 +1166,57 @@ def main() -> int:
         help="skip the extra runs at 50%% and 80%% of the capacity found",
     )
     ap.add_argument(
+        "--no-overload",
+        dest="overload",
+        action="store_false",
+        help="skip the overload run (1.5x capacity offered to a node sized for the capacity)",
+    )
+    ap.add_argument(
+        "--overload-only",
+        action="store_true",
+        help="only the overload run, at --capacity C (no sweep, no ceiling)",
+    )
+    ap.add_argument(
+        "--overload-cps",
+        type=float,
+        default=0,
+        help="overload run's rate (default: --cps, or faster if that cannot reach 1.5 C "
+        f"concurrent {CALL_S} s calls)",
+    )
+    ap.add_argument(
+        "--overload-calls", type=int, default=0, help="overload run's calls (default 4 C)"
+    )
+    ap.add_argument(
+        "--sustain-s",
+        type=float,
+        default=None,
+        help="sustained-rate run's length in seconds (default 300; 0 skips it; --quick: 0)",
+    )
+    ap.add_argument(
+        "--sustain-only",
+        action="store_true",
+        help="only the sustained-rate run (at --sustain-level, node sized for --capacity)",
+    )
+    ap.add_argument(
+        "--sustain-level",
+        type=int,
+        default=0,
+        help="concurrent calls the sustained run aims at (default 0.8 C; its rate is this / "
+        f"{CALL_S} s)",
+    )
+    ap.add_argument(
+        "--capacity",
+        type=int,
+        default=0,
+        help="take this as the capacity C instead of the sweep's (for --overload-only, "
+        "--sustain-only; with --sustain-only it defaults to --sustain-level / 0.8)",
+    )
+    ap.add_argument(
         "--headroom",
         type=float,
-        default=0.2,
-        help="extra workers, a fraction of ceil(C / 3) (default 0.2: with 0.05, round robin + 503 "
-        "failover ran out of Kamailio branches at 200 calls)",
+        default=0.0,
+        help="extra workers, a fraction of ceil(C / admitted calls per worker) (default 0: "
+        "dispatch is load-aware; 0.2 was needed with round robin + 503 failover)",
     )
     ap.add_argument(
         "--front",
@@ -1430,11 +1225,17 @@ def main() -> int:
         help="kamailio.mode; 'off' = one worker, no Kamailio (development)",
     )
     ap.add_argument(
+        "--calls-per-worker",
+        type=int,
+        default=CALLS_PER_WORKER,
+        help=f"workers.calls_per_worker (default {CALLS_PER_WORKER})",
+    )
+    ap.add_argument(
         "--reserved-slots",
         type=int,
-        default=RESERVED_SLOTS,
-        help="workers.reserved_slots (default 1: 3 calls admitted per worker; 0 = what-if: "
-        "4 per worker, no slot kept for dial)",
+        default=0,
+        help="workers.reserved_slots (default 0: 4 calls admitted per worker; 1 = what-if: "
+        "a slot kept for dial, 3 per worker)",
     )
     ap.add_argument("--kamailio-children", type=int, default=4)
     ap.add_argument(
@@ -1480,10 +1281,19 @@ def main() -> int:
         args.no_fractions = True
         if not args.ceiling_workers:
             args.ceiling_workers = 8
+        args.overload = False
+    if args.sustain_s is None:
+        args.sustain_s = 0.0 if args.quick and not args.sustain_only else 300.0
+    if args.sustain_only and not args.capacity:
+        if not args.sustain_level:
+            sys.exit("--sustain-only needs --sustain-level N or --capacity C")
+        args.capacity = math.ceil(args.sustain_level / SUSTAIN_FRACTION)
+    if args.overload_only and not args.capacity:
+        sys.exit("--overload-only needs --capacity C")
     args.level_list = [int(x) for x in args.levels.split(",") if x.strip()]
     args.ceiling_cps = args.ceiling_cps or args.cps
     args.ceiling_found = CEILING.exists()
-    if args.front == "off" and max(args.level_list) > CALLS_PER_WORKER - args.reserved_slots:
+    if args.front == "off" and max(args.level_list) > args.calls_per_worker - args.reserved_slots:
         sys.exit("--front off runs one worker: levels of at most its admitted calls")
     for tool in ("sipp", "kamailio"):
         if not shutil.which(tool):
@@ -1495,11 +1305,11 @@ def main() -> int:
             file=sys.stderr,
         )
 
+    base: Path | None = None
     if args.render:
-        args, results, ceilings, started, wall = load_results(args.render, args)
-        base = None
+        sitting = load(args.render, args)
     else:
-        started = datetime.now()
+        sitting = Sitting(datetime.now(), 0.0)
         args.argv = sys.argv[1:]
         args.load_before = os.getloadavg()[0]
         args.commit = subprocess.run(
@@ -1509,22 +1319,27 @@ def main() -> int:
         ).stdout.strip()
         base = Path(tempfile.mkdtemp(prefix="sautikit-capacity-"))
         t0 = time.monotonic()
-        results, ceilings = asyncio.run(amain(args, base))
-        wall = time.monotonic() - t0
+        try:
+            asyncio.run(amain(args, base, sitting))
+        finally:
+            sitting.wall_s = time.monotonic() - t0
 
+    started = sitting.started
     suffix = "-quick" if args.quick else ""
-    quick_png = RESULTS / f"capacity-{started:%Y-%m-%d}-quick.png"
-    plot_path = args.plot or (quick_png if args.quick else PLOT)
-    plot_note = plot(results, ceilings, plot_path)
-    text = report(args, results, ceilings, started, wall, plot_note)
+    if args.overload_only or args.sustain_only:
+        suffix = "-overload" if args.overload_only else "-sustain"
+    quick_png = RESULTS / f"capacity-{started:%Y-%m-%d}{suffix}.png"
+    plot_path = args.plot or (quick_png if suffix else PLOT)
+    plot_note = capacity_report.plot(sitting, plot_path)
+    text = capacity_report.report(args, sitting, plot_note, Path(__file__))
     out = args.out or RESULTS / f"capacity-{started:%Y-%m-%d}{suffix}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     if base is not None:
-        save_results(out.with_suffix(".json"), args, results, ceilings, started, wall)
+        save(out.with_suffix(".json"), args, sitting)
     print("\n" + text)
     print(f"report: {rel(str(out))} (figures also in {rel(str(out.with_suffix('.json')))})")
-    bad = any(r.failed for r in results)
+    bad = any(r.failed for r in sitting.levels if r.kind != "overload")
     if base is None:
         pass
     elif args.keep or bad:
