@@ -72,12 +72,13 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import psutil
 from aiohttp import web
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -669,7 +670,7 @@ class Live:
     t0: float  # SIPp started (monotonic)
 
 
-Monitor = Callable[[Live], Awaitable[None]]
+Monitor = Callable[[Live], Coroutine[Any, Any, None]]
 
 
 def workers_for(level: int, args: argparse.Namespace) -> int:
@@ -748,7 +749,7 @@ async def run_node(
             await start_profilers(args, work, node, calls_for_profile) if args.profile else []
         )
         t_start = time.monotonic()
-        watcher = None
+        watcher: asyncio.Task[None] | None = None
         with (work / "sipp.out").open("wb") as out:
             sipp = await asyncio.create_subprocess_exec(
                 *sipp_cmd, cwd=work, stdout=out, stderr=subprocess.STDOUT
@@ -1023,13 +1024,13 @@ async def run_ceiling(workers: int, cps: int, base: Path) -> CeilingResult:
     first: tuple[float, Counter[str], float] | None = None
     last: tuple[float, Counter[str], float] | None = None
 
-    def members() -> list[proc.psutil.Process]:
+    def members() -> list[psutil.Process]:
         """run.sh's tree (bare workers, SIPp) and Kamailio (daemonized, its config in work)."""
         return list(proc.tree({runsh.pid} | proc.pids_mentioning(str(work))).values())
 
     async def sample() -> None:
         nonlocal peak, first, last
-        bare: list[proc.psutil.Process] = []
+        bare: list[psutil.Process] = []
         sipp_pid = 0
         n = 0
         while True:

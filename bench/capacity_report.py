@@ -124,7 +124,7 @@ def goals(s: Sitting) -> list[tuple[str, str, bool | None]]:
     elif gw:
         out.append((f"capacity / bare ceiling ≥ {RATIO_GOAL}", f"{cap} (no ceiling run)", None))
     at_cap = next((r for r in gw if r.level == cap), None)
-    if at_cap is not None:
+    if at_cap is not None and at_cap.pss_per_call_mb > 0:
         out.append(
             (
                 f"PSS per call at capacity ≤ {PSS_PER_CALL_GOAL_MB:.0f} MB",

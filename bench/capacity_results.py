@@ -166,7 +166,8 @@ class Sitting:
 
 
 SAVED_ARGS = ("argv", "load_before", "commit", "front", "cps", "headroom", "ceiling_cps",
-              "ceiling_workers", "quick", "reserved_slots", "calls_per_worker")  # fmt: skip
+              "ceiling_workers", "quick", "reserved_slots", "calls_per_worker", "overload_only",
+              "sustain_only")  # fmt: skip
 
 
 def _clean(v: Any) -> Any:
@@ -200,6 +201,8 @@ def save(path: Path, args: argparse.Namespace, s: Sitting) -> None:
 
 
 def _level(d: dict[str, Any]) -> LevelResult:
+    if "pss_per_call_mb" not in d and d.get("pss_mb"):  # a .json from before 2026-12
+        d["pss_per_call_mb"] = d["pss_mb"] / d["level"]
     return LevelResult(**_nan(LevelResult, d))
 
 
