@@ -110,7 +110,7 @@ PLOT = ROOT / "docs" / "capacity.png"
 NUMBER = "+254700000001"
 CALLS_PER_WORKER = 4
 CEILING_CALLS_PER_WORKER = 4  # bare workers keep no slot for dial legs
-CALL_S = 8.8  # INVITE -> BYE of this IVR mix when nothing lags (the sustained rate's divisor)
+CALL_S = 8.8  # INVITE -> BYE of this IVR mix when nothing lags (unless measured at capacity)
 BISECT_STEP = 25
 READYZ_GRACE_S = 20.0
 OVERLOAD = 1.5
@@ -922,12 +922,12 @@ async def sweep(levels: list[int], run: Callable[[int, str], Awaitable[int]]) ->
 
 
 async def run_overload(
-    cap: int, args: argparse.Namespace, peer: Peer, base: Path
+    cap: int, call_s: float, args: argparse.Namespace, peer: Peer, base: Path
 ) -> OverloadResult:
     """1.5 C offered to a node sized for C: `-l 1.5C`, at the sweep's rate or faster if that
-    cannot reach 1.5 C concurrent calls of this length, for 4 C calls."""
+    cannot reach 1.5 C concurrent calls of `call_s`, for 4 C calls."""
     offered = math.ceil(OVERLOAD * cap)
-    rate = args.overload_cps or max(args.cps, math.ceil(offered / CALL_S))
+    rate = args.overload_cps or max(args.cps, math.ceil(offered / call_s))
     drive = Drive("overload", offered, offered, args.overload_calls or 4 * cap, rate)
     run, msgs = await run_node(drive, workers_for(cap, args), args, peer, base)
     o = OverloadResult(capacity=cap, offered=offered, run=run)
@@ -956,11 +956,11 @@ def memory(node: proc.Node) -> tuple[float, float]:
 
 
 async def run_sustain(
-    cap: int, level: int, args: argparse.Namespace, peer: Peer, base: Path
+    cap: int, level: int, call_s: float, args: argparse.Namespace, peer: Peer, base: Path
 ) -> SustainResult:
-    """level / call length calls per second for --sustain-s to a node sized for C (SIPp -l C,
-    no -m), sampling the node every 10 s."""
-    rate = round(level / CALL_S, 1)
+    """level / call_s calls per second for --sustain-s to a node sized for C (SIPp -l C, no
+    -m), sampling the node every 10 s."""
+    rate = round(level / call_s, 1)
     u = SustainResult(capacity=cap, level=level, target_cps=rate, duration_s=args.sustain_s,
                       run=LevelResult(level=level, workers=0))  # fmt: skip
 
@@ -1109,12 +1109,15 @@ async def gateway_runs(args: argparse.Namespace, peer: Peer, base: Path, s: Sitt
             if lv not in done:
                 await level(lv, "fraction")
                 done.add(lv)
+    # Call length (200 -> BYE) at capacity when measured: the rates below aim at concurrency.
+    at_cap = [r.call_s_p50 for r in s.levels if r.level == cap and not math.isnan(r.call_s_p50)]
+    call_s = at_cap[0] + 0.05 if at_cap else CALL_S  # + INVITE -> 200 and the BYE's answer
     full = not (special or args.ceiling_only)
     if args.overload_only or (args.overload and full):
-        s.overload = await run_overload(cap, args, peer, base)
+        s.overload = await run_overload(cap, call_s, args, peer, base)
     if args.sustain_only or (args.sustain_s > 0 and full):
         sustain_level = args.sustain_level or max(1, round(SUSTAIN_FRACTION * cap))
-        s.sustain = await run_sustain(cap, sustain_level, args, peer, base)
+        s.sustain = await run_sustain(cap, sustain_level, call_s, args, peer, base)
 
 
 async def ceiling_runs(args: argparse.Namespace, base: Path, s: Sitting) -> None:

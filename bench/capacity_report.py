@@ -399,8 +399,9 @@ def overload_section(o: OverloadResult) -> list[str]:
          ""]  # fmt: skip
     L.append(
         f"SIPp `-l {o.offered} -m {r.attempted} -r {r.rate:g}` (the sweep's rate, or faster "
-        f"when that cannot keep {o.offered} calls of this length up) to {r.workers} workers; "
-        f"peak concurrent calls seen {r.peak_calls}."
+        f"when that cannot keep {o.offered} calls of this length up) to {r.workers} workers "
+        f"(ready {r.ready_s:.1f} s, /readyz 200 {r.readyz_s:.1f} s); peak concurrent calls "
+        f"seen {r.peak_calls}."
     )
     L += ["", "| INVITEs | answered | answered → completed the IVR | answered → failed | "
           "refused at the INVITE (codes) | with Retry-After | no answer | p99 INVITE→200 ms "
@@ -423,7 +424,8 @@ def sustain_section(u: SustainResult) -> list[str]:
          f"({u.level} concurrent aimed at, node for {u.capacity})", ""]  # fmt: skip
     L.append(
         f"SIPp `-r {u.target_cps:g} -l {u.capacity}`, no call limit, soft stop after "
-        f"{u.duration_s:.0f} s; {r.workers} workers. {r.attempted} calls at {r.cps:.1f}/s, "
+        f"{u.duration_s:.0f} s; {r.workers} workers (ready {r.ready_s:.1f} s, /readyz 200 "
+        f"{r.readyz_s:.1f} s). {r.attempted} calls at {r.cps:.1f}/s, "
         f"{r.ok} ok, **{r.failed} failed**; INVITE→200 p50 / p99 {r.setup_p50:.1f} / "
         f"{r.setup_p99:.1f} ms; CPU busy {r.cpu_pct:.0f} % (peak {r.cpu_peak_pct:.0f})."
     )
