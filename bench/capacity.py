@@ -128,6 +128,12 @@ FIRST: Document = {
 RECORD: Document = {"actions": [{"record": {"maxLength": 5, "timeout": 0, "playBeep": True}}]}
 HANGUP: Document = {"actions": [{"hangup": {}}]}
 FINAL_EVENTS = ("call.completed", "call.failed")
+T0 = time.monotonic()  # the sitting's start: each run's header says how far in it is
+
+
+def since_start() -> str:
+    m, sec = divmod(int(time.monotonic() - T0), 60)
+    return f"[+{m}:{sec:02d}]"
 
 
 # ------------------------------------------------------------------------ voice app + events
@@ -706,8 +712,8 @@ async def run_node(
     config, sip_port, api_base = write_config(work, peer, workers, args)
     admit = args.calls_per_worker - args.reserved_slots
     print(
-        f"\n== {drive.kind} {level}: {workers} worker(s) x {admit} admitted calls, front "
-        f"{args.front}; SIPp -l {drive.limit} -r {drive.rate:g}"
+        f"\n== {since_start()} {drive.kind} {level}: {workers} worker(s) x {admit} admitted "
+        f"calls, front {args.front}; SIPp -l {drive.limit} -r {drive.rate:g}"
         + (f" -m {drive.calls}" if drive.calls else f" for {drive.duration_s:.0f}s"),
         flush=True,
     )
@@ -1013,7 +1019,10 @@ async def run_ceiling(workers: int, cps: int, base: Path) -> CeilingResult:
     work = base / f"ceiling-{workers}"
     work.mkdir(parents=True)
     res.cmd = ["bash", str(CEILING), str(workers), str(cps), sys.executable]
-    print(f"\n== ceiling: {workers} bare workers x 4 = {level} concurrent calls", flush=True)
+    print(
+        f"\n== {since_start()} ceiling: {workers} bare workers x 4 = {level} concurrent calls",
+        flush=True,
+    )
     env = {**os.environ, "TMPDIR": str(work), "KEEP": "1"}  # run.sh's mktemp lands in our dir
     runsh = await asyncio.create_subprocess_exec(
         *res.cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
