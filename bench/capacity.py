@@ -62,12 +62,14 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -112,6 +114,7 @@ CALLS_PER_WORKER = 4
 CEILING_CALLS_PER_WORKER = 4  # bare workers keep no slot for dial legs
 CALL_S = 8.8  # INVITE -> BYE of this IVR mix when nothing lags (unless measured at capacity)
 BISECT_STEP = 25
+RTP_PORTS_PER_WORKER = 20
 READYZ_GRACE_S = 20.0
 OVERLOAD = 1.5
 SUSTAIN_FRACTION = 0.8
@@ -462,10 +465,36 @@ async def finish_profilers(profilers: list[Profiler]) -> list[str]:
     return lines
 
 
+def port_free(port: int, tcp: bool) -> bool:
+    kinds = (socket.SOCK_DGRAM, socket.SOCK_STREAM) if tcp else (socket.SOCK_DGRAM,)
+    for kind in kinds:
+        with socket.socket(socket.AF_INET, kind) as sk:
+            try:
+                sk.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
+
+
+def free_block(start: int, count: int, stop: int, tcp: bool = False) -> int:
+    """The first base from `start` on (steps of 500) whose `count` ports are free on 127.0.0.1
+    and end below `stop`: another node on the machine (a test, another bench) may hold the
+    default block. `start` itself if none is."""
+    for base in range(start, stop - count + 1, 500):
+        if all(port_free(p, tcp) for p in range(base, base + count)):
+            if base != start:
+                print(f"   (ports {start}+ busy: using {base}..{base + count - 1})", flush=True)
+            return base
+    return start
+
+
 def write_config(
     work: Path, peer: Peer, workers: int, args: argparse.Namespace
 ) -> tuple[Path, int, str]:
     sip_port, api_port = free_port(both=True), free_port()
+    # Below the ephemeral range (32768+), RTP below the workers' SIP ports.
+    worker_port = free_block(args.worker_port, workers, 32000, tcp=True)
+    rtp_port = free_block(args.rtp_port, workers * RTP_PORTS_PER_WORKER, args.worker_port)
     mode = args.front
     text = f"""
 [sip]
@@ -483,14 +512,14 @@ allow_private = true
 [storage]
 dir = "{work / "var"}"
 [media]
-rtp_port_start = {args.rtp_port}
-rtp_ports_per_worker = 20
+rtp_port_start = {rtp_port}
+rtp_ports_per_worker = {RTP_PORTS_PER_WORKER}
 [workers]
 count = {workers}
 calls_per_worker = {args.calls_per_worker}
 reserved_slots = {args.reserved_slots}
 host = "127.0.0.1"
-sip_port_start = {args.worker_port}
+sip_port_start = {worker_port}
 [kamailio]
 mode = "{mode}"
 children = {args.kamailio_children}
@@ -906,7 +935,15 @@ async def run_level(
     level: int, kind: str, args: argparse.Namespace, peer: Peer, base: Path
 ) -> LevelResult:
     drive = Drive(kind, level, level, 2 * level, args.cps)
-    res, _ = await run_node(drive, workers_for(level, args), args, peer, base)
+    workers = workers_for(level, args)
+    try:
+        res, _ = await run_node(drive, workers, args, peer, base)
+    except RuntimeError as e:  # the node did not start: the level failed, the sitting goes on
+        print(f"   ! {e}", flush=True)
+        why = str(e).splitlines()[0]
+        calls = 2 * level
+        res = LevelResult(level, workers, kind, args.cps, attempted=calls, failed=calls)
+        res.reasons.append(why)
     return res
 
 
@@ -1123,10 +1160,16 @@ async def gateway_runs(args: argparse.Namespace, peer: Peer, base: Path, s: Sitt
     call_s = at_cap[0] + 0.05 if at_cap else CALL_S  # + INVITE -> 200 and the BYE's answer
     full = not (special or args.ceiling_only)
     if args.overload_only or (args.overload and full):
-        s.overload = await run_overload(cap, call_s, args, peer, base)
+        try:
+            s.overload = await run_overload(cap, call_s, args, peer, base)
+        except RuntimeError as e:  # the node did not start
+            print(f"   ! overload run: {e}", flush=True)
     if args.sustain_only or (args.sustain_s > 0 and full):
         sustain_level = args.sustain_level or max(1, round(SUSTAIN_FRACTION * cap))
-        s.sustain = await run_sustain(cap, sustain_level, call_s, args, peer, base)
+        try:
+            s.sustain = await run_sustain(cap, sustain_level, call_s, args, peer, base)
+        except RuntimeError as e:
+            print(f"   ! sustained run: {e}", flush=True)
 
 
 async def ceiling_runs(args: argparse.Namespace, base: Path, s: Sitting) -> None:
@@ -1334,8 +1377,10 @@ def main() -> int:
         t0 = time.monotonic()
         try:
             asyncio.run(amain(args, base, sitting))
-        finally:
-            sitting.wall_s = time.monotonic() - t0
+        except (Exception, KeyboardInterrupt):  # report what was measured before it broke
+            traceback.print_exc()
+            print("the sitting stopped early: the report has what was measured", flush=True)
+        sitting.wall_s = time.monotonic() - t0
 
     started = sitting.started
     suffix = "-quick" if args.quick else ""
