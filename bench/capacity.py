@@ -47,7 +47,8 @@ usage: .venv/bin/python bench/capacity.py [--levels 250,300,350,400,450] [--cps 
            [--sustain-s 300] [--overload-only | --sustain-only] [--capacity C]
            [--sustain-level N] [--headroom 0] [--reserved-slots 0] [--profile]
            [--render FILE.json] [--keep]
-Needs root (SIPp's pcap play). --quick: one level of 30 calls and a 32-call ceiling, ~1 min.
+Needs root (SIPp's pcap play). --quick: one level of 30 calls (and one bisect if it fails)
+and a 32-call ceiling, no overload or sustained run, ~2 min.
 """
 
 from __future__ import annotations
