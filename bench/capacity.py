@@ -1030,9 +1030,12 @@ async def run_sustain(
 
     drive = Drive("sustain", level, cap, 0, rate, args.sustain_s)
     u.run, _ = await run_node(drive, workers_for(cap, args), args, peer, base, monitor)
-    end = max((s.t for s in u.samples), default=0.0)
-    window = [s for s in u.samples if s.t >= end - LEAK_FIT_S]
-    u.fit_s = (window[-1].t - window[0].t) if window else 0.0
+    # The verdict reads the loaded part only: after the soft stop the live calls drain.
+    loaded = [s for s in u.samples if s.t <= args.sustain_s + 1]
+    end = max((s.t for s in loaded), default=0.0)
+    window = [s for s in loaded if s.t >= end - LEAK_FIT_S]
+    if window:
+        u.fit_from, u.fit_s = window[0].t, window[-1].t - window[0].t
     u.rss_slope_mb_min = slope_per_min([(s.t, s.rss_mb) for s in window])
     u.pss_slope_mb_min = slope_per_min([(s.t, s.pss_mb) for s in window])
     pend = [s.pending for s in window if not math.isnan(s.pending)]

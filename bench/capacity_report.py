@@ -14,6 +14,7 @@ import statistics
 import sys
 from pathlib import Path
 
+import psutil
 from capacity_results import (
     CeilingResult,
     LevelResult,
@@ -34,6 +35,7 @@ READY_WORKERS = 150
 READY_GOAL_S = 10.0
 MEM_GROWTH_LIMIT = 0.02  # of the tree's PSS over the fit window: more is growth
 EVENTS_PER_CALL = 4
+LEAK_WINDOW_NOTE = "4 minutes or less"
 
 
 def rel(path: str) -> str:
@@ -63,7 +65,7 @@ def overload_line(o: OverloadResult) -> str:
 
 def mem_growth(u: SustainResult) -> tuple[float, float]:
     """(PSS growth over the fit window in MB, the limit in MB)."""
-    window = [s.pss_mb for s in u.samples if s.t >= u.samples[-1].t - u.fit_s] if u.samples else []
+    window = [s.pss_mb for s in u.samples if u.fit_from <= s.t <= u.fit_from + u.fit_s]
     growth = u.pss_slope_mb_min * u.fit_s / 60
     return growth, MEM_GROWTH_LIMIT * (statistics.mean(window) if window else 0.0)
 
@@ -88,7 +90,8 @@ def sustain_line(u: SustainResult) -> str:
     return (
         f"{r.cps:.1f} calls/s (target {u.target_cps:g}) for {u.duration_s:.0f}s, {r.attempted} "
         f"calls, {r.failed} failed; PSS {u.pss_slope_mb_min:+.1f} MB/min, RSS "
-        f"{u.rss_slope_mb_min:+.1f} MB/min over the last {u.fit_s:.0f}s (PSS growth "
+        f"{u.rss_slope_mb_min:+.1f} MB/min over t = {u.fit_from:.0f}-{u.fit_from + u.fit_s:.0f} s "
+        f"(PSS growth "
         f"{growth:+.0f} MB, limit {limit:.0f}); outbox pending {u.pending_start:g} -> "
         f"{u.pending_end:g} (max {u.pending_max:g})"
     )
@@ -202,7 +205,7 @@ def report(args: argparse.Namespace, s: Sitting, plot_note: str, script_path: Pa
         ),
         platform.processor(),
     )
-    mem_gb = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+    mem_gb = psutil.virtual_memory().total / 2**30
     cpw = getattr(args, "calls_per_worker", None) or 4
     admit = cpw - args.reserved_slots
     results = sorted(s.levels, key=lambda r: r.level)
@@ -438,7 +441,8 @@ def sustain_section(u: SustainResult) -> list[str]:
         )
     L.append("")
     L.append(
-        f"Leak check over the last {u.fit_s:.0f} s (least squares): PSS "
+        f"Leak check over t = {u.fit_from:.0f}-{u.fit_from + u.fit_s:.0f} s (the last "
+        f"{LEAK_WINDOW_NOTE} before the soft stop; least squares): PSS "
         f"{u.pss_slope_mb_min:+.2f} MB/min, RSS {u.rss_slope_mb_min:+.2f} MB/min: PSS growth "
         f"{growth:+.0f} MB against a limit of {limit:.0f} MB ({MEM_GROWTH_LIMIT:.0%} of the "
         f"tree): {'no growth' if mem_ok else '**grows**'}. Outbox pending {u.pending_start:g} "

@@ -119,6 +119,7 @@ class SustainResult:
     samples: list[SustainSample] = field(default_factory=list)
     rss_slope_mb_min: float = NAN  # linear fit over the last `fit_s`
     pss_slope_mb_min: float = NAN
+    fit_from: float = 0.0  # the fit's window: samples from fit_from to fit_from + fit_s
     fit_s: float = 0.0
     pending_start: float = NAN
     pending_end: float = NAN
