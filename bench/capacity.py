@@ -1038,9 +1038,12 @@ async def run_sustain(
         u.fit_from, u.fit_s = window[0].t, window[-1].t - window[0].t
     u.rss_slope_mb_min = slope_per_min([(s.t, s.rss_mb) for s in window])
     u.pss_slope_mb_min = slope_per_min([(s.t, s.pss_mb) for s in window])
+    # Pending rows come and go with each delivery round: the window's first and last 30 s
+    # (medians of 3 samples) against each other, not two single samples.
     pend = [s.pending for s in window if not math.isnan(s.pending)]
     if pend:
-        u.pending_start, u.pending_end, u.pending_max = pend[0], pend[-1], max(pend)
+        u.pending_start, u.pending_end = statistics.median(pend[:3]), statistics.median(pend[-3:])
+        u.pending_max = max(pend)
     print(f"   sustain: {capacity_report.sustain_line(u)}", flush=True)
     return u
 

@@ -446,7 +446,8 @@ def sustain_section(u: SustainResult) -> list[str]:
         f"{u.pss_slope_mb_min:+.2f} MB/min, RSS {u.rss_slope_mb_min:+.2f} MB/min: PSS growth "
         f"{growth:+.0f} MB against a limit of {limit:.0f} MB ({MEM_GROWTH_LIMIT:.0%} of the "
         f"tree): {'no growth' if mem_ok else '**grows**'}. Outbox pending {u.pending_start:g} "
-        f"at the start of that window, {u.pending_end:g} at its end (max {u.pending_max:g}; "
+        f"over the window's first 30 s, {u.pending_end:g} over its last (medians of 3 "
+        f"samples; max {u.pending_max:g}; "
         f"limit start + {outbox_limit(u):.0f}): {'no growth' if box_ok else '**grows**'}. "
         f"Calls: {'0 failed' if failed_ok else f'**{r.failed} failed**'}."
     )
