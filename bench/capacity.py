@@ -380,7 +380,7 @@ async def start_profilers(
     else:
         print(f"   (no py-spy profile: {pyspy} missing; pip install py-spy)", flush=True)
     if shutil.which("perf") and workers:
-        pid = workers[len(workers) // 2 + 1] if len(workers) > 1 else workers[0]
+        pid = workers[min(len(workers) - 1, len(workers) // 2 + 1)]
         path = work / "perf-worker.data"
         cmd = ["perf", "record", "-F", "199", "-o", str(path), "-p", str(pid), "--", "sleep", secs]
         await spawn(f"worker (pid {pid}, all threads)", "perf", [(path, cmd)])
