@@ -1407,7 +1407,11 @@ def main() -> int:
         save(out.with_suffix(".json"), args, sitting)
     print("\n" + text)
     print(f"report: {rel(str(out))} (figures also in {rel(str(out.with_suffix('.json')))})")
-    bad = any(r.failed for r in sitting.levels if r.kind != "overload")
+    bad = (
+        any(r.failed for r in sitting.levels)
+        or (sitting.overload is not None and sitting.overload.answered_failed > 0)
+        or (sitting.sustain is not None and sitting.sustain.run.failed > 0)
+    )
     if base is None:
         pass
     elif args.keep or bad:
