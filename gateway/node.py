@@ -49,7 +49,7 @@ from gateway.events.recovery import (
 from gateway.kamailio import KamailioConfig, KamailioFront, front_limits
 from gateway.metrics import NodeMetrics
 from gateway.plan import NodePlan, WorkerPlace, plan_node
-from gateway.routing import Router
+from gateway.routing import Router, set_default_region
 from gateway.workers import protocol as msgs
 from gateway.workers.ipc import Channel, Requester, open_channel
 
@@ -89,6 +89,7 @@ class WorkerHandle:
 class Node:
     def __init__(self, settings: Settings, config_path: Path | None) -> None:
         self.settings = settings
+        set_default_region(settings.routing.default_region)  # API numbers, `dial` in documents
         self.config_path = config_path
         self.storage = settings.storage.dir
         self.workers: list[WorkerHandle] = []
