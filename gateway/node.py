@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import ClientSession, ClientTimeout, web
+from prometheus_client import Counter
 
 from config.settings import ConfigError, Settings, parse_hostport
 from gateway.api.app import make_app, start_api
@@ -116,9 +117,10 @@ class Node:
         self._tasks: list[asyncio.Task[None]] = []
         self._lock_fd: int | None = None
         self._run_started = time.time()
-        self.recovered = self.metrics.registry.counter(
+        self.recovered = Counter(
             "sautikit_calls_recovered_total",
             "Calls a crashed node left open, closed at start as call.failed node_lost.",
+            registry=self.metrics.registry,
         )
 
     # -- CallRegistry for the API -----------------------------------------------------------
