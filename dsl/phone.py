@@ -8,17 +8,18 @@ with "KE" `0722000001`, `722000001`, `254722000001`, `00254722000001`, `00025472
 `tel:+254722000001;phone-context=...`) and percent-encoding (`%2B254...`) are unwrapped first.
 
 What is accepted (the bar):
-- A number written with its country code (`+`, `00`, or the region's international prefix)
-  needs a length that is possible for that country (`is_possible_number`). It need not be in a
-  range the metadata lists as allocated (`is_valid_number`): the metadata lags new ranges, and
-  whoever handles the number next (the numbers table, the control plane, a trunk answering 404)
-  knows better than a guess.
-- A number without it (national `0722000001`, bare `722000001`, or `254722000001` without the
-  `+`) is a guess about which country is meant, so it must be a valid number of the default
-  region; failing that, digits without a trunk prefix are tried as a full international number
-  (`14155550123`), again only if valid. Otherwise it is refused ("not a valid number for KE"),
-  because a national form that is not valid for the region is more often another country's
-  number without its code than a range too new for the metadata.
+- A number written with its country code (`+`, `00`, the region's international prefix, or
+  the region's own code without the `+` as carriers send it: `254722000001`) needs a length
+  that is possible for that country (`is_possible_number`). It need not be in a range the
+  metadata lists as allocated (`is_valid_number`): the metadata lags new ranges, and whoever
+  handles the number next (the numbers table, the control plane, a trunk answering 404) knows
+  better than a guess.
+- A number without it (national `0722000001`, bare `722000001`) is a guess about which
+  country is meant, so it must be a valid number of the default region; failing that, digits
+  without a trunk prefix are tried as a full international number (`14155550123`), again only
+  if valid. Otherwise it is refused ("not a valid number for KE"): a national form that is not
+  valid for the region is more often another country's number without its code than a range
+  too new for the metadata.
 Every test and documented number (+254700000001, +254722000001, ...) is valid either way.
 
 Refusals carry a reason (`InvalidNumber.reason`): "empty", "not a phone number", "invalid
@@ -59,7 +60,11 @@ _SCHEMES = ("sips:", "sip:", "tel:")
 # as a keypad's vanity letters as phonenumbers would.
 _DIALLABLE = re.compile(r"^\+?[0-9\s\-.()/]+$", re.ASCII)
 _CC = phonenumbers.CountryCodeSource
-_EXPLICIT_CC = (_CC.FROM_NUMBER_WITH_PLUS_SIGN, _CC.FROM_NUMBER_WITH_IDD)
+_EXPLICIT_CC = (
+    _CC.FROM_NUMBER_WITH_PLUS_SIGN,
+    _CC.FROM_NUMBER_WITH_IDD,
+    _CC.FROM_NUMBER_WITHOUT_PLUS_SIGN,  # the region's own code, read as such by phonenumbers
+)
 _LENGTH_REASONS = {
     ValidationResult.TOO_SHORT: "too short",
     ValidationResult.IS_POSSIBLE_LOCAL_ONLY: "too short (a local number without its area code)",

@@ -105,6 +105,7 @@ def test_the_suites_numbers_are_valid_and_possible_but_unallocated_international
     # is accepted (the numbers table / the trunk decide), written nationally it is refused.
     assert not phonenumbers.is_valid_number(phonenumbers.parse("+254822000001"))
     assert parse_e164("+254822000001", "KE") == "+254822000001"
+    assert parse_e164("254822000001", "KE") == "+254822000001"  # the code, without its "+"
     with pytest.raises(InvalidNumber, match="not a valid number for KE"):
         parse_e164("0822000001", "KE")
 
