@@ -23,6 +23,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from gateway.workers.protocol import ACTION_SKIPPED, CALLBACK_FETCH_SECONDS, SETUP_SECONDS
+
 __all__ = [
     "ACTION_SKIPPED",
     "CALLBACK_FETCH_BUCKETS",
@@ -102,10 +104,6 @@ CALL_SETUP_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
 # in a finite bucket rather than only in +Inf.
 CALLBACK_FETCH_BUCKETS: Final = (*CALL_SETUP_BUCKETS, 5.0, 10.0, 30.0, 120.0)
 
-# Names in `Metric` messages from workers (gateway.workers.protocol).
-SETUP_SECONDS: Final = "setup_seconds"  # INVITE received -> 200 OK sent, callback included
-CALLBACK_FETCH_SECONDS: Final = "callback_fetch_seconds"  # one voice app request; outcome
-ACTION_SKIPPED: Final = "action_skipped"  # a say/play skipped because its media failed
 SKIP_REASONS: Final = ("tts_failed", "media_fetch_failed", "media_decode_failed", "url_forbidden")
 SKIP_VERBS: Final = ("say", "play")  # label values are bounded: anything else counts as "other"
 

@@ -32,7 +32,6 @@ from gateway.control.originate import Destination, events_destination
 from gateway.events.outbox import Outbox
 from gateway.kamailio import source_allowed
 from gateway.logs import setup_logging
-from gateway.metrics import ACTION_SKIPPED
 from gateway.plan import NodePlan, loopback_for, plan_node
 from gateway.prompts import GatewayPrompts
 from gateway.routing import Router, RoutingError, dialled, normalise_e164, set_default_region
@@ -306,7 +305,7 @@ class Worker:
         self.untrack(live, outcome, ended_at)
 
     def skipped(self, verb: str, reason: str) -> None:
-        self.channel.send(p.Metric(name=ACTION_SKIPPED, verb=verb, reason=reason))
+        self.channel.send(p.Metric(name=p.ACTION_SKIPPED, verb=verb, reason=reason))
 
     async def _handle(self, call: SipCall, invite: IncomingInvite) -> None:
         started_at = time.time()

@@ -350,3 +350,15 @@ def test_label_children_are_looked_up_once() -> None:
     assert fams["sautikit_calls_total"].get(status="busy") == 3
     assert fams["sautikit_callback_fetch_seconds"].get("_count", outcome="ok") == 3
     assert fams["sautikit_actions_skipped_total"].get(verb="say", reason="tts_failed") == 3
+
+
+def test_workers_do_not_import_prometheus_client() -> None:
+    # Only the supervisor serves /metrics: a worker process sends Metric messages and keeps
+    # the library's import (~1.4 MB, ~0.1 s per process) off its footprint.
+    import subprocess
+    import sys
+
+    code = "import sys, gateway.workers.worker; print('prometheus_client' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
