@@ -33,6 +33,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from dsl.phone import DEFAULT_REGION, check_region
+
 __all__ = [
     "DEV_API_TOKEN",
     "ENV_PREFIX",
@@ -308,6 +310,12 @@ class LogSettings(_Section):
         return value.upper() if isinstance(value, str) else value
 
 
+class RoutingSettings(_Section):
+    # The country a number written without its country code belongs to (an ISO 3166-1 alpha-2
+    # code phonenumbers knows): with "KE", 0722000001 and 722000001 are +254722000001.
+    default_region: Annotated[str, AfterValidator(check_region)] = DEFAULT_REGION
+
+
 class NumberSettings(_Section):
     e164: E164
     number_id: NonEmptyStr
@@ -379,6 +387,7 @@ class Settings(_Section):
     tts: TtsSettings = Field(default_factory=TtsSettings)
     demo: DemoSettings = Field(default_factory=DemoSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
     numbers: list[NumberSettings] = Field(default_factory=list)
     trunks: list[TrunkSettings] = Field(default_factory=list)
     outbound: OutboundSettings = Field(default_factory=OutboundSettings)

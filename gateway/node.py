@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import ClientSession, ClientTimeout, web
+from prometheus_client import Counter
 
 from config.settings import ConfigError, Settings, parse_hostport
 from gateway.api.app import make_app, start_api
@@ -49,7 +50,7 @@ from gateway.events.recovery import (
 from gateway.kamailio import KamailioConfig, KamailioFront, front_limits
 from gateway.metrics import NodeMetrics
 from gateway.plan import NodePlan, WorkerPlace, plan_node
-from gateway.routing import Router
+from gateway.routing import Router, set_default_region
 from gateway.workers import protocol as msgs
 from gateway.workers.ipc import Channel, Requester, open_channel
 
@@ -89,6 +90,7 @@ class WorkerHandle:
 class Node:
     def __init__(self, settings: Settings, config_path: Path | None) -> None:
         self.settings = settings
+        set_default_region(settings.routing.default_region)  # API numbers, `dial` in documents
         self.config_path = config_path
         self.storage = settings.storage.dir
         self.workers: list[WorkerHandle] = []
@@ -115,9 +117,10 @@ class Node:
         self._tasks: list[asyncio.Task[None]] = []
         self._lock_fd: int | None = None
         self._run_started = time.time()
-        self.recovered = self.metrics.registry.counter(
+        self.recovered = Counter(
             "sautikit_calls_recovered_total",
             "Calls a crashed node left open, closed at start as call.failed node_lost.",
+            registry=self.metrics.registry,
         )
 
     # -- CallRegistry for the API -----------------------------------------------------------

@@ -11,14 +11,31 @@ import aiohttp
 from pydantic import ValidationError
 
 from config.settings import NumberSettings, Settings
-from dsl.phone import normalise_e164
+from dsl.phone import InvalidNumber, normalise_e164, parse_e164, set_default_region
 from gateway.events.signing import SIGNATURE_HEADER, sign
 
-__all__ = ["Route", "Router", "RoutingError", "normalise_e164"]
+__all__ = [
+    "InvalidNumber",
+    "Route",
+    "Router",
+    "RoutingError",
+    "dialled",
+    "normalise_e164",
+    "parse_e164",
+    "set_default_region",
+]
 
 log = logging.getLogger(__name__)
 
 RESOLVE_TIMEOUT_S = 5.0  # the carrier is waiting for a SIP answer meanwhile
+
+
+def dialled(raw: str) -> tuple[str | None, str]:
+    """(E.164, "") for a Request-URI user part, or (None, why it is not a phone number)."""
+    try:
+        return parse_e164(raw), ""
+    except InvalidNumber as e:
+        return None, e.reason
 
 
 class RoutingError(Exception):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 from typing import Annotated, ClassVar
 
 from pydantic import AfterValidator, Field, StringConstraints, field_validator, model_validator
@@ -11,7 +10,7 @@ from pydantic_core import PydanticCustomError
 
 from dsl.context import CallContext
 from dsl.errors import VerbUnsupported
-from dsl.phone import normalise_e164
+from dsl.phone import InvalidNumber, parse_e164
 from dsl.verbs.base import Needs, RunState, Step, Verb, extension
 
 E164_PATTERN = r"^\+[1-9][0-9]{1,14}$"
@@ -22,13 +21,16 @@ RECORD_MODES = ("record-from-answer", "record-from-ringing")
 
 
 def _to_e164(value: str) -> str:
-    """National forms ("0712345678") normalise as inbound routing does; E.164 passes through."""
-    e164 = normalise_e164(value)
-    if e164 is None or not re.match(E164_PATTERN, e164):
+    """National forms ("0712345678") normalise as inbound routing does (in the node's
+    `[routing] default_region`); E.164 passes through. A refusal says why."""
+    try:
+        return parse_e164(value)
+    except InvalidNumber as e:
         raise PydanticCustomError(
-            "dial_number", "expected a phone number like +254711000000 or 0711000000"
-        )
-    return e164
+            "dial_number",
+            "expected a phone number like +254711000000 or 0711000000 ({reason})",
+            {"reason": e.reason},
+        ) from None
 
 
 E164 = Annotated[str, StringConstraints(max_length=32), AfterValidator(_to_e164)]

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from config.settings import Settings
 from dsl.document import parse_document
 from dsl.errors import DocumentError
-from dsl.phone import normalise_e164
+from dsl.phone import InvalidNumber, parse_e164
 from gateway.calls.control import OutboundCall
 from gateway.events.envelope import uuid7
 
@@ -194,16 +194,18 @@ def _check_id(value: str, path: str) -> list[BodyIssue]:
 def _number(value: Any, path: str) -> tuple[str | None, list[BodyIssue]]:
     if not isinstance(value, str):
         return None, [BodyIssue(path, "expected a phone number string, e.g. +254722000001")]
-    e164 = normalise_e164(value) if len(value) <= 64 else None
-    if e164 is None:
+    try:
+        if len(value) > 64:
+            raise InvalidNumber("too long")
+        return parse_e164(value), []
+    except InvalidNumber as e:
         return None, [
             BodyIssue(
                 path,
-                f"{value[:64]!r} is not a phone number: expected E.164 like +254722000001"
-                " or a national form like 0722000001",
+                f"{value[:64]!r} is not a phone number ({e.reason}): expected E.164 like"
+                " +254722000001 or a national form like 0722000001",
             )
         ]
-    return e164, []
 
 
 def _pydantic_issues(err: ValidationError) -> list[BodyIssue]:

@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from prometheus_client import CollectorRegistry, Counter
+
 from config.settings import Settings
 from gateway.calls.control import (
     CALL_EXISTS,
@@ -37,7 +39,7 @@ from gateway.control.hangup import Hangup
 from gateway.control.originate import Mcp, Originate, TrunkTarget, events_destination
 from gateway.control.redirect import Redirect
 from gateway.control.respond import Respond
-from gateway.metrics import Counter, Registry
+from gateway.metrics import GaugeFn
 from gateway.outbound.trunks import TrunkPool
 from gateway.routing import Router, RoutingError
 from gateway.workers.ipc import ChannelClosed, Requester
@@ -70,24 +72,24 @@ class Switchboard:
         self._placing: set[str] = set()  # call_ids being placed (claimed before any await)
         self.trunks = TrunkPool(settings.trunks)
         self.queued = 0  # creates waiting for capacity (for /metrics)
-        self._placements: Counter | None = None
+        self._placements: dict[str, Counter] = {}  # per outcome, once registered
 
-    def register_metrics(self, registry: Registry) -> None:
+    def register_metrics(self, registry: CollectorRegistry) -> None:
         """sautikit_outbound_placements_total{outcome} (placed, no_slot, trunk_capacity,
         failed), sautikit_outbound_queued (creates waiting for a slot or trunk), and the trunk
         pool's own families (calls and attempts by outcome per trunk)."""
-        self._placements = registry.counter(
+        placements = Counter(
             "sautikit_outbound_placements_total",
             "Outbound call creates by placement outcome.",
             ["outcome"],
+            registry=registry,
         )
-        for o in PLACEMENT_OUTCOMES:
-            self._placements.labels(outcome=o)
-        registry.gauge_fn(
+        self._placements = {o: placements.labels(outcome=o) for o in PLACEMENT_OUTCOMES}
+        registry.register(GaugeFn(
             "sautikit_outbound_queued",
             "Outbound call creates waiting for a free worker slot or trunk capacity.",
             lambda: [({}, float(self.queued))],
-        )
+        ))
         self.trunks.register_metrics(registry)
 
     # -- CallControl ----------------------------------------------------------------------------
@@ -306,5 +308,6 @@ class Switchboard:
                                reply.message or "the worker could not place the call")
 
     def _count(self, outcome: str) -> None:
-        if self._placements is not None:
-            self._placements.labels(outcome=outcome).inc()
+        child = self._placements.get(outcome)
+        if child is not None:
+            child.inc()

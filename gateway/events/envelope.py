@@ -7,45 +7,22 @@ attempt sends them unchanged, so a receiver's signature check and dedupe see ide
 from __future__ import annotations
 
 import json
-import os
-import threading
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-_uuid7_lock = threading.Lock()
-_uuid7_last_ms = 0
-_uuid7_counter = 0
+import uuid_utils
 
 
 def uuid7() -> str:
-    """An RFC 9562 UUIDv7 string, strictly increasing within this process.
+    """An RFC 9562 UUIDv7 string; ids made in order in one process sort in that order.
 
-    rand_a (12 bits) is a counter seeded randomly each millisecond (RFC 9562 §6.2 method 1), so
-    ids made in the same millisecond still sort in creation order; on overflow the timestamp is
-    advanced by one millisecond rather than going backwards.
+    uuid_utils keeps a counter in the bits after the millisecond timestamp (RFC 9562 §6.2), so
+    ids made in the same millisecond still sort in creation order; it is fork-safe (a forked
+    worker's ids do not repeat its parent's) and needs no lock on our side.
     """
-    global _uuid7_last_ms, _uuid7_counter
-    with _uuid7_lock:
-        ms = time.time_ns() // 1_000_000
-        if ms > _uuid7_last_ms:
-            _uuid7_last_ms = ms
-            # top bit clear leaves at least 2048 increments before overflow
-            _uuid7_counter = int.from_bytes(os.urandom(2), "big") & 0x7FF
-        else:
-            ms = _uuid7_last_ms
-            _uuid7_counter += 1
-            if _uuid7_counter > 0xFFF:
-                ms += 1
-                _uuid7_last_ms = ms
-                _uuid7_counter = int.from_bytes(os.urandom(2), "big") & 0x7FF
-        counter = _uuid7_counter
-    rand_b = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
-    value = ((ms & ((1 << 48) - 1)) << 80) | (0x7 << 76) | (counter << 64) | (0b10 << 62) | rand_b
-    h = f"{value:032x}"
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    return str(uuid_utils.uuid7())
 
 
 def rfc3339_ms(dt: datetime) -> str:

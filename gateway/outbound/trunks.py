@@ -18,9 +18,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from prometheus_client import CollectorRegistry, Counter
+
 from config.settings import TrunkSettings
 from gateway.control.originate import TrunkTarget
-from gateway.metrics import Counter, Registry
+from gateway.metrics import GaugeFn
 
 __all__ = [
     "FAILOVER_CODES",
@@ -123,6 +125,10 @@ class TrunkPool:
         self.on_ended: list[Callable[[str], None]] = []  # e.g. wake a queue waiting for room
         self._attempts: Counter | None = None
         self._skipped: Counter | None = None
+        # Series by (trunk, outcome or reason): bounded sets (the configured trunks, OUTCOMES,
+        # full|rate), so each child is looked up once and kept.
+        self._attempt_series: dict[tuple[str, str], Counter] = {}
+        self._skip_series: dict[tuple[str, str], Counter] = {}
 
     # -- queries ------------------------------------------------------------------------------
     @property
@@ -205,34 +211,36 @@ class TrunkPool:
         t = self._get(trunk)
         t.attempts[label] = t.attempts.get(label, 0) + 1
         if self._attempts is not None:
-            self._attempts.labels(trunk=trunk, outcome=label).inc()
+            _series(self._attempts, self._attempt_series, trunk, label).inc()
 
     # -- metrics ------------------------------------------------------------------------------
-    def register_metrics(self, registry: Registry) -> None:
+    def register_metrics(self, registry: CollectorRegistry) -> None:
         """sautikit_trunk_calls{trunk} (in progress), sautikit_trunk_attempts_total{trunk,
         outcome}, sautikit_trunk_skipped_total{trunk,reason}: full or rate limited at a pick."""
-        registry.gauge_fn(
+        registry.register(GaugeFn(
             "sautikit_trunk_calls",
             "Outbound calls in progress (or reserved) per trunk.",
             lambda: [({"trunk": n}, float(t.active)) for n, t in self._trunks.items()],
-        )
-        self._attempts = registry.counter(
+        ))
+        self._attempts = Counter(
             "sautikit_trunk_attempts_total",
             "Outbound call attempts per trunk, by outcome (failover: moved to the next trunk).",
             ("trunk", "outcome"),
+            registry=registry,
         )
-        self._skipped = registry.counter(
+        self._skipped = Counter(
             "sautikit_trunk_skipped_total",
             "Times a trunk was passed over for a new call: full (max_calls) or rate (max_cps).",
             ("trunk", "reason"),
+            registry=registry,
         )
         for name, t in self._trunks.items():  # attempts recorded before registration
             for outcome, n in t.attempts.items():
-                self._attempts.labels(trunk=name, outcome=outcome).inc(n)
+                _series(self._attempts, self._attempt_series, name, outcome).inc(n)
 
     def _skip(self, trunk: str, reason: str) -> None:
         if self._skipped is not None:
-            self._skipped.labels(trunk=trunk, reason=reason).inc()
+            _series(self._skipped, self._skip_series, trunk, reason).inc()
 
     def _get(self, trunk: str) -> _Trunk:
         try:
@@ -240,3 +248,11 @@ class TrunkPool:
         except KeyError:
             raise KeyError(f"unknown trunk {trunk!r} (configured: {', '.join(self._trunks)})"
                            ) from None
+
+
+def _series(family: Counter, kept: dict[tuple[str, str], Counter], trunk: str, label: str
+            ) -> Counter:
+    child = kept.get((trunk, label))
+    if child is None:
+        child = kept[(trunk, label)] = family.labels(trunk, label)
+    return child

@@ -93,6 +93,12 @@ class Recording(_Msg):
     state: Literal["in_progress", "ready", "failed"]
 
 
+# `Metric.name`s (gateway/metrics.py applies them; workers do not import prometheus_client).
+SETUP_SECONDS = "setup_seconds"  # value: INVITE received -> 200 OK sent, callback included
+CALLBACK_FETCH_SECONDS = "callback_fetch_seconds"  # value: one voice app request; outcome
+ACTION_SKIPPED = "action_skipped"  # a say/play skipped because its media failed; verb, reason
+
+
 class Metric(_Msg):
     t: Literal["metric"] = "metric"
     name: str

@@ -32,10 +32,9 @@ from gateway.control.originate import Destination, events_destination
 from gateway.events.outbox import Outbox
 from gateway.kamailio import source_allowed
 from gateway.logs import setup_logging
-from gateway.metrics import ACTION_SKIPPED
 from gateway.plan import NodePlan, loopback_for, plan_node
 from gateway.prompts import GatewayPrompts
-from gateway.routing import Router, RoutingError, normalise_e164
+from gateway.routing import Router, RoutingError, dialled, normalise_e164, set_default_region
 from gateway.session import CallSession, TimedVoiceApp, new_call_id
 from gateway.urlguard import check_url, make_session
 from gateway.voice_app import VoiceAppClient
@@ -87,6 +86,7 @@ class Worker:
         self, settings: Settings, plan: NodePlan, index: int, channel: Channel[p.ToWorker]
     ) -> None:
         self.settings = settings
+        set_default_region(settings.routing.default_region)  # national forms, `dial` included
         self.plan = plan
         self.place = place = plan.workers[index]
         self.index = index
@@ -305,22 +305,23 @@ class Worker:
         self.untrack(live, outcome, ended_at)
 
     def skipped(self, verb: str, reason: str) -> None:
-        self.channel.send(p.Metric(name=ACTION_SKIPPED, verb=verb, reason=reason))
+        self.channel.send(p.Metric(name=p.ACTION_SKIPPED, verb=verb, reason=reason))
 
     async def _handle(self, call: SipCall, invite: IncomingInvite) -> None:
         started_at = time.time()
         to_raw, from_raw = uri_user(invite.request_uri), uri_user(invite.from_uri)
-        to = normalise_e164(to_raw)
+        to, why = dialled(to_raw)
         from_ = normalise_e164(from_raw) or from_raw
         demo = self.router.demo_route(to_raw) if to is None else None
         if to is None and demo is not None:
             to = to_raw  # demo mode: `sip:1234@...` is a call too
         if to is None:
             log.warning(
-                "INVITE to %r (from %s, Call-ID %s): not a phone number; 404",
+                "INVITE to %r (from %s, Call-ID %s): not a phone number (%s); 404",
                 invite.request_uri,
                 from_raw,
                 invite.sip_call_id,
+                why,
             )
             call.reject_now(404)
             return

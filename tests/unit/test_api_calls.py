@@ -252,6 +252,16 @@ async def test_create_422_names_the_field(api: Api) -> None:
     assert api.control.placed == []
 
 
+async def test_create_422_says_why_a_number_is_refused(api: Api) -> None:
+    for to, why in (("0722", "too short for KE"), ("0822000001", "not a valid number for KE"),
+                    ("+999123456789", "invalid country code")):
+        status, body, _ = await api.req("POST", "/v1/calls", json={**QUICKSTART, "to": to})
+        assert status == 422
+        err = error(body, "validation.bad_request")
+        assert err["errors"][0]["path"] == "to" and f"({why})" in err["errors"][0]["message"]
+    assert api.control.placed == []
+
+
 async def test_create_needs_token(api: Api) -> None:
     status, body, _ = await api.req("POST", "/v1/calls", json=QUICKSTART, auth=False)
     assert status == 401 and error(body, "api_key.invalid")

@@ -309,7 +309,8 @@ def test_wrong_type_says_what_was_expected(loop: Any) -> None:
         ),
         (
             {"dial": {"numbers": ["+254711000000", "0711"]}},
-            "actions[0].dial.numbers[1]: expected a phone number like +254711000000 or 0711000000",
+            "actions[0].dial.numbers[1]: expected a phone number like +254711000000 or"
+            " 0711000000 (too short for KE)",
         ),
         (
             {"stream": {"url": "https://x.example"}},

@@ -1,5 +1,7 @@
 import json
+import os
 import re
+import threading
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
 
@@ -22,13 +24,48 @@ def test_uuid7_version_variant_and_timestamp():
 
 
 def test_uuid7_strictly_increasing_and_unique():
-    ids = [uuid7() for _ in range(20_000)]  # many share a millisecond
-    assert ids == sorted(ids)
+    ids = [uuid7() for _ in range(10_000)]  # a tight loop: many share a millisecond
+    assert all(isinstance(i, str) for i in ids)
+    assert ids == sorted(ids)  # string sort == creation order
     assert len(set(ids)) == len(ids)
+    assert len({i[:13] for i in ids}) < len(ids)  # the test did put several in one millisecond
     assert all(
         re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", i)
-        for i in ids[:100]
+        for i in ids
     )
+
+
+def test_uuid7_threads_each_in_order_all_unique():
+    per: dict[int, list[str]] = {}
+
+    def make(n: int) -> None:
+        per[n] = [uuid7() for _ in range(2_000)]
+
+    threads = [threading.Thread(target=make, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(ids == sorted(ids) for ids in per.values())
+    assert len({i for ids in per.values() for i in ids}) == 8_000
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_uuid7_forked_child_does_not_repeat_its_parent():
+    # Workers may be forked from a preloaded parent: a copied generator state must not make
+    # the same ids in two processes.
+    uuid7()
+    r, w = os.pipe()
+    pid = os.fork()
+    ids = [uuid7() for _ in range(200)]
+    if pid == 0:  # pragma: no cover - the child
+        os.write(w, "\n".join(ids).encode())
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        child = f.read().split("\n")
+    os.waitpid(pid, 0)
+    assert len(child) == 200 and not set(child) & set(ids)
 
 
 def test_rfc3339_ms_formats():

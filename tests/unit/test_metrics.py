@@ -1,44 +1,38 @@
-"""Prometheus text format 0.0.4 from gateway.metrics, read back with a strict little parser."""
+"""gateway.metrics on prometheus_client: the node's families, read back with prometheus_client's
+own text parser (what a Prometheus server would accept) plus the checks it leaves out."""
 
 from __future__ import annotations
 
 import logging
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import prometheus_client
 import pytest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.metrics import (
+    ACTION_SKIPPED,
     CALL_SETUP_BUCKETS,
     CONTENT_TYPE,
+    GaugeFn,
     NodeMetrics,
-    Registry,
-    callback_fetch_msg,
-    final_msg,
-    setup_seconds_msg,
+    render,
 )
+from gateway.workers.protocol import Final, Metric
 
-# -- a parser for the text exposition format (what Prometheus would accept) -------------------
-
-_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
-_LABEL = r"[a-zA-Z_][a-zA-Z0-9_]*"
-_HELP_RE = re.compile(rf"^# HELP ({_NAME}) (.*)$")
-_TYPE_RE = re.compile(rf"^# TYPE ({_NAME}) (counter|gauge|histogram|summary|untyped)$")
-_SAMPLE_NAME_RE = re.compile(rf"^({_NAME})")
-_LABEL_NAME_RE = re.compile(rf"({_LABEL})=\"")
-_VALUE_RE = re.compile(r"^ ([^ ]+)$")  # we never write timestamps
-_SUFFIXES = {"histogram": ("_bucket", "_sum", "_count"), "counter": (), "gauge": ()}
+# -- reading /metrics back ----------------------------------------------------------------------
 
 Labels = tuple[tuple[str, str], ...]
 
 
 @dataclass
 class Family:
-    name: str
-    help: str | None = None
-    type: str | None = None
+    name: str  # as exposed: a counter's with its _total
+    help: str
+    type: str
     samples: dict[tuple[str, Labels], float] = field(default_factory=dict)
 
     def get(self, suffix: str = "", **labels: str) -> float:
@@ -51,93 +45,22 @@ class Family:
         return [dict(lbls) for (name, lbls) in self.samples if name == self.name + suffix]
 
 
-def _unescape_help(text: str) -> str:
-    out, i = [], 0
-    while i < len(text):
-        c = text[i]
-        if c == "\\" and i + 1 < len(text) and text[i + 1] in "\\n":
-            out.append("\n" if text[i + 1] == "n" else "\\")
-            i += 2
-        else:
-            out.append(c)
-            i += 1
-    return "".join(out)
-
-
-def _parse_labels(text: str, pos: int) -> tuple[Labels, int]:
-    """text[pos] == "{"; returns the labels and the index just past "}"."""
-    assert text[pos] == "{"
-    pos += 1
-    labels: list[tuple[str, str]] = []
-    while text[pos] != "}":
-        m = _LABEL_NAME_RE.match(text, pos)
-        assert m, f"bad label name at {text[pos:]!r}"
-        pos = m.end()
-        value: list[str] = []
-        while True:
-            c = text[pos]
-            if c == "\\":
-                nxt = text[pos + 1]
-                assert nxt in '\\"n', f"bad escape \\{nxt} in {text!r}"
-                value.append({"\\": "\\", '"': '"', "n": "\n"}[nxt])
-                pos += 2
-            elif c == '"':
-                pos += 1
-                break
-            else:
-                assert c != "\n"
-                value.append(c)
-                pos += 1
-        labels.append((m.group(1), "".join(value)))
-        if text[pos] == ",":
-            pos += 1
-            assert text[pos] != "}", "we do not write trailing commas"
-        else:
-            assert text[pos] == "}", f"expected , or }} at {text[pos:]!r}"
-    names = [n for n, _ in labels]
-    assert len(names) == len(set(names)), f"duplicate label in {text!r}"
-    return tuple(labels), pos + 1
-
-
-def _parse_value(raw: str) -> float:
-    if raw in ("+Inf", "-Inf", "NaN"):
-        return {"+Inf": math.inf, "-Inf": -math.inf, "NaN": math.nan}[raw]
-    assert re.fullmatch(r"-?[0-9]+(\.[0-9]+)?(e[+-]?[0-9]+)?", raw), raw
-    return float(raw)
-
-
 def parse(text: str) -> dict[str, Family]:
-    """Strict: HELP then TYPE before a family's samples, families not interleaved, no duplicate
-    series, sample names the family's (plus the type's suffixes), final newline."""
+    """prometheus_client's parser, plus: a final newline, HELP and TYPE on every family, no
+    family twice, no duplicate series, and no `_created` series (we do not expose them)."""
     assert text == "" or text.endswith("\n")
     families: dict[str, Family] = {}
-    current: Family | None = None
-    for line in text.splitlines():
-        if m := _HELP_RE.match(line):
-            assert m.group(1) not in families, f"family {m.group(1)} twice"
-            current = families[m.group(1)] = Family(m.group(1), help=_unescape_help(m.group(2)))
-            continue
-        if m := _TYPE_RE.match(line):
-            assert current is not None and current.name == m.group(1) and current.type is None
-            assert not current.samples, "TYPE after samples"
-            current.type = m.group(2)
-            continue
-        assert not line.startswith("#"), f"stray comment {line!r}"
-        assert current is not None and current.type is not None, f"sample before TYPE: {line!r}"
-        m = _SAMPLE_NAME_RE.match(line)
-        assert m, line
-        name, pos = m.group(1), m.end()
-        assert name in [current.name + s for s in ("", *_SUFFIXES[current.type])], (
-            f"{name} in family {current.name}"
-        )
-        labels: Labels = ()
-        if pos < len(line) and line[pos] == "{":
-            labels, pos = _parse_labels(line, pos)
-        v = _VALUE_RE.match(line[pos:])
-        assert v, f"bad value part in {line!r}"
-        key = (name, labels)
-        assert key not in current.samples, f"duplicate series {key}"
-        current.samples[key] = _parse_value(v.group(1))
+    for f in text_string_to_metric_families(text):
+        name = f.name + "_total" if f.type == "counter" else f.name
+        assert name not in families, f"family {name} twice"
+        assert f.type in ("counter", "gauge", "histogram"), f"{name}: no TYPE"
+        assert f"# HELP {name} " in text, f"{name}: no HELP"
+        fam = families[name] = Family(name, f.documentation, f.type)
+        for s in f.samples:
+            assert not s.name.endswith("_created"), s
+            key = (s.name, tuple(sorted(s.labels.items())))
+            assert key not in fam.samples, f"duplicate series {key}"
+            fam.samples[key] = s.value
     return families
 
 
@@ -147,9 +70,9 @@ def check_histogram(fam: Family) -> None:
     groups: dict[Labels, list[tuple[float, float]]] = {}
     for (name, labels), value in fam.samples.items():
         if name == fam.name + "_bucket":
-            rest = tuple(kv for kv in labels if kv[0] != "le")
-            assert labels[-1][0] == "le"
-            groups.setdefault(rest, []).append((_parse_value(dict(labels)["le"]), value))
+            d = dict(labels)
+            le = float(d.pop("le"))
+            groups.setdefault(tuple(sorted(d.items())), []).append((le, value))
     assert groups
     for rest, buckets in groups.items():
         les = [le for le, _ in buckets]
@@ -160,110 +83,52 @@ def check_histogram(fam: Family) -> None:
         assert (fam.name + "_sum", rest) in fam.samples
 
 
-# -- Registry ---------------------------------------------------------------------------------
+def msg(m: Metric | Final) -> dict[str, Any]:
+    """What the supervisor hands NodeMetrics.observe for a worker's message (gateway/node.py)."""
+    return m.model_dump(exclude_none=True)
 
 
-def test_counter_gauge_text_exact() -> None:
-    r = Registry()
-    c = r.counter("app_requests_total", "Requests served.", ["method", "code"])
-    c.labels(method="GET", code=200).inc()
-    c.labels(method="GET", code="200").inc(2)
-    c.labels(method="POST", code="500").inc(0.5)
-    g = r.gauge("app_temperature", "Temperature.")
-    g.set(-3.25)
-    assert r.render() == (
-        "# HELP app_requests_total Requests served.\n"
-        "# TYPE app_requests_total counter\n"
-        'app_requests_total{method="GET",code="200"} 3.0\n'
-        'app_requests_total{method="POST",code="500"} 0.5\n'
-        "# HELP app_temperature Temperature.\n"
-        "# TYPE app_temperature gauge\n"
-        "app_temperature -3.25\n"
-    )
+# -- render and GaugeFn -------------------------------------------------------------------------
 
 
-def test_histogram_text_exact_and_cumulative() -> None:
-    r = Registry()
-    h = r.histogram("lat_seconds", "Latency.", [0.01, 0.1, 1])
-    for v in (0.005, 0.01, 0.05, 0.1, 0.5, 3.0):  # bounds themselves fall in their bucket (le)
-        h.observe(v)
-    assert r.render() == (
-        "# HELP lat_seconds Latency.\n"
-        "# TYPE lat_seconds histogram\n"
-        'lat_seconds_bucket{le="0.01"} 2\n'
-        'lat_seconds_bucket{le="0.1"} 4\n'
-        'lat_seconds_bucket{le="1.0"} 5\n'
-        'lat_seconds_bucket{le="+Inf"} 6\n'
-        f"lat_seconds_sum {0.005 + 0.01 + 0.05 + 0.1 + 0.5 + 3.0!r}\n"
-        "lat_seconds_count 6\n"
-    )
-    check_histogram(parse(r.render())["lat_seconds"])
-
-
-def test_labelled_histogram_parses_back() -> None:
-    r = Registry()
-    h = r.histogram("fetch_seconds", "Fetch.", CALL_SETUP_BUCKETS, ["outcome"])
+def test_render_is_valid_text_without_created_series() -> None:
+    r = CollectorRegistry()
+    c = Counter("app_requests_total", "Requests served.", ["method", "code"], registry=r)
+    c.labels(method="GET", code="200").inc(3)
+    h = Histogram("lat_seconds", "Latency.", ["outcome"], buckets=CALL_SETUP_BUCKETS, registry=r)
     for i in range(50):
         h.labels(outcome="ok").observe(i * 0.01)
-    h.labels(outcome="error").observe(5)
-    fam = parse(r.render())["fetch_seconds"]
-    check_histogram(fam)
-    assert fam.get("_count", outcome="ok") == 50
-    assert fam.get("_bucket", outcome="ok", le="0.25") == 26  # 0.00 .. 0.25 inclusive
-    assert fam.get("_bucket", outcome="error", le="2.0") == 0
-    assert fam.get("_bucket", outcome="error", le="+Inf") == 1
-    assert fam.get("_sum", outcome="error") == 5.0
-    assert fam.series("_sum") == [{"outcome": "ok"}, {"outcome": "error"}]
+    Gauge("temperature", "Temperature.", registry=r).set(-3.25)
+    text = render(r)
+    assert "_created" not in text
+    fams = parse(text)
+    assert list(fams) == ["app_requests_total", "lat_seconds", "temperature"]
+    assert fams["app_requests_total"].get(method="GET", code="200") == 3
+    check_histogram(fams["lat_seconds"])
+    assert fams["lat_seconds"].get("_bucket", outcome="ok", le="0.25") == 26  # le is inclusive
+    assert fams["temperature"].get() == -3.25
 
 
 def test_escaping_round_trips() -> None:
     nasty = 'a\\b"c\nd}e,f=g'
-    r = Registry()
-    r.counter("esc_total", 'Help with a \\ backslash\nand a "quote".', ["v"]).labels(v=nasty).inc()
-    text = r.render()
-    assert 'esc_total{v="a\\\\b\\"c\\nd}e,f=g"} 1.0\n' in text
-    assert '# HELP esc_total Help with a \\\\ backslash\\nand a "quote".\n' in text
+    r = CollectorRegistry()
+    Counter("esc_total", 'Help with a \\ backslash\nand a "quote".', ["v"], registry=r).labels(
+        v=nasty
+    ).inc()
+    text = render(r)
     assert len(text.splitlines()) == 3  # the newlines stayed escaped
     fam = parse(text)["esc_total"]
     assert fam.help == 'Help with a \\ backslash\nand a "quote".'
     assert fam.get(v=nasty) == 1.0
 
 
-def test_special_values() -> None:
-    r = Registry()
-    g = r.gauge("g", "G.", ["k"])
-    g.labels(k="inf").set(math.inf)
-    g.labels(k="ninf").set(-math.inf)
-    g.labels(k="nan").set(math.nan)
-    g.labels(k="big").set(1e21)
-    text = r.render()
-    assert 'g{k="inf"} +Inf\n' in text and 'g{k="ninf"} -Inf\n' in text
-    assert 'g{k="nan"} NaN\n' in text
-    fam = parse(text)["g"]
-    assert fam.get(k="big") == 1e21
-    assert math.isnan(fam.get(k="nan"))
-
-
-def test_unlabelled_renders_zero_labelled_renders_nothing_until_used() -> None:
-    r = Registry()
-    r.counter("a_total", "A.")
-    b = r.counter("b_total", "B.", ["x"])
-    r.histogram("h", "H.", [1])
-    fams = parse(r.render())
-    assert fams["a_total"].samples == {("a_total", ()): 0.0}
-    assert fams["b_total"].samples == {}
-    assert fams["h"].get("_count") == 0
-    b.labels(x="1")  # touching a label set creates it at 0
-    assert parse(r.render())["b_total"].get(x="1") == 0.0
-
-
 def test_gauge_fn_evaluated_at_render() -> None:
-    r = Registry()
+    r = CollectorRegistry()
     depth = {"n": 1}
-    r.gauge_fn("q_depth", "Queue depth.", lambda: [({"q": "a"}, depth["n"]), ({}, 7)])
-    assert parse(r.render())["q_depth"].get(q="a") == 1
+    r.register(GaugeFn("q_depth", "Queue depth.", lambda: [({"q": "a"}, depth["n"]), ({}, 7)]))
+    assert parse(render(r))["q_depth"].get(q="a") == 1
     depth["n"] = 5
-    fam = parse(r.render())["q_depth"]
+    fam = parse(render(r))["q_depth"]
     assert fam.get(q="a") == 5 and fam.get() == 7
 
 
@@ -271,81 +136,34 @@ def test_gauge_fn_failure_does_not_break_scrape(caplog: pytest.LogCaptureFixture
     def boom() -> list[tuple[dict[str, str], float]]:
         raise RuntimeError("source gone")
 
-    r = Registry()
-    r.gauge_fn("broken", "Broken.", boom)
-    r.gauge_fn("bad_labels", "Bad.", lambda: [({"0bad": "x"}, 1)])
-    r.gauge("fine", "Fine.").set(2)
+    r = CollectorRegistry()
+    r.register(GaugeFn("broken", "Broken.", boom))
+    Gauge("fine", "Fine.", registry=r).set(2)
     with caplog.at_level(logging.ERROR, "gateway.metrics"):
-        fams = parse(r.render())
-    assert fams["broken"].samples == {} and fams["bad_labels"].samples == {}
+        fams = parse(render(r))
+    assert fams["broken"].samples == {}
     assert fams["fine"].get() == 2
-    assert "broken" in caplog.text and "bad_labels" in caplog.text
+    assert "broken" in caplog.text
 
 
 def test_gauge_fn_duplicate_label_set_last_wins() -> None:
-    r = Registry()
-    r.gauge_fn("d", "D.", lambda: [({"a": "1"}, 1), ({"a": "1"}, 2)])
-    assert parse(r.render())["d"].samples == {("d", (("a", "1"),)): 2.0}
-
-
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda r: r.counter("0bad", "x"),
-        lambda r: r.counter("bad-name", "x"),
-        lambda r: r.counter("ok_total", "x", ["__reserved"]),
-        lambda r: r.counter("ok_total", "x", ["a", "a"]),
-        lambda r: r.counter("ok_total", "x", ["bad-label"]),
-        lambda r: r.histogram("h", "x", [1], ["le"]),
-        lambda r: r.histogram("h", "x", [2, 1]),
-        lambda r: r.histogram("h", "x", [1, 1]),
-        lambda r: r.histogram("h", "x", [math.nan]),
-    ],
-)
-def test_invalid_definitions(make: Any) -> None:
-    with pytest.raises(ValueError):
-        make(Registry())
+    r = CollectorRegistry()
+    r.register(GaugeFn("d", "D.", lambda: [({"a": "1"}, 1), ({"a": "1"}, 2)]))
+    assert parse(render(r))["d"].samples == {("d", (("a", "1"),)): 2.0}
 
 
 def test_name_clashes_refused() -> None:
-    r = Registry()
-    r.histogram("lat", "x", [1])
-    for name in ("lat", "lat_bucket", "lat_count", "lat_sum"):
-        with pytest.raises(ValueError):
-            r.gauge(name, "x")
-    r.counter("n_count", "x")
+    r = CollectorRegistry()
+    r.register(GaugeFn("lat", "x", lambda: []))
     with pytest.raises(ValueError):
-        r.histogram("n", "x", [1])
-
-
-def test_label_and_value_misuse() -> None:
-    r = Registry()
-    c = r.counter("c_total", "x", ["a"])
+        Histogram("lat", "x", registry=r)
     with pytest.raises(ValueError):
-        c.labels(b="1")
-    with pytest.raises(ValueError):
-        c.labels(a="1", b="2")
-    with pytest.raises(ValueError):
-        c.inc()  # labelled: needs .labels()
-    with pytest.raises(ValueError):
-        c.labels(a="1").inc(-1)
-    with pytest.raises(ValueError):
-        c.labels(a="1").inc(math.nan)
-    h = r.histogram("h", "x", [1])
-    with pytest.raises(ValueError):
-        h.observe(math.nan)
-
-
-def test_explicit_inf_bucket_not_doubled() -> None:
-    r = Registry()
-    r.histogram("h", "x", [0.5, math.inf]).observe(1)
-    fam = parse(r.render())["h"]
-    assert fam.series("_bucket") == [{"le": "0.5"}, {"le": "+Inf"}]
-    check_histogram(fam)
+        r.register(GaugeFn("lat", "x", lambda: []))
 
 
 def test_content_type() -> None:
     assert CONTENT_TYPE == "text/plain; version=0.0.4; charset=utf-8"
+    assert CONTENT_TYPE == prometheus_client.CONTENT_TYPE_PLAIN_0_0_4  # what render() writes
 
 
 # -- NodeMetrics ------------------------------------------------------------------------------
@@ -451,14 +269,14 @@ def test_node_metrics_live_values() -> None:
 def test_node_metrics_observe_worker_messages() -> None:
     m = FakeNode().metrics()
     assert m.observe({"t": "metric", "name": "setup_seconds", "value": 0.012})
-    assert m.observe(setup_seconds_msg(1.5))
+    assert m.observe(msg(Metric(name="setup_seconds", value=1.5)))
     assert m.observe(
         {"t": "metric", "name": "callback_fetch_seconds", "value": 0.004, "outcome": "ok"}
     )
-    assert m.observe(callback_fetch_msg(3.0, ok=False))
+    assert m.observe(msg(Metric(name="callback_fetch_seconds", value=3.0, outcome="error")))
     assert m.observe({"t": "final", "status": "completed"})
-    assert m.observe(final_msg("completed"))
-    assert m.observe(final_msg("no_answer"))
+    assert m.observe(msg(Final(status="completed")))
+    assert m.observe(msg(Final(status="no_answer")))
     m.call_final("failed")  # a call lost with its worker
     fams = parse(m.render())
     setup = fams["sautikit_call_setup_seconds"]
@@ -504,3 +322,43 @@ def test_node_metrics_ignores_other_messages_and_drops_bad_ones(
             assert m.observe(msg) is True
     assert m.render() == before
     assert len(caplog.records) == len(bad)
+
+
+def test_each_node_has_its_own_registry() -> None:
+    a, b = FakeNode().metrics(), FakeNode().metrics()
+    a.observe(msg(Final(status="completed")))
+    a.worker_restarted()
+    assert parse(a.render())["sautikit_calls_total"].get(status="completed") == 1
+    fams = parse(b.render())
+    assert fams["sautikit_calls_total"].get(status="completed") == 0
+    assert fams["sautikit_worker_restarts_total"].get() == 0
+    # nothing lands in the library's process-wide registry
+    assert "sautikit_calls_total" not in render(prometheus_client.REGISTRY)
+
+
+def test_label_children_are_looked_up_once() -> None:
+    # Per-call updates add to a kept child: no .labels(...) lookup per message.
+    m = FakeNode().metrics()
+    kept = dict(m._calls_by_status), dict(m._fetch_by_outcome)
+    for _ in range(3):
+        m.observe(msg(Final(status="busy")))
+        m.observe(msg(Metric(name="callback_fetch_seconds", value=0.1, outcome="ok")))
+        m.observe(msg(Metric(name=ACTION_SKIPPED, verb="say", reason="tts_failed")))
+    assert (m._calls_by_status, m._fetch_by_outcome) == kept
+    assert list(m._skipped) == [("say", "tts_failed")]
+    fams = parse(m.render())
+    assert fams["sautikit_calls_total"].get(status="busy") == 3
+    assert fams["sautikit_callback_fetch_seconds"].get("_count", outcome="ok") == 3
+    assert fams["sautikit_actions_skipped_total"].get(verb="say", reason="tts_failed") == 3
+
+
+def test_workers_do_not_import_prometheus_client() -> None:
+    # Only the supervisor serves /metrics: a worker process sends Metric messages and keeps
+    # the library's import (~1.4 MB, ~0.1 s per process) off its footprint.
+    import subprocess
+    import sys
+
+    code = "import sys, gateway.workers.worker; print('prometheus_client' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

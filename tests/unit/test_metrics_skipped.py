@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from dsl.interpreter import Interpreter
-from gateway.metrics import NodeMetrics, action_skipped_msg
+from gateway.metrics import ACTION_SKIPPED, NodeMetrics
+from gateway.workers.protocol import Metric
 from tests.unit.test_dsl_fakes import Fake, doc, say
+from tests.unit.test_metrics import parse
+
+
+def action_skipped_msg(verb: str, reason: str) -> dict[str, Any]:
+    return Metric(name=ACTION_SKIPPED, verb=verb, reason=reason).model_dump(exclude_none=True)
 
 
 def metrics() -> NodeMetrics:
@@ -21,11 +28,12 @@ def test_skipped_actions_render_by_verb_and_reason() -> None:
     assert m.observe(action_skipped_msg("dial", "tts_failed"))  # bounded labels
     assert m.observe(action_skipped_msg("play", "made-up"))  # dropped, logged
     text = m.render()
-    assert "# TYPE sautikit_actions_skipped_total counter" in text
-    assert 'sautikit_actions_skipped_total{verb="play",reason="media_fetch_failed"} 2' in text
-    assert 'sautikit_actions_skipped_total{verb="say",reason="tts_failed"} 1' in text
-    assert 'sautikit_actions_skipped_total{verb="other",reason="tts_failed"} 1' in text
-    assert "made-up" not in text
+    fam = parse(text)["sautikit_actions_skipped_total"]
+    assert fam.type == "counter"
+    assert fam.get(verb="play", reason="media_fetch_failed") == 2
+    assert fam.get(verb="say", reason="tts_failed") == 1
+    assert fam.get(verb="other", reason="tts_failed") == 1
+    assert len(fam.samples) == 3 and "made-up" not in text
 
 
 async def test_interpreter_reports_each_skip_with_the_call_id(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]

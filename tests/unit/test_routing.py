@@ -45,8 +45,8 @@ def test_normalise_e164(raw: str, expected: str | None) -> None:
     assert normalise_e164(raw) == expected
 
 
-def test_normalise_other_default_cc() -> None:
-    assert normalise_e164("0201234567", default_cc="49") == "+49201234567"
+def test_normalise_other_region() -> None:
+    assert normalise_e164("0201234567", region="DE") == "+49201234567"
 
 
 SECRET = "cp-secret"

@@ -6,10 +6,12 @@ from __future__ import annotations
 import re
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from config.settings import TrunkSettings
-from gateway.metrics import Registry
+from gateway.metrics import render
 from gateway.outbound.trunks import TrunkPool, should_fail_over
+from tests.unit.test_metrics import parse
 
 DEST = "+254722000001"
 
@@ -125,18 +127,20 @@ def test_should_fail_over(code: int, rang: bool, answered: bool, expect: bool) -
 def test_metrics_render_calls_attempts_and_skips() -> None:
     pool = TrunkPool([trunk("a", max_calls=1), trunk("b")])
     pool.record("a", "busy")  # before registration: still counted
-    reg = Registry()
+    reg = CollectorRegistry()
     pool.register_metrics(reg)
     pool.pick(DEST, 0.0)
     pool.pick(DEST, 0.0)  # a full -> skipped, b takes it
     pool.ended("b", "weird")
-    text = reg.render()
-    assert 'sautikit_trunk_calls{trunk="a"} 1' in text
-    assert 'sautikit_trunk_calls{trunk="b"} 0' in text
-    assert 'sautikit_trunk_attempts_total{trunk="a",outcome="busy"} 1' in text
-    assert 'sautikit_trunk_attempts_total{trunk="b",outcome="other"} 1' in text
-    assert 'sautikit_trunk_skipped_total{trunk="a",reason="full"} 1' in text
-    assert "# TYPE sautikit_trunk_attempts_total counter" in text
+    fams = parse(render(reg))
+    assert fams["sautikit_trunk_calls"].get(trunk="a") == 1
+    assert fams["sautikit_trunk_calls"].get(trunk="b") == 0
+    attempts = fams["sautikit_trunk_attempts_total"]
+    assert attempts.type == "counter"
+    assert attempts.get(trunk="a", outcome="busy") == 1
+    assert attempts.get(trunk="b", outcome="other") == 1
+    assert len(attempts.samples) == 2
+    assert fams["sautikit_trunk_skipped_total"].get(trunk="a", reason="full") == 1
 
 
 def test_duplicate_names_are_refused() -> None:
