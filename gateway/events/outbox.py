@@ -2,22 +2,29 @@
 
 One file (`storage.dir/outbox.sqlite3`) is shared by processes on the same host: worker
 processes append, one supervisor process runs the Deliverer. WAL mode lets readers and the
-single writer proceed together; each call is one short transaction, and `busy_timeout` absorbs
-the rare moment two writers collide. Not for network filesystems (WAL needs shared memory).
+single writer proceed together. Each process writes through its one writer thread
+(`AsyncOutbox`): what its calls queue meanwhile goes in one transaction, one fsync; when two
+processes collide, `busy_timeout` (and the thread's retry) waits on that thread, never on an
+event loop. `Outbox` is the same store as plain synchronous calls, for tools and tests. Not for
+network filesystems (WAL needs shared memory).
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal, TypeVar, cast
 
 from yarl import URL
 
+from gateway.events.committer import Committer, connect_wal
 from gateway.events.envelope import Event
 
 Policy = Literal["control_plane", "customer"]
@@ -25,6 +32,7 @@ State = Literal["pending", "delivered", "dead_letter"]
 POLICIES: frozenset[str] = frozenset({"control_plane", "customer"})
 STATES: tuple[State, ...] = ("pending", "delivered", "dead_letter")
 _MAX_ERROR_CHARS = 500
+T = TypeVar("T")
 _SCHEMA_VERSION = 1
 
 # final_call_id is NULL for ordinary events and equals call_id for the call's final event;
@@ -109,45 +117,30 @@ def _check_url(url: str) -> None:
 
 
 class Outbox:
-    """One connection to the outbox file; methods are quick synchronous calls."""
+    """One connection to the outbox file; methods are quick synchronous calls.
 
-    def __init__(self, path: str | os.PathLike[str], *, busy_timeout_s: float = 5.0) -> None:
+    For tools, tests and threads. Code on an event loop uses `AsyncOutbox`, which runs these
+    same methods on its process's writer thread, group-committed."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        busy_timeout_s: float = 5.0,
+        _db: sqlite3.Connection | None = None,
+    ) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # Create the file ourselves so it never exists with the umask's looser mode: it holds
-        # signing secrets. SQLite gives its -wal/-shm files the database file's mode.
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            if os.fstat(fd).st_mode & 0o077:
-                os.fchmod(fd, 0o600)
-        except PermissionError:
-            pass  # someone else's file; leave it as its owner set it
-        finally:
-            os.close(fd)
         self._lock = threading.Lock()
-        # isolation_level=None: we decide where transactions begin and end
-        self._db = sqlite3.connect(
-            self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
-        )
+        self._db = _db if _db is not None else self.connect(self.path, busy_timeout_s)
         self._closed = False
-        try:
-            self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-            mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise RuntimeError(f"outbox {self.path} cannot use WAL mode (got {mode})")
-            # FULL syncs the WAL on every commit: an acknowledged append survives power loss
-            self._db.execute("PRAGMA synchronous = FULL")
-            self._db.execute("BEGIN IMMEDIATE")
-            for stmt in _SCHEMA.split(";"):
-                if stmt.strip():
-                    self._db.execute(stmt)
-            self._db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
-            self._db.execute("COMMIT")
-        except BaseException:
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
-            self._db.close()
-            raise
+
+    @staticmethod
+    def connect(path: Path, busy_timeout_s: float) -> sqlite3.Connection:
+        """The file (created 0600: it holds signing secrets) open in WAL mode, synchronous=FULL
+        (an acknowledged append survives power loss), schema applied."""
+        return connect_wal(
+            path, _SCHEMA, _SCHEMA_VERSION, busy_timeout_s=busy_timeout_s, what="outbox"
+        )
 
     # -- appending ---------------------------------------------------------------------
 
@@ -220,6 +213,21 @@ class Outbox:
                 (float("-inf") if after is None else after,),
             ).fetchone()
         return None if r is None or r[0] is None else float(r[0])
+
+    def pending_after(self, row_id: int, limit: int) -> list[OutboxRow]:
+        """Pending rows appended after row `row_id`, in id order (what is new since a look)."""
+        with self._lock:
+            cur = self._db.execute(
+                f"SELECT {_COLUMNS} FROM outbox WHERE id > ? AND state = 'pending'"
+                " ORDER BY id LIMIT ?",
+                (row_id, limit),
+            )
+            return [_row(r) for r in cur.fetchall()]
+
+    def max_id(self) -> int:
+        with self._lock:
+            r = self._db.execute("SELECT MAX(id) FROM outbox").fetchone()
+        return 0 if r is None or r[0] is None else int(r[0])
 
     def mark_delivered(self, row_id: int) -> None:
         with self._lock:
@@ -343,3 +351,89 @@ class Outbox:
             return "id", ident
         ident = ident.strip()
         return ("id", int(ident)) if ident.isdigit() else ("event_id", ident)
+
+
+class AsyncOutbox:
+    """The outbox for code on an event loop: each method queues its `Outbox` call on this
+    process's one writer thread (gateway/events/committer.py) and returns an asyncio future,
+    resolved once the batch it went in is committed and fsynced. Calls run in the order they
+    were made (one FIFO), so a call's events are stored in the order they were emitted."""
+
+    def __init__(self, path: str | os.PathLike[str], *, busy_timeout_s: float = 5.0) -> None:
+        self.path = Path(path)
+        self._busy_timeout_s = busy_timeout_s
+        self._store: Outbox | None = None
+        self.committer = Committer(f"outbox {self.path}", self._connect)
+
+    def _connect(self) -> sqlite3.Connection:
+        db = Outbox.connect(self.path, self._busy_timeout_s)
+        self._store = Outbox(self.path, _db=db)
+        return db
+
+    @classmethod
+    async def open(cls, path: str | os.PathLike[str], **kw: Any) -> AsyncOutbox:
+        """Construct and wait until the file is open (raises what opening raised)."""
+        outbox = cls(path, **kw)
+        await asyncio.wrap_future(outbox.committer.opened)
+        return outbox
+
+    def run(self, fn: Callable[[Outbox], T], what: str = "") -> asyncio.Future[T]:
+        """`fn(outbox)` on the writer thread, inside its batch's transaction."""
+        return self.committer.submit(lambda _db: fn(cast(Outbox, self._store)), what)
+
+    def append(
+        self,
+        event: Event,
+        *,
+        url: str,
+        secret: str,
+        policy: Policy,
+        call_id: str | None,
+        final: bool = False,
+    ) -> asyncio.Future[bool]:
+        """`Outbox.append`, group-committed: True once stored (and fsynced), False when the
+        call already had its final event (or the event_id was stored)."""
+        return self.run(
+            lambda ob: ob.append(
+                event, url=url, secret=secret, policy=policy, call_id=call_id, final=final
+            ),
+            f"append {event.kind} {event.event_id}",
+        )
+
+    def due(self, now: float, limit: int) -> asyncio.Future[list[OutboxRow]]:
+        return self.run(lambda ob: ob.due(now, limit), "due")
+
+    def pending_after(self, row_id: int, limit: int) -> asyncio.Future[list[OutboxRow]]:
+        return self.run(lambda ob: ob.pending_after(row_id, limit), "pending_after")
+
+    def max_id(self) -> asyncio.Future[int]:
+        return self.run(lambda ob: ob.max_id(), "max_id")
+
+    def next_due_at(self, after: float | None = None) -> asyncio.Future[float | None]:
+        return self.run(lambda ob: ob.next_due_at(after), "next_due_at")
+
+    def mark_delivered(self, row_id: int) -> asyncio.Future[None]:
+        return self.run(lambda ob: ob.mark_delivered(row_id), f"mark_delivered {row_id}")
+
+    def mark_failed(
+        self, row_id: int, error: str, next_attempt_at: float | None
+    ) -> asyncio.Future[None]:
+        return self.run(
+            lambda ob: ob.mark_failed(row_id, error, next_attempt_at), f"mark_failed {row_id}"
+        )
+
+    def counts(self) -> asyncio.Future[dict[str, int]]:
+        return self.run(lambda ob: ob.counts(), "counts")
+
+    def rows_for_call(self, call_id: str) -> asyncio.Future[list[OutboxRow]]:
+        return self.run(lambda ob: ob.rows_for_call(call_id), "rows_for_call")
+
+    def prune_delivered(self, older_than: float) -> asyncio.Future[int]:
+        return self.run(lambda ob: ob.prune_delivered(older_than), "prune_delivered")
+
+    def close(self) -> concurrent.futures.Future[None]:
+        """Commit what is queued, then close (idempotent); the future is done once closed."""
+        return self.committer.close()
+
+    async def aclose(self) -> None:
+        await self.committer.aclose()
