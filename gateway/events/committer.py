@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import fcntl
 import logging
 import os
 import queue
@@ -65,6 +66,8 @@ def connect_wal(
             raise RuntimeError(f"{what} {path} cannot use WAL mode (got {mode})")
         # FULL syncs the WAL on every commit: an acknowledged write survives power loss
         db.execute("PRAGMA synchronous = FULL")
+        if db.execute("PRAGMA user_version").fetchone()[0] == version:
+            return db  # in place: no write lock to wait for while other processes write
         db.execute("BEGIN IMMEDIATE")
         for stmt in schema.split(";"):
             if stmt.strip():
@@ -92,6 +95,7 @@ class _Item:
     # one of: an asyncio future and its loop, a concurrent future, or neither (fire-and-forget)
     future: asyncio.Future[Any] | concurrent.futures.Future[Any] | None = None
     loop: asyncio.AbstractEventLoop | None = None
+    read: bool = False  # only reads: a batch of reads alone takes no write lock
 
 
 _STOP = object()
@@ -113,7 +117,11 @@ class Committer:
 
     `connect` runs on the thread and returns the open connection; `idle` (seconds, job) runs
     the job at the first moment the queue is empty once that long has passed since the last
-    run (retention pruning)."""
+    run (retention pruning). `turns`: a file every process writing this database flocks
+    around its write transactions, so that they take turns in the kernel's queue instead of
+    polling SQLite's busy handler (which sleeps up to 100 ms between tries: with dozens of
+    writers, some starve for seconds); SQLite's own locking still decides, so a writer that
+    does not take turns (a tool) is merely not queued."""
 
     def __init__(
         self,
@@ -123,8 +131,11 @@ class Committer:
         max_batch: int = MAX_BATCH,
         lock_wait_s: float = LOCK_WAIT_S,
         idle: tuple[float, Job] | None = None,
+        turns: Path | None = None,
     ) -> None:
         self.name = name
+        self._turns = turns
+        self._turn_fd: int | None = None
         self._connect = connect
         self._max_batch = max_batch
         self._lock_wait_s = lock_wait_s
@@ -144,15 +155,18 @@ class Committer:
 
     # -- callers ---------------------------------------------------------------------------
 
-    def submit(self, fn: Callable[[sqlite3.Connection], T], what: str = "") -> asyncio.Future[T]:
-        """Queue `fn` (run on the thread); its result once committed. Call on a running loop."""
+    def submit(
+        self, fn: Callable[[sqlite3.Connection], T], what: str = "", *, read: bool = False
+    ) -> asyncio.Future[T]:
+        """Queue `fn` (run on the thread); its result once committed. Call on a running loop.
+        `read`: `fn` only reads (it may then share a transaction that takes no write lock)."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
         err = self._refused()
         if err is not None:
             fut.set_exception(err)
         else:
-            self._queue.put(_Item(fn, what, fut, loop))
+            self._queue.put(_Item(fn, what, fut, loop, read))
         return fut
 
     def submit_threadsafe(
@@ -196,6 +210,9 @@ class Committer:
 
     def _run(self) -> None:
         try:
+            if self._turns is not None:
+                create_private(self._turns)
+                self._turn_fd = os.open(self._turns, os.O_RDWR)
             db = self._connect()
         except BaseException as exc:
             log.error("%s cannot be opened: %s", self.name, exc)
@@ -218,8 +235,12 @@ class Committer:
                     continue
                 batch: list[_Item] = []
                 stop = first is _STOP
+                turn = False
                 if not stop:
                     batch.append(cast(_Item, first))
+                    if not cast(_Item, first).read:
+                        # waiting for our turn lets more work queue: it joins this batch
+                        turn = self._take_turn()
                 while not stop and len(batch) < self._max_batch:
                     try:
                         item = self._queue.get_nowait()
@@ -230,12 +251,30 @@ class Committer:
                     else:
                         batch.append(cast(_Item, item))
                 if batch:
-                    self._batch(db, batch)
+                    if not turn and not all(item.read for item in batch):
+                        turn = self._take_turn()
+                    try:
+                        self._batch(db, batch)
+                    finally:
+                        if turn:
+                            self._end_turn()
                 if stop:
                     break
         finally:
             db.close()
+            if self._turn_fd is not None:
+                os.close(self._turn_fd)
             self.done.set_result(None)
+
+    def _take_turn(self) -> bool:
+        if self._turn_fd is None:
+            return False
+        fcntl.flock(self._turn_fd, fcntl.LOCK_EX)  # sleeps in the kernel's queue, GIL released
+        return True
+
+    def _end_turn(self) -> None:
+        assert self._turn_fd is not None
+        fcntl.flock(self._turn_fd, fcntl.LOCK_UN)
 
     def _batch(self, db: sqlite3.Connection, items: list[_Item]) -> None:
         deadline = time.monotonic() + self._lock_wait_s
@@ -263,7 +302,10 @@ class Committer:
         """All `items` in one transaction, each in its own savepoint (one bad job fails
         alone). Raises when BEGIN or COMMIT fails: then none of them happened."""
         results: list[tuple[_Item, bool, Any]] = []
-        db.execute("BEGIN IMMEDIATE")
+        reads_only = all(item.read for item in items)
+        # a write takes the lock at BEGIN (no deadlock upgrading a read later); reads alone
+        # take a snapshot and leave other processes' writers alone
+        db.execute("BEGIN" if reads_only else "BEGIN IMMEDIATE")
         for item in items:
             db.execute("SAVEPOINT job")
             try:
@@ -276,7 +318,8 @@ class Committer:
                 db.execute("RELEASE job")
                 results.append((item, True, value))
         db.execute("COMMIT")
-        self.commits += 1
+        if not reads_only:
+            self.commits += 1  # a write transaction: one fsync
         self.jobs += len(items)
         return results
 

@@ -221,7 +221,7 @@ class Deliverer:
             self._new = False
             limit = self._max_known
             tail, rows = await self._outbox.run(
-                lambda ob: (ob.max_id(), ob.due(math.inf, limit)), "deliverer scan"
+                lambda ob: (ob.max_id(), ob.due(math.inf, limit)), "deliverer scan", read=True
             )
             for row in rows:
                 self._hold(row)

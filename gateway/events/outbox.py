@@ -363,7 +363,10 @@ class AsyncOutbox:
         self.path = Path(path)
         self._busy_timeout_s = busy_timeout_s
         self._store: Outbox | None = None
-        self.committer = Committer(f"outbox {self.path}", self._connect)
+        self.committer = Committer(
+            f"outbox {self.path}", self._connect,
+            turns=self.path.with_name(self.path.name + "-turns"),
+        )
 
     def _connect(self) -> sqlite3.Connection:
         db = Outbox.connect(self.path, self._busy_timeout_s)
@@ -377,9 +380,12 @@ class AsyncOutbox:
         await asyncio.wrap_future(outbox.committer.opened)
         return outbox
 
-    def run(self, fn: Callable[[Outbox], T], what: str = "") -> asyncio.Future[T]:
-        """`fn(outbox)` on the writer thread, inside its batch's transaction."""
-        return self.committer.submit(lambda _db: fn(cast(Outbox, self._store)), what)
+    def run(
+        self, fn: Callable[[Outbox], T], what: str = "", *, read: bool = False
+    ) -> asyncio.Future[T]:
+        """`fn(outbox)` on the writer thread, inside its batch's transaction (`read`: it only
+        reads)."""
+        return self.committer.submit(lambda _db: fn(cast(Outbox, self._store)), what, read=read)
 
     def append(
         self,
@@ -401,16 +407,16 @@ class AsyncOutbox:
         )
 
     def due(self, now: float, limit: int) -> asyncio.Future[list[OutboxRow]]:
-        return self.run(lambda ob: ob.due(now, limit), "due")
+        return self.run(lambda ob: ob.due(now, limit), "due", read=True)
 
     def pending_after(self, row_id: int, limit: int) -> asyncio.Future[list[OutboxRow]]:
-        return self.run(lambda ob: ob.pending_after(row_id, limit), "pending_after")
+        return self.run(lambda ob: ob.pending_after(row_id, limit), "pending_after", read=True)
 
     def max_id(self) -> asyncio.Future[int]:
-        return self.run(lambda ob: ob.max_id(), "max_id")
+        return self.run(lambda ob: ob.max_id(), "max_id", read=True)
 
     def next_due_at(self, after: float | None = None) -> asyncio.Future[float | None]:
-        return self.run(lambda ob: ob.next_due_at(after), "next_due_at")
+        return self.run(lambda ob: ob.next_due_at(after), "next_due_at", read=True)
 
     def mark_delivered(self, row_id: int) -> asyncio.Future[None]:
         return self.run(lambda ob: ob.mark_delivered(row_id), f"mark_delivered {row_id}")
@@ -423,10 +429,10 @@ class AsyncOutbox:
         )
 
     def counts(self) -> asyncio.Future[dict[str, int]]:
-        return self.run(lambda ob: ob.counts(), "counts")
+        return self.run(lambda ob: ob.counts(), "counts", read=True)
 
     def rows_for_call(self, call_id: str) -> asyncio.Future[list[OutboxRow]]:
-        return self.run(lambda ob: ob.rows_for_call(call_id), "rows_for_call")
+        return self.run(lambda ob: ob.rows_for_call(call_id), "rows_for_call", read=True)
 
     def prune_delivered(self, older_than: float) -> asyncio.Future[int]:
         return self.run(lambda ob: ob.prune_delivered(older_than), "prune_delivered")
