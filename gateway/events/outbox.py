@@ -196,13 +196,10 @@ class Outbox:
 
     def due(self, now: float, limit: int) -> list[OutboxRow]:
         """Pending rows whose next attempt is at or before `now`, oldest due first."""
-        with self._lock:
-            cur = self._db.execute(
-                f"SELECT {_COLUMNS} FROM outbox WHERE state = 'pending'"
-                " AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?",
-                (now, limit),
-            )
-            return [_row(r) for r in cur.fetchall()]
+        return self._rows(
+            "state = 'pending' AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?",
+            (now, limit),
+        )
 
     def next_due_at(self, after: float | None = None) -> float | None:
         """The earliest next_attempt_at of a pending row (later than `after`, if given)."""
@@ -216,12 +213,11 @@ class Outbox:
 
     def pending_after(self, row_id: int, limit: int) -> list[OutboxRow]:
         """Pending rows appended after row `row_id`, in id order (what is new since a look)."""
+        return self._rows("id > ? AND state = 'pending' ORDER BY id LIMIT ?", (row_id, limit))
+
+    def _rows(self, where: str, params: tuple[Any, ...] = ()) -> list[OutboxRow]:
         with self._lock:
-            cur = self._db.execute(
-                f"SELECT {_COLUMNS} FROM outbox WHERE id > ? AND state = 'pending'"
-                " ORDER BY id LIMIT ?",
-                (row_id, limit),
-            )
+            cur = self._db.execute(f"SELECT {_COLUMNS} FROM outbox WHERE {where}", params)
             return [_row(r) for r in cur.fetchall()]
 
     def max_id(self) -> int:
@@ -266,11 +262,7 @@ class Outbox:
         return None if r is None else _row(r)
 
     def dead_letters(self) -> list[OutboxRow]:
-        with self._lock:
-            cur = self._db.execute(
-                f"SELECT {_COLUMNS} FROM outbox WHERE state = 'dead_letter' ORDER BY id"
-            )
-            return [_row(r) for r in cur.fetchall()]
+        return self._rows("state = 'dead_letter' ORDER BY id")
 
     def retry(self, row_id_or_event_id: int | str) -> bool:
         """dead_letter -> pending with attempts reset, due now. False if not a dead letter."""
@@ -298,11 +290,7 @@ class Outbox:
         return r is not None
 
     def rows_for_call(self, call_id: str) -> list[OutboxRow]:
-        with self._lock:
-            cur = self._db.execute(
-                f"SELECT {_COLUMNS} FROM outbox WHERE call_id = ? ORDER BY id", (call_id,)
-            )
-            return [_row(r) for r in cur.fetchall()]
+        return self._rows("call_id = ? ORDER BY id", (call_id,))
 
     def open_calls(self) -> list[str]:
         """Calls with a `call.started` and no final event, oldest first (what a crash left
