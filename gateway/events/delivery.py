@@ -227,10 +227,10 @@ class Deliverer:
                 self._hold(row)
             self._tail = max(self._tail, tail)
         elif self._new or now >= self._next_poll:
+            self._next_poll = now + self._poll
             room = self._max_known - len(self._known)
             if room <= 0:
-                return  # the new rows wait in the database for the next full look
-            self._next_poll = now + self._poll
+                return  # the new rows wait in the database until there is room
             self._new = False
             rows = await self._outbox.pending_after(self._tail, room)
             for row in rows:
