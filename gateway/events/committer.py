@@ -1,10 +1,11 @@
 """One SQLite writer thread per store and process, group-committing what callers queue.
 
 The thread owns the store's one connection. It takes every job waiting at that moment (up to
-`max_batch`) and runs them in ONE transaction, each in its own savepoint, so a burst of writes
-from many calls costs one fsync (`synchronous=FULL` stays: a result is handed back only once
-the COMMIT, and its fsync, is done) and a job that raises fails alone. Reads go through the
-same thread, so a read sees every write queued before it.
+`max_batch`) and runs them in ONE transaction, so a burst of writes from many calls costs one
+fsync (`synchronous=FULL` stays: a result is handed back only once the COMMIT, and its fsync,
+is done). A job that raises fails alone: the batch is rolled back and run again with each job
+in its own savepoint (so a job may run twice; only its committed run counts). Reads go through
+the same thread, so a read sees every write queued before it.
 
 Nothing here blocks an event loop: `submit` (on a loop) returns an asyncio future that the
 thread resolves with `loop.call_soon_threadsafe`, once per loop per batch. When another
@@ -99,6 +100,12 @@ class _Item:
 
 
 _STOP = object()
+
+
+class _JobFailed(Exception):
+    def __init__(self, exc: Exception) -> None:
+        super().__init__(str(exc))
+        self.exc = exc
 
 
 def _settle(results: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
@@ -278,10 +285,17 @@ class Committer:
 
     def _batch(self, db: sqlite3.Connection, items: list[_Item]) -> None:
         deadline = time.monotonic() + self._lock_wait_s
+        isolate = False
         while True:
             try:
-                results = self._transaction(db, items)
+                results = self._transaction(db, items, isolate=isolate)
                 break
+            except _JobFailed as failed:  # only on the fast path: again, each job on its own
+                db.execute("ROLLBACK")
+                if len(items) == 1:
+                    results = [(items[0], False, failed.exc)]
+                    break
+                isolate = True
             except Exception as exc:  # the transaction itself failed
                 if db.in_transaction:
                     db.execute("ROLLBACK")
@@ -297,16 +311,26 @@ class Committer:
         self._hand_back(results)
 
     def _transaction(
-        self, db: sqlite3.Connection, items: list[_Item]
+        self, db: sqlite3.Connection, items: list[_Item], *, isolate: bool
     ) -> list[tuple[_Item, bool, Any]]:
-        """All `items` in one transaction, each in its own savepoint (one bad job fails
-        alone). Raises when BEGIN or COMMIT fails: then none of them happened."""
+        """All `items` in one transaction. The fast path runs them back to back and raises
+        `_JobFailed` at the first that fails (the caller rolls back and comes again with
+        `isolate`: each job in its own savepoint, so a bad job fails alone). Few statements
+        while the write lock is held matter: each one gives up and takes back the GIL, and a
+        loop thread holding it can make every other process wait. Raises when BEGIN or
+        COMMIT fails: then none of them happened."""
         results: list[tuple[_Item, bool, Any]] = []
         reads_only = all(item.read for item in items)
         # a write takes the lock at BEGIN (no deadlock upgrading a read later); reads alone
         # take a snapshot and leave other processes' writers alone
         db.execute("BEGIN" if reads_only else "BEGIN IMMEDIATE")
         for item in items:
+            if not isolate:
+                try:
+                    results.append((item, True, item.fn(db)))
+                except Exception as exc:
+                    raise _JobFailed(exc) from exc
+                continue
             db.execute("SAVEPOINT job")
             try:
                 value = item.fn(db)
