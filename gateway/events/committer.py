@@ -55,32 +55,44 @@ def connect_wal(
     path: Path, schema: str, version: int, *, busy_timeout_s: float, what: str
 ) -> sqlite3.Connection:
     """Open `path` (created 0600) in WAL mode with synchronous=FULL and its schema applied.
-    isolation_level=None: the caller decides where transactions begin and end."""
+    isolation_level=None: the caller decides where transactions begin and end. Processes
+    opening a new file at once can find it locked (switching it to WAL does not wait for the
+    busy timeout): tried again until `busy_timeout_s` is up. Never call it on an event loop."""
     create_private(path)
-    db = sqlite3.connect(
-        path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
-    )
-    try:
-        db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            raise RuntimeError(f"{what} {path} cannot use WAL mode (got {mode})")
-        # FULL syncs the WAL on every commit: an acknowledged write survives power loss
-        db.execute("PRAGMA synchronous = FULL")
-        if db.execute("PRAGMA user_version").fetchone()[0] == version:
-            return db  # in place: no write lock to wait for while other processes write
-        db.execute("BEGIN IMMEDIATE")
-        for stmt in schema.split(";"):
-            if stmt.strip():
-                db.execute(stmt)
-        db.execute(f"PRAGMA user_version = {version}")
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        db.close()
-        raise
-    return db
+    deadline = time.monotonic() + busy_timeout_s
+    while True:
+        db = sqlite3.connect(
+            path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+        )
+        try:
+            _prepare(db, path, schema, version, what, busy_timeout_s)
+            return db
+        except BaseException as exc:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            db.close()
+            if not _busy(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(0.01)
+
+
+def _prepare(
+    db: sqlite3.Connection, path: Path, schema: str, version: int, what: str, busy_s: float
+) -> None:
+    db.execute(f"PRAGMA busy_timeout = {int(busy_s * 1000)}")
+    mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        raise RuntimeError(f"{what} {path} cannot use WAL mode (got {mode})")
+    # FULL syncs the WAL on every commit: an acknowledged write survives power loss
+    db.execute("PRAGMA synchronous = FULL")
+    if db.execute("PRAGMA user_version").fetchone()[0] == version:
+        return  # in place: no write lock to wait for while other processes write
+    db.execute("BEGIN IMMEDIATE")
+    for stmt in schema.split(";"):
+        if stmt.strip():
+            db.execute(stmt)
+    db.execute(f"PRAGMA user_version = {version}")
+    db.execute("COMMIT")
 
 
 def _busy(exc: BaseException) -> bool:

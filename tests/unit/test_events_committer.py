@@ -156,3 +156,13 @@ async def test_open_failure_fails_callers(tmp_path: Path) -> None:
         await asyncio.wrap_future(ob.committer.opened)
     with pytest.raises(OSError):
         await ob.counts()
+
+
+async def test_processes_opening_a_new_file_at_once_all_open_it(tmp_path: Path) -> None:
+    """Switching a new file to WAL does not wait for the busy timeout: opening tries again."""
+    for i in range(50):
+        obs = [AsyncOutbox(tmp_path / f"o{i}.sqlite3") for _ in range(2)]
+        for ob in obs:
+            await asyncio.wrap_future(ob.committer.opened)
+        for ob in obs:
+            await ob.aclose()
