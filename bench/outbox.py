@@ -7,8 +7,9 @@ stored row delivered as it finds them, all on one outbox file (WAL, synchronous=
 
   before  `Outbox.append` / `Outbox.due` / `Outbox.mark_delivered` called on the loop (each a
           transaction and an fsync, lock waits included: what the node did before)
-  after   `AsyncOutbox`: each process's calls queued on its writer thread, group-committed; the
-          loop only queues and is handed the result
+  after   `AsyncOutbox`: each process's calls queued on its writer thread, group-committed
+          (the processes taking turns on the outbox's flock); the loop only queues and is
+          handed the result
 
 Per mode: events stored per second, commits per second (all processes' transactions), events
 per commit, how long a loop is blocked per event (the call on the loop: mean and p99), the
@@ -111,7 +112,7 @@ async def _writer(mode: str, path: Path, index: int, rate: float, start: float,
     await tick
     commits = n - errors
     if aob is not None:
-        commits = aob.committer.commits - 1  # less the opening one (schema)
+        commits = aob.committer.commits
         await aob.aclose()
     if sync is not None:
         sync.close()
@@ -158,7 +159,7 @@ async def _deliverer(mode: str, path: Path, start: float, seconds: float) -> dic
     await tick
     commits = marks
     if aob is not None:
-        commits = aob.committer.commits - 1
+        commits = aob.committer.commits
         await aob.aclose()
     if sync is not None:
         sync.close()
