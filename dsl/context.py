@@ -131,7 +131,9 @@ class VoiceApp(Protocol):
 
 
 class CallEvents(Protocol):
-    def recording_ready(self, recording_id: str, path: Path, duration_s: float, fmt: str) -> str:
+    async def recording_ready(
+        self, recording_id: str, path: Path, duration_s: float, fmt: str
+    ) -> str:
         """Emit `call.recording.ready` (durably) and return the recording's URL."""
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import signal
@@ -37,7 +38,7 @@ from gateway.calls.switchboard import Switchboard
 from gateway.calls.writer import final_data
 from gateway.events.delivery import Deliverer
 from gateway.events.envelope import Event, make_event
-from gateway.events.outbox import Outbox
+from gateway.events.outbox import AsyncOutbox, Outbox
 from gateway.events.recovery import (
     HEARTBEAT_INTERVAL_S,
     HEARTBEAT_NAME,
@@ -108,9 +109,11 @@ class Node:
             workers=lambda: [
                 (w.index, w.ready.is_set() and w.channel is not None) for w in self.workers
             ],
-            outbox_counts=lambda: self.outbox.counts() if self.outbox is not None else None,
+            outbox_counts=self._outbox_counts,
         )
-        self.outbox: Outbox | None = None
+        self.outbox: AsyncOutbox | None = None
+        self._counts: dict[str, int] | None = None  # the outbox's, as of the last look
+        self._counting: asyncio.Future[dict[str, int]] | None = None
         self.deliverer: Deliverer | None = None
         self.runner: web.AppRunner | None = None
         self.http: ClientSession | None = None
@@ -139,6 +142,19 @@ class Node:
 
     def metrics_text(self) -> str:
         return self.metrics.render()
+
+    def _outbox_counts(self) -> dict[str, int] | None:
+        """For /metrics, which renders synchronously: the counts of the last look, and a new
+        look started on the writer thread for the next scrape (never SQLite on the loop)."""
+        if self.outbox is not None and (self._counting is None or self._counting.done()):
+            with contextlib.suppress(RuntimeError):  # closed, or no loop running
+                self._counting = fut = self.outbox.counts()
+                fut.add_done_callback(self._counted)
+        return self._counts
+
+    def _counted(self, fut: asyncio.Future[dict[str, int]]) -> None:
+        if not fut.cancelled() and fut.exception() is None:
+            self._counts = fut.result()
 
     def active_call_count(self) -> int:
         return self.directory.count()
@@ -170,11 +186,16 @@ class Node:
         for sub in ("recordings", "cache"):
             (self.storage / sub).mkdir(parents=True, exist_ok=True)
         await self._lock_storage()
-        self.outbox = Outbox(self.storage / "outbox.sqlite3")
+        # Every outbox read and write of this process goes through its writer thread.
+        self.outbox = await AsyncOutbox.open(self.storage / "outbox.sqlite3")
         # Before any worker runs: every open call in the outbox was left by a dead node.
         heartbeat_path = self.storage / HEARTBEAT_NAME
         last_run = await asyncio.to_thread(read_heartbeat, heartbeat_path)
-        closed = await asyncio.to_thread(close_open_calls, self.outbox, last_run, time.time())
+        now = time.time()
+        closed = await self.outbox.run(
+            lambda ob: close_open_calls(ob, last_run, now), "close open calls"
+        )
+        self._counts = await self.outbox.counts()
         if closed:
             log.warning("closed %d call(s) left open by the previous run (node_lost)", len(closed))
             self.recovered.inc(len(closed))
@@ -281,7 +302,7 @@ class Node:
         if self.records is not None:
             await self.records.close()
         if self.outbox is not None:
-            self.outbox.close()
+            await self.outbox.aclose()
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # workers are gone: their inherited copies too
             self._lock_fd = None
@@ -333,7 +354,7 @@ class Node:
         # Delivered rows are history; a week of it keeps late duplicate finals deduplicated.
         while True:
             assert self.outbox is not None
-            pruned = self.outbox.prune_delivered(time.time() - 7 * 86400)
+            pruned = await self.outbox.prune_delivered(time.time() - 7 * 86400)
             if pruned:
                 log.info("outbox: pruned %d delivered event(s) older than 7 days", pruned)
             await asyncio.sleep(3600)
@@ -352,7 +373,7 @@ class Node:
                 code,
                 len(self.directory.on_worker(w.index)),
             )
-            self._worker_lost(w)
+            await self._worker_lost(w)
             w.restarts += 1
             self.metrics.worker_restarted()
             backoff = 0.5 if time.monotonic() - started > 30 else min(backoff * 2, 10)
@@ -444,15 +465,30 @@ class Node:
                 w.max_calls,
             )
 
-    def _worker_lost(self, w: WorkerHandle) -> None:
+    async def _worker_lost(self, w: WorkerHandle) -> None:
         """Each call the dead worker held gets its final event, unless it already has one."""
         assert self.outbox is not None
         now = time.time()
-        for entry in self.directory.worker_gone(w.index):
-            answered_at = self._lost_final(entry, w.index, now)
-            if self.records is not None and answered_at is not False:
+        entries = self.directory.worker_gone(w.index)
+        # all queued at once: one transaction on the writer thread for the worker's calls
+        finals = [
+            self.outbox.run(functools.partial(self._lost_final, entry=e, index=w.index, now=now),
+                            "worker_lost final")
+            for e in entries
+        ]
+        for entry, fut in zip(entries, finals, strict=True):
+            try:
+                answered_at, stored = await fut
+            except Exception:
+                log.exception("call %s: its worker_lost final could not be stored",
+                              entry.identity.call_id)
+                answered_at, stored = entry.answered_at, None
+            if stored:
+                log.warning("call %s: call.failed (worker_lost)", entry.identity.call_id)
+                self.metrics.call_final("failed")
+            if self.records is not None and stored is not False:
                 self.records.note_call({
-                    **entry.identity.summary("failed", answered_at or None, now),
+                    **entry.identity.summary("failed", answered_at, now),
                     "failure_code": "worker_lost",
                 })
             if self.switchboard is not None:
@@ -463,12 +499,16 @@ class Node:
             # the carrier's side of those calls is still up: the front sends it BYE
             self._tasks.append(asyncio.create_task(self._end_dialogs(w), name="end-dialogs"))
 
-    def _lost_final(self, entry: Entry, index: int, now: float) -> float | bool | None:
-        """Write the lost call's final; its answered_at (None: never answered), or False when
-        the call already had its final (the worker wrote it just before dying)."""
-        assert self.outbox is not None
+    @staticmethod
+    def _lost_final(
+        outbox: Outbox, *, entry: Entry, index: int, now: float
+    ) -> tuple[float | None, bool | None]:
+        """Write the lost call's final (on the outbox's writer thread: reading the call's rows
+        and appending are one transaction). Its answered_at (None: never answered), and
+        whether the final was stored: None with no events destination, False when the call
+        already had its final (the worker wrote it just before dying)."""
         ident = entry.identity
-        rows = self.outbox.rows_for_call(ident.call_id)
+        rows = outbox.rows_for_call(ident.call_id)
         # Answered per the outbox, not only the directory: the worker may have written
         # call.answered and died before its CallState reached us.
         answered_at = entry.answered_at
@@ -477,7 +517,7 @@ class Node:
                 answered_at = _answered_at(row.body)
         if not rows:
             log.error("call %s lost with worker %d (no events destination)", ident.call_id, index)
-            return answered_at
+            return answered_at, None
         outcome = classify(
             CallFacts(
                 direction=ident.direction,
@@ -491,11 +531,7 @@ class Node:
         )
         data = final_data(ident.event_base(), outcome, answered_at, now)
         event = make_event(outcome.final_kind, rows[0].workspace_id, data)
-        if not append_final(self.outbox, ident.call_id, rows, event):
-            return False
-        log.warning("call %s: call.failed (worker_lost)", ident.call_id)
-        self.metrics.call_final("failed")
-        return answered_at
+        return answered_at, append_final(outbox, ident.call_id, rows, event)
 
     async def _end_dialogs(self, w: WorkerHandle) -> None:
         try:

@@ -127,7 +127,12 @@ class CallSession:
         if self.time_limit_s:
             limit.cancel()
         self.call_fields["callStatus"] = "completed"  # for requests made after the hangup
-        self.write_final(end)
+        outcome = self.write_final(end)
+        # Over only once its final event is on disk: until then the worker keeps the call (a
+        # crash now still gets it a final, from the supervisor, and only one).
+        await self.writer.settled()
+        if self.on_final is not None:
+            self.on_final(outcome, end)
         # The interpreter may still have work after a hangup (a recording to hand over).
         try:
             await asyncio.wait_for(asyncio.shield(driver), 30)
@@ -234,8 +239,6 @@ class CallSession:
             )
         )
         self.writer.final(outcome, answered_at=self.call.answered_at, ended_at=end.ended_at)
-        if self.on_final is not None:
-            self.on_final(outcome, end)
         return outcome
 
 

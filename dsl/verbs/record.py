@@ -93,7 +93,9 @@ class Record(Verb):
         except asyncio.CancelledError:
             _discard(ctx.recordings_dir, recording_id)
             raise
-        url = ctx.events.recording_ready(recording_id, result.path, result.duration_s, self.format)
+        url = await ctx.events.recording_ready(
+            recording_id, result.path, result.duration_s, self.format
+        )
         extra = {
             "RecordingUrl": url,
             "RecordingDuration": str(round(result.duration_s)),

@@ -132,7 +132,7 @@ class OutboundRunner:
                 end = self.call.end if self.call else None
                 ended_at = end.ended_at if end else time.time()
             else:
-                outcome, ended_at = self._unanswered()
+                outcome, ended_at = await self._unanswered()
                 self.worker.untrack(self.live, outcome, ended_at)  # slot and trunk free now
                 await self._tell_app(outcome)
         except Exception as e:  # a bug still ends the call with its final event
@@ -142,7 +142,7 @@ class OutboundRunner:
                 self.call.reject_now(500)
                 await self.call.wait_ended()
             if outcome is None and (self.live.session is None):
-                outcome, ended_at = self._unanswered()
+                outcome, ended_at = await self._unanswered()
         finally:
             if outcome is None and self.live.session is not None:
                 outcome = self.live.session.outcome
@@ -184,7 +184,7 @@ class OutboundRunner:
                 return False
             self.worker.report(self.live)  # the supervisor follows the call to its new trunk
 
-    def _unanswered(self) -> tuple[Outcome, float]:
+    async def _unanswered(self) -> tuple[Outcome, float]:
         call = self.call
         end = call.end if call is not None else None
         by: EndedBy = "api" if self.api_hangup else (end.by if end else "local")
@@ -202,6 +202,7 @@ class OutboundRunner:
         )
         ended_at = end.ended_at if end else time.time()
         self.writer.final(outcome, answered_at=None, ended_at=ended_at)
+        await self.writer.settled()  # over (untracked) only once its final is on disk
         self.worker.final(self.live, outcome, ended_at)
         return outcome, ended_at
 

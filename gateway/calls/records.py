@@ -1,12 +1,13 @@
 """The durable call record store (`storage.dir/calls.sqlite3`): what the API answers about calls
 that have ended, their events and recordings, and the create requests' idempotency keys.
 
-Nothing here blocks the event loop: one writer thread owns the one connection, takes jobs from
-a queue and runs every job waiting at that moment in ONE transaction (group commit: one fsync
-for a burst of events from many calls). Reads go through the same thread, so a read always
-sees every write queued before it (and only committed data: results are handed back after the
-COMMIT). The node writes fire-and-forget (`note_*`, callable from any thread); the API awaits
-(`await records.get(...)`). WAL + synchronous=FULL like the outbox; the file is created 0600.
+Nothing here blocks the event loop: one writer thread (gateway/events/committer.py) owns the
+one connection, takes jobs from a queue and runs every job waiting at that moment in ONE
+transaction (group commit: one fsync for a burst of events from many calls). Reads go through
+the same thread, so a read always sees every write queued before it (and only committed data:
+results are handed back after the COMMIT). The node writes fire-and-forget (`note_*`, callable
+from any thread); the API awaits (`await records.get(...)`). WAL + synchronous=FULL like the
+outbox; the file is created 0600.
 
 Retention: a call, its events and recordings are kept `call_retention_s` (default 7 days) after
 their last update; idempotency keys `idempotency_ttl_s` (24 h) after the first request. The
@@ -17,13 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import concurrent.futures
 import json
 import logging
 import os
-import queue
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -32,6 +30,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
 from gateway.calls.identity import iso
+from gateway.events.committer import Committer, connect_wal
 from gateway.events.envelope import Event
 
 __all__ = [
@@ -53,7 +52,6 @@ RECORDING_STATES: frozenset[str] = frozenset({"in_progress", "ready", "failed"})
 CALL_RETENTION_S = 7 * 86400.0
 IDEMPOTENCY_TTL_S = 86400.0
 _PRUNE_EVERY_S = 3600.0
-_MAX_BATCH = 500  # jobs per transaction: bounds how long one commit holds results back
 _SCHEMA_VERSION = 1
 
 _SCHEMA = """
@@ -244,30 +242,6 @@ class IdempotencyRecord:
         return self.status is None
 
 
-@dataclass
-class _Job:
-    fn: Callable[[sqlite3.Connection], Any]
-    future: concurrent.futures.Future[Any] | None  # None: fire-and-forget
-    what: str  # for the log line when a fire-and-forget write fails
-
-
-_STOP = object()
-
-
-def _create_private(path: Path) -> None:
-    """Create the file 0600 before SQLite opens it (it holds client_request_ids and responses);
-    SQLite gives its -wal/-shm files the same mode."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        if os.fstat(fd).st_mode & 0o077:
-            os.fchmod(fd, 0o600)
-    except PermissionError:
-        pass
-    finally:
-        os.close(fd)
-
-
 class CallRecords:
     """The store; see the module docstring. Construct, then use; `await close()` at the end."""
 
@@ -287,147 +261,34 @@ class CallRecords:
         self._busy_timeout_s = busy_timeout_s
         self._prune_every_s = prune_every_s
         self.clock = clock
-        self._queue: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
-        self._opened: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._closed = False
-        self._done: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._thread = threading.Thread(
-            target=self._run, name=f"call-records:{self.path.name}", daemon=True
+        self._committer = Committer(
+            f"call records {self.path}",
+            self._connect,
+            idle=(prune_every_s, self._prune_fn(None)),
         )
-        self._thread.start()
 
     @classmethod
     async def open(cls, path: str | os.PathLike[str], **kw: Any) -> CallRecords:
         """Construct and wait until the file is open (raises what opening raised)."""
         records = cls(path, **kw)
-        await asyncio.wrap_future(records._opened)
+        await asyncio.wrap_future(records._committer.opened)
         return records
 
     @staticmethod
     def default_path(storage_dir: str | os.PathLike[str]) -> Path:
         return Path(storage_dir) / "calls.sqlite3"
 
-    # -- the writer thread ---------------------------------------------------------------
-
     def _connect(self) -> sqlite3.Connection:
-        _create_private(self.path)
-        db = sqlite3.connect(self.path, timeout=self._busy_timeout_s, isolation_level=None)
-        try:
-            db.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_s * 1000)}")
-            mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise RuntimeError(f"call records {self.path} cannot use WAL mode (got {mode})")
-            db.execute("PRAGMA synchronous = FULL")
-            db.execute("BEGIN IMMEDIATE")
-            for stmt in _SCHEMA.split(";"):
-                if stmt.strip():
-                    db.execute(stmt)
-            db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
-            db.execute("COMMIT")
-        except BaseException:
-            db.close()
-            raise
-        return db
-
-    def _run(self) -> None:
-        try:
-            db = self._connect()
-        except BaseException as exc:
-            log.error("call records %s cannot be opened: %s", self.path, exc)
-            self._opened.set_exception(exc)
-            self._done.set_result(None)
-            self._fail_all(exc)
-            return
-        self._opened.set_result(None)
-        next_prune = time.monotonic() + self._prune_every_s
-        try:
-            while True:
-                try:
-                    first = self._queue.get(timeout=max(0.0, next_prune - time.monotonic()))
-                except queue.Empty:
-                    next_prune = time.monotonic() + self._prune_every_s
-                    self._batch(db, [_Job(self._prune_fn(None), None, "prune")])
-                    continue
-                batch: list[_Job] = []
-                stop = first is _STOP
-                if not stop:
-                    batch.append(cast(_Job, first))
-                while not stop and len(batch) < _MAX_BATCH:
-                    try:
-                        item = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is _STOP:
-                        stop = True
-                    else:
-                        batch.append(cast(_Job, item))
-                if batch:
-                    self._batch(db, batch)
-                if stop:
-                    break
-        finally:
-            db.close()
-            self._done.set_result(None)
-
-    def _batch(self, db: sqlite3.Connection, jobs: list[_Job]) -> None:
-        """All `jobs` in one transaction, each in its own savepoint (one bad job fails alone);
-        results are handed back only once the COMMIT (and its fsync) is done."""
-        results: list[tuple[_Job, bool, Any]] = []
-        try:
-            db.execute("BEGIN IMMEDIATE")
-            for job in jobs:
-                db.execute("SAVEPOINT job")
-                try:
-                    value = job.fn(db)
-                except Exception as exc:
-                    db.execute("ROLLBACK TO job")
-                    db.execute("RELEASE job")
-                    results.append((job, False, exc))
-                else:
-                    db.execute("RELEASE job")
-                    results.append((job, True, value))
-            db.execute("COMMIT")
-        except Exception as exc:  # the transaction itself failed (disk full, I/O error)
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            log.error("call records %s: a batch of %d writes failed: %s", self.path, len(jobs), exc)
-            results = [(job, False, exc) for job in jobs]
-        for job, ok, value in results:
-            if job.future is None:
-                if not ok:
-                    log.error("call records: %s failed: %s", job.what, value)
-            elif ok:
-                job.future.set_result(value)
-            else:
-                job.future.set_exception(value)
-
-    def _fail_all(self, exc: BaseException) -> None:
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if isinstance(item, _Job) and item.future is not None:
-                item.future.set_exception(exc)
-
-    # -- plumbing for the public API -----------------------------------------------------
+        return connect_wal(
+            self.path, _SCHEMA, _SCHEMA_VERSION, busy_timeout_s=self._busy_timeout_s,
+            what="call records",
+        )
 
     def _submit(self, fn: Callable[[sqlite3.Connection], T], what: str) -> asyncio.Future[T]:
-        if self._closed:
-            raise RuntimeError("call records are closed")
-        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
-        if self._done.done():  # the thread is gone (it could not open the file)
-            exc = self._opened.exception() if self._opened.done() else None
-            fut.set_exception(exc or RuntimeError("call records are closed"))
-        else:
-            self._queue.put(_Job(fn, fut, what))
-        return asyncio.wrap_future(fut)
+        return self._committer.submit(fn, what)
 
     def _note(self, fn: Callable[[sqlite3.Connection], Any], what: str) -> None:
-        if self._closed:
-            log.warning("call records closed; dropped %s", what)
-            return
-        self._queue.put(_Job(fn, None, what))
+        self._committer.note(fn, what)
 
     async def flush(self) -> None:
         """Wait until everything queued before this call is committed."""
@@ -435,10 +296,7 @@ class CallRecords:
 
     async def close(self) -> None:
         """Commit what is queued, then close the file. Idempotent."""
-        if not self._closed:
-            self._closed = True
-            self._queue.put(_STOP)
-        await asyncio.wrap_future(self._done)
+        await self._committer.aclose()
 
     # -- calls ---------------------------------------------------------------------------
 

@@ -4,10 +4,9 @@ exactly one final event per call is stored (the outbox's UNIQUE rule decides rac
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
-import sqlite3
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from gateway.calls.identity import CallIdentity, duration_seconds, iso
 from gateway.calls.outcome import Outcome
 from gateway.control.originate import Destination
 from gateway.events.envelope import Event, make_event
-from gateway.events.outbox import Outbox
+from gateway.events.outbox import AsyncOutbox
 from gateway.workers.protocol import CallEvent, Recording
 
 log = logging.getLogger(__name__)
@@ -49,15 +48,29 @@ def final_data(
     }
 
 
+def _size_and_sha256(path: Path) -> tuple[int, str]:
+    h = hashlib.sha256()
+    size = 0
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 16):
+            size += len(chunk)
+            h.update(chunk)
+    return size, h.hexdigest()
+
+
 class CallEventWriter:
     """Writes one call's events to the durable outbox (the supervisor delivers them).
 
-    `on_event` hears of every event (stored or, without a destination, only logged): the worker
-    forwards it to the supervisor for the call's record and to wake delivery."""
+    Nothing here blocks the loop: `emit` queues the event on the process's outbox writer
+    thread and returns a future, True once the event is committed (and fsynced), False when
+    the outbox refused it as a second final. `on_event` hears of an event only then (or at
+    once, with no destination: only logged): the worker forwards it to the supervisor for the
+    call's record and to wake delivery. `settled()` waits until every event emitted so far is
+    on disk; a call is over only after that (its final is acknowledged once stored)."""
 
     def __init__(
         self,
-        outbox: Outbox,
+        outbox: AsyncOutbox,
         dest: Destination | None,
         identity: CallIdentity,
         *,
@@ -74,6 +87,7 @@ class CallEventWriter:
         self._on_recording = on_recording
         self._recording_link = recording_link
         self.final_written = False
+        self._last: asyncio.Future[bool] | None = None  # the FIFO's newest: settled when it is
 
     @property
     def call_id(self) -> str:
@@ -83,40 +97,48 @@ class CallEventWriter:
     def base(self) -> dict[str, Any]:
         return self.identity.event_base()
 
-    def emit(self, kind: str, data: dict[str, Any], *, final: bool = False) -> bool:
+    def emit(self, kind: str, data: dict[str, Any], *, final: bool = False) -> asyncio.Future[bool]:
         event = make_event(kind, self.identity.workspace_id, data)
         if self.dest is None:
             log.info("event %s %s (no events_url configured): %s", kind, event.event_id,
                      event.body.decode())
-            written = True
-        else:
-            written = self._append(event, final)
-            if written:
-                log.info("call %s: %s %s", self.call_id, kind, event.event_id)
-        if written and self.on_event is not None:
-            self.on_event(
-                CallEvent(call_id=self.call_id, event_id=event.event_id, kind=kind,
-                          data=event.data, occurred_at=event.occurred_at,
-                          stored=self.dest is not None)
-            )
-        return written
+            self._told(event, stored=False)
+            done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+            done.set_result(True)
+            return done
+        fut = self.outbox.append(
+            event, url=self.dest.url, secret=self.dest.secret, policy=self.dest.policy,
+            call_id=self.call_id, final=final,
+        )
+        # registered before anyone awaits `fut`: the supervisor hears of the event before
+        # the call's end (worker.untrack) that waits on it
+        fut.add_done_callback(lambda f: self._committed(f, event))
+        self._last = fut
+        return fut
 
-    def _append(self, event: Event, final: bool) -> bool:
-        """Commit the event. Under heavy write contention SQLite can still report `database is
-        locked` after its busy timeout; a billing event is worth blocking a while longer."""
-        assert self.dest is not None
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                return self.outbox.append(
-                    event, url=self.dest.url, secret=self.dest.secret, policy=self.dest.policy,
-                    call_id=self.call_id, final=final,
-                )
-            except sqlite3.OperationalError as e:
-                if "locked" not in str(e) or time.monotonic() > deadline:
-                    raise
-                log.warning("call %s: outbox busy (%s); retrying %s", self.call_id, e, event.kind)
-                time.sleep(0.05)
+    def _committed(self, fut: asyncio.Future[bool], event: Event) -> None:
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is not None:
+            log.error("call %s: %s %s could not be stored: %s", self.call_id, event.kind,
+                      event.event_id, exc)
+        elif fut.result():
+            log.info("call %s: %s %s", self.call_id, event.kind, event.event_id)
+            self._told(event, stored=True)
+
+    def _told(self, event: Event, *, stored: bool) -> None:
+        if self.on_event is not None:
+            self.on_event(
+                CallEvent(call_id=self.call_id, event_id=event.event_id, kind=event.kind,
+                          data=event.data, occurred_at=event.occurred_at, stored=stored)
+            )
+
+    async def settled(self) -> None:
+        """Every event emitted so far is committed (or failed: logged in `_committed`)."""
+        last = self._last
+        if last is not None:
+            await asyncio.wait([last])
 
     # -- the call's life ---------------------------------------------------------------------
     def started(self) -> None:
@@ -125,10 +147,15 @@ class CallEventWriter:
     def answered(self, answered_at: float | None) -> None:
         self.emit("call.answered", {**self.base, "answered_at": iso(answered_at)})
 
-    def final(self, outcome: Outcome, *, answered_at: float | None, ended_at: float) -> bool:
-        """The call's one final event; False if it already had one."""
+    def final(
+        self, outcome: Outcome, *, answered_at: float | None, ended_at: float
+    ) -> asyncio.Future[bool]:
+        """The call's one final event, queued: True once stored, False if it already had one.
+        The call is not over (untracked) before this resolves: see `settled`."""
         if self.final_written:
-            return False
+            refused: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+            refused.set_result(False)
+            return refused
         self.final_written = True
         return self.emit(outcome.final_kind, final_data(self.base, outcome, answered_at, ended_at),
                          final=True)
@@ -141,24 +168,28 @@ class CallEventWriter:
                           state="in_progress" if state == "in_progress" else "failed")
             )
 
-    def recording_ready(self, recording_id: str, path: Path, duration_s: float, fmt: str) -> str:
-        """Emit `call.recording.ready`; the URL the voice app is given (RecordingUrl)."""
-        data = path.read_bytes()
+    async def recording_ready(
+        self, recording_id: str, path: Path, duration_s: float, fmt: str
+    ) -> str:
+        """Emit `call.recording.ready` (stored before this returns); the URL the voice app is
+        given (RecordingUrl). The file is read and hashed on a thread, not the loop."""
+        size, digest = await asyncio.to_thread(_size_and_sha256, path)
         url = self._recording_url(recording_id) if self._recording_url else ""
-        self.emit(
+        stored = self.emit(
             "call.recording.ready",
             {
                 "recording_id": recording_id,
                 "call_id": self.call_id,
                 "duration_seconds": round(duration_s, 3),
                 "format": fmt,
-                "size_bytes": len(data),
-                "sha256": hashlib.sha256(data).hexdigest(),
+                "size_bytes": size,
+                "sha256": digest,
                 "url": url,
                 **({"clientRequestId": self.identity.client_request_id}
                    if self.identity.client_request_id else {}),
             },
         )
+        await asyncio.wait([stored])  # a storage failure is logged; the call goes on
         if self._on_recording is not None:
             self._on_recording(
                 Recording(call_id=self.call_id, recording_id=recording_id, state="ready")

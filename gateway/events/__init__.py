@@ -2,10 +2,11 @@
 
 from gateway.events.delivery import Deliverer
 from gateway.events.envelope import Event, make_event, rfc3339_ms, uuid7
-from gateway.events.outbox import Outbox, OutboxRow, Policy
+from gateway.events.outbox import AsyncOutbox, Outbox, OutboxRow, Policy
 from gateway.events.signing import SignatureError, sign, verify
 
 __all__ = [
+    "AsyncOutbox",
     "Deliverer",
     "Event",
     "Outbox",

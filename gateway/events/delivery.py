@@ -1,7 +1,8 @@
 """Delivers outbox rows over HTTP: at-least-once, signed afresh at every attempt.
 
 One Deliverer per outbox file (the supervisor's). It polls as well as waking on `notify()`,
-because other processes append to the same file. A row is only changed after its attempt
+because other processes append to the same file; it reads and marks rows through the outbox's
+writer thread, never on its loop. A row is only changed after its attempt
 ends, so rows a crashed deliverer left mid-attempt are simply due again; receivers dedupe on
 event_id.
 """
@@ -10,16 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
+import math
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import aiohttp
 from yarl import URL
 
-from gateway.events.outbox import Outbox, OutboxRow, Policy
+from gateway.events.outbox import AsyncOutbox, Outbox, OutboxRow, Policy
 from gateway.events.signing import SIGNATURE_HEADER, sign
 
 log = logging.getLogger(__name__)
@@ -79,9 +82,23 @@ def next_delay(
 
 
 class Deliverer:
+    """Sends due rows, at most `max_in_flight` at once, and records each attempt's outcome.
+
+    Rows are held in memory (up to `max_known`), ordered by when they are due, so a failed
+    attempt is retried at its backoff without asking the database. The database is asked
+    only for what it alone knows, on the outbox's writer thread (never on the loop): at start
+    and every `max(poll_interval_s, 1 s)` a full look at pending rows (a restart, rows beyond
+    `max_known`, dead letters an operator retried from another process); on `notify()` and at
+    each poll, the rows appended since the last look (by id: other processes append too).
+    Delivery and failure marks are queued on the writer thread, group-committed.
+
+    `outbox`: the process's `AsyncOutbox`; given a plain `Outbox` (tools, tests), the
+    Deliverer opens its own writer thread on that file for as long as it runs.
+    """
+
     def __init__(
         self,
-        outbox: Outbox,
+        outbox: AsyncOutbox | Outbox,
         session: aiohttp.ClientSession,
         *,
         timeout_s: float = 10.0,
@@ -90,22 +107,34 @@ class Deliverer:
         poll_interval_s: float = 0.5,
         customer_attempts: int = 5,
         control_plane_cap_s: float = 60.0,
+        max_known: int = 1000,
     ) -> None:
         if timeout_s <= 0 or backoff_unit_s <= 0 or poll_interval_s <= 0:
             raise ValueError("timeout_s, backoff_unit_s and poll_interval_s must be positive")
         if max_in_flight < 1 or customer_attempts < 1 or control_plane_cap_s < 1:
             raise ValueError("max_in_flight, customer_attempts, control_plane_cap_s must be >= 1")
-        self._outbox = outbox
+        if max_known < max_in_flight:
+            raise ValueError("max_known must be at least max_in_flight")
+        self._given = outbox
+        self._outbox: AsyncOutbox | None = outbox if isinstance(outbox, AsyncOutbox) else None
         self._session = session
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._timeout_s = timeout_s
         self._max_in_flight = max_in_flight
         self._unit = backoff_unit_s
         self._poll = poll_interval_s
+        self._rescan = max(poll_interval_s, 1.0)
         self._customer_attempts = customer_attempts
         self._cap = control_plane_cap_s
+        self._max_known = max_known
         self._wake = asyncio.Event()
         self._in_flight: dict[int, asyncio.Task[None]] = {}
+        self._known: dict[int, OutboxRow] = {}  # pending, not in flight
+        self._due: list[tuple[float, int]] = []  # heap of (next_attempt_at, id) over _known
+        self._tail = 0  # the highest row id looked at
+        self._new = False  # notified since the last look
+        self._next_poll = 0.0  # monotonic times of the next look for new rows...
+        self._next_scan = 0.0  # ...and of the next full look
         self._stopping = False
         self._started = False
         self._finished = asyncio.Event()
@@ -121,9 +150,13 @@ class Deliverer:
         loop = self._loop
         if loop is not None and threading.get_ident() != self._loop_thread:
             with contextlib.suppress(RuntimeError):  # loop already closed
-                loop.call_soon_threadsafe(self._wake.set)
+                loop.call_soon_threadsafe(self._notified)
         else:
-            self._wake.set()
+            self._notified()
+
+    def _notified(self) -> None:
+        self._new = True
+        self._wake.set()
 
     async def stop(self) -> None:
         """Stop taking rows, let attempts in flight finish (bounded by the timeout)."""
@@ -139,16 +172,21 @@ class Deliverer:
         self._started = True
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
+        own = self._outbox is None
         try:
+            if self._outbox is None:
+                self._outbox = await AsyncOutbox.open(self._given.path)
             while not self._stopping:
                 self._wake.clear()
-                delay = self._fill()
+                delay = await self._fill()
                 if delay > 0 and not self._stopping:
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(delay):
                             await self._wake.wait()
         finally:
             await self._drain(graceful=self._stopping)
+            if own and self._outbox is not None:
+                await self._outbox.aclose()
             self._finished.set()
 
     async def _drain(self, *, graceful: bool) -> None:
@@ -162,33 +200,77 @@ class Deliverer:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _fill(self) -> float:
+    # -- what is due -------------------------------------------------------------------------
+
+    def _hold(self, row: OutboxRow, *, attempted: bool = False) -> None:
+        """Keep `row` for its next attempt (`attempted`: from the outcome of its last one)."""
+        if row.id in self._in_flight and not attempted:
+            return  # its attempt's outcome decides what happens to it
+        held = self._known.get(row.id)
+        self._known[row.id] = row
+        if held is not None and held.next_attempt_at == row.next_attempt_at:
+            return  # already in the heap
+        heapq.heappush(self._due, (row.next_attempt_at, row.id))
+
+    async def _look(self) -> None:
+        """Ask the database for what only it knows (see the class docstring)."""
+        assert self._outbox is not None
+        now = time.monotonic()
+        if now >= self._next_scan:
+            self._next_scan = self._next_poll = now + self._rescan
+            self._new = False
+            limit = self._max_known
+            tail, rows = await self._outbox.run(
+                lambda ob: (ob.max_id(), ob.due(math.inf, limit)), "deliverer scan", read=True
+            )
+            for row in rows:
+                self._hold(row)
+            self._tail = max(self._tail, tail)
+        elif self._new or now >= self._next_poll:
+            self._next_poll = now + self._poll
+            room = self._max_known - len(self._known)
+            if room <= 0:
+                return  # the new rows wait in the database until there is room
+            self._new = False
+            rows = await self._outbox.pending_after(self._tail, room)
+            for row in rows:
+                self._hold(row)
+                self._tail = max(self._tail, row.id)
+            if len(rows) == room:
+                self._new = True  # there may be more: look again once there is room
+
+    async def _fill(self) -> float:
         """Start attempts for due rows; return how long to sleep before looking again."""
-        free = self._max_in_flight - len(self._in_flight)
-        now = time.time()
         try:
-            if free > 0:
-                # ask for enough rows to see `free` that are not already in flight
-                for row in self._outbox.due(now, free + len(self._in_flight)):
-                    if free == 0:
-                        break
-                    if row.id in self._in_flight:
-                        continue
-                    self._in_flight[row.id] = asyncio.create_task(
-                        self._attempt(row), name=f"deliver-{row.event_id}"
-                    )
-                    free -= 1
-            if free == 0:
-                return self._poll  # a finishing attempt wakes us sooner
-            # with a free slot left, every row due by `now` is in flight already: sleep
-            # until the next one that is not
-            nxt = self._outbox.next_due_at(after=now)
-        except sqlite3.Error:
+            await self._look()
+        except (sqlite3.Error, RuntimeError):
             log.exception("outbox read failed; retrying in %.1fs", self._poll)
             return self._poll
-        if nxt is None:
-            return self._poll
-        return max(0.0, min(self._poll, nxt - now))
+        now = time.time()
+        while self._due and len(self._in_flight) < self._max_in_flight and not self._stopping:
+            at, row_id = self._due[0]
+            row = self._known.get(row_id)
+            if row is None or row.next_attempt_at != at:
+                heapq.heappop(self._due)  # stale: attempted or re-read since
+                continue
+            if at > now:
+                break
+            heapq.heappop(self._due)
+            del self._known[row_id]
+            self._in_flight[row_id] = asyncio.create_task(
+                self._attempt(row), name=f"deliver-{row.event_id}"
+            )
+        mono = time.monotonic()
+        wait = max(0.0, min(self._next_poll, self._next_scan) - mono)
+        if len(self._in_flight) >= self._max_in_flight:
+            return wait  # a finishing attempt wakes us sooner
+        while self._due:
+            at, row_id = self._due[0]
+            row = self._known.get(row_id)
+            if row is not None and row.next_attempt_at == at:
+                return max(0.0, min(wait, at - now))
+            heapq.heappop(self._due)
+        return wait
 
     async def _attempt(self, row: OutboxRow) -> None:
         try:
@@ -197,7 +279,7 @@ class Deliverer:
             except Exception as e:  # never let one row kill the loop
                 log.exception("unexpected error delivering event %s", row.event_id)
                 result = AttemptResult(False, f"internal error: {type(e).__name__}")
-            self._record(row, result)
+            await self._record(row, result)
         finally:
             self._in_flight.pop(row.id, None)
             self._wake.set()
@@ -234,43 +316,58 @@ class Deliverer:
         except (aiohttp.ClientError, OSError) as e:
             return AttemptResult(False, f"{type(e).__name__}: {e}")
 
-    def _record(self, row: OutboxRow, result: AttemptResult) -> None:
-        try:
-            if result.ok:
-                self._outbox.mark_delivered(row.id)
-                log.debug(
-                    "delivered event %s (%s) attempt %d", row.event_id, row.kind, row.attempts + 1
-                )
+    async def _record(self, row: OutboxRow, result: AttemptResult) -> None:
+        """Mark the attempt's outcome (queued on the writer thread, awaited: the row is not
+        taken again before its mark is on disk) and hold the row again if it is still due."""
+        assert self._outbox is not None
+        if result.ok:
+            try:
+                await self._outbox.mark_delivered(row.id)
+            except (sqlite3.Error, RuntimeError):
+                # the row stays pending and is sent again: at-least-once
+                log.exception("could not record the delivery of event %s", row.event_id)
+                self._hold(replace(row, next_attempt_at=time.time() + self._poll), attempted=True)
                 return
-            done = row.attempts + 1
-            delay = next_delay(
-                row.policy,
-                done,
-                result,
-                backoff_unit_s=self._unit,
-                customer_attempts=self._customer_attempts,
-                control_plane_cap_s=self._cap,
+            log.debug(
+                "delivered event %s (%s) attempt %d", row.event_id, row.kind, row.attempts + 1
             )
-            if delay is None:
-                self._outbox.mark_failed(row.id, result.reason, None)
-                log.warning(
-                    "event %s (%s) to %s moved to dead_letter after %d attempt(s): %s",
-                    row.event_id,
-                    row.kind,
-                    redact_url(row.url),
-                    done,
-                    result.reason,
-                )
-            else:
-                self._outbox.mark_failed(row.id, result.reason, time.time() + delay)
-                log.info(
-                    "event %s (%s) attempt %d failed (%s); next in %.2fs",
-                    row.event_id,
-                    row.kind,
-                    done,
-                    result.reason,
-                    delay,
-                )
-        except sqlite3.Error:
+            return
+        done = row.attempts + 1
+        delay = next_delay(
+            row.policy,
+            done,
+            result,
+            backoff_unit_s=self._unit,
+            customer_attempts=self._customer_attempts,
+            control_plane_cap_s=self._cap,
+        )
+        next_at = None if delay is None else time.time() + delay
+        try:
+            await self._outbox.mark_failed(row.id, result.reason, next_at)
+        except (sqlite3.Error, RuntimeError):
             # the row stays as it was and is attempted again: at-least-once
             log.exception("could not record the outcome for event %s", row.event_id)
+            self._hold(replace(row, next_attempt_at=time.time() + self._poll), attempted=True)
+            return
+        if next_at is None:
+            log.warning(
+                "event %s (%s) to %s moved to dead_letter after %d attempt(s): %s",
+                row.event_id,
+                row.kind,
+                redact_url(row.url),
+                done,
+                result.reason,
+            )
+            return
+        self._hold(
+            replace(row, attempts=done, last_error=result.reason, next_attempt_at=next_at),
+            attempted=True,
+        )
+        log.info(
+            "event %s (%s) attempt %d failed (%s); next in %.2fs",
+            row.event_id,
+            row.kind,
+            done,
+            result.reason,
+            delay,
+        )

@@ -2,22 +2,29 @@
 
 One file (`storage.dir/outbox.sqlite3`) is shared by processes on the same host: worker
 processes append, one supervisor process runs the Deliverer. WAL mode lets readers and the
-single writer proceed together; each call is one short transaction, and `busy_timeout` absorbs
-the rare moment two writers collide. Not for network filesystems (WAL needs shared memory).
+single writer proceed together. Each process writes through its one writer thread
+(`AsyncOutbox`): what its calls queue meanwhile goes in one transaction, one fsync; when two
+processes collide, `busy_timeout` (and the thread's retry) waits on that thread, never on an
+event loop. `Outbox` is the same store as plain synchronous calls, for tools and tests. Not for
+network filesystems (WAL needs shared memory).
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal, TypeVar, cast
 
 from yarl import URL
 
+from gateway.events.committer import Committer, connect_wal
 from gateway.events.envelope import Event
 
 Policy = Literal["control_plane", "customer"]
@@ -25,6 +32,7 @@ State = Literal["pending", "delivered", "dead_letter"]
 POLICIES: frozenset[str] = frozenset({"control_plane", "customer"})
 STATES: tuple[State, ...] = ("pending", "delivered", "dead_letter")
 _MAX_ERROR_CHARS = 500
+T = TypeVar("T")
 _SCHEMA_VERSION = 1
 
 # final_call_id is NULL for ordinary events and equals call_id for the call's final event;
@@ -109,45 +117,30 @@ def _check_url(url: str) -> None:
 
 
 class Outbox:
-    """One connection to the outbox file; methods are quick synchronous calls."""
+    """One connection to the outbox file; methods are quick synchronous calls.
 
-    def __init__(self, path: str | os.PathLike[str], *, busy_timeout_s: float = 5.0) -> None:
+    For tools, tests and threads. Code on an event loop uses `AsyncOutbox`, which runs these
+    same methods on its process's writer thread, group-committed."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        busy_timeout_s: float = 5.0,
+        _db: sqlite3.Connection | None = None,
+    ) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # Create the file ourselves so it never exists with the umask's looser mode: it holds
-        # signing secrets. SQLite gives its -wal/-shm files the database file's mode.
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            if os.fstat(fd).st_mode & 0o077:
-                os.fchmod(fd, 0o600)
-        except PermissionError:
-            pass  # someone else's file; leave it as its owner set it
-        finally:
-            os.close(fd)
         self._lock = threading.Lock()
-        # isolation_level=None: we decide where transactions begin and end
-        self._db = sqlite3.connect(
-            self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
-        )
+        self._db = _db if _db is not None else self.connect(self.path, busy_timeout_s)
         self._closed = False
-        try:
-            self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-            mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise RuntimeError(f"outbox {self.path} cannot use WAL mode (got {mode})")
-            # FULL syncs the WAL on every commit: an acknowledged append survives power loss
-            self._db.execute("PRAGMA synchronous = FULL")
-            self._db.execute("BEGIN IMMEDIATE")
-            for stmt in _SCHEMA.split(";"):
-                if stmt.strip():
-                    self._db.execute(stmt)
-            self._db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
-            self._db.execute("COMMIT")
-        except BaseException:
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
-            self._db.close()
-            raise
+
+    @staticmethod
+    def connect(path: Path, busy_timeout_s: float) -> sqlite3.Connection:
+        """The file (created 0600: it holds signing secrets) open in WAL mode, synchronous=FULL
+        (an acknowledged append survives power loss), schema applied."""
+        return connect_wal(
+            path, _SCHEMA, _SCHEMA_VERSION, busy_timeout_s=busy_timeout_s, what="outbox"
+        )
 
     # -- appending ---------------------------------------------------------------------
 
@@ -203,13 +196,10 @@ class Outbox:
 
     def due(self, now: float, limit: int) -> list[OutboxRow]:
         """Pending rows whose next attempt is at or before `now`, oldest due first."""
-        with self._lock:
-            cur = self._db.execute(
-                f"SELECT {_COLUMNS} FROM outbox WHERE state = 'pending'"
-                " AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?",
-                (now, limit),
-            )
-            return [_row(r) for r in cur.fetchall()]
+        return self._rows(
+            "state = 'pending' AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?",
+            (now, limit),
+        )
 
     def next_due_at(self, after: float | None = None) -> float | None:
         """The earliest next_attempt_at of a pending row (later than `after`, if given)."""
@@ -220,6 +210,20 @@ class Outbox:
                 (float("-inf") if after is None else after,),
             ).fetchone()
         return None if r is None or r[0] is None else float(r[0])
+
+    def pending_after(self, row_id: int, limit: int) -> list[OutboxRow]:
+        """Pending rows appended after row `row_id`, in id order (what is new since a look)."""
+        return self._rows("id > ? AND state = 'pending' ORDER BY id LIMIT ?", (row_id, limit))
+
+    def _rows(self, where: str, params: tuple[Any, ...] = ()) -> list[OutboxRow]:
+        with self._lock:
+            cur = self._db.execute(f"SELECT {_COLUMNS} FROM outbox WHERE {where}", params)
+            return [_row(r) for r in cur.fetchall()]
+
+    def max_id(self) -> int:
+        with self._lock:
+            r = self._db.execute("SELECT MAX(id) FROM outbox").fetchone()
+        return 0 if r is None or r[0] is None else int(r[0])
 
     def mark_delivered(self, row_id: int) -> None:
         with self._lock:
@@ -258,11 +262,7 @@ class Outbox:
         return None if r is None else _row(r)
 
     def dead_letters(self) -> list[OutboxRow]:
-        with self._lock:
-            cur = self._db.execute(
-                f"SELECT {_COLUMNS} FROM outbox WHERE state = 'dead_letter' ORDER BY id"
-            )
-            return [_row(r) for r in cur.fetchall()]
+        return self._rows("state = 'dead_letter' ORDER BY id")
 
     def retry(self, row_id_or_event_id: int | str) -> bool:
         """dead_letter -> pending with attempts reset, due now. False if not a dead letter."""
@@ -290,11 +290,7 @@ class Outbox:
         return r is not None
 
     def rows_for_call(self, call_id: str) -> list[OutboxRow]:
-        with self._lock:
-            cur = self._db.execute(
-                f"SELECT {_COLUMNS} FROM outbox WHERE call_id = ? ORDER BY id", (call_id,)
-            )
-            return [_row(r) for r in cur.fetchall()]
+        return self._rows("call_id = ? ORDER BY id", (call_id,))
 
     def open_calls(self) -> list[str]:
         """Calls with a `call.started` and no final event, oldest first (what a crash left
@@ -343,3 +339,95 @@ class Outbox:
             return "id", ident
         ident = ident.strip()
         return ("id", int(ident)) if ident.isdigit() else ("event_id", ident)
+
+
+class AsyncOutbox:
+    """The outbox for code on an event loop: each method queues its `Outbox` call on this
+    process's one writer thread (gateway/events/committer.py) and returns an asyncio future,
+    resolved once the batch it went in is committed and fsynced. Calls run in the order they
+    were made (one FIFO), so a call's events are stored in the order they were emitted."""
+
+    def __init__(self, path: str | os.PathLike[str], *, busy_timeout_s: float = 5.0) -> None:
+        self.path = Path(path)
+        self._busy_timeout_s = busy_timeout_s
+        self._store: Outbox | None = None
+        self.committer = Committer(
+            f"outbox {self.path}", self._connect,
+            turns=self.path.with_name(self.path.name + "-turns"),
+        )
+
+    def _connect(self) -> sqlite3.Connection:
+        db = Outbox.connect(self.path, self._busy_timeout_s)
+        self._store = Outbox(self.path, _db=db)
+        return db
+
+    @classmethod
+    async def open(cls, path: str | os.PathLike[str], **kw: Any) -> AsyncOutbox:
+        """Construct and wait until the file is open (raises what opening raised)."""
+        outbox = cls(path, **kw)
+        await asyncio.wrap_future(outbox.committer.opened)
+        return outbox
+
+    def run(
+        self, fn: Callable[[Outbox], T], what: str = "", *, read: bool = False
+    ) -> asyncio.Future[T]:
+        """`fn(outbox)` on the writer thread, inside its batch's transaction (`read`: it only
+        reads)."""
+        return self.committer.submit(lambda _db: fn(cast(Outbox, self._store)), what, read=read)
+
+    def append(
+        self,
+        event: Event,
+        *,
+        url: str,
+        secret: str,
+        policy: Policy,
+        call_id: str | None,
+        final: bool = False,
+    ) -> asyncio.Future[bool]:
+        """`Outbox.append`, group-committed: True once stored (and fsynced), False when the
+        call already had its final event (or the event_id was stored)."""
+        return self.run(
+            lambda ob: ob.append(
+                event, url=url, secret=secret, policy=policy, call_id=call_id, final=final
+            ),
+            f"append {event.kind} {event.event_id}",
+        )
+
+    def due(self, now: float, limit: int) -> asyncio.Future[list[OutboxRow]]:
+        return self.run(lambda ob: ob.due(now, limit), "due", read=True)
+
+    def pending_after(self, row_id: int, limit: int) -> asyncio.Future[list[OutboxRow]]:
+        return self.run(lambda ob: ob.pending_after(row_id, limit), "pending_after", read=True)
+
+    def max_id(self) -> asyncio.Future[int]:
+        return self.run(lambda ob: ob.max_id(), "max_id", read=True)
+
+    def next_due_at(self, after: float | None = None) -> asyncio.Future[float | None]:
+        return self.run(lambda ob: ob.next_due_at(after), "next_due_at", read=True)
+
+    def mark_delivered(self, row_id: int) -> asyncio.Future[None]:
+        return self.run(lambda ob: ob.mark_delivered(row_id), f"mark_delivered {row_id}")
+
+    def mark_failed(
+        self, row_id: int, error: str, next_attempt_at: float | None
+    ) -> asyncio.Future[None]:
+        return self.run(
+            lambda ob: ob.mark_failed(row_id, error, next_attempt_at), f"mark_failed {row_id}"
+        )
+
+    def counts(self) -> asyncio.Future[dict[str, int]]:
+        return self.run(lambda ob: ob.counts(), "counts", read=True)
+
+    def rows_for_call(self, call_id: str) -> asyncio.Future[list[OutboxRow]]:
+        return self.run(lambda ob: ob.rows_for_call(call_id), "rows_for_call", read=True)
+
+    def prune_delivered(self, older_than: float) -> asyncio.Future[int]:
+        return self.run(lambda ob: ob.prune_delivered(older_than), "prune_delivered")
+
+    def close(self) -> concurrent.futures.Future[None]:
+        """Commit what is queued, then close (idempotent); the future is done once closed."""
+        return self.committer.close()
+
+    async def aclose(self) -> None:
+        await self.committer.aclose()

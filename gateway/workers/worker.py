@@ -29,7 +29,7 @@ from gateway.calls.links import LinkSigner
 from gateway.calls.outcome import Outcome
 from gateway.calls.writer import CallEventWriter
 from gateway.control.originate import Destination, events_destination
-from gateway.events.outbox import Outbox
+from gateway.events.outbox import AsyncOutbox
 from gateway.kamailio import source_allowed
 from gateway.logs import setup_logging
 from gateway.plan import NodePlan, loopback_for, plan_node
@@ -101,7 +101,8 @@ class Worker:
         self.cache_dir = storage / "cache"
         for d in (self.recordings_dir, self.cache_dir):
             d.mkdir(parents=True, exist_ok=True)
-        self.outbox = Outbox(storage / "outbox.sqlite3")
+        # events are committed on this process's outbox writer thread, never on the loop
+        self.outbox = AsyncOutbox(storage / "outbox.sqlite3")
         # Every call this worker holds, inbound or outbound, ringing or answered: what
         # commands from the supervisor reach (gateway/workers/commands.py).
         self.calls: dict[str, LiveCall] = {}
@@ -169,6 +170,7 @@ class Worker:
 
     # -- lifecycle --------------------------------------------------------------------------
     async def run(self) -> None:
+        await asyncio.wrap_future(self.outbox.committer.opened)  # raises what opening raised
         self.endpoint.start()
         self.channel.send(
             p.Ready(
@@ -212,7 +214,7 @@ class Worker:
         self.endpoint.stop()
         await self.http.close()
         await self.cp_http.close()
-        self.outbox.close()
+        await self.outbox.aclose()  # every event queued is on disk before we exit
         self.channel.close()
 
     async def _watch_lag(self) -> None:

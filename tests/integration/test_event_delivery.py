@@ -385,3 +385,41 @@ async def test_stop_lets_in_flight_attempts_finish(outbox, receiver, session):
     await asyncio.wait_for(stopper, 5)
     await task
     assert outbox.counts()["delivered"] == 2
+
+
+async def test_notified_rows_are_delivered_once_without_rescanning_due(
+    tmp_path, outbox, receiver, session, monkeypatch
+):
+    """The supervisor hears of every stored event: each notify looks only at rows appended
+    since the last look, not at every due row again; each is delivered exactly once."""
+    from gateway.events.outbox import AsyncOutbox
+
+    scans = 0
+    due = Outbox.due
+
+    def counting_due(self, now, limit):
+        nonlocal scans
+        scans += 1
+        return due(self, now, limit)
+
+    monkeypatch.setattr(Outbox, "due", counting_due)
+    store = await AsyncOutbox.open(tmp_path / "outbox.sqlite3")
+    d = Deliverer(store, session, backoff_unit_s=UNIT, poll_interval_s=0.5)
+    task = asyncio.create_task(d.run())
+    t0 = time.monotonic()
+    ids = []
+    for i in range(60):
+        ev = make_event("call.completed", "ws-1", {"call_id": f"n-{i}"})
+        assert await store.append(ev, url=receiver.url(), secret=SECRET, policy="control_plane",
+                                  call_id=f"n-{i}", final=True)
+        ids.append(ev.event_id)
+        d.notify()
+        await asyncio.sleep(0.005)
+    await wait_until(lambda: outbox.counts()["delivered"] == 60, 10)
+    elapsed = time.monotonic() - t0
+    await asyncio.wait_for(d.stop(), 5)
+    await task
+    await store.aclose()
+    assert sorted(h.event_id for h in receiver.hits) == sorted(ids)  # once each
+    # the start and one a second, not one per notify (113 for these 60 before)
+    assert scans <= 2 + elapsed, (scans, elapsed)

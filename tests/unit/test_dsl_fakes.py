@@ -178,7 +178,9 @@ class FakeEvents:
     def __init__(self, ops: list[tuple[Any, ...]]) -> None:
         self.ops = ops
 
-    def recording_ready(self, recording_id: str, path: Path, duration_s: float, fmt: str) -> str:
+    async def recording_ready(
+        self, recording_id: str, path: Path, duration_s: float, fmt: str
+    ) -> str:
         self.ops.append(("recording_ready", recording_id, path, duration_s, fmt))
         return f"https://rec.example/{recording_id}"
 

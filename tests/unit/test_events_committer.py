@@ -1,0 +1,168 @@
+"""The outbox's writer thread: group commit, results only after COMMIT, errors that fail alone."""
+
+import asyncio
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from gateway.events.committer import Committer, connect_wal
+from gateway.events.envelope import make_event
+from gateway.events.outbox import AsyncOutbox, Outbox
+
+URL = "https://cp.example/events"
+SCHEMA = "CREATE TABLE IF NOT EXISTS t (k TEXT PRIMARY KEY, v INTEGER NOT NULL)"
+
+
+def _committer(path: Path) -> Committer:
+    return Committer("test", lambda: connect_wal(path, SCHEMA, 1, busy_timeout_s=0.1, what="t"))
+
+
+def _insert(k: str, v: int | None = 1):
+    return lambda db: db.execute("INSERT INTO t VALUES (?, ?)", (k, v)).rowcount
+
+
+def _stall(c: Committer) -> threading.Event:
+    """Hold the thread inside a job, so what is queued next waits for one batch."""
+    gate = threading.Event()
+    c.note(lambda db: gate.wait(5), "stall")
+    return gate
+
+
+async def test_many_queued_appends_go_in_one_commit(tmp_path: Path) -> None:
+    ob = await AsyncOutbox.open(tmp_path / "outbox.sqlite3")
+    gate = _stall(ob.committer)
+    events = [make_event("call.started", "ws", {"call_id": f"c{i}"}) for i in range(200)]
+    futs = [
+        ob.append(e, url=URL, secret="s", policy="customer", call_id=f"c{i}")
+        for i, e in enumerate(events)
+    ]
+    await asyncio.sleep(0.05)
+    assert not any(f.done() for f in futs)  # nothing is acknowledged before its commit
+    before = ob.committer.commits
+    gate.set()
+    assert await asyncio.gather(*futs) == [True] * 200
+    assert ob.committer.commits - before <= 2  # the stalled batch, then all 200 together
+    await ob.aclose()
+    with Outbox(tmp_path / "outbox.sqlite3") as sync:
+        assert sync.counts()["pending"] == 200
+
+
+async def test_a_result_is_handed_back_only_after_commit(tmp_path: Path) -> None:
+    """A second connection sees the row by the time the future resolves, never earlier."""
+    path = tmp_path / "t.sqlite3"
+    c = _committer(path)
+    await asyncio.wrap_future(c.opened)
+    gate = threading.Event()
+    seen_inside: list[int] = []
+    other = sqlite3.connect(path, check_same_thread=False)
+
+    def job(db: sqlite3.Connection) -> int:
+        db.execute("INSERT INTO t VALUES ('a', 1)")
+        seen_inside.append(other.execute("SELECT COUNT(*) FROM t").fetchone()[0])
+        gate.wait(5)
+        return 7
+
+    fut = c.submit(job)
+    await asyncio.sleep(0.05)
+    assert not fut.done()
+    gate.set()
+    assert await fut == 7
+    assert seen_inside == [0]  # uncommitted while the job ran
+    assert other.execute("SELECT COUNT(*) FROM t").fetchone()[0] == 1
+    other.close()
+    await c.aclose()
+
+
+async def test_an_error_fails_only_that_items_future(tmp_path: Path) -> None:
+    c = _committer(tmp_path / "t.sqlite3")
+    gate = _stall(c)
+    ok1 = c.submit(_insert("a"))
+    bad = c.submit(_insert("b", None))  # NOT NULL: rolled back to its savepoint alone
+    dup = c.submit(_insert("a"))  # PRIMARY KEY
+    ok2 = c.submit(_insert("c"))
+    gate.set()
+    assert await ok1 == 1 and await ok2 == 1
+    with pytest.raises(sqlite3.IntegrityError):
+        await bad
+    with pytest.raises(sqlite3.IntegrityError):
+        await dup
+    rows = await c.submit(lambda db: db.execute("SELECT k FROM t ORDER BY k").fetchall())
+    assert rows == [("a",), ("c",)]
+    await c.aclose()
+
+
+async def test_close_flushes_what_is_queued(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    ob = AsyncOutbox(path)
+    gate = _stall(ob.committer)
+    futs = [
+        ob.append(make_event("call.started", "ws", {}), url=URL, secret="s", policy="customer",
+                  call_id=f"c{i}")
+        for i in range(50)
+    ]
+    closed = ob.close()
+    with pytest.raises(RuntimeError):
+        await ob.counts()  # closed to new work...
+    gate.set()
+    await asyncio.wrap_future(closed)
+    assert all(f.done() and f.result() for f in futs)  # ...but what was queued is on disk
+    with Outbox(path) as sync:
+        assert sync.counts()["pending"] == 50
+
+
+async def test_one_final_per_call_across_processes_connections(tmp_path: Path) -> None:
+    """Racing finals from two writer threads (two processes' worth): exactly one is stored."""
+    path = tmp_path / "outbox.sqlite3"
+    a, b = AsyncOutbox(path), AsyncOutbox(path)
+    futs = [
+        ob.append(make_event("call.completed", "ws", {"n": i}), url=URL, secret="s",
+                  policy="control_plane", call_id="c1", final=True)
+        for i in range(10) for ob in (a, b)
+    ]
+    assert sorted(await asyncio.gather(*futs)) == [False] * 19 + [True]
+    await a.aclose()
+    await b.aclose()
+
+
+async def test_another_process_holding_the_lock_waits_on_the_thread_not_the_loop(
+    tmp_path: Path,
+) -> None:
+    """Past busy_timeout (0.1 s here) the thread tries again; the loop keeps running."""
+    path = tmp_path / "t.sqlite3"
+    c = _committer(path)
+    await asyncio.wrap_future(c.opened)
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process's long write transaction
+    fut = c.submit(_insert("a"))
+    ticks = 0
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 0.5:
+        await asyncio.sleep(0.01)
+        ticks += 1
+    assert not fut.done() and ticks > 5  # a blocked loop: 1
+    other.execute("COMMIT")
+    assert await asyncio.wait_for(fut, 5) == 1
+    other.close()
+    await c.aclose()
+
+
+async def test_open_failure_fails_callers(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    ob = AsyncOutbox(tmp_path / "file" / "outbox.sqlite3")
+    with pytest.raises(OSError):
+        await asyncio.wrap_future(ob.committer.opened)
+    with pytest.raises(OSError):
+        await ob.counts()
+
+
+async def test_processes_opening_a_new_file_at_once_all_open_it(tmp_path: Path) -> None:
+    """Switching a new file to WAL does not wait for the busy timeout: opening tries again."""
+    for i in range(50):
+        obs = [AsyncOutbox(tmp_path / f"o{i}.sqlite3") for _ in range(2)]
+        for ob in obs:
+            await asyncio.wrap_future(ob.committer.opened)
+        for ob in obs:
+            await ob.aclose()
