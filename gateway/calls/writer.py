@@ -92,7 +92,7 @@ class CallEventWriter:
         else:
             written = self._append(event, final)
             if written:
-                log.info("call %s: %s %s", self.call_id, kind, event.event_id)
+                log.debug("call %s: %s %s", self.call_id, kind, event.event_id)
         if written and self.on_event is not None:
             self.on_event(
                 CallEvent(call_id=self.call_id, event_id=event.event_id, kind=kind,
