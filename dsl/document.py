@@ -101,6 +101,8 @@ def parse_document(raw: bytes | str | Any) -> Document:
 def check_depth(data: bytes) -> None:
     """Refuse JSON text nested deeper than MAX_DEPTH, scanned without recursion (json.loads
     recurses, so a 60 000-deep document must be stopped before it is parsed)."""
+    if data.count(b"[") + data.count(b"{") <= MAX_DEPTH:
+        return  # nesting needs an opener per level: too few to be too deep (no byte loop)
     depth, in_string, escaped = 0, False, False
     for byte in data:
         if in_string:

@@ -12,7 +12,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from dsl.context import CallContext, CallEnded, FetchedDocument, MediaError, VoiceAppError
 from dsl.document import Document, parse_document
@@ -82,7 +82,9 @@ class Interpreter:
         self._documents = 0
         self._interrupts = 0
         self._pending: Replacement | None = None
-        self._wake = asyncio.Event()
+        # Resolved by `interrupt`, dropped when the interrupt is taken: what every awaited step
+        # waits on beside itself (a plain future: no task per step). Made on first use.
+        self._wake: asyncio.Future[None] | None = None
         self._ending = False  # END was asked: final, later interrupts are refused
         self._done = False
 
@@ -108,7 +110,8 @@ class Interpreter:
         if replacement == END:
             self._ending = True
         self._pending = replacement
-        self._wake.set()
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
         return True
 
     async def run(self, first: FetchedDocument | Fetch) -> RunResult:
@@ -121,7 +124,7 @@ class Interpreter:
         try:
             ended_by, reject_code = await self._run(first, state)
         except CallEnded:
-            log.info("call %s: ended by the far end at %s", self.ctx.leg.call_id, state.path)
+            log.debug("call %s: ended by the far end at %s", self.ctx.leg.call_id, state.path)
             ended_by = "api_hangup" if self._ending else "caller"
         finally:
             self._done = True
@@ -180,7 +183,7 @@ class Interpreter:
     def _take(self) -> Replacement:
         command, self._pending = self._pending, None
         assert command is not None
-        self._wake.clear()
+        self._wake = None
         self._interrupts += 1
         log.info("call %s: interrupted (%s)", self.ctx.leg.call_id, _describe(command))
         return command
@@ -219,9 +222,14 @@ class Interpreter:
         With `ends_with_call` an END does not cancel it: the hangup that follows ends it.
         """
         task = asyncio.ensure_future(aw)
-        wake = asyncio.ensure_future(self._wake.wait())
+        wake = self._wake
+        if wake is None:
+            wake = self._wake = asyncio.get_running_loop().create_future()
+            if self._pending is not None:
+                wake.set_result(None)
         try:
-            await asyncio.wait({task, wake}, return_when=asyncio.FIRST_COMPLETED)
+            waiters: set[asyncio.Future[Any]] = {task, wake}
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
             if not task.done():
                 if ends_with_call and self._pending == END:
                     await asyncio.wait({task})  # the gateway's hangup ends it
@@ -232,15 +240,13 @@ class Interpreter:
         except BaseException:
             await _cancel(task)  # our own run was cancelled: take the verb down with it
             raise
-        finally:
-            wake.cancel()
         return task.result()
 
     async def _run_verb(self, verb: Verb, state: RunState) -> Step:
         leg = self.ctx.leg
         if verb.needs == "media":
             if not leg.answered:
-                log.info("call %s: answering for %s", leg.call_id, state.path)
+                log.debug("call %s: answering for %s", leg.call_id, state.path)
                 await leg.answer()
             self._redirects = 0
         elif verb.needs == "unanswered" and leg.answered:

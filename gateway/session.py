@@ -18,7 +18,7 @@ from pathlib import Path
 import aiohttp
 
 from dsl.context import CallContext, FetchedDocument, VoiceAppError
-from dsl.interpreter import END, Fetch, Interpreter
+from dsl.interpreter import END, Fetch, Interpreter, RunResult
 from gateway.calls.identity import CallIdentity
 from gateway.calls.outcome import CallFacts, EndedBy, Failure, Outcome, classify
 from gateway.calls.writer import CallEventWriter
@@ -99,6 +99,7 @@ class CallSession:
         self.ended_by_api = False
         self.outcome: Outcome | None = None
         self.interpreter: Interpreter | None = None
+        self.result: RunResult | None = None  # how the documents' run ended
         self.on_final: Callable[[Outcome, CallEnd], None] | None = None
         self.on_skip: Callable[[str, str], None] | None = None  # (verb, reason), for metrics
         self.on_state: Callable[[], None] | None = None  # ringing -> in-progress
@@ -134,12 +135,27 @@ class CallSession:
         if self.on_final is not None:
             self.on_final(outcome, end)
         # The interpreter may still have work after a hangup (a recording to hand over).
-        try:
-            await asyncio.wait_for(asyncio.shield(driver), 30)
-        except TimeoutError:
+        await asyncio.wait({driver}, timeout=30)
+        if not driver.done():
             driver.cancel()
-        except Exception:
-            log.exception("call %s: driver failed after the call ended", self.call_id)
+        elif not driver.cancelled() and (exc := driver.exception()) is not None:
+            log.error("call %s: driver failed after the call ended", self.call_id,
+                      exc_info=exc)
+        self._log_summary(end)
+
+    def _log_summary(self, end: CallEnd) -> None:
+        """The call's one INFO line, at its end (the per-step lines are DEBUG)."""
+        if not log.isEnabledFor(logging.INFO) or self.outcome is None:
+            return
+        o, r, answered = self.outcome, self.result, self.call.answered_at
+        log.info(
+            "call %s: %s%s, %s, %.1fs (answered %.1fs), SIP %d by %s, run %s, documents %d",
+            self.call_id, o.status, f" ({o.reason})" if o.reason else "", self.identity.direction,
+            end.ended_at - self.identity.created_at,
+            end.ended_at - answered if answered is not None else 0.0,
+            end.sip_code, "api" if self.ended_by_api else end.by,
+            r.ended_by if r is not None else "-", r.documents if r is not None else 0,
+        )
 
     def _time_limit(self) -> None:
         log.info("call %s: time limit of %gs reached; hanging up", self.call_id, self.time_limit_s)
@@ -173,8 +189,7 @@ class CallSession:
         try:
             if self.call.ended:  # answered and already over (a loop that lagged): nothing to ask
                 return
-            result = await self.interpreter.run(first)
-            log.info("call %s: document done (%s)", self.call_id, result.ended_by)
+            self.result = await self.interpreter.run(first)
         except VoiceAppError as e:
             log.warning("call %s: voice app failed: %s: %s", self.call_id, e.code, e.message)
             self.fail(e.code, e.message)

@@ -16,6 +16,7 @@ import os
 import re
 import time
 import wave
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,12 @@ log = logging.getLogger(__name__)
 
 
 MEDIA_AFTER_ACK_S = 2.0  # how long a confirmed call may wait for the ACK's SDP answer
+# How often a recording with a silence timeout reads the caller's level (one timer callback,
+# no task): the silence stop is this late at most.
+SILENCE_TICK_S = 0.25
+VOICE_LEVEL = 2  # a conference port level (0-255) above this is the caller speaking
+
+RecordEnd = Literal["finishOnKey", "maxLength", "silence", "hangup"]
 
 
 class CallGone(Exception):
@@ -95,8 +102,16 @@ def q850_cause(whole_msg: str) -> int | None:
 class Recording:
     path: Path
     duration_s: float
-    ended_by: Literal["finishOnKey", "maxLength", "silence", "hangup"]
+    ended_by: RecordEnd
     digit: str | None
+
+
+class _Gone:
+    """What a waiter's future is resolved with when the call ends (never an exception: a
+    waiter cancelled meanwhile would leave it unretrieved)."""
+
+
+_GONE = _Gone()
 
 
 class PjCall(pj.Call):  # type: ignore[misc]
@@ -234,7 +249,14 @@ class SipCall:
         self._ended = asyncio.Event()
         self._hangup_requested = False
         self._am: pj.AudioMedia | None = None
-        self._digits: asyncio.Queue[str] = asyncio.Queue()
+        # DTMF: keys nobody waits for are buffered (type-ahead); a waiting `next_digit` gets
+        # the key straight into its future; while a recording runs its sink takes every key.
+        self._digits: deque[str] = deque()
+        self._key_waiters: deque[asyncio.Future[str | _Gone | None]] = deque()
+        self._key_sink: Callable[[str], None] | None = None
+        # Futures resolved with _GONE when the call ends (what `_until` waits on beside its
+        # awaitable: a plain future, not a task per wait).
+        self._end_waiters: set[asyncio.Future[_Gone]] = set()
         self._dedupe = DigitDeduper()
         self._objects: list[Any] = []  # players/recorders/ports alive for PJSIP
         self._inband: _FramePort | None = None
@@ -292,6 +314,11 @@ class SipCall:
                 q850_cause=q850_cause(msg),
             )
             self._ended.set()
+            while self._key_waiters:
+                _resolve(self._key_waiters.popleft(), _GONE)
+            for waiter in self._end_waiters:
+                _resolve(waiter, _GONE)
+            self._end_waiters.clear()
             self._detach_inband()
             self._release()
             for cb_end in self.on_end:
@@ -310,8 +337,17 @@ class SipCall:
         self._media.set()
 
     def _on_dtmf(self, digit: str, method: str) -> None:
-        if self._dedupe.accept(digit, method, time.monotonic()):
-            self._digits.put_nowait(digit)
+        if not self._dedupe.accept(digit, method, time.monotonic()):
+            return
+        if self._key_sink is not None:
+            self._key_sink(digit)
+            return
+        while self._key_waiters:
+            waiter = self._key_waiters.popleft()
+            if not waiter.done():  # not cancelled or timed out meanwhile
+                waiter.set_result(digit)
+                return
+        self._digits.append(digit)
 
     def _release(self) -> None:
         """Drop PJSIP objects once the call is over (asyncio thread, so SWIG deletes here)."""
@@ -338,15 +374,23 @@ class SipCall:
 
     async def _until(self, aw: asyncio.Future[Any] | asyncio.Task[Any]) -> Any:
         """Await `aw` unless the call ends first (then CallGone)."""
-        ended = asyncio.ensure_future(self._ended.wait())
-        try:
-            done, _ = await asyncio.wait({aw, ended}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            ended.cancel()
-        if aw in done:
+        await self._first({aw})
+        if aw.done():
             return aw.result()
         aw.cancel()
         raise CallGone()
+
+    async def _first(self, aws: set[asyncio.Future[Any]]) -> None:
+        """Wait until one of `aws` is done or the call has ended (whichever comes first)."""
+        if self.end is not None:
+            return
+        gone: asyncio.Future[_Gone] = self.loop.create_future()
+        self._end_waiters.add(gone)
+        try:
+            await asyncio.wait({*aws, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._end_waiters.discard(gone)
+            gone.cancel()
 
     # -- call control -----------------------------------------------------------------------
     def ringing(self) -> None:
@@ -417,16 +461,18 @@ class SipCall:
         """`reject_now` (BYE, final response, or CANCEL of a ringing outbound call), then wait
         up to 5 s for the end."""
         self.reject_now(sip_code)
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._ended.wait(), 5)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5):
+                await self._ended.wait()
 
     async def cancel(self, timeout: float = 5.0) -> CallEnd | None:
         """CANCEL an unanswered outbound call (BYE if it was answered meanwhile) and wait up to
         `timeout` for its end: 487 normally, 200 if the 200 OK crossed the CANCEL (PJSIP then
         ACKs and BYEs). None if it has not ended by then."""
         self.reject_now(487)
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._ended.wait(), timeout)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._ended.wait()
         return self.end
 
     # -- media ------------------------------------------------------------------------------
@@ -457,13 +503,12 @@ class SipCall:
                 # Its first frame leaves on the bridge's next 20 ms tick (the benchmark's
                 # "answer -> first RTP of the prompt" ends within a frame of this).
                 self.first_audio_at = time.monotonic()
-            waiters: set[asyncio.Future[Any]] = {done}
-            if stopper is not None:
-                waiters.add(stopper)
-            finished = await self._until(
-                asyncio.ensure_future(asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED))
-            )
-            return done in finished[0]
+            await self._first({done} if stopper is None else {done, stopper})
+            if done.done():
+                return True
+            if stopper is not None and stopper.done():
+                return False
+            raise CallGone()
         finally:
             if stopper is not None:
                 stopper.cancel()
@@ -478,25 +523,32 @@ class SipCall:
 
     # -- DTMF -------------------------------------------------------------------------------
     def next_digit_nowait(self) -> str | None:
-        try:
-            return self._digits.get_nowait()
-        except asyncio.QueueEmpty:
-            return None
+        return self._digits.popleft() if self._digits else None
 
     async def next_digit(self, timeout: float | None) -> str | None:
+        """The next key, None after `timeout` seconds without one; CallGone if the call ends.
+        One future per wait: the key, the timer and the hangup each resolve it."""
         if (d := self.next_digit_nowait()) is not None:
             return d
         self._check()
-        get = asyncio.ensure_future(self._digits.get())
+        waiter: asyncio.Future[str | _Gone | None] = self.loop.create_future()
+        self._key_waiters.append(waiter)
+        timer = None if timeout is None else self.loop.call_later(timeout, _resolve, waiter, None)
         try:
-            if timeout is None:
-                res: str = await self._until(get)
-                return res
-            return await asyncio.wait_for(self._until(get), timeout)  # type: ignore[no-any-return]
-        except TimeoutError:
-            return None
+            got = await waiter
+        except asyncio.CancelledError:
+            # Cancelled after a key landed but before this task resumed: keep the key.
+            if waiter.done() and not waiter.cancelled() and isinstance(waiter.result(), str):
+                self._digits.appendleft(waiter.result())  # type: ignore[arg-type]
+            raise
         finally:
-            get.cancel()
+            if timer is not None:
+                timer.cancel()
+            if not waiter.done():
+                waiter.cancel()
+        if isinstance(got, _Gone):
+            raise CallGone()
+        return got
 
     def send_dtmf(self, digits: str, method: Literal["rfc4733", "sip_info"] = "rfc4733") -> None:
         """Send DTMF to the far end (RFC 4733 events or SIP INFO `application/dtmf-relay`)."""
@@ -509,8 +561,7 @@ class SipCall:
         pj_call.sendDtmf(prm)
 
     def flush_digits(self) -> None:
-        while not self._digits.empty():
-            self._digits.get_nowait()
+        self._digits.clear()
 
     def listen_for_digits(self, on: bool) -> None:
         """In-band detection only when the far end did not negotiate telephone-event."""
@@ -554,7 +605,11 @@ class SipCall:
         finish_on_key: str,
         beep: Path | None,
     ) -> Recording:
-        """Record the far end into `dest` (atomically). A hangup ends it and keeps the file."""
+        """Record the far end into `dest` (atomically). A hangup ends it and keeps the file.
+
+        It waits on one future, resolved by whichever comes first: a key in `finish_on_key`
+        (other keys are dropped), the `max_length_s` timer, the call's end, or, only when
+        `silence_timeout_s` > 0, a timer reading the caller's level every SILENCE_TICK_S."""
         if beep is not None:
             await self.play(beep)
         am = self._audio()
@@ -563,36 +618,54 @@ class SipCall:
         rec.createRecorder(str(tmp))
         self._objects.append(rec)
         am.startTransmit(rec)
-        started = time.monotonic()
-        ended_by: Literal["finishOnKey", "maxLength", "silence", "hangup"] = "maxLength"
-        digit: str | None = None
-        last_voice = started
+        loop = self.loop
+        stop: asyncio.Future[tuple[RecordEnd, str | None]] = loop.create_future()
+
+        def finish(ended_by: RecordEnd, digit: str | None = None) -> None:
+            if not stop.done():
+                stop.set_result((ended_by, digit))
+
+        def key(digit: str) -> None:
+            if finish_on_key and digit in finish_on_key:
+                finish("finishOnKey", digit)
+
+        def hung_up(_end: CallEnd) -> None:
+            finish("hangup")
+
+        last_voice = loop.time()
+        ticker: asyncio.TimerHandle | None = None
+
+        def tick() -> None:
+            nonlocal last_voice, ticker
+            now = loop.time()
+            # The call's conference port *transmits* what the caller sends into the bridge:
+            # its Tx level is the caller's voice (Rx is what we play to them).
+            with contextlib.suppress(pj.Error):
+                if self._am is not None and self._am.getTxLevel() > VOICE_LEVEL:
+                    last_voice = now
+            if now - last_voice >= silence_timeout_s:
+                finish("silence")
+            else:
+                ticker = loop.call_later(SILENCE_TICK_S, tick)
+
+        while not stop.done() and (d := self.next_digit_nowait()) is not None:
+            key(d)  # keys buffered before it started (the verb flushes them first)
+        self._key_sink = key
+        self.on_end.append(hung_up)
+        limit = loop.call_later(max_length_s, finish, "maxLength")
+        if silence_timeout_s > 0:
+            ticker = loop.call_later(SILENCE_TICK_S, tick)
+        if self.ended:
+            finish("hangup")
         try:
-            while True:
-                now = time.monotonic()
-                if now - started >= max_length_s:
-                    ended_by = "maxLength"
-                    break
-                if self.ended:
-                    ended_by = "hangup"
-                    break
-                # Digits wake this at once; the interval only paces the silence check (and
-                # hangup detection), so keep it coarse: one wakeup per call in a busy worker.
-                d = await self._poll_digit(0.25 if silence_timeout_s > 0 else 0.5)
-                if self.ended:
-                    ended_by = "hangup"
-                    break
-                if d is not None and finish_on_key and d in finish_on_key:
-                    ended_by, digit = "finishOnKey", d
-                    break
-                # The call's conference port *transmits* what the caller sends into the bridge:
-                # its Tx level is the caller's voice (Rx is what we play to them).
-                if self._am is not None and self._am.getTxLevel() > 2:
-                    last_voice = time.monotonic()
-                if silence_timeout_s > 0 and time.monotonic() - last_voice >= silence_timeout_s:
-                    ended_by = "silence"
-                    break
+            ended_by, digit = await stop
         finally:
+            limit.cancel()
+            if ticker is not None:
+                ticker.cancel()
+            self._key_sink = None
+            with contextlib.suppress(ValueError):
+                self.on_end.remove(hung_up)
             if self._am is not None:
                 with contextlib.suppress(pj.Error):
                     self._am.stopTransmit(rec)
@@ -606,13 +679,10 @@ class SipCall:
         os.replace(tmp, dest)
         return Recording(dest, duration, ended_by, digit)
 
-    async def _poll_digit(self, timeout: float) -> str | None:
-        if (d := self.next_digit_nowait()) is not None:
-            return d
-        try:
-            return await asyncio.wait_for(self._digits.get(), timeout)
-        except TimeoutError:
-            return None
+
+def _resolve(fut: asyncio.Future[Any], value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)
 
 
 async def _wav_finalised(path: Path, timeout: float) -> bool:

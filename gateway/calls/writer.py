@@ -124,7 +124,7 @@ class CallEventWriter:
             log.error("call %s: %s %s could not be stored: %s", self.call_id, event.kind,
                       event.event_id, exc)
         elif fut.result():
-            log.info("call %s: %s %s", self.call_id, event.kind, event.event_id)
+            log.debug("call %s: %s %s", self.call_id, event.kind, event.event_id)
             self._told(event, stored=True)
 
     def _told(self, event: Event, *, stored: bool) -> None:

@@ -85,3 +85,19 @@ async def test_ivr_digits_then_record(phone, voice_app, receiver, gateway_factor
     got.write_bytes(wav)
     x, rate = read_wav(got)
     assert abs(peak_frequency(x, rate) - 440.0) < 10, "the caller's tone, not the beep (1 kHz)"
+
+    # The node logs one INFO line for the call, when it ends, with how it ended (each event
+    # appended, the implicit answer and the like are DEBUG lines).
+    call_id = ready["call_id"]
+
+    def info_lines() -> list[str]:
+        return [ln for ln in gw.log_text().splitlines() if call_id in ln and " INFO " in ln]
+
+    for _ in range(50):
+        if info_lines():
+            break
+        await asyncio.sleep(0.1)
+    lines = info_lines()
+    assert len(lines) == 1, lines
+    assert f"call {call_id}: completed, inbound," in lines[0], lines
+    assert "run hangup_verb, documents 3" in lines[0], lines
