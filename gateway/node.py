@@ -6,6 +6,9 @@ A node that dies whole leaves its calls open in the outbox: the next start on th
 closes them (`call.failed`, reason `node_lost`, see gateway/events/recovery.py) before it takes
 a call. One node per storage dir: the supervisor holds an exclusive lock on `node.lock`, and its
 workers inherit that lock, so a restarted node also waits for a dead supervisor's last workers.
+With `[workers] start = "fork"` the workers are forked by the fork server (gateway/forkserver.py),
+which inherits the lock from the supervisor and hands it on to each worker the same way; while
+the fork server is down (it is restarted) workers are spawned as with `start = "spawn"`.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from gateway.events.recovery import (
     read_heartbeat,
     write_heartbeat,
 )
+from gateway.forkserver import ForkedProcess, ForkServer, ForkServerUnavailable
 from gateway.kamailio import KamailioConfig, KamailioFront, front_limits
 from gateway.metrics import NodeMetrics
 from gateway.plan import NodePlan, WorkerPlace, plan_node
@@ -63,7 +67,7 @@ LOCK_WAIT_S = 30.0
 @dataclass
 class WorkerHandle:
     place: WorkerPlace  # where it listens and how many calls it takes (gateway/plan.py)
-    proc: asyncio.subprocess.Process | None = None
+    proc: asyncio.subprocess.Process | ForkedProcess | None = None
     channel: Channel[msgs.FromWorker] | None = None
     requester: Requester | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
@@ -114,6 +118,7 @@ class Node:
         self.http: ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._lock_fd: int | None = None
+        self.forkserver: ForkServer | None = None
         self._run_started = time.time()
         self.recovered = self.metrics.registry.counter(
             "sautikit_calls_recovered_total",
@@ -133,6 +138,22 @@ class Node:
     @property
     def ready(self) -> bool:
         return self.started and not self.stopping
+
+    def unready_reason(self) -> str | None:
+        """Why /readyz answers 503 now; None: the node takes calls. Every worker must be up
+        before the node is first ready; after that one worker restarting does not take the
+        node out of its load balancer (its share goes to the others), none being up does."""
+        if self.stopping:
+            return "stopping"
+        if not self.started:
+            return "not_started"
+        if self.draining:
+            return "draining"
+        if self.front is not None and not self.front.running:
+            return "front_down"
+        if not any(w.ready.is_set() and w.channel is not None for w in self.workers):
+            return "no_workers"
+        return None
 
     def metrics_text(self) -> str:
         return self.metrics.render()
@@ -167,6 +188,11 @@ class Node:
         for sub in ("recordings", "cache"):
             (self.storage / sub).mkdir(parents=True, exist_ok=True)
         await self._lock_storage()
+        if self.settings.workers.start == "fork":
+            # First: its imports (about a second) overlap the rest of the start.
+            keep = () if self._lock_fd is None else (self._lock_fd,)
+            self.forkserver = ForkServer(self.config_path, keep_fds=keep)
+            self._tasks.append(asyncio.create_task(self.forkserver.run(), name="forkserver"))
         self.outbox = Outbox(self.storage / "outbox.sqlite3")
         # Before any worker runs: every open call in the outbox was left by a dead node.
         heartbeat_path = self.storage / HEARTBEAT_NAME
@@ -266,6 +292,8 @@ class Node:
         for p in procs:
             if p.returncode is None:
                 p.kill()
+        if self.forkserver is not None:
+            await self.forkserver.stop()  # it holds the storage lock too
         if self.deliverer is not None:
             await self.deliverer.stop()
         for t in self._tasks:
@@ -357,6 +385,36 @@ class Node:
 
     async def _run_worker(self, w: WorkerHandle) -> int | None:
         parent, child = socket.socketpair()
+        w.ready.clear()
+        try:
+            w.proc = await self._launch(w, child)
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()
+        w.channel = await open_channel(parent, msgs.FROM_WORKER)
+        w.requester = Requester(w.channel)
+        try:
+            while (msg := await w.channel.recv()) is not None:
+                self._on_message(w, msg)
+        finally:
+            w.channel.close()
+            w.channel = None
+            w.requester.close()  # requests waiting on it fail now (404 / next worker)
+            w.requester = None
+        return await w.proc.wait()
+
+    async def _launch(
+        self, w: WorkerHandle, child: socket.socket
+    ) -> asyncio.subprocess.Process | ForkedProcess:
+        """Start worker `w` on its end of the socketpair: forked by the fork server, or (spawn
+        mode, or the fork server down) a new interpreter."""
+        if self.forkserver is not None:
+            try:
+                return await self.forkserver.fork(w.index, w.max_calls, child)
+            except ForkServerUnavailable as e:
+                log.warning("worker %d: %s; spawning it instead", w.index, e)
         args = [
             sys.executable,
             "-m",
@@ -370,27 +428,14 @@ class Node:
         ]
         if self.config_path is not None:
             args += ["--config", str(self.config_path)]
-        w.ready.clear()
         # The worker inherits the storage lock: it stays held until the last worker exits.
         keep = (child.fileno(),) if self._lock_fd is None else (child.fileno(), self._lock_fd)
-        w.proc = await asyncio.create_subprocess_exec(
+        return await asyncio.create_subprocess_exec(
             *args,
             pass_fds=keep,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,  # pjsua2 prints its start-up lines there
         )
-        child.close()
-        w.channel = await open_channel(parent, msgs.FROM_WORKER)
-        w.requester = Requester(w.channel)
-        try:
-            while (msg := await w.channel.recv()) is not None:
-                self._on_message(w, msg)
-        finally:
-            w.channel.close()
-            w.channel = None
-            w.requester.close()  # requests waiting on it fail now (404 / next worker)
-            w.requester = None
-        return await w.proc.wait()
 
     def _on_message(self, w: WorkerHandle, msg: msgs.FromWorker) -> None:
         if isinstance(msg, msgs.Reply):
@@ -435,10 +480,11 @@ class Node:
             self.directory.worker_ready(w.index, msg.max_calls)
             w.ready.set()
             log.info(
-                "worker %d ready (pid %s, %d calls)",
+                "worker %d ready (pid %s, %d calls, %s)",
                 w.index,
                 w.proc.pid if w.proc else "?",
                 w.max_calls,
+                "forked" if isinstance(w.proc, ForkedProcess) else "spawned",
             )
 
     def _worker_lost(self, w: WorkerHandle) -> None:

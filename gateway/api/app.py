@@ -82,15 +82,15 @@ async def _healthz(request: web.Request) -> web.Response:
 
 
 async def _readyz(request: web.Request) -> web.Response:
-    """200 while the node takes calls; 503 while it starts, drains or stops (load balancers and
-    harnesses wait on this before sending calls)."""
+    """200 while the node takes calls; 503 with the reason while it starts (until every worker
+    and the SIP front are up), drains or stops, and when its front or all its workers are down.
+    Load balancers and harnesses read the status code before sending calls."""
     node = request.app.get(NODE_KEY)
     if node is None:
         return web.json_response({"ready": True})
-    if not node.ready:
-        return web.json_response({"ready": False, "reason": "not_started"}, status=503)
-    if node.draining:
-        return web.json_response({"ready": False, "reason": "draining"}, status=503)
+    reason = node.unready_reason()
+    if reason is not None:
+        return web.json_response({"ready": False, "reason": reason}, status=503)
     return web.json_response({"ready": True})
 
 
