@@ -42,11 +42,13 @@ import asyncio
 import contextlib
 import ctypes
 import gc
+import itertools
 import json
 import logging
 import select
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -162,6 +164,7 @@ def serve(control: socket.socket, settings: Any) -> int:
             with contextlib.suppress(OSError):
                 _send(control, {"op": "exited", "pid": pid, "code": _exit_code(status)})
 
+    lock_fd: int | None = None
     while True:
         for fd, _ in poller.poll():
             if fd == wake_r:
@@ -180,6 +183,11 @@ def serve(control: socket.socket, settings: Any) -> int:
             except ValueError:
                 for fd_ in fds:
                     os.close(fd_)
+                continue
+            if req.get("op") == "lock" and len(fds) == 1:
+                if lock_fd is not None:
+                    os.close(lock_fd)
+                lock_fd = fds[0]  # kept open: every child inherits it (the storage lock)
                 continue
             if req.get("op") != "fork" or len(fds) != 1:
                 for fd_ in fds:
@@ -259,10 +267,9 @@ class ForkedProcess:
     """A worker forked by the zygote, as the supervisor holds it: the part of
     `asyncio.subprocess.Process` the node uses (pid, returncode, wait, kill, send_signal)."""
 
-    def __init__(self, pid: int, pidfd: int, server: ForkServer) -> None:
+    def __init__(self, pid: int, pidfd: int) -> None:
         self.pid = pid
         self._pidfd: int | None = pidfd
-        self._server = server
         self._code: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
         self._exited = asyncio.Event()
         self.returncode: int | None = None
@@ -313,42 +320,99 @@ class ForkedProcess:
 
 
 class ForkServer:
-    """The supervisor's handle on the zygote: starts it, asks it for workers, learns their
-    exits. `run()` keeps it running (restarted with backoff when it dies); `fork()` raises
-    ForkServerUnavailable while it is down, so the node spawns workers meanwhile."""
+    """The supervisor's handle on the zygote: launches it, asks it for workers, learns their
+    exits. `launch()` may run before the supervisor's own imports and event loop (gateway/cli.py
+    does), so the zygote's imports overlap them; `run()` then keeps it running (relaunched with
+    backoff when it dies); `fork()` raises ForkServerUnavailable while it is down, so the node
+    spawns workers meanwhile. `set_lock()` hands it the storage lock (SCM_RIGHTS: the same
+    open file, so the same flock) before the first fork."""
 
-    def __init__(self, config_path: Path | None, keep_fds: tuple[int, ...] = ()) -> None:
+    def __init__(self, config_path: Path | None) -> None:
         self.config_path = config_path
-        self.keep_fds = keep_fds  # the storage lock: held by the zygote and every worker
-        self.proc: asyncio.subprocess.Process | None = None
-        self.pid: int | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self.restarts = 0
         self._sock: socket.socket | None = None
-        self._ready = asyncio.Event()
+        self._lock_fd: int | None = None
+        self._ready = False
         self._up: asyncio.Future[None] | None = None
-        self._ids = iter(range(1, 1 << 62))
+        self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[ForkedProcess]] = {}
         self._children: dict[int, ForkedProcess] = {}
         self._stopping = False
 
     @property
+    def pid(self) -> int | None:
+        return None if self.proc is None else self.proc.pid
+
+    @property
     def ready(self) -> bool:
-        return self._ready.is_set()
+        return self._ready
+
+    def launch(self) -> None:
+        """Start the zygote process (no event loop needed: it only forks and execs)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        args = [sys.executable, "-m", "gateway.forkserver", "--control-fd", str(theirs.fileno())]
+        if self.config_path is not None:
+            args += ["--config", str(self.config_path)]
+        args += ["--title-room", "_" * TITLE_ROOM]
+        try:
+            self.proc = subprocess.Popen(
+                args,
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,  # pjsua2 prints its start-up lines there
+                env={**os.environ, **THREAD_ENV},
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self._sock = ours
+        self._ready = False
+        if self._lock_fd is not None:
+            self._send_lock()
+
+    def set_lock(self, fd: int) -> None:
+        self._lock_fd = fd
+        if self._sock is not None:
+            self._send_lock()
+
+    def _send_lock(self) -> None:
+        assert self._sock is not None and self._lock_fd is not None
+        with contextlib.suppress(OSError):  # a zygote already gone is relaunched with it
+            socket.send_fds(self._sock, [b'{"op": "lock"}'], [self._lock_fd])
 
     async def run(self, start_timeout: float = 60.0) -> None:
         """Keep the zygote running until `stop()` (or cancellation)."""
+        loop = asyncio.get_running_loop()
         backoff = 0.5
         while not self._stopping:
             started = time.monotonic()
+            code: int | None = None
             try:
-                await self._start(start_timeout)
-                assert self.proc is not None
-                code = await self.proc.wait()
+                if self.proc is None:
+                    self.launch()
+                assert self.proc is not None and self._sock is not None
+                self._up = loop.create_future()
+                self._sock.setblocking(False)
+                loop.add_reader(self._sock, self._readable)
+                exited = asyncio.ensure_future(_exited(self.proc))
+                try:
+                    await asyncio.wait_for(asyncio.shield(self._up), start_timeout)
+                    code = await exited
+                finally:
+                    if not exited.done():
+                        self.proc.kill()
+                        code = await exited
             except (OSError, TimeoutError, ForkServerUnavailable) as e:
-                code = None
                 log.error("fork server: could not start: %s", e)
+                if self.proc is not None and self.proc.poll() is None:
+                    self.proc.kill()
+                    code = await _exited(self.proc)
             finally:
                 self._gone()
+                self.proc = None
             if self._stopping:
                 return
             self.restarts += 1
@@ -356,37 +420,9 @@ class ForkServer:
             backoff = 0.5 if time.monotonic() - started > 30 else min(backoff * 2, 10)
             await asyncio.sleep(backoff)
 
-    async def _start(self, timeout: float) -> None:
-        loop = asyncio.get_running_loop()
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        args = [sys.executable, "-m", "gateway.forkserver", "--control-fd", str(theirs.fileno())]
-        if self.config_path is not None:
-            args += ["--config", str(self.config_path)]
-        args += ["--title-room", "_" * TITLE_ROOM]
-        try:
-            self.proc = await asyncio.create_subprocess_exec(
-                *args,
-                pass_fds=(theirs.fileno(), *self.keep_fds),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,  # pjsua2 prints its start-up lines there
-                env={**os.environ, **THREAD_ENV},
-            )
-        finally:
-            theirs.close()
-        self.pid = self.proc.pid
-        ours.setblocking(False)
-        self._sock = ours
-        self._up = loop.create_future()
-        loop.add_reader(ours, self._readable)
-        try:
-            await asyncio.wait_for(asyncio.shield(self._up), timeout)
-        except BaseException:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()
-            raise
-
     def _readable(self) -> None:
-        assert self._sock is not None
+        if self._sock is None:
+            return
         while True:
             try:
                 data, fds, _flags, _addr = socket.recv_fds(self._sock, MAX_PACKET, 2)
@@ -399,7 +435,7 @@ class ForkServer:
                 return
             try:
                 self._on_message(json.loads(data), fds)
-            except (ValueError, KeyError, TypeError) as e:
+            except (ValueError, KeyError, TypeError, IndexError) as e:
                 log.error("fork server: bad message %r: %s", data[:200], e)
                 for fd in fds:
                     os.close(fd)
@@ -407,17 +443,17 @@ class ForkServer:
     def _on_message(self, msg: dict[str, Any], fds: list[int]) -> None:
         op = msg["op"]
         if op == "ready":
-            self._ready.set()
+            self._ready = True
             if self._up is not None and not self._up.done():
                 self._up.set_result(None)
             log.info("fork server ready (pid %s)", msg.get("pid"))
         elif op == "forked":
             fut = self._pending.pop(msg["id"], None)
-            proc = ForkedProcess(int(msg["pid"]), fds[0], self)
+            proc = ForkedProcess(int(msg["pid"]), fds[0])
             self._children[proc.pid] = proc
             if fut is not None and not fut.done():
                 fut.set_result(proc)
-            else:  # nobody waits for it any more: it will find its IPC closed and exit
+            else:  # nobody waits for it any more: it would find its IPC closed and exit
                 proc.kill()
         elif op == "error":
             fut = self._pending.pop(msg["id"], None)
@@ -430,9 +466,9 @@ class ForkServer:
 
     def _gone(self) -> None:
         """The zygote's end closed: no fork will be answered, no exit reported."""
-        self._ready.clear()
+        self._ready = False
         if self._sock is not None:
-            with contextlib.suppress(ValueError, OSError):
+            with contextlib.suppress(ValueError, OSError, RuntimeError):
                 asyncio.get_running_loop().remove_reader(self._sock)
             self._sock.close()
             self._sock = None
@@ -451,11 +487,12 @@ class ForkServer:
                    wait_ready: float = 60.0) -> ForkedProcess:
         """A new worker on `ipc` (the worker's end of its socketpair; the caller closes its
         copy). Waits for a zygote still starting; raises ForkServerUnavailable when none."""
-        if not self._ready.is_set():
-            if self._up is None or self._up.done():
+        if not self._ready:
+            up = self._up
+            if up is None or up.done():
                 raise ForkServerUnavailable("the fork server is not running")
             try:
-                await asyncio.wait_for(asyncio.shield(self._up), wait_ready)
+                await asyncio.wait_for(asyncio.shield(up), wait_ready)
             except (TimeoutError, ForkServerUnavailable) as e:
                 raise ForkServerUnavailable(f"the fork server did not start: {e}") from None
         sock = self._sock
@@ -477,18 +514,35 @@ class ForkServer:
             raise ForkServerUnavailable("the fork server did not answer in 10 s") from None
 
     async def stop(self) -> None:
+        """Stop the zygote (the workers it forked are the node's to stop)."""
         self._stopping = True
         if self._sock is not None:
-            self._sock.shutdown(socket.SHUT_RDWR)  # the zygote sees EOF and exits
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)  # the zygote sees EOF and exits
         proc = self.proc
-        if proc is not None and proc.returncode is None:
+        if proc is not None:
             try:
-                await asyncio.wait_for(proc.wait(), 5)
+                await asyncio.wait_for(_exited(proc), 5)
             except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
+                proc.kill()
+                await _exited(proc)
         self._gone()
+
+
+async def _exited(proc: subprocess.Popen[bytes]) -> int:
+    """Wait for `proc` to exit without blocking the loop (its pidfd reads ready then)."""
+    if proc.poll() is not None:
+        return proc.returncode
+    loop = asyncio.get_running_loop()
+    fd = os.pidfd_open(proc.pid)
+    done: asyncio.Future[None] = loop.create_future()
+    loop.add_reader(fd, _set_done, done)
+    try:
+        await done
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+    return proc.wait()
 
 
 async def _send_fds(sock: socket.socket, data: bytes, fds: list[int]) -> None:

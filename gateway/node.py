@@ -91,7 +91,9 @@ class WorkerHandle:
 
 
 class Node:
-    def __init__(self, settings: Settings, config_path: Path | None) -> None:
+    def __init__(
+        self, settings: Settings, config_path: Path | None, forkserver: ForkServer | None = None
+    ) -> None:
         self.settings = settings
         self.config_path = config_path
         self.storage = settings.storage.dir
@@ -118,7 +120,8 @@ class Node:
         self.http: ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._lock_fd: int | None = None
-        self.forkserver: ForkServer | None = None
+        # Launched already (gateway/cli.py does, before importing this module) or by start().
+        self.forkserver = forkserver
         self._run_started = time.time()
         self.recovered = self.metrics.registry.counter(
             "sautikit_calls_recovered_total",
@@ -189,10 +192,14 @@ class Node:
             (self.storage / sub).mkdir(parents=True, exist_ok=True)
         await self._lock_storage()
         if self.settings.workers.start == "fork":
-            # First: its imports (about a second) overlap the rest of the start.
-            keep = () if self._lock_fd is None else (self._lock_fd,)
-            self.forkserver = ForkServer(self.config_path, keep_fds=keep)
+            if self.forkserver is None:  # first: its imports overlap the rest of the start
+                self.forkserver = ForkServer(self.config_path)
+            assert self._lock_fd is not None
+            self.forkserver.set_lock(self._lock_fd)  # before any fork: workers inherit it
             self._tasks.append(asyncio.create_task(self.forkserver.run(), name="forkserver"))
+        elif self.forkserver is not None:
+            await self.forkserver.stop()
+            self.forkserver = None
         self.outbox = Outbox(self.storage / "outbox.sqlite3")
         # Before any worker runs: every open call in the outbox was left by a dead node.
         heartbeat_path = self.storage / HEARTBEAT_NAME
@@ -556,9 +563,12 @@ def _answered_at(body: bytes) -> float | None:
 
 
 async def run_node(
-    settings: Settings, config_path: Path | None, started: asyncio.Event | None = None
+    settings: Settings,
+    config_path: Path | None,
+    started: asyncio.Event | None = None,
+    forkserver: ForkServer | None = None,
 ) -> None:
-    node = Node(settings, config_path)
+    node = Node(settings, config_path, forkserver)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
