@@ -11,6 +11,8 @@ ports, with its storage in a temp dir, and measures from the moment it is launch
   * then, once every worker answers, RSS and PSS of each worker process (psutil
     `memory_full_info`; PSS charges a shared page to each process by its share of it), and the
     node's whole PSS (supervisor + fork server + workers) per worker.
+  * the CPU time (user + system) the node's processes had used by then: what the start costs,
+    however busy the machine is with other work (wall times are not, on a shared machine).
 Then stops the node (SIGTERM; anything left is killed) and goes on with the next mode. Prints
 one row per mode, the fork/spawn ratios and the command that produced them.
 
@@ -61,6 +63,8 @@ class Result:
     rss_mib: float = 0.0  # mean per worker
     pss_mib: float = 0.0  # mean per worker
     node_pss_per_worker_mib: float = 0.0  # supervisor + fork server + workers, / workers
+    cpu_s: float = 0.0  # CPU time (user + system) the node's processes had used by then
+    load: float = 0.0  # the machine's 1-min load average at the end (other users' too)
     error: str = ""
 
 
@@ -170,6 +174,19 @@ def node_processes(root: int) -> tuple[list[psutil.Process], list[psutil.Process
     return workers, others
 
 
+def node_cpu(root: int) -> float:
+    """CPU seconds used so far by the supervisor and every descendant (fork server, workers,
+    Kamailio): the start's cost independent of how busy the machine is with other work."""
+    total = 0.0
+    with contextlib.suppress(psutil.Error):
+        sup = psutil.Process(root)
+        for p in [sup, *sup.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                t = p.cpu_times()
+                total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
 def memory(procs: list[psutil.Process]) -> tuple[list[int], list[int]]:
     rss, pss = [], []
     for p in procs:
@@ -222,6 +239,8 @@ async def run_mode(mode: str, workers: int, timeout: float, base: Path) -> Resul
             res.error = f"{workers - len(answered)} worker(s) never answered OPTIONS"
         if proc.poll() is not None:
             res.error = f"the node exited ({proc.returncode}); see {d / 'gateway.log'}"
+        res.cpu_s = node_cpu(proc.pid)
+        res.load = os.getloadavg()[0]
         ws, others = node_processes(proc.pid)
         rss, pss = memory(ws)
         _, other_pss = memory(others)
@@ -257,11 +276,12 @@ async def main() -> int:
     print(f"node start, {args.workers} workers x 4 calls, managed Kamailio front, "
           f"{os.cpu_count()} cores")
     print(f"{'mode':6} {'1st OPTIONS':>11} {'all OPTIONS':>11} {'/readyz 200':>11} "
-          f"{'RSS/worker':>10} {'PSS/worker':>10} {'node PSS/worker':>15}")
+          f"{'RSS/worker':>10} {'PSS/worker':>10} {'node PSS/worker':>15} {'node CPU':>8} "
+          f"{'load':>5}")
     for r in results:
         print(f"{r.mode:6} {fmt(r.first_options_s):>11} {fmt(r.all_options_s):>11} "
               f"{fmt(r.readyz_s):>11} {r.rss_mib:>8.1f}MB {r.pss_mib:>8.1f}MB "
-              f"{r.node_pss_per_worker_mib:>13.1f}MB")
+              f"{r.node_pss_per_worker_mib:>13.1f}MB {r.cpu_s:>7.1f}s {r.load:>5.1f}")
     by = {r.mode: r for r in results}
     if "fork" in by and "spawn" in by:
         f, s = by["fork"], by["spawn"]
@@ -272,7 +292,8 @@ async def main() -> int:
         print(f"fork/spawn: all OPTIONS {ratio(f.all_options_s, s.all_options_s)}, "
               f"/readyz {ratio(f.readyz_s, s.readyz_s)}, RSS {ratio(f.rss_mib, s.rss_mib)}, "
               f"PSS {ratio(f.pss_mib, s.pss_mib)}, node PSS "
-              f"{ratio(f.node_pss_per_worker_mib, s.node_pss_per_worker_mib)}")
+              f"{ratio(f.node_pss_per_worker_mib, s.node_pss_per_worker_mib)}, "
+              f"node CPU {ratio(f.cpu_s, s.cpu_s)}")
     print("command:", shlex.join([Path(sys.executable).name, *sys.argv]))
     if args.keep:
         print("logs:", base)

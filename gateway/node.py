@@ -391,6 +391,9 @@ class Node:
             await asyncio.sleep(backoff)
 
     async def _run_worker(self, w: WorkerHandle) -> int | None:
+        # All at once, not in waves: the fork server forks one at a time anyway, and paced
+        # starts (8 between launch and Ready) measured slower to the last worker ready
+        # (bench/node_start.py).
         parent, child = socket.socketpair()
         w.ready.clear()
         try:

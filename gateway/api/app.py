@@ -22,7 +22,6 @@ from aiohttp.typedefs import Middleware
 from config.settings import Settings, parse_hostport
 from gateway.api.admin import NODE_KEY, NodeControl, setup_admin
 from gateway.api.calls import CONTROL_KEY, LINKS_KEY, setup_calls
-from gateway.api.demo import setup_demo
 from gateway.api.errors import API_KEY_INVALID, ApiError, Handler, error_middleware
 from gateway.calls.control import CallControl
 from gateway.calls.links import LinkSigner, signer_for
@@ -162,5 +161,7 @@ def make_app(
     if node is not None:
         setup_admin(app, node)
     if settings.demo.enabled:
+        from gateway.api.demo import setup_demo  # numpy: only where the demo runs
+
         setup_demo(app, base_url=settings.api.base_url, clock_rate=settings.media.clock_rate)
     return app
