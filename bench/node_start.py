@@ -20,7 +20,7 @@ Only run 150-worker measurements briefly on a shared machine: spawn mode imports
 Python per worker (about a second of CPU each).
 
 usage: .venv/bin/python bench/node_start.py [--workers 150] [--modes fork,spawn]
-       [--timeout 240] [--keep]
+       [--timeout 300] [--keep]
 """
 
 from __future__ import annotations
@@ -261,7 +261,7 @@ async def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workers", type=int, default=150)
     ap.add_argument("--modes", default="fork,spawn")
-    ap.add_argument("--timeout", type=float, default=240, help="per mode, seconds")
+    ap.add_argument("--timeout", type=float, default=300, help="per mode, seconds")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs)")
     args = ap.parse_args()
     base = Path(tempfile.mkdtemp(prefix="sautikit-node-start-"))

@@ -235,8 +235,10 @@ class Node:
         self.workers = await asyncio.to_thread(self._plan_workers)
         for w in self.workers:
             self._tasks.append(asyncio.create_task(self._keep_worker(w), name=f"w{w.index}"))
-        # Many workers start at once on few cores: allow for their imports.
-        ready_timeout = 30 + 0.5 * len(self.workers)
+        # Many workers start at once on few cores: allow for their imports (spawned: ~1 s of
+        # CPU each, and a crowd of them all finish late together; forked: ~40 ms each).
+        per = 0.5 if self.forkserver is not None else 1.5
+        ready_timeout = 30 + per * len(self.workers)
         await asyncio.wait_for(
             asyncio.gather(*(w.ready.wait() for w in self.workers)), ready_timeout
         )
