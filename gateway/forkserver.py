@@ -276,9 +276,9 @@ class ForkedProcess:
         asyncio.get_running_loop().add_reader(pidfd, self._on_exit)
 
     def _on_exit(self) -> None:
-        # The pidfd reads as ready once the process has exited (zombie or reaped).
-        if self._pidfd is not None:
-            asyncio.get_running_loop().remove_reader(self._pidfd)
+        # The pidfd reads as ready once the process has exited (zombie or reaped): nothing is
+        # left to signal, so it closes now (whether anyone waits or not).
+        self._close()
         self._exited.set()
 
     def _reported(self, code: int | None) -> None:
@@ -296,7 +296,6 @@ class ForkedProcess:
         except TimeoutError:
             code = None
         self.returncode = -1 if code is None else code
-        self._close()
         return code
 
     def send_signal(self, sig: int) -> None:
