@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 LOCK_NAME = "node.lock"
 # A dead supervisor's workers end their calls (up to ~15 s) before the lock is free.
 LOCK_WAIT_S = 30.0
+SPAWN_WAVE = 2 * (os.cpu_count() or 1)  # spawned workers importing at once
 
 
 @dataclass
@@ -122,6 +123,11 @@ class Node:
         self._lock_fd: int | None = None
         # Launched already (gateway/cli.py does, before importing this module) or by start().
         self.forkserver = forkserver
+        # Spawned workers start a few at a time: 150 interpreters importing at once on 2 cores
+        # all finish late together (none was ready after 255 s, bench/node_start.py) and starve
+        # the machine. Forked ones all at once: the fork server forks one at a time anyway,
+        # and waves of 8 measured slower to the last worker ready.
+        self._spawning = asyncio.Semaphore(SPAWN_WAVE)
         self._run_started = time.time()
         self.recovered = self.metrics.registry.counter(
             "sautikit_calls_recovered_total",
@@ -393,13 +399,10 @@ class Node:
             await asyncio.sleep(backoff)
 
     async def _run_worker(self, w: WorkerHandle) -> int | None:
-        # All at once, not in waves: the fork server forks one at a time anyway, and paced
-        # starts (8 between launch and Ready) measured slower to the last worker ready
-        # (bench/node_start.py).
         parent, child = socket.socketpair()
         w.ready.clear()
         try:
-            w.proc = await self._launch(w, child)
+            w.proc, spawning = await self._launch(w, child)
         except BaseException:
             parent.close()
             raise
@@ -410,7 +413,12 @@ class Node:
         try:
             while (msg := await w.channel.recv()) is not None:
                 self._on_message(w, msg)
+                if spawning and w.ready.is_set():
+                    spawning = False
+                    self._spawning.release()
         finally:
+            if spawning:
+                self._spawning.release()
             w.channel.close()
             w.channel = None
             w.requester.close()  # requests waiting on it fail now (404 / next worker)
@@ -419,12 +427,13 @@ class Node:
 
     async def _launch(
         self, w: WorkerHandle, child: socket.socket
-    ) -> asyncio.subprocess.Process | ForkedProcess:
+    ) -> tuple[asyncio.subprocess.Process | ForkedProcess, bool]:
         """Start worker `w` on its end of the socketpair: forked by the fork server, or (spawn
-        mode, or the fork server down) a new interpreter."""
+        mode, or the fork server down) a new interpreter, holding one of the `_spawning`
+        slots until it is ready (the bool: the caller releases it)."""
         if self.forkserver is not None:
             try:
-                return await self.forkserver.fork(w.index, w.max_calls, child)
+                return await self.forkserver.fork(w.index, w.max_calls, child), False
             except ForkServerUnavailable as e:
                 log.warning("worker %d: %s; spawning it instead", w.index, e)
         args = [
@@ -442,12 +451,18 @@ class Node:
             args += ["--config", str(self.config_path)]
         # The worker inherits the storage lock: it stays held until the last worker exits.
         keep = (child.fileno(),) if self._lock_fd is None else (child.fileno(), self._lock_fd)
-        return await asyncio.create_subprocess_exec(
-            *args,
-            pass_fds=keep,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,  # pjsua2 prints its start-up lines there
-        )
+        await self._spawning.acquire()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *args,
+                pass_fds=keep,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,  # pjsua2 prints its start-up lines there
+            )
+        except BaseException:
+            self._spawning.release()
+            raise
+        return proc, True
 
     def _on_message(self, w: WorkerHandle, msg: msgs.FromWorker) -> None:
         if isinstance(msg, msgs.Reply):
