@@ -12,6 +12,7 @@ child, and whatever lock it held would stay held there forever. It checks that b
 
 Protocol, over a SOCK_SEQPACKET socketpair (one JSON object per packet):
   zygote -> supervisor  {"op": "ready", "pid": P}
+  supervisor -> zygote  {"op": "lock"}  + the storage lock's fd (SCM_RIGHTS), before any fork
   supervisor -> zygote  {"op": "fork", "id": N, "index": I, "max_calls": M}  + the worker's
                         IPC socket (SCM_RIGHTS)
   zygote -> supervisor  {"op": "forked", "id": N, "pid": P}  + a pidfd of the child, or
@@ -20,8 +21,10 @@ Protocol, over a SOCK_SEQPACKET socketpair (one JSON object per packet):
                         negative for a signal)
 The zygote reaps its children (it is their parent) and reports their exit; the supervisor
 holds each worker's pidfd, so it signals the right process and sees it die even when the
-zygote is gone. The zygote exits when the supervisor closes its end (or dies). It inherits
-the storage lock (gateway/node.py), and so do the workers it forks.
+zygote is gone. The zygote exits when the supervisor closes its end (or dies). It holds the
+storage lock (gateway/node.py: the same open file as the supervisor's, so the same flock), and
+so do the workers it forks. The CLI launches it before the supervisor's own imports, which it
+overlaps.
 
 usage: python -m gateway.forkserver --control-fd FD [--config FILE]
 """
