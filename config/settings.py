@@ -273,6 +273,8 @@ class WorkersSettings(_Section):
     reserved_slots: int = Field(default=1, ge=0, le=8)  # per worker, kept for a dial leg
     host: NonEmptyStr = "127.0.0.1"
     sip_port_start: Port = 25100
+    # fork: from a preloaded fork server (gateway/forkserver.py); spawn: a fresh interpreter each
+    start: Literal["fork", "spawn"] = "fork"
 
 
 class KamailioSettings(_Section):

@@ -23,13 +23,19 @@ def _settings(path: Path | None) -> Settings:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from gateway.forkserver import ForkServer
     from gateway.logs import setup_logging
-    from gateway.node import run_node
 
     settings = _settings(args.config)
+    forkserver = None
+    if settings.workers.start == "fork":  # its imports overlap the supervisor's
+        forkserver = ForkServer(args.config)
+        forkserver.launch()
+    from gateway.node import run_node
+
     setup_logging(settings.log.level, settings.log.json_format, "supervisor")
     try:
-        asyncio.run(run_node(settings, args.config))
+        asyncio.run(run_node(settings, args.config, forkserver=forkserver))
     except ConfigError as e:  # found while planning workers (e.g. ports for the probed count)
         print(f"sautikit-gateway: invalid configuration: {e}", file=sys.stderr)
         return 2

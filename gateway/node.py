@@ -6,6 +6,9 @@ A node that dies whole leaves its calls open in the outbox: the next start on th
 closes them (`call.failed`, reason `node_lost`, see gateway/events/recovery.py) before it takes
 a call. One node per storage dir: the supervisor holds an exclusive lock on `node.lock`, and its
 workers inherit that lock, so a restarted node also waits for a dead supervisor's last workers.
+With `[workers] start = "fork"` the workers are forked by the fork server (gateway/forkserver.py),
+which inherits the lock from the supervisor and hands it on to each worker the same way; while
+the fork server is down (it is restarted) workers are spawned as with `start = "spawn"`.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from gateway.events.recovery import (
     read_heartbeat,
     write_heartbeat,
 )
+from gateway.forkserver import ForkedProcess, ForkServer, ForkServerUnavailable
 from gateway.kamailio import KamailioConfig, KamailioFront, front_limits
 from gateway.metrics import NodeMetrics
 from gateway.plan import NodePlan, WorkerPlace, plan_node
@@ -60,12 +64,13 @@ log = logging.getLogger(__name__)
 LOCK_NAME = "node.lock"
 # A dead supervisor's workers end their calls (up to ~15 s) before the lock is free.
 LOCK_WAIT_S = 30.0
+SPAWN_WAVE = 2 * (os.cpu_count() or 1)  # spawned workers importing at once
 
 
 @dataclass
 class WorkerHandle:
     place: WorkerPlace  # where it listens and how many calls it takes (gateway/plan.py)
-    proc: asyncio.subprocess.Process | None = None
+    proc: asyncio.subprocess.Process | ForkedProcess | None = None
     channel: Channel[msgs.FromWorker] | None = None
     requester: Requester | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
@@ -89,7 +94,9 @@ class WorkerHandle:
 
 
 class Node:
-    def __init__(self, settings: Settings, config_path: Path | None) -> None:
+    def __init__(
+        self, settings: Settings, config_path: Path | None, forkserver: ForkServer | None = None
+    ) -> None:
         self.settings = settings
         set_default_region(settings.routing.default_region)  # API numbers, `dial` in documents
         self.config_path = config_path
@@ -119,6 +126,13 @@ class Node:
         self.http: ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._lock_fd: int | None = None
+        # Launched already (gateway/cli.py does, before importing this module) or by start().
+        self.forkserver = forkserver
+        # Spawned workers start a few at a time: 150 interpreters importing at once on 2 cores
+        # all finish late together (none was ready after 255 s, bench/node_start.py) and starve
+        # the machine. Forked ones all at once: the fork server forks one at a time anyway,
+        # and waves of 8 measured slower to the last worker ready.
+        self._spawning = asyncio.Semaphore(SPAWN_WAVE)
         self._run_started = time.time()
         self.recovered = Counter(
             "sautikit_calls_recovered_total",
@@ -139,6 +153,22 @@ class Node:
     @property
     def ready(self) -> bool:
         return self.started and not self.stopping
+
+    def unready_reason(self) -> str | None:
+        """Why /readyz answers 503 now; None: the node takes calls. Every worker must be up
+        before the node is first ready; after that one worker restarting does not take the
+        node out of its load balancer (its share goes to the others), none being up does."""
+        if self.stopping:
+            return "stopping"
+        if not self.started:
+            return "not_started"
+        if self.draining:
+            return "draining"
+        if self.front is not None and not self.front.running:
+            return "front_down"
+        if not any(w.ready.is_set() and w.channel is not None for w in self.workers):
+            return "no_workers"
+        return None
 
     def metrics_text(self) -> str:
         return self.metrics.render()
@@ -186,6 +216,15 @@ class Node:
         for sub in ("recordings", "cache"):
             (self.storage / sub).mkdir(parents=True, exist_ok=True)
         await self._lock_storage()
+        if self.settings.workers.start == "fork":
+            if self.forkserver is None:  # first: its imports overlap the rest of the start
+                self.forkserver = ForkServer(self.config_path)
+            assert self._lock_fd is not None
+            self.forkserver.set_lock(self._lock_fd)  # before any fork: workers inherit it
+            self._tasks.append(asyncio.create_task(self.forkserver.run(), name="forkserver"))
+        elif self.forkserver is not None:
+            await self.forkserver.stop()
+            self.forkserver = None
         # Every outbox read and write of this process goes through its writer thread.
         self.outbox = await AsyncOutbox.open(self.storage / "outbox.sqlite3")
         # Before any worker runs: every open call in the outbox was left by a dead node.
@@ -226,8 +265,10 @@ class Node:
         self.workers = await asyncio.to_thread(self._plan_workers)
         for w in self.workers:
             self._tasks.append(asyncio.create_task(self._keep_worker(w), name=f"w{w.index}"))
-        # Many workers start at once on few cores: allow for their imports.
-        ready_timeout = 30 + 0.5 * len(self.workers)
+        # Many workers start at once on few cores: allow for their imports (spawned: ~1 s of
+        # CPU each, and a crowd of them all finish late together; forked: ~40 ms each).
+        per = 0.5 if self.forkserver is not None else 1.5
+        ready_timeout = 30 + per * len(self.workers)
         await asyncio.wait_for(
             asyncio.gather(*(w.ready.wait() for w in self.workers)), ready_timeout
         )
@@ -290,6 +331,8 @@ class Node:
         for p in procs:
             if p.returncode is None:
                 p.kill()
+        if self.forkserver is not None:
+            await self.forkserver.stop()  # it holds the storage lock too
         if self.deliverer is not None:
             await self.deliverer.stop()
         for t in self._tasks:
@@ -381,6 +424,42 @@ class Node:
 
     async def _run_worker(self, w: WorkerHandle) -> int | None:
         parent, child = socket.socketpair()
+        w.ready.clear()
+        try:
+            w.proc, spawning = await self._launch(w, child)
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()
+        w.channel = await open_channel(parent, msgs.FROM_WORKER)
+        w.requester = Requester(w.channel)
+        try:
+            while (msg := await w.channel.recv()) is not None:
+                self._on_message(w, msg)
+                if spawning and w.ready.is_set():
+                    spawning = False
+                    self._spawning.release()
+        finally:
+            if spawning:
+                self._spawning.release()
+            w.channel.close()
+            w.channel = None
+            w.requester.close()  # requests waiting on it fail now (404 / next worker)
+            w.requester = None
+        return await w.proc.wait()
+
+    async def _launch(
+        self, w: WorkerHandle, child: socket.socket
+    ) -> tuple[asyncio.subprocess.Process | ForkedProcess, bool]:
+        """Start worker `w` on its end of the socketpair: forked by the fork server, or (spawn
+        mode, or the fork server down) a new interpreter, holding one of the `_spawning`
+        slots until it is ready (the bool: the caller releases it)."""
+        if self.forkserver is not None:
+            try:
+                return await self.forkserver.fork(w.index, w.max_calls, child), False
+            except ForkServerUnavailable as e:
+                log.warning("worker %d: %s; spawning it instead", w.index, e)
         args = [
             sys.executable,
             "-m",
@@ -394,27 +473,20 @@ class Node:
         ]
         if self.config_path is not None:
             args += ["--config", str(self.config_path)]
-        w.ready.clear()
         # The worker inherits the storage lock: it stays held until the last worker exits.
         keep = (child.fileno(),) if self._lock_fd is None else (child.fileno(), self._lock_fd)
-        w.proc = await asyncio.create_subprocess_exec(
-            *args,
-            pass_fds=keep,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,  # pjsua2 prints its start-up lines there
-        )
-        child.close()
-        w.channel = await open_channel(parent, msgs.FROM_WORKER)
-        w.requester = Requester(w.channel)
+        await self._spawning.acquire()
         try:
-            while (msg := await w.channel.recv()) is not None:
-                self._on_message(w, msg)
-        finally:
-            w.channel.close()
-            w.channel = None
-            w.requester.close()  # requests waiting on it fail now (404 / next worker)
-            w.requester = None
-        return await w.proc.wait()
+            proc = await asyncio.create_subprocess_exec(
+                *args,
+                pass_fds=keep,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,  # pjsua2 prints its start-up lines there
+            )
+        except BaseException:
+            self._spawning.release()
+            raise
+        return proc, True
 
     def _on_message(self, w: WorkerHandle, msg: msgs.FromWorker) -> None:
         if isinstance(msg, msgs.Reply):
@@ -459,10 +531,11 @@ class Node:
             self.directory.worker_ready(w.index, msg.max_calls)
             w.ready.set()
             log.info(
-                "worker %d ready (pid %s, %d calls)",
+                "worker %d ready (pid %s, %d calls, %s)",
                 w.index,
                 w.proc.pid if w.proc else "?",
                 w.max_calls,
+                "forked" if isinstance(w.proc, ForkedProcess) else "spawned",
             )
 
     async def _worker_lost(self, w: WorkerHandle) -> None:
@@ -549,9 +622,12 @@ def _answered_at(body: bytes) -> float | None:
 
 
 async def run_node(
-    settings: Settings, config_path: Path | None, started: asyncio.Event | None = None
+    settings: Settings,
+    config_path: Path | None,
+    started: asyncio.Event | None = None,
+    forkserver: ForkServer | None = None,
 ) -> None:
-    node = Node(settings, config_path)
+    node = Node(settings, config_path, forkserver)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

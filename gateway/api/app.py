@@ -22,7 +22,6 @@ from aiohttp.typedefs import Middleware
 from config.settings import Settings, parse_hostport
 from gateway.api.admin import NODE_KEY, NodeControl, setup_admin
 from gateway.api.calls import CONTROL_KEY, LINKS_KEY, setup_calls
-from gateway.api.demo import setup_demo
 from gateway.api.errors import API_KEY_INVALID, ApiError, Handler, error_middleware
 from gateway.calls.control import CallControl
 from gateway.calls.links import LinkSigner, signer_for
@@ -82,15 +81,15 @@ async def _healthz(request: web.Request) -> web.Response:
 
 
 async def _readyz(request: web.Request) -> web.Response:
-    """200 while the node takes calls; 503 while it starts, drains or stops (load balancers and
-    harnesses wait on this before sending calls)."""
+    """200 while the node takes calls; 503 with the reason while it starts (until every worker
+    and the SIP front are up), drains or stops, and when its front or all its workers are down.
+    Load balancers and harnesses read the status code before sending calls."""
     node = request.app.get(NODE_KEY)
     if node is None:
         return web.json_response({"ready": True})
-    if not node.ready:
-        return web.json_response({"ready": False, "reason": "not_started"}, status=503)
-    if node.draining:
-        return web.json_response({"ready": False, "reason": "draining"}, status=503)
+    reason = node.unready_reason()
+    if reason is not None:
+        return web.json_response({"ready": False, "reason": reason}, status=503)
     return web.json_response({"ready": True})
 
 
@@ -162,5 +161,7 @@ def make_app(
     if node is not None:
         setup_admin(app, node)
     if settings.demo.enabled:
+        from gateway.api.demo import setup_demo  # numpy: only where the demo runs
+
         setup_demo(app, base_url=settings.api.base_url, clock_rate=settings.media.clock_rate)
     return app

@@ -3,7 +3,9 @@
 Started by the supervisor (`gateway.node`) with a socketpair for coordination; events go through
 the shared SQLite outbox, so a worker that dies loses no event it has written.
 usage: python -m gateway.workers.worker --index N --ipc-fd FD --max-calls N [--config FILE]
-(its ports come from the node's plan, gateway/plan.py, as the supervisor's do)
+(its ports come from the node's plan, gateway/plan.py, as the supervisor's do). With
+`[workers] start = "fork"` (the default) the supervisor has the fork server
+(gateway/forkserver.py) fork it instead, and `run_forked` is its entry.
 """
 
 from __future__ import annotations
@@ -402,16 +404,30 @@ async def amain(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", type=Path)
     ap.add_argument("--max-calls", type=int, required=True)
     args = ap.parse_args(argv)
-    settings = load_settings(args.config)
-    setup_logging(settings.log.level, settings.log.json_format, f"worker{args.index}")
-    sock = socket.socket(fileno=args.ipc_fd)
+    return await serve(load_settings(args.config), args.index, args.ipc_fd, args.max_calls)
+
+
+async def serve(settings: Settings, index: int, ipc_fd: int, max_calls: int) -> int:
+    """Run worker `index` on the IPC socket `ipc_fd` until told to stop (or the supervisor is
+    gone). Spawned (`main`) or forked from the fork server (`run_forked`)."""
+    setup_logging(settings.log.level, settings.log.json_format, f"worker{index}")
+    sock = socket.socket(fileno=ipc_fd)
     channel = await open_channel(sock, p.TO_WORKER)
-    plan = plan_node(settings, max_calls=args.max_calls)
-    worker = Worker(settings, plan, args.index, channel)
+    plan = plan_node(settings, max_calls=max_calls)
+    worker = Worker(settings, plan, index, channel)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stopping.set)
     await worker.run()
+    return 0
+
+
+def run_forked(settings: Settings, index: int, ipc_fd: int, max_calls: int) -> int:
+    """The worker's life in a child of the fork server (gateway/forkserver.py): everything
+    that starts threads or an event loop (asyncio, pjsua2's libCreate) happens here, after
+    the fork. Returns the exit code."""
+    with contextlib.suppress(KeyboardInterrupt):
+        return asyncio.run(serve(settings, index, ipc_fd, max_calls))
     return 0
 
 

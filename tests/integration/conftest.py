@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -117,6 +118,24 @@ class Gateway:
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
+
+
+def worker_pids(gw: Gateway) -> dict[int, int]:
+    """worker index -> pid of the node's running workers: the supervisor's descendants whose
+    command line is a worker's (spawned by the supervisor, or forked by its fork server, which
+    retitles each child `... gateway.workers.worker --index N ...`)."""
+    import re
+
+    import psutil
+
+    pids: dict[int, int] = {}
+    with contextlib.suppress(psutil.Error):
+        for p in psutil.Process(gw.proc.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                m = re.search(r"gateway\.workers\.worker --index (\d+) ", " ".join(p.cmdline()))
+                if m:
+                    pids[int(m.group(1))] = p.pid
+    return pids
 
 
 def write_config(

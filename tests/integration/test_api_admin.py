@@ -58,6 +58,9 @@ class FakeNode(StaticCalls):
     def draining(self) -> bool:
         return self._draining
 
+    def unready_reason(self) -> str | None:
+        return "draining" if self._draining else None
+
     async def drain(self) -> None:
         self.drain_calls += 1
         self._draining = True

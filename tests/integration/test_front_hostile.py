@@ -11,13 +11,13 @@ import re
 import secrets
 import signal
 import socket
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from gateway.demo import free_port, free_port_block
+from tests.integration import conftest
 from tests.integration.conftest import NUMBER, final_events, sipp
 from tests.integration.sipraw import invite, tcp_request, udp_peer
 
@@ -81,15 +81,7 @@ def cmdline(pid: int) -> str:
 
 def worker_pids(gw: Any) -> dict[int, int]:
     """worker index -> pid."""
-    out = subprocess.run(
-        ["pgrep", "-P", str(gw.proc.pid), "-f", "gateway.workers"], capture_output=True, text=True
-    ).stdout
-    pids = {}
-    for p in out.split():
-        m = re.search(r"--index (\d+) ", cmdline(int(p)))
-        if m:
-            pids[int(m.group(1))] = int(p)
-    return pids
+    return conftest.worker_pids(gw)
 
 
 def worker_ports(gw: Any) -> list[int]:

@@ -284,7 +284,8 @@ async def test_worker_killed_mid_call_fails_its_call_and_restarts(phone, voice_a
                                                                   gateway_factory, tmp_path):
     import os
     import signal
-    import subprocess
+
+    from tests.integration.conftest import worker_pids
 
     rec, events_url = receiver
     voice_app.script = lambda req, form: {"actions": [{"pause": {"length": 30}}]}
@@ -292,8 +293,7 @@ async def test_worker_killed_mid_call_fails_its_call_and_restarts(phone, voice_a
                          events_url=events_url)
     call = phone.make_call(gw.uri)
     await asyncio.wait_for(call.answer(), 10)
-    pgrep = ["pgrep", "-P", str(gw.proc.pid), "-f", "gateway.workers"]
-    worker_pid = int(subprocess.run(pgrep, capture_output=True, text=True).stdout.split()[0])  # noqa: ASYNC221
+    worker_pid = worker_pids(gw)[0]
     os.kill(worker_pid, signal.SIGKILL)
     assert await rec.wait_for(lambda evs: final_events(evs), 10), gw.log_text()
     data = final_events(rec.events)[0].body["data"]

@@ -6,13 +6,13 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 from pathlib import Path
 
 import aiohttp
 import pytest
 
 from gateway.demo import free_port_block
+from tests.integration import conftest
 from tests.integration.conftest import final_events, sipp
 
 pytestmark = pytest.mark.integration
@@ -41,9 +41,7 @@ def cmdline(pid: int) -> str:
 
 
 def worker_pids(gw) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(gw.proc.pid), "-f", "gateway.workers"],
-                         capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
+    return list(conftest.worker_pids(gw).values())
 
 
 async def test_pool_holds_more_calls_than_one_worker(voice_app, receiver, gateway_factory):

@@ -4,6 +4,8 @@ are up (a harness that trusted `accepting_calls` sent INVITEs into a node still 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -76,3 +78,29 @@ async def test_not_ready_until_workers_and_front_are_up(tmp_path: Path, voice_ap
             proc.wait(20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+async def test_not_ready_while_the_front_is_down(voice_app, gateway_factory) -> None:
+    base = free_port_block(2)
+    gw = gateway_factory(
+        voice_url=f"{voice_app.base_url}/voice", app_secret=voice_app.secret, events_url=None,
+        workers=f"count = 2\ncalls_per_worker = 4\nreserved_slots = 0\nsip_port_start = {base}",
+        kamailio='mode = "managed"\nping_interval_s = 1')
+    api = f"http://127.0.0.1:{gw.api_port}"
+    kamailio = int((gw.storage / "kamailio" / "kamailio.pid").read_text())
+    seen: list[tuple[int, dict]] = []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
+        async with http.get(f"{api}/readyz") as r:
+            assert r.status == 200
+        os.killpg(kamailio, signal.SIGKILL)  # the SIP front and its children
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            async with http.get(f"{api}/readyz") as r:
+                seen.append((r.status, await r.json()))
+            if seen[-1][0] == 200 and len(seen) > 1 and any(s == 503 for s, _ in seen):
+                break
+            await asyncio.sleep(0.02)
+        async with http.get(f"{api}/healthz") as r:
+            assert r.status == 200, "liveness is not readiness"
+    assert (503, {"ready": False, "reason": "front_down"}) in seen, seen[:5]
+    assert seen[-1][0] == 200, f"ready again once the front is back: {seen[-3:]}"

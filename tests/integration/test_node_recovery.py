@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 import time
 from datetime import datetime
 from pathlib import Path
@@ -24,6 +23,7 @@ import pytest
 
 from gateway.demo import free_port_block
 from gateway.events.outbox import Outbox
+from tests.integration import conftest
 from tests.integration.conftest import (
     CALLER,
     NUMBER,
@@ -72,9 +72,7 @@ async def until_answered(gw: Gateway, n: int, timeout: float = 15) -> list[dict[
 
 
 def worker_pids(gw: Gateway) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(gw.proc.pid), "-f", "gateway.workers"],
-                         capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
+    return list(conftest.worker_pids(gw).values())
 
 
 def kamailio_pid(gw: Gateway) -> int | None:
