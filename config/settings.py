@@ -268,7 +268,7 @@ class WorkersSettings(_Section):
     count: int = Field(default=0, ge=0, le=512)  # 0: enough workers for min_calls
     min_calls: int = Field(default=32, ge=1, le=100000)
     calls_per_worker: int = Field(default=0, ge=0)  # 0: probe what pjsua2 allows
-    reserved_slots: int = Field(default=1, ge=0, le=8)  # per worker, kept for a dial leg
+    reserved_slots: int = Field(default=0, ge=0, le=8)  # per worker, kept from inbound calls
     host: NonEmptyStr = "127.0.0.1"
     sip_port_start: Port = 25100
 
