@@ -269,6 +269,9 @@ class WorkersSettings(_Section):
     min_calls: int = Field(default=32, ge=1, le=100000)
     calls_per_worker: int = Field(default=0, ge=0)  # 0: probe what pjsua2 allows
     reserved_slots: int = Field(default=0, ge=0, le=8)  # per worker, kept from inbound calls
+    # A worker whose event loop runs this late refuses new calls (503) and the front skips it
+    # until it is back under 100 ms (or 40 % of this); 0: never (slots alone admit).
+    lag_limit_ms: int = Field(default=250, ge=0, le=10000)
     host: NonEmptyStr = "127.0.0.1"
     sip_port_start: Port = 25100
 

@@ -50,8 +50,8 @@ from media.tts.espeak import EspeakTts
 log = logging.getLogger(__name__)
 
 LAG_TICK_S = 0.1
-LAG_LIMIT_S = 0.25  # a loop this late refuses new calls...
-LAG_CLEAR_S = 0.1  # ...until it is back under this
+# A loop later than [workers] lag_limit_ms (250) refuses new calls until it is back under this.
+LAG_CLEAR_S = 0.1
 
 
 def uri_user(uri: str) -> str:
@@ -217,17 +217,21 @@ class Worker:
 
     async def _watch_lag(self) -> None:
         """Tell the admission gate when this loop falls behind: new INVITEs then get 503 from
-        the pump thread (the front tries another worker) instead of queueing behind the lag."""
+        the pump thread instead of queueing behind the lag, and the supervisor has the front
+        offer this worker no call until it is back under LAG_CLEAR_S."""
         gate = self.endpoint.admission
+        limit = self.settings.workers.lag_limit_ms / 1000
+        clear = min(LAG_CLEAR_S, limit * 0.4)
         while True:
             t0 = self.loop.time()
             await asyncio.sleep(LAG_TICK_S)
             lag = self.loop.time() - t0 - LAG_TICK_S
-            overloaded = lag > (LAG_CLEAR_S if gate.overloaded else LAG_LIMIT_S)
+            overloaded = limit > 0 and lag > (clear if gate.overloaded else limit)
             if overloaded != gate.overloaded:
                 log.warning("event loop lag %.0f ms: %s new calls", lag * 1000,
                             "refusing" if overloaded else "accepting")
                 gate.overloaded = overloaded
+                self.channel.send(p.Health(lagging=overloaded, lag_ms=round(lag * 1000, 1)))
 
     # -- calls ------------------------------------------------------------------------------
     def _spawn(self, coro: Any) -> None:
