@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from gateway.kamailio import RPC_NAME, rpc_call
-from tests.integration.conftest import sipp
+from tests.integration.conftest import final_events, sipp
 from tests.integration.sipraw import invite, udp_peer
 from tests.integration.test_node_pool import (
     CARRIER,
@@ -83,6 +83,23 @@ async def test_two_workers_hold_eight_and_the_front_refuses_the_ninth(
     _, ok, failed, out = await run
     assert (ok, failed) == (8, 0), out
     assert len(voice_app.requests) == 8
+
+
+async def test_half_again_the_capacity_is_refused_at_the_invite(
+        voice_app, receiver, gateway_factory):
+    """Offered 1.5x what its slots hold, the node answers what it holds and the front refuses
+    the rest with 503 + Retry-After before any worker sees them: no answered call fails."""
+    rec, events_url = receiver
+    voice_app.script = hold(2)
+    gw = pool_gateway(gateway_factory, voice_app, events_url, workers=2)
+    _, ok, failed, out = await sipp(CARRIER, gw.sip_port, calls=24, limit=12, rate=50,
+                                    timeout=30)
+    assert ok >= 8 and ok + failed == 24, out
+    c = await counters(gw)
+    assert (c["workers_full"], c["failovers"]) == (failed, 0), (c, out)
+    assert await rec.wait_for(lambda evs: len(final_events(evs)) == ok, 10)
+    assert {e.kind for e in final_events(rec.events)} == {"call.completed"}
+    assert len(voice_app.requests) == ok
 
 
 async def test_calls_ending_and_starting_at_full_load_need_no_failover(
