@@ -450,6 +450,19 @@ async def rpc_call(socket_path: Path, method: str, *params: Any, timeout: float 
     return doc.get("result")
 
 
+async def lagging_workers(socket_path: Path) -> set[str]:
+    """The worker URIs a running front skips because their event loop lags: those the node
+    reported (htable `lagging`) and those whose own 503 said so (`refused`, expiring)."""
+    out: set[str] = set()
+    for table in ("lagging", "refused"):
+        result = await rpc_call(socket_path, "htable.dump", table)
+        for slot in result if isinstance(result, list) else [result]:
+            for item in (slot or {}).get("slot") or [] if isinstance(slot, dict) else []:
+                if isinstance(item, dict) and item.get("name"):
+                    out.add(str(item["name"]))
+    return out
+
+
 def parse_dispatcher_list(result: Any) -> list[dict[str, Any]]:
     """`dispatcher.list` result -> [{group, uri, flags, state, probing, priority}, ...]."""
     out: list[dict[str, Any]] = []
@@ -868,14 +881,7 @@ class KamailioFront:
 
     async def lagging(self) -> set[str]:
         """Workers the front skips because their loop lags (set by the node or by their 503)."""
-        out: set[str] = set()
-        for table in ("lagging", "refused"):
-            result = await self.rpc("htable.dump", table)
-            for slot in result if isinstance(result, list) else [result]:
-                for item in (slot or {}).get("slot") or []:
-                    if isinstance(item, dict) and item.get("name"):
-                        out.add(str(item["name"]))
-        return out
+        return await lagging_workers(self._cfg.rpc_socket)
 
     async def reload(self, destinations: list[str] | None = None) -> None:
         """Rewrite the list (with new `destinations` if given) and `dispatcher.reload`.

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from gateway.kamailio import RPC_NAME, rpc_call
+from gateway.kamailio import RPC_NAME, lagging_workers, rpc_call
 from tests.integration.conftest import final_events, sipp
 from tests.integration.sipraw import invite, udp_peer
 from tests.integration.test_node_pool import (
@@ -39,12 +39,7 @@ async def counters(gw: Any) -> dict[str, int]:
 
 
 async def lagging(gw: Any) -> set[str]:
-    out: set[str] = set()
-    for table in ("lagging", "refused"):
-        result = await rpc_call(rpc_sock(gw), "htable.dump", table)
-        for slot in result if isinstance(result, list) else [result]:
-            out |= {str(i["name"]) for i in (slot or {}).get("slot") or [] if isinstance(i, dict)}
-    return out
+    return await lagging_workers(rpc_sock(gw))
 
 
 async def until(check: Any, timeout: float) -> bool:
