@@ -351,6 +351,7 @@ def render(cfg: KamailioConfig) -> tuple[str, str]:
         "ALGORITHM": str(cfg.algorithm),
         "RETRY_AFTER": str(cfg.retry_after_s),
         "LAG_HOLD": str(cfg.lag_hold_s),
+        "CLOSING_INIT": "\n".join(f"\t$sht(closing=>{d}) = 0;" for d in dests) or "\t$var(c) = 0;",
     }
     text = template_text()
     for key, value in values.items():

@@ -111,6 +111,24 @@ async def test_calls_ending_and_starting_at_full_load_need_no_failover(
     assert (c["workers_full"], c["failovers"]) == (0, 0), c
 
 
+async def test_a_worker_waiting_for_its_bye_answer_is_not_offered_its_slot(
+        voice_app, receiver, gateway_factory):
+    """The dialog leaves the front's count as the worker's BYE passes; the worker holds the
+    slot until the carrier answers it. The front counts a BYE until its answer, so the INVITEs
+    that keep coming at a full node are refused by the front, none by a worker."""
+    rec, events_url = receiver
+    voice_app.script = hold(1)
+    gw = pool_gateway(gateway_factory, voice_app, events_url, workers=2)
+    slow_bye = Path(__file__).parent / "sipp" / "node_carrier_slow_bye.xml"
+    _, ok, failed, out = await sipp(slow_bye, gw.sip_port, calls=40, limit=9, rate=10,
+                                    timeout=30)
+    assert ok >= 8 and ok + failed == 40, out
+    c = await counters(gw)
+    assert (c["workers_full"], c["failovers"]) == (failed, 0), (c, out)
+    assert await rec.wait_for(lambda evs: len(final_events(evs)) == ok, 10)
+    assert {e.kind for e in final_events(rec.events)} == {"call.completed"}
+
+
 @contextlib.asynccontextmanager
 async def starved(pid: int) -> Any:
     """The process gets 50 ms of every 550: a machine too busy for it. Its event loop lags;
