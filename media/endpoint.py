@@ -134,9 +134,15 @@ class _RefuseAccount(pj.Account):  # type: ignore[misc]
                 h.hValue = value
                 op.txOption.headers.append(h)
         try:
-            call.hangup(op)
+            # answer(), not hangup(): inside onIncomingCall no response has been sent yet, and
+            # pjsua then defers a hangup and drops its headers (seen: the 503 went out without
+            # Retry-After). A final answer keeps them.
+            call.answer(op)
         except pj.Error:
-            pass
+            try:
+                call.hangup(op)
+            except pj.Error:
+                pass
         self._endpoint._bury(call)
 
 

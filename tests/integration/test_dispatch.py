@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from gateway.kamailio import RPC_NAME, lagging_workers, rpc_call
@@ -95,6 +96,26 @@ async def test_half_again_the_capacity_is_refused_at_the_invite(
     assert await rec.wait_for(lambda evs: len(final_events(evs)) == ok, 10)
     assert {e.kind for e in final_events(rec.events)} == {"call.completed"}
     assert len(voice_app.requests) == ok
+
+
+async def test_a_refusing_worker_says_why_and_when_to_retry(
+        voice_app, receiver, gateway_factory):
+    """A worker's own 503 (decided before any media, in pjsua's thread) carries Retry-After and
+    the reason a front acts on; pjsua dropped both when the refusal was a hangup()."""
+    _, events_url = receiver
+    gw = gateway_factory(voice_url=f"{voice_app.base_url}/voice", app_secret=voice_app.secret,
+                         events_url=events_url)  # one worker on sip.listen, no front
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"http://127.0.0.1:{gw.api_port}/admin/drain",
+                             headers={"Authorization": "Bearer test-token"}) as r:
+            assert r.status == 202
+    with udp_peer() as carrier:
+        call_id, data = invite(gw.sip_port, carrier.port)
+        carrier.send(data, gw.sip_port)
+        reply = await carrier.final(3, "INVITE", call_id)
+    assert reply is not None and reply.startswith("SIP/2.0 503"), reply
+    assert "Retry-After: 5" in reply and "X-Sautikit-Refused: draining" in reply, reply
+    assert voice_app.requests == []
 
 
 async def test_calls_ending_and_starting_at_full_load_need_no_failover(
