@@ -124,6 +124,9 @@ class KamailioConfig:
     max_message_bytes: int = 8192
     # More Via headers than this: 483 Too Many Hops.
     max_vias: int = 20
+    # A worker that answers 503 "overloaded" (its event loop lags) is offered no call for this
+    # many seconds, or until the node reports it recovered (`set_lagging`).
+    lag_hold_s: int = 2
 
     @property
     def cfg_path(self) -> Path:
@@ -274,6 +277,7 @@ def _validate(cfg: KamailioConfig) -> list[str]:
         "out_fr_timer_ms",
         "retry_after_s",
         "probing_threshold",
+        "lag_hold_s",
     ):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be >= 1")
@@ -346,6 +350,8 @@ def render(cfg: KamailioConfig) -> tuple[str, str]:
         "GROUP": str(cfg.group),
         "ALGORITHM": str(cfg.algorithm),
         "RETRY_AFTER": str(cfg.retry_after_s),
+        "LAG_HOLD": str(cfg.lag_hold_s),
+        "CLOSING_INIT": "\n".join(f"\t$sht(closing=>{d}) = 0;" for d in dests) or "\t$var(c) = 0;",
     }
     text = template_text()
     for key, value in values.items():
@@ -443,6 +449,19 @@ async def rpc_call(socket_path: Path, method: str, *params: Any, timeout: float 
         err = doc["error"]
         raise KamailioError(f"RPC {method}{list(params)}: {err.get('code')} {err.get('message')}")
     return doc.get("result")
+
+
+async def lagging_workers(socket_path: Path) -> set[str]:
+    """The worker URIs a running front skips because their event loop lags: those the node
+    reported (htable `lagging`) and those whose own 503 said so (`refused`, expiring)."""
+    out: set[str] = set()
+    for table in ("lagging", "refused"):
+        result = await rpc_call(socket_path, "htable.dump", table)
+        for slot in result if isinstance(result, list) else [result]:
+            for item in (slot or {}).get("slot") or [] if isinstance(slot, dict) else []:
+                if isinstance(item, dict) and item.get("name"):
+                    out.add(str(item["name"]))
+    return out
 
 
 def parse_dispatcher_list(result: Any) -> list[dict[str, Any]]:
@@ -590,6 +609,10 @@ class KamailioFront:
         self._stopping = False
         self._quiet = False  # Kamailio's shutdown chatter is not an error
         self._lock = asyncio.Lock()  # start/stop/reload, one at a time
+        # Workers whose loop lags, as reported (`report_lagging`) and as told to Kamailio.
+        self._lag_want: dict[str, bool] = {}
+        self._lag_have: dict[str, bool] = {}
+        self._lag_task: asyncio.Task[None] | None = None
 
     # -- state --------------------------------------------------------------------------
     @property
@@ -652,6 +675,8 @@ class KamailioFront:
         except BaseException:
             await self._terminate()
             raise
+        self._lag_have.clear()  # a new Kamailio knows of no lagging worker
+        self._kick_lagging()
         log.info(
             "kamailio ready (pid %d) on %s:%d, %d destination(s)",
             proc.pid,
@@ -813,6 +838,51 @@ class KamailioFront:
             if self.running:
                 state = "ap" if active else "d"
                 await self.rpc("dispatcher.set_state", state, self._cfg.group, uri)
+
+    async def set_lagging(self, uri: str, lagging: bool) -> None:
+        """A worker's event loop lags (it refuses new calls) or recovered: the front offers it
+        no new call meanwhile. Kept in Kamailio's memory only (a restarted front starts with
+        none; a lagging worker's 503 marks it again)."""
+        uri = normalize_destination(uri)
+        if not self.running:
+            return
+        if lagging:
+            await self.rpc("htable.seti", "lagging", uri, 1)
+        else:
+            await self.rpc("htable.delete", "lagging", uri)
+
+    def report_lagging(self, uri: str, lagging: bool) -> None:
+        """`set_lagging` from sync code (the supervisor's message handler): the latest report
+        per worker is applied, in order, by one task; a front not running gets it on start."""
+        self._lag_want[normalize_destination(uri)] = lagging
+        self._kick_lagging()
+
+    def _kick_lagging(self) -> None:
+        if self._lag_task is None or self._lag_task.done():
+            self._lag_task = asyncio.get_running_loop().create_task(
+                self._apply_lagging(), name="front-lagging"
+            )
+
+    async def _apply_lagging(self) -> None:
+        while self.running:
+            todo = [(u, on) for u, on in self._lag_want.items()
+                    if self._lag_have.get(u, False) != on]
+            if not todo:
+                return
+            for uri, on in todo:
+                try:
+                    await self.set_lagging(uri, on)
+                except KamailioError as e:
+                    if "not found" not in str(e).lower():  # deleting what is not there is fine
+                        log.warning("front: could not mark %s %s: %s", uri,
+                                    "lagging" if on else "recovered", e)
+                        await asyncio.sleep(0.5)
+                        continue
+                self._lag_have[uri] = on
+
+    async def lagging(self) -> set[str]:
+        """Workers the front skips because their loop lags (set by the node or by their 503)."""
+        return await lagging_workers(self._cfg.rpc_socket)
 
     async def reload(self, destinations: list[str] | None = None) -> None:
         """Rewrite the list (with new `destinations` if given) and `dispatcher.reload`.

@@ -523,12 +523,17 @@ class Node:
                 self.switchboard.trunk_done(msg.trunk, msg.status, msg.answered_at is not None)
             if self.deliverer is not None:
                 self.deliverer.notify()
+        elif isinstance(msg, msgs.Health):
+            if self.front is not None:  # no new calls for it at the front while it lags
+                self.front.report_lagging(w.uri, msg.lagging)
         elif isinstance(msg, msgs.Metric | msgs.Final):
             self.metrics.observe(msg.model_dump(exclude_none=True))
         elif isinstance(msg, msgs.Ready):
             if self.draining and w.channel is not None:
                 w.channel.send(msgs.Drain(on=True))  # a worker restarted during a drain
             self.directory.worker_ready(w.index, msg.max_calls)
+            if self.front is not None:  # a restarted worker does not lag (yet)
+                self.front.report_lagging(w.uri, False)
             w.ready.set()
             log.info(
                 "worker %d ready (pid %s, %d calls, %s)",

@@ -126,14 +126,23 @@ class _RefuseAccount(pj.Account):  # type: ignore[misc]
         op = pj.CallOpParam()
         op.statusCode = self._endpoint._refuse_code  # set by _select_account, same thread
         if op.statusCode == 503:
-            h = pj.SipHeader()
-            h.hName = "Retry-After"
-            h.hValue = "5"
-            op.txOption.headers.append(h)
+            # Why (full, overloaded, draining, sockets): a front skips an overloaded worker.
+            for name, value in (("Retry-After", "5"),
+                                ("X-Sautikit-Refused", self._endpoint._refuse_reason)):
+                h = pj.SipHeader()
+                h.hName = name
+                h.hValue = value
+                op.txOption.headers.append(h)
         try:
-            call.hangup(op)
+            # answer(), not hangup(): inside onIncomingCall no response has been sent yet, and
+            # pjsua then defers a hangup and drops its headers (seen: the 503 went out without
+            # Retry-After). A final answer keeps them.
+            call.answer(op)
         except pj.Error:
-            pass
+            try:
+                call.hangup(op)
+            except pj.Error:
+                pass
         self._endpoint._bury(call)
 
 
@@ -161,6 +170,7 @@ class SipEndpoint:
         self._trunk_accounts: dict[str, _Account] = {}  # trunks with credentials
         self._proxy = cfg.outbound_proxy
         self._refuse_code = 503
+        self._refuse_reason = ""
         # Who may send this endpoint an INVITE ("host:port" -> bool); pump thread, so it must be
         # pure and quick. Refused sources get 403 before pjsua opens a socket for them.
         self.source_filter: Callable[[str], bool] | None = None
@@ -302,6 +312,7 @@ class SipEndpoint:
         else:
             reason = self.admission.decide()
             self._refuse_code = 503
+        self._refuse_reason = reason or ""
         if reason is None and self._account is not None:
             self._pending_media = True
             prm.accountIndex = self._account.getId()

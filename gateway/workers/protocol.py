@@ -108,6 +108,14 @@ class Metric(_Msg):
     reason: str | None = None
 
 
+class Health(_Msg):
+    """The worker's event loop started or stopped lagging (it refuses new calls meanwhile)."""
+
+    t: Literal["health"] = "health"
+    lagging: bool
+    lag_ms: float = 0.0
+
+
 class Final(_Msg):
     """A call's final status, for the node's metrics."""
 
@@ -126,11 +134,11 @@ class Reply(_Msg):
 
 ToWorker = Annotated[Stop | Drain | Request, Field(discriminator="t")]
 FromWorker = Annotated[
-    Ready | CallState | CallEnded | CallEvent | Recording | Metric | Final | Reply,
+    Ready | CallState | CallEnded | CallEvent | Recording | Metric | Health | Final | Reply,
     Field(discriminator="t"),
 ]
 Message = Stop | Drain | Request | Ready | CallState | CallEnded | CallEvent | Recording | Metric \
-    | Final | Reply
+    | Health | Final | Reply
 
 TO_WORKER: TypeAdapter[ToWorker] = TypeAdapter(ToWorker)
 FROM_WORKER: TypeAdapter[FromWorker] = TypeAdapter(FromWorker)

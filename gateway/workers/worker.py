@@ -51,8 +51,10 @@ from media.tts.espeak import EspeakTts
 log = logging.getLogger(__name__)
 
 LAG_TICK_S = 0.1
-LAG_LIMIT_S = 0.25  # a loop this late refuses new calls...
-LAG_CLEAR_S = 0.1  # ...until it is back under this
+# A loop later than [workers] lag_limit_ms (250) refuses new calls until it is back under this
+# for LAG_CALM_TICKS ticks in a row (0.5 s): a loop that lags in bursts does not flap.
+LAG_CLEAR_S = 0.1
+LAG_CALM_TICKS = 5
 
 
 def uri_user(uri: str) -> str:
@@ -221,17 +223,27 @@ class Worker:
 
     async def _watch_lag(self) -> None:
         """Tell the admission gate when this loop falls behind: new INVITEs then get 503 from
-        the pump thread (the front tries another worker) instead of queueing behind the lag."""
+        the pump thread instead of queueing behind the lag, and the supervisor has the front
+        offer this worker no call until it has been back under LAG_CLEAR_S for 0.5 s."""
         gate = self.endpoint.admission
+        limit = self.settings.workers.lag_limit_ms / 1000
+        clear = min(LAG_CLEAR_S, limit * 0.4)
+        calm = 0
         while True:
             t0 = self.loop.time()
             await asyncio.sleep(LAG_TICK_S)
             lag = self.loop.time() - t0 - LAG_TICK_S
-            overloaded = lag > (LAG_CLEAR_S if gate.overloaded else LAG_LIMIT_S)
+            if not gate.overloaded:
+                overloaded = limit > 0 and lag > limit
+            else:
+                calm = calm + 1 if lag <= clear else 0
+                overloaded = limit > 0 and calm < LAG_CALM_TICKS
             if overloaded != gate.overloaded:
+                calm = 0
                 log.warning("event loop lag %.0f ms: %s new calls", lag * 1000,
                             "refusing" if overloaded else "accepting")
                 gate.overloaded = overloaded
+                self.channel.send(p.Health(lagging=overloaded, lag_ms=round(lag * 1000, 1)))
 
     # -- calls ------------------------------------------------------------------------------
     def _spawn(self, coro: Any) -> None:

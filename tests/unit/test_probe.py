@@ -26,8 +26,8 @@ def test_probe_counts_calls_pjsua2_accepts_and_caches_it(tmp_path: Path) -> None
 
 def test_worker_plan_follows_the_probed_limit(tmp_path: Path) -> None:
     s = load_settings(None, environ={})
-    assert s.worker_plan(4) == (11, 3)  # 32 calls with one slot per worker kept for dial
-    assert s.worker_plan(32) == (2, 31)  # a build with a larger PJSUA_MAX_CALLS: fewer workers
+    assert s.worker_plan(4) == (8, 4)  # 32 calls, every slot taking calls
+    assert s.worker_plan(32) == (1, 32)  # a build with a larger PJSUA_MAX_CALLS: fewer workers
     s2 = load_settings(None, environ={"SAUTIKIT_WORKERS__COUNT": "3",
-                                      "SAUTIKIT_WORKERS__RESERVED_SLOTS": "0"})
-    assert s2.worker_plan(4) == (3, 4) and s2.front_mode() == "managed"
+                                      "SAUTIKIT_WORKERS__RESERVED_SLOTS": "1"})
+    assert s2.worker_plan(4) == (3, 3) and s2.front_mode() == "managed"

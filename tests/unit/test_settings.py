@@ -50,9 +50,9 @@ def test_model_defaults() -> None:
         0,
         25100,
     )
-    assert (s.workers.min_calls, s.workers.reserved_slots) == (32, 1)
+    assert (s.workers.min_calls, s.workers.reserved_slots) == (32, 0)
     # No worker settings: enough workers for 32 calls behind a managed Kamailio front.
-    assert s.worker_plan(4) == (11, 3) and s.front_mode() == "managed"
+    assert s.worker_plan(4) == (8, 4) and s.front_mode() == "managed"
     assert s.kamailio.mode == "auto" and s.kamailio.remote_workers == []
     assert (s.tts.engine, s.tts.default_language, s.tts.cache_dir) == ("espeak-ng", "en-KE", None)
     assert s.demo.enabled is False
