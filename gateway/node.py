@@ -166,6 +166,8 @@ class Node:
             return "draining"
         if self.front is not None and not self.front.running:
             return "front_down"
+        if self.outbox is not None and self.outbox.committer.dead:
+            return "outbox_down"  # nothing could be stored or delivered
         if not any(w.ready.is_set() and w.channel is not None for w in self.workers):
             return "no_workers"
         return None

@@ -163,6 +163,7 @@ class Committer:
         self.opened: concurrent.futures.Future[None] = concurrent.futures.Future()
         self.done: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._closed = False
+        self.died: BaseException | None = None  # why the thread ended before `close`
         self.commits = 0  # transactions committed (for benchmarks and tests)
         self.jobs = 0  # jobs run in them
         self._thread = threading.Thread(target=self._run, name=f"committer:{name}", daemon=True)
@@ -171,6 +172,11 @@ class Committer:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def dead(self) -> bool:
+        """The thread ended without being closed: nothing queued will ever be written."""
+        return self.died is not None
 
     # -- callers ---------------------------------------------------------------------------
 
@@ -218,6 +224,8 @@ class Committer:
         await asyncio.wrap_future(self.close())
 
     def _refused(self) -> BaseException | None:
+        if self.died is not None:
+            return RuntimeError(f"{self.name}: writer thread died ({self.died!r})")
         if self._closed:
             return RuntimeError(f"{self.name} is closed")
         if self.done.done():  # the thread is gone (it could not open the file)
@@ -240,50 +248,57 @@ class Committer:
             self._fail_all(exc)
             return
         self.opened.set_result(None)
-        every = self._idle[0] if self._idle else None
-        next_idle = None if every is None else time.monotonic() + every
         try:
-            while True:
-                try:
-                    wait = None if next_idle is None else max(0.0, next_idle - time.monotonic())
-                    first = self._queue.get(timeout=wait)
-                except queue.Empty:
-                    assert self._idle is not None and every is not None
-                    next_idle = time.monotonic() + every
-                    self._batch(db, [_Item(self._idle[1], "idle job")])
-                    continue
-                batch: list[_Item] = []
-                stop = first is _STOP
-                turn = False
-                if not stop:
-                    batch.append(cast(_Item, first))
-                    if not cast(_Item, first).read:
-                        # waiting for our turn lets more work queue: it joins this batch
-                        turn = self._take_turn()
-                while not stop and len(batch) < self._max_batch:
-                    try:
-                        item = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is _STOP:
-                        stop = True
-                    else:
-                        batch.append(cast(_Item, item))
-                if batch:
-                    if not turn and not all(item.read for item in batch):
-                        turn = self._take_turn()
-                    try:
-                        self._batch(db, batch)
-                    finally:
-                        if turn:
-                            self._end_turn()
-                if stop:
-                    break
+            self._loop(db)
+        except BaseException as exc:  # a bug here: make it loud, and fail every waiter
+            self.died = exc
+            log.error("%s: writer thread died; queued writes fail", self.name, exc_info=exc)
         finally:
             db.close()
             if self._turn_fd is not None:
                 os.close(self._turn_fd)
             self.done.set_result(None)
+            self._fail_all(self.died or RuntimeError(f"{self.name} is closed"))
+
+    def _loop(self, db: sqlite3.Connection) -> None:
+        every = self._idle[0] if self._idle else None
+        next_idle = None if every is None else time.monotonic() + every
+        while True:
+            try:
+                wait = None if next_idle is None else max(0.0, next_idle - time.monotonic())
+                first = self._queue.get(timeout=wait)
+            except queue.Empty:
+                assert self._idle is not None and every is not None
+                next_idle = time.monotonic() + every
+                self._batch(db, [_Item(self._idle[1], "idle job")])
+                continue
+            batch: list[_Item] = []
+            stop = first is _STOP
+            turn = False
+            if not stop:
+                batch.append(cast(_Item, first))
+                if not cast(_Item, first).read:
+                    # waiting for our turn lets more work queue: it joins this batch
+                    turn = self._take_turn()
+            while not stop and len(batch) < self._max_batch:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stop = True
+                else:
+                    batch.append(cast(_Item, item))
+            if batch:
+                if not turn and not all(item.read for item in batch):
+                    turn = self._take_turn()
+                try:
+                    self._batch(db, batch)
+                finally:
+                    if turn:
+                        self._end_turn()
+            if stop:
+                break
 
     def _take_turn(self) -> bool:
         if self._turn_fd is None:
@@ -296,6 +311,19 @@ class Committer:
         fcntl.flock(self._turn_fd, fcntl.LOCK_UN)
 
     def _batch(self, db: sqlite3.Connection, items: list[_Item]) -> None:
+        """Run `items`; whatever goes wrong fails this batch's futures, never the thread."""
+        try:
+            self._attempt(db, items)
+        except Exception as exc:
+            log.error("%s: a batch of %d job(s) failed: %r", self.name, len(items), exc)
+            try:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+            except sqlite3.Error as again:
+                log.error("%s: rollback failed: %s", self.name, again)
+            self._hand_back([(item, False, exc) for item in items])
+
+    def _attempt(self, db: sqlite3.Connection, items: list[_Item]) -> None:
         deadline = time.monotonic() + self._lock_wait_s
         isolate = False
         while True:
@@ -303,7 +331,9 @@ class Committer:
                 results = self._transaction(db, items, isolate=isolate)
                 break
             except _JobFailed as failed:  # only on the fast path: again, each job on its own
-                db.execute("ROLLBACK")
+                # SQLITE_FULL, IOERR, NOMEM... have rolled the transaction back already
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
                 if len(items) == 1:
                     results = [(items[0], False, failed.exc)]
                     break
@@ -392,5 +422,8 @@ class Committer:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 return
-            if isinstance(item, _Item) and item.future is not None:
-                self._hand_back([(item, False, exc)])
+            if isinstance(item, _Item):
+                if item.future is None:
+                    log.error("%s: %s dropped: %s", self.name, item.what, exc)
+                else:
+                    self._hand_back([(item, False, exc)])

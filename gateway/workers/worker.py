@@ -80,6 +80,7 @@ def public_host(address: str | None) -> str:
 _SHUTDOWN_MESSAGES = {
     "supervisor_lost": "the node's supervisor process exited; the worker ended its calls",
     "node_shutdown": "the node was stopped while the call was in progress",
+    "outbox_down": "the worker could no longer write events; it ended its calls",
 }
 
 
@@ -184,11 +185,23 @@ class Worker:
         )
         commands = asyncio.create_task(self._commands())
         lag = asyncio.create_task(self._watch_lag())
+        writer = asyncio.wrap_future(self.outbox.committer.done)
+        writer.add_done_callback(lambda _: self._outbox_gone())
         await self.stopping.wait()
         self.endpoint.admission.accepting = False
         commands.cancel()
         lag.cancel()
         await self._shutdown()
+
+    def _outbox_gone(self) -> None:
+        """The writer thread ended while we run: no event can be stored, so admit nothing and
+        exit; the supervisor restarts this worker and writes its calls' finals."""
+        if not self.outbox.committer.dead or self.stopping.is_set():
+            return
+        log.error("outbox writer died; worker %d stops", self.index)
+        self.endpoint.admission.accepting = False
+        self.shutdown_reason = "outbox_down"
+        self.stopping.set()
 
     async def _commands(self) -> None:
         while (msg := await self.channel.recv()) is not None:
@@ -419,7 +432,7 @@ async def serve(settings: Settings, index: int, ipc_fd: int, max_calls: int) -> 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stopping.set)
     await worker.run()
-    return 0
+    return 1 if worker.shutdown_reason == "outbox_down" else 0
 
 
 def run_forked(settings: Settings, index: int, ipc_fd: int, max_calls: int) -> int:

@@ -166,3 +166,27 @@ async def test_processes_opening_a_new_file_at_once_all_open_it(tmp_path: Path) 
             await asyncio.wrap_future(ob.committer.opened)
         for ob in obs:
             await ob.aclose()
+
+
+async def test_a_full_disk_fails_that_write_and_the_writer_keeps_going(tmp_path: Path) -> None:
+    """SQLITE_FULL rolls the transaction back itself: the thread must not die on ROLLBACK."""
+    ob = await AsyncOutbox.open(tmp_path / "outbox.sqlite3")
+    fix = ob.committer.submit(
+        lambda db: db.execute(
+            "PRAGMA max_page_count = "
+            + str(db.execute("PRAGMA page_count").fetchone()[0] + 2)
+        ).fetchone()
+    )
+    await asyncio.wait_for(fix, 5)
+    big = make_event("call.started", "ws", {"call_id": "big", "pad": "x" * 200_000})
+    with pytest.raises(sqlite3.Error):
+        await asyncio.wait_for(
+            ob.append(big, url=URL, secret="s", policy="customer", call_id="big"), 5
+        )
+    small = make_event("call.started", "ws", {"call_id": "small"})
+    assert await asyncio.wait_for(
+        ob.append(small, url=URL, secret="s", policy="customer", call_id="small"), 5
+    )
+    assert (await asyncio.wait_for(ob.counts(), 5))["pending"] == 1
+    assert not ob.committer.dead
+    await ob.aclose()
