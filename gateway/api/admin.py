@@ -41,7 +41,8 @@ class NodeControl(Protocol):
 
     def unready_reason(self) -> str | None:
         """Why the node cannot take calls now ("not_started", "draining", "stopping",
-        "front_down", "outbox_down", "no_workers"); None when it can. /readyz answers 503 with it."""
+        "front_down", "outbox_down", "no_workers"); None when it can. /readyz answers 503
+        with it."""
 
     async def drain(self) -> None:
         """Stop taking new calls (calls in progress go on). Idempotent."""
