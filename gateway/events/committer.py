@@ -35,6 +35,9 @@ Job = Callable[[sqlite3.Connection], Any]
 
 MAX_BATCH = 500  # jobs per transaction: bounds how long one commit holds results back
 LOCK_WAIT_S = 60.0  # a billing event is worth waiting for another process's write lock
+# how long a batch waits for its turn before it goes ahead on SQLite's own busy handler: a
+# process stopped while holding the turn (SIGSTOP, a debugger) must not stall every writer
+TURN_WAIT_S = 2.0
 
 
 def create_private(path: Path) -> None:
@@ -108,7 +111,36 @@ class _Item:
     # one of: an asyncio future and its loop, a concurrent future, or neither (fire-and-forget)
     future: asyncio.Future[Any] | concurrent.futures.Future[Any] | None = None
     loop: asyncio.AbstractEventLoop | None = None
-    read: bool = False  # only reads: a batch of reads alone takes no write lock
+    read: bool = False  # only reads: run in their own transaction, which takes no write lock
+
+
+class _Turn:
+    """One flock request in the kernel's queue, made by a helper thread so that the writer
+    can stop waiting for it (`flock` has no timeout). The writer goes on waiting on the same
+    request at its next batch (its place in the queue is kept); a request granted once
+    nobody waits for it is handed back at once."""
+
+    def __init__(self, fd: int) -> None:
+        # its own descriptor of the same open file (so the same flock): valid even if the
+        # writer closes its own before this request is granted
+        self.fd = os.dup(fd)
+        self.lock = threading.Lock()
+        self.granted = threading.Event()
+        self.wanted = True
+        self.finished = False  # granted and handed back unused: make a new request
+        threading.Thread(target=self._wait, name="committer-turn", daemon=True).start()
+
+    def _wait(self) -> None:
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX)  # sleeps in the kernel's queue, GIL released
+            with self.lock:
+                if self.wanted:
+                    self.granted.set()
+                    return
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
+                self.finished = True
+        finally:
+            os.close(self.fd)  # the writer's descriptor still holds a granted lock
 
 
 _STOP = object()
@@ -151,10 +183,13 @@ class Committer:
         lock_wait_s: float = LOCK_WAIT_S,
         idle: tuple[float, Job] | None = None,
         turns: Path | None = None,
+        turn_wait_s: float = TURN_WAIT_S,
     ) -> None:
         self.name = name
         self._turns = turns
         self._turn_fd: int | None = None
+        self._turn: _Turn | None = None
+        self._turn_wait_s = turn_wait_s
         self._connect = connect
         self._max_batch = max_batch
         self._lock_wait_s = lock_wait_s
@@ -255,6 +290,9 @@ class Committer:
             log.error("%s: writer thread died; queued writes fail", self.name, exc_info=exc)
         finally:
             db.close()
+            if self._turn is not None:
+                with self._turn.lock:
+                    self._turn.wanted = False
             if self._turn_fd is not None:
                 os.close(self._turn_fd)
             self.done.set_result(None)
@@ -289,22 +327,50 @@ class Committer:
                     stop = True
                 else:
                     batch.append(cast(_Item, item))
-            if batch:
-                if not turn and not all(item.read for item in batch):
+            # writes in their turn and one transaction; then reads in their own, deferred one,
+            # outside the turn (a long scan never holds every process's writers back); a read
+            # still sees every write queued before it
+            writes = [item for item in batch if not item.read]
+            reads = [item for item in batch if item.read]
+            if writes:
+                if not turn:
                     turn = self._take_turn()
                 try:
-                    self._batch(db, batch)
+                    self._batch(db, writes)
                 finally:
                     if turn:
                         self._end_turn()
+            elif turn:
+                self._end_turn()
+            if reads:
+                self._batch(db, reads)
             if stop:
                 break
 
     def _take_turn(self) -> bool:
+        """Wait (up to `turn_wait_s`) for this process's turn; False: go without it."""
         if self._turn_fd is None:
             return False
-        fcntl.flock(self._turn_fd, fcntl.LOCK_EX)  # sleeps in the kernel's queue, GIL released
-        return True
+        turn = self._turn
+        if turn is not None:
+            with turn.lock:
+                if turn.finished:
+                    turn = None
+                else:
+                    turn.wanted = True
+        if turn is None:
+            turn = self._turn = _Turn(self._turn_fd)
+        if turn.granted.wait(self._turn_wait_s):
+            self._turn = None
+            return True
+        with turn.lock:
+            if turn.granted.is_set():  # just now
+                self._turn = None
+                return True
+            turn.wanted = False  # still queued: granted later, it is handed back at once
+        log.warning("%s: no turn after %.1fs (a process holding it is stuck?); writing on"
+                    " SQLite's locking alone", self.name, self._turn_wait_s)
+        return False
 
     def _end_turn(self) -> None:
         assert self._turn_fd is not None
