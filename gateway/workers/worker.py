@@ -267,6 +267,23 @@ class Worker:
         self._spawn(self._handle(call, invite))
 
     def writer(self, identity: CallIdentity, dest: Destination | None) -> CallEventWriter:
+        w = self._writer(identity, dest)
+        w.on_final_lost = lambda: self._final_lost(identity.call_id)
+        return w
+
+    def _final_lost(self, call_id: str) -> None:
+        """A call's final cannot be stored: keep the call (no CallEnded) and exit, so that
+        the supervisor, seeing this worker gone, writes the call's final (`worker_lost`)."""
+        live = self.calls.get(call_id)
+        if live is not None:
+            live.final_lost = True
+        if not self.stopping.is_set():
+            log.error("call %s: final not stored; worker %d stops", call_id, self.index)
+            self.endpoint.admission.accepting = False
+            self.shutdown_reason = "outbox_down"
+            self.stopping.set()
+
+    def _writer(self, identity: CallIdentity, dest: Destination | None) -> CallEventWriter:
         return CallEventWriter(
             self.outbox,
             dest,
@@ -301,8 +318,8 @@ class Worker:
     def untrack(self, live: LiveCall, outcome: Outcome | None, ended_at: float) -> None:
         """The call is over: out of reach of commands, and its slot (and trunk) free at the
         supervisor. Sent once, as soon as its final event is written."""
-        if live.untracked:
-            return
+        if live.untracked or live.final_lost:
+            return  # final_lost: the supervisor writes its final once this worker exits
         live.untracked = True
         self.calls.pop(live.call_id, None)
         self.channel.send(
