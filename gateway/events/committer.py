@@ -198,6 +198,9 @@ class Committer:
         self.opened: concurrent.futures.Future[None] = concurrent.futures.Future()
         self.done: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._closed = False
+        # check-and-put is atomic: nothing is queued behind _STOP, nor after the thread ended
+        # (re-entrant: a `done` callback may submit, and is refused)
+        self._gate = threading.RLock()
         self.died: BaseException | None = None  # why the thread ended before `close`
         self.commits = 0  # transactions committed (for benchmarks and tests)
         self.jobs = 0  # jobs run in them
@@ -222,11 +225,9 @@ class Committer:
         `read`: `fn` only reads (it may then share a transaction that takes no write lock)."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
-        err = self._refused()
+        err = self._put(_Item(fn, what, fut, loop, read))
         if err is not None:
             fut.set_exception(err)
-        else:
-            self._queue.put(_Item(fn, what, fut, loop, read))
         return fut
 
     def submit_threadsafe(
@@ -234,26 +235,32 @@ class Committer:
     ) -> concurrent.futures.Future[T]:
         """`submit` for any thread, loop or not (`.result()` blocks: never on a loop)."""
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
-        err = self._refused()
+        err = self._put(_Item(fn, what, fut))
         if err is not None:
             fut.set_exception(err)
-        else:
-            self._queue.put(_Item(fn, what, fut))
         return fut
 
     def note(self, fn: Job, what: str) -> None:
         """Fire-and-forget from any thread; a failure is logged."""
-        if self._closed:
-            log.warning("%s closed; dropped %s", self.name, what)
-            return
-        self._queue.put(_Item(fn, what))
+        err = self._put(_Item(fn, what))
+        if err is not None:
+            log.warning("%s; dropped %s", err, what)
 
     def close(self) -> concurrent.futures.Future[None]:
         """Commit what is queued, then close the connection. Idempotent; `done` when closed."""
-        if not self._closed:
-            self._closed = True
-            self._queue.put(_STOP)
+        with self._gate:
+            if not self._closed:
+                self._closed = True
+                self._queue.put(_STOP)
         return self.done
+
+    def _put(self, item: _Item) -> BaseException | None:
+        """Queue `item`, or why not (closed, or the thread is gone)."""
+        with self._gate:
+            err = self._refused()
+            if err is None:
+                self._queue.put(item)
+            return err
 
     async def aclose(self) -> None:
         await asyncio.wrap_future(self.close())
@@ -279,7 +286,8 @@ class Committer:
         except BaseException as exc:
             log.error("%s cannot be opened: %s", self.name, exc)
             self.opened.set_exception(exc)
-            self.done.set_result(None)
+            with self._gate:
+                self.done.set_result(None)
             self._fail_all(exc)
             return
         self.opened.set_result(None)
@@ -295,7 +303,8 @@ class Committer:
                     self._turn.wanted = False
             if self._turn_fd is not None:
                 os.close(self._turn_fd)
-            self.done.set_result(None)
+            with self._gate:  # from here every put is refused: what is queued is all there is
+                self.done.set_result(None)
             self._fail_all(self.died or RuntimeError(f"{self.name} is closed"))
 
     def _loop(self, db: sqlite3.Connection) -> None:

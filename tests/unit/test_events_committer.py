@@ -260,3 +260,34 @@ async def test_prune_deletes_in_bounded_transactions(tmp_path: Path) -> None:
     assert await asyncio.wait_for(ob.prune_delivered(time.time() + 1, chunk=2), 5) == 4
     assert ob.committer.commits - before >= 2
     await ob.aclose()
+
+
+async def test_a_note_racing_close_is_run_or_reported_never_lost(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A note() from another thread that passed the closed check just as close() queued the
+    stop: it must run (or be logged as dropped), not vanish."""
+    from gateway.events import committer as committer_mod
+
+    c = _committer(tmp_path / "t.sqlite3")
+    await asyncio.wrap_future(c.opened)
+    real = c._queue
+
+    class SlowPut:  # the noting thread is preempted between its check and its put
+        def put(self, item: object) -> None:
+            if item is not committer_mod._STOP:
+                time.sleep(0.2)
+            real.put(item)
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+    c._queue = SlowPut()  # type: ignore[assignment]
+    ran = threading.Event()
+    noter = threading.Thread(target=lambda: c.note(lambda db: ran.set(), "late note"))
+    noter.start()
+    await asyncio.sleep(0.05)  # the noter is inside note(), past the check
+    await asyncio.wait_for(asyncio.wrap_future(c.close()), 5)
+    noter.join(5)
+    await asyncio.sleep(0.05)
+    assert ran.is_set() or "late note" in caplog.text
