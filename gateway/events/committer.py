@@ -4,13 +4,17 @@ The thread owns the store's one connection. It takes every job waiting at that m
 `max_batch`) and runs them in ONE transaction, so a burst of writes from many calls costs one
 fsync (`synchronous=FULL` stays: a result is handed back only once the COMMIT, and its fsync,
 is done). A job that raises fails alone: the batch is rolled back and run again with each job
-in its own savepoint (so a job may run twice; only its committed run counts). Reads go through
-the same thread, so a read sees every write queued before it.
+in its own savepoint (so a job may run twice; only its committed run counts). A batch's writes
+go first, then its reads, in their own deferred transaction that holds no write lock (nor the
+turn): a read sees every write queued before it. Whatever goes wrong with a batch fails that
+batch's futures and the thread goes on; if the thread itself ends, what is queued fails
+(`dead`) and nothing more is taken.
 
 Nothing here blocks an event loop: `submit` (on a loop) returns an asyncio future that the
 thread resolves with `loop.call_soon_threadsafe`, once per loop per batch. When another
 process holds the write lock past `busy_timeout`, the thread waits and tries the batch again
-(up to `lock_wait_s`); the loop never does.
+(up to `lock_wait_s`); the loop never does. A process that keeps the turn (stopped, say) holds
+the others back `turn_wait_s` at most: then they write on SQLite's own locking.
 """
 
 from __future__ import annotations
