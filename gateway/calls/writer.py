@@ -152,8 +152,8 @@ class CallEventWriter:
         for wait in (*self.final_retry_s, None):
             if fut.cancelled() or fut.exception() is None:
                 return True  # stored (or refused: the call had its final already)
-            if wait is None:
-                break
+            if wait is None or self.outbox.committer.dead:
+                break  # out of tries, or no writer left to try with
             await asyncio.sleep(wait)
             log.warning("call %s: storing its final %s again", self.call_id, kind)
             fut = self.emit(kind, data, final=True)
