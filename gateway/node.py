@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import socket
+import sqlite3
 import sys
 import time
 from dataclasses import dataclass, field
@@ -64,6 +65,7 @@ log = logging.getLogger(__name__)
 LOCK_NAME = "node.lock"
 # A dead supervisor's workers end their calls (up to ~15 s) before the lock is free.
 LOCK_WAIT_S = 30.0
+METRICS_WAIT_S = 1.0  # a scrape waits this long for fresh outbox counts, else shows the last
 SPAWN_WAVE = 2 * (os.cpu_count() or 1)  # spawned workers importing at once
 
 
@@ -166,6 +168,8 @@ class Node:
             return "draining"
         if self.front is not None and not self.front.running:
             return "front_down"
+        if self.outbox is not None and self.outbox.committer.dead:
+            return "outbox_down"  # nothing could be stored or delivered
         if not any(w.ready.is_set() and w.channel is not None for w in self.workers):
             return "no_workers"
         return None
@@ -174,13 +178,23 @@ class Node:
         return self.metrics.render()
 
     def _outbox_counts(self) -> dict[str, int] | None:
-        """For /metrics, which renders synchronously: the counts of the last look, and a new
-        look started on the writer thread for the next scrape (never SQLite on the loop)."""
-        if self.outbox is not None and (self._counting is None or self._counting.done()):
-            with contextlib.suppress(RuntimeError):  # closed, or no loop running
-                self._counting = fut = self.outbox.counts()
-                fut.add_done_callback(self._counted)
+        """For the synchronous render: the counts `refresh_metrics` last got."""
         return self._counts
+
+    async def refresh_metrics(self) -> None:
+        """Before /metrics renders: the outbox counted now, on the writer thread (never SQLite
+        on the loop); waited for at most METRICS_WAIT_S, else the last counts stand (a scrape
+        that times out leaves its look running for the next one)."""
+        if self.outbox is None:
+            return
+        if self._counting is None or self._counting.done():
+            try:
+                self._counting = fut = self.outbox.counts()
+            except RuntimeError:  # closed
+                return
+            fut.add_done_callback(self._counted)
+        with contextlib.suppress(TimeoutError, RuntimeError, sqlite3.Error):
+            await asyncio.wait_for(asyncio.shield(self._counting), METRICS_WAIT_S)
 
     def _counted(self, fut: asyncio.Future[dict[str, int]]) -> None:
         if not fut.cancelled() and fut.exception() is None:

@@ -131,8 +131,8 @@ class CallSession:
         outcome = self.write_final(end)
         # Over only once its final event is on disk: until then the worker keeps the call (a
         # crash now still gets it a final, from the supervisor, and only one).
-        await self.writer.settled()
-        if self.on_final is not None:
+        stored = await self.writer.settled()
+        if self.on_final is not None and stored:  # else: kept, on_final_lost was called
             self.on_final(outcome, end)
         # The interpreter may still have work after a hangup (a recording to hand over).
         await asyncio.wait({driver}, timeout=30)

@@ -93,9 +93,15 @@ class Record(Verb):
         except asyncio.CancelledError:
             _discard(ctx.recordings_dir, recording_id)
             raise
-        url = await ctx.events.recording_ready(
-            recording_id, result.path, result.duration_s, self.format
+        # The file is kept from here: telling the gateway (hash, store the event, `ready` to
+        # the API) finishes even if a redirect stops this verb meanwhile; only waiting for
+        # it is cancelled (else the recording stays in_progress, its event half told).
+        report = asyncio.ensure_future(
+            ctx.events.recording_ready(recording_id, result.path, result.duration_s, self.format)
         )
+        _reporting.add(report)
+        report.add_done_callback(_reported)
+        url = await asyncio.shield(report)
         extra = {
             "RecordingUrl": url,
             "RecordingDuration": str(round(result.duration_s)),
@@ -112,6 +118,15 @@ class Record(Verb):
                 state.note(err.code, err.message)
             return end("caller")
         return reply_step(await ctx.app.fetch(target, self.method, extra))
+
+
+_reporting: set[asyncio.Future[str]] = set()  # reports whose verb may be gone: kept alive
+
+
+def _reported(report: asyncio.Future[str]) -> None:
+    _reporting.discard(report)
+    if not report.cancelled() and (exc := report.exception()) is not None:
+        log.error("recording could not be reported: %s", exc)
 
 
 def _discard(recordings_dir: Path, recording_id: str) -> None:

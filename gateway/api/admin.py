@@ -30,6 +30,9 @@ class NodeControl(Protocol):
     def metrics_text(self) -> str:
         """The Prometheus text exposition (format 0.0.4) of the node's metrics."""
 
+    async def refresh_metrics(self) -> None:
+        """Bring what `metrics_text` renders up to date (bounded in time); before each scrape."""
+
     @property
     def ready(self) -> bool:
         """True once the node can take calls: outbox recovery done, every worker ready, the SIP
@@ -41,7 +44,8 @@ class NodeControl(Protocol):
 
     def unready_reason(self) -> str | None:
         """Why the node cannot take calls now ("not_started", "draining", "stopping",
-        "front_down", "no_workers"); None when it can. /readyz answers 503 with it."""
+        "front_down", "outbox_down", "no_workers"); None when it can. /readyz answers 503
+        with it."""
 
     async def drain(self) -> None:
         """Stop taking new calls (calls in progress go on). Idempotent."""
@@ -77,7 +81,9 @@ def _parse_wait(request: web.Request) -> float | None:
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    text = _node(request).metrics_text()
+    node = _node(request)
+    await node.refresh_metrics()
+    text = node.metrics_text()
     return web.Response(body=text.encode(), headers={"Content-Type": CONTENT_TYPE})
 
 

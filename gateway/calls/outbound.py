@@ -202,8 +202,9 @@ class OutboundRunner:
         )
         ended_at = end.ended_at if end else time.time()
         self.writer.final(outcome, answered_at=None, ended_at=ended_at)
-        await self.writer.settled()  # over (untracked) only once its final is on disk
-        self.worker.final(self.live, outcome, ended_at)
+        # over (untracked) only once its final is on disk; if it cannot be, never
+        if await self.writer.settled():
+            self.worker.final(self.live, outcome, ended_at)
         return outcome, ended_at
 
     async def _tell_app(self, outcome: Outcome) -> None:

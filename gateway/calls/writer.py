@@ -88,6 +88,11 @@ class CallEventWriter:
         self._recording_link = recording_link
         self.final_written = False
         self._last: asyncio.Future[bool] | None = None  # the FIFO's newest: settled when it is
+        self._final: tuple[asyncio.Future[bool], str, dict[str, Any]] | None = None
+        self.final_retry_s: tuple[float, ...] = (0.5, 2.0, 5.0)  # waits before each retry
+        # the final could not be stored even after retries: the worker must not let the call
+        # go (the supervisor writes its final once this worker is gone)
+        self.on_final_lost: Callable[[], None] | None = None
 
     @property
     def call_id(self) -> str:
@@ -134,11 +139,31 @@ class CallEventWriter:
                           data=event.data, occurred_at=event.occurred_at, stored=stored)
             )
 
-    async def settled(self) -> None:
-        """Every event emitted so far is committed (or failed: logged in `_committed`)."""
+    async def settled(self) -> bool:
+        """Every event emitted so far is committed (or failed: logged in `_committed`).
+        False when the final failed to store, again on each of `final_retry_s`: then
+        `on_final_lost` has been called and the call must not be let go."""
         last = self._last
         if last is not None:
             await asyncio.wait([last])
+        if self._final is None:
+            return True
+        fut, kind, data = self._final
+        for wait in (*self.final_retry_s, None):
+            if fut.cancelled() or fut.exception() is None:
+                return True  # stored (or refused: the call had its final already)
+            if wait is None or self.outbox.committer.dead:
+                break  # out of tries, or no writer left to try with
+            await asyncio.sleep(wait)
+            log.warning("call %s: storing its final %s again", self.call_id, kind)
+            fut = self.emit(kind, data, final=True)
+            self._final = fut, kind, data
+            await asyncio.wait([fut])
+        log.error("call %s: its final %s could not be stored; the call stays open",
+                  self.call_id, kind)
+        if self.on_final_lost is not None:
+            self.on_final_lost()
+        return False
 
     # -- the call's life ---------------------------------------------------------------------
     def started(self) -> None:
@@ -157,8 +182,10 @@ class CallEventWriter:
             refused.set_result(False)
             return refused
         self.final_written = True
-        return self.emit(outcome.final_kind, final_data(self.base, outcome, answered_at, ended_at),
-                         final=True)
+        data = final_data(self.base, outcome, answered_at, ended_at)
+        fut = self.emit(outcome.final_kind, data, final=True)
+        self._final = fut, outcome.final_kind, data
+        return fut
 
     def recording_state(self, recording_id: str, state: str) -> None:
         """A recording is being written (the API answers 202 until it is ready) or was lost."""

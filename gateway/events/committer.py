@@ -4,13 +4,17 @@ The thread owns the store's one connection. It takes every job waiting at that m
 `max_batch`) and runs them in ONE transaction, so a burst of writes from many calls costs one
 fsync (`synchronous=FULL` stays: a result is handed back only once the COMMIT, and its fsync,
 is done). A job that raises fails alone: the batch is rolled back and run again with each job
-in its own savepoint (so a job may run twice; only its committed run counts). Reads go through
-the same thread, so a read sees every write queued before it.
+in its own savepoint (so a job may run twice; only its committed run counts). A batch's writes
+go first, then its reads, in their own deferred transaction that holds no write lock (nor the
+turn): a read sees every write queued before it. Whatever goes wrong with a batch fails that
+batch's futures and the thread goes on; if the thread itself ends, what is queued fails
+(`dead`) and nothing more is taken.
 
 Nothing here blocks an event loop: `submit` (on a loop) returns an asyncio future that the
 thread resolves with `loop.call_soon_threadsafe`, once per loop per batch. When another
 process holds the write lock past `busy_timeout`, the thread waits and tries the batch again
-(up to `lock_wait_s`); the loop never does.
+(up to `lock_wait_s`); the loop never does. A process that keeps the turn (stopped, say) holds
+the others back `turn_wait_s` at most: then they write on SQLite's own locking.
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ Job = Callable[[sqlite3.Connection], Any]
 
 MAX_BATCH = 500  # jobs per transaction: bounds how long one commit holds results back
 LOCK_WAIT_S = 60.0  # a billing event is worth waiting for another process's write lock
+# how long a batch waits for its turn before it goes ahead on SQLite's own busy handler: a
+# process stopped while holding the turn (SIGSTOP, a debugger) must not stall every writer
+TURN_WAIT_S = 2.0
 
 
 def create_private(path: Path) -> None:
@@ -108,7 +115,36 @@ class _Item:
     # one of: an asyncio future and its loop, a concurrent future, or neither (fire-and-forget)
     future: asyncio.Future[Any] | concurrent.futures.Future[Any] | None = None
     loop: asyncio.AbstractEventLoop | None = None
-    read: bool = False  # only reads: a batch of reads alone takes no write lock
+    read: bool = False  # only reads: run in their own transaction, which takes no write lock
+
+
+class _Turn:
+    """One flock request in the kernel's queue, made by a helper thread so that the writer
+    can stop waiting for it (`flock` has no timeout). The writer goes on waiting on the same
+    request at its next batch (its place in the queue is kept); a request granted once
+    nobody waits for it is handed back at once."""
+
+    def __init__(self, fd: int) -> None:
+        # its own descriptor of the same open file (so the same flock): valid even if the
+        # writer closes its own before this request is granted
+        self.fd = os.dup(fd)
+        self.lock = threading.Lock()
+        self.granted = threading.Event()
+        self.wanted = True
+        self.finished = False  # granted and handed back unused: make a new request
+        threading.Thread(target=self._wait, name="committer-turn", daemon=True).start()
+
+    def _wait(self) -> None:
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX)  # sleeps in the kernel's queue, GIL released
+            with self.lock:
+                if self.wanted:
+                    self.granted.set()
+                    return
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
+                self.finished = True
+        finally:
+            os.close(self.fd)  # the writer's descriptor still holds a granted lock
 
 
 _STOP = object()
@@ -151,10 +187,13 @@ class Committer:
         lock_wait_s: float = LOCK_WAIT_S,
         idle: tuple[float, Job] | None = None,
         turns: Path | None = None,
+        turn_wait_s: float = TURN_WAIT_S,
     ) -> None:
         self.name = name
         self._turns = turns
         self._turn_fd: int | None = None
+        self._turn: _Turn | None = None
+        self._turn_wait_s = turn_wait_s
         self._connect = connect
         self._max_batch = max_batch
         self._lock_wait_s = lock_wait_s
@@ -163,6 +202,10 @@ class Committer:
         self.opened: concurrent.futures.Future[None] = concurrent.futures.Future()
         self.done: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._closed = False
+        # check-and-put is atomic: nothing is queued behind _STOP, nor after the thread ended
+        # (re-entrant: a `done` callback may submit, and is refused)
+        self._gate = threading.RLock()
+        self.died: BaseException | None = None  # why the thread ended before `close`
         self.commits = 0  # transactions committed (for benchmarks and tests)
         self.jobs = 0  # jobs run in them
         self._thread = threading.Thread(target=self._run, name=f"committer:{name}", daemon=True)
@@ -171,6 +214,11 @@ class Committer:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def dead(self) -> bool:
+        """The thread ended without being closed: nothing queued will ever be written."""
+        return self.died is not None
 
     # -- callers ---------------------------------------------------------------------------
 
@@ -181,11 +229,9 @@ class Committer:
         `read`: `fn` only reads (it may then share a transaction that takes no write lock)."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
-        err = self._refused()
+        err = self._put(_Item(fn, what, fut, loop, read))
         if err is not None:
             fut.set_exception(err)
-        else:
-            self._queue.put(_Item(fn, what, fut, loop, read))
         return fut
 
     def submit_threadsafe(
@@ -193,31 +239,39 @@ class Committer:
     ) -> concurrent.futures.Future[T]:
         """`submit` for any thread, loop or not (`.result()` blocks: never on a loop)."""
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
-        err = self._refused()
+        err = self._put(_Item(fn, what, fut))
         if err is not None:
             fut.set_exception(err)
-        else:
-            self._queue.put(_Item(fn, what, fut))
         return fut
 
     def note(self, fn: Job, what: str) -> None:
         """Fire-and-forget from any thread; a failure is logged."""
-        if self._closed:
-            log.warning("%s closed; dropped %s", self.name, what)
-            return
-        self._queue.put(_Item(fn, what))
+        err = self._put(_Item(fn, what))
+        if err is not None:
+            log.warning("%s; dropped %s", err, what)
 
     def close(self) -> concurrent.futures.Future[None]:
         """Commit what is queued, then close the connection. Idempotent; `done` when closed."""
-        if not self._closed:
-            self._closed = True
-            self._queue.put(_STOP)
+        with self._gate:
+            if not self._closed:
+                self._closed = True
+                self._queue.put(_STOP)
         return self.done
+
+    def _put(self, item: _Item) -> BaseException | None:
+        """Queue `item`, or why not (closed, or the thread is gone)."""
+        with self._gate:
+            err = self._refused()
+            if err is None:
+                self._queue.put(item)
+            return err
 
     async def aclose(self) -> None:
         await asyncio.wrap_future(self.close())
 
     def _refused(self) -> BaseException | None:
+        if self.died is not None:
+            return RuntimeError(f"{self.name}: writer thread died ({self.died!r})")
         if self._closed:
             return RuntimeError(f"{self.name} is closed")
         if self.done.done():  # the thread is gone (it could not open the file)
@@ -236,66 +290,119 @@ class Committer:
         except BaseException as exc:
             log.error("%s cannot be opened: %s", self.name, exc)
             self.opened.set_exception(exc)
-            self.done.set_result(None)
+            with self._gate:
+                self.done.set_result(None)
             self._fail_all(exc)
             return
         self.opened.set_result(None)
-        every = self._idle[0] if self._idle else None
-        next_idle = None if every is None else time.monotonic() + every
         try:
-            while True:
-                try:
-                    wait = None if next_idle is None else max(0.0, next_idle - time.monotonic())
-                    first = self._queue.get(timeout=wait)
-                except queue.Empty:
-                    assert self._idle is not None and every is not None
-                    next_idle = time.monotonic() + every
-                    self._batch(db, [_Item(self._idle[1], "idle job")])
-                    continue
-                batch: list[_Item] = []
-                stop = first is _STOP
-                turn = False
-                if not stop:
-                    batch.append(cast(_Item, first))
-                    if not cast(_Item, first).read:
-                        # waiting for our turn lets more work queue: it joins this batch
-                        turn = self._take_turn()
-                while not stop and len(batch) < self._max_batch:
-                    try:
-                        item = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is _STOP:
-                        stop = True
-                    else:
-                        batch.append(cast(_Item, item))
-                if batch:
-                    if not turn and not all(item.read for item in batch):
-                        turn = self._take_turn()
-                    try:
-                        self._batch(db, batch)
-                    finally:
-                        if turn:
-                            self._end_turn()
-                if stop:
-                    break
+            self._loop(db)
+        except BaseException as exc:  # a bug here: make it loud, and fail every waiter
+            self.died = exc
+            log.error("%s: writer thread died; queued writes fail", self.name, exc_info=exc)
         finally:
             db.close()
+            if self._turn is not None:
+                with self._turn.lock:
+                    self._turn.wanted = False
             if self._turn_fd is not None:
                 os.close(self._turn_fd)
-            self.done.set_result(None)
+            with self._gate:  # from here every put is refused: what is queued is all there is
+                self.done.set_result(None)
+            self._fail_all(self.died or RuntimeError(f"{self.name} is closed"))
+
+    def _loop(self, db: sqlite3.Connection) -> None:
+        every = self._idle[0] if self._idle else None
+        next_idle = None if every is None else time.monotonic() + every
+        while True:
+            try:
+                wait = None if next_idle is None else max(0.0, next_idle - time.monotonic())
+                first = self._queue.get(timeout=wait)
+            except queue.Empty:
+                assert self._idle is not None and every is not None
+                next_idle = time.monotonic() + every
+                self._batch(db, [_Item(self._idle[1], "idle job")])
+                continue
+            batch: list[_Item] = []
+            stop = first is _STOP
+            turn = False
+            if not stop:
+                batch.append(cast(_Item, first))
+                if not cast(_Item, first).read:
+                    # waiting for our turn lets more work queue: it joins this batch
+                    turn = self._take_turn()
+            while not stop and len(batch) < self._max_batch:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stop = True
+                else:
+                    batch.append(cast(_Item, item))
+            # writes in their turn and one transaction; then reads in their own, deferred one,
+            # outside the turn (a long scan never holds every process's writers back); a read
+            # still sees every write queued before it
+            writes = [item for item in batch if not item.read]
+            reads = [item for item in batch if item.read]
+            if writes:
+                if not turn:
+                    turn = self._take_turn()
+                try:
+                    self._batch(db, writes)
+                finally:
+                    if turn:
+                        self._end_turn()
+            elif turn:
+                self._end_turn()
+            if reads:
+                self._batch(db, reads)
+            if stop:
+                break
 
     def _take_turn(self) -> bool:
+        """Wait (up to `turn_wait_s`) for this process's turn; False: go without it."""
         if self._turn_fd is None:
             return False
-        fcntl.flock(self._turn_fd, fcntl.LOCK_EX)  # sleeps in the kernel's queue, GIL released
-        return True
+        turn = self._turn
+        if turn is not None:
+            with turn.lock:
+                if turn.finished:
+                    turn = None
+                else:
+                    turn.wanted = True
+        if turn is None:
+            turn = self._turn = _Turn(self._turn_fd)
+        if turn.granted.wait(self._turn_wait_s):
+            self._turn = None
+            return True
+        with turn.lock:
+            if turn.granted.is_set():  # just now
+                self._turn = None
+                return True
+            turn.wanted = False  # still queued: granted later, it is handed back at once
+        log.warning("%s: no turn after %.1fs (a process holding it is stuck?); writing on"
+                    " SQLite's locking alone", self.name, self._turn_wait_s)
+        return False
 
     def _end_turn(self) -> None:
         assert self._turn_fd is not None
         fcntl.flock(self._turn_fd, fcntl.LOCK_UN)
 
     def _batch(self, db: sqlite3.Connection, items: list[_Item]) -> None:
+        """Run `items`; whatever goes wrong fails this batch's futures, never the thread."""
+        try:
+            self._attempt(db, items)
+        except Exception as exc:
+            log.error("%s: a batch of %d job(s) failed: %r", self.name, len(items), exc)
+            try:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+            except sqlite3.Error as again:
+                log.error("%s: rollback failed: %s", self.name, again)
+            self._hand_back([(item, False, exc) for item in items])
+
+    def _attempt(self, db: sqlite3.Connection, items: list[_Item]) -> None:
         deadline = time.monotonic() + self._lock_wait_s
         isolate = False
         while True:
@@ -303,7 +410,9 @@ class Committer:
                 results = self._transaction(db, items, isolate=isolate)
                 break
             except _JobFailed as failed:  # only on the fast path: again, each job on its own
-                db.execute("ROLLBACK")
+                # SQLITE_FULL, IOERR, NOMEM... have rolled the transaction back already
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
                 if len(items) == 1:
                     results = [(items[0], False, failed.exc)]
                     break
@@ -392,5 +501,8 @@ class Committer:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 return
-            if isinstance(item, _Item) and item.future is not None:
-                self._hand_back([(item, False, exc)])
+            if isinstance(item, _Item):
+                if item.future is None:
+                    log.error("%s: %s dropped: %s", self.name, item.what, exc)
+                else:
+                    self._hand_back([(item, False, exc)])

@@ -212,6 +212,10 @@ class Deliverer:
             return  # already in the heap
         heapq.heappush(self._due, (row.next_attempt_at, row.id))
 
+    def _room(self) -> int:
+        """Rows a look may add: in flight ones come back to `_known` after their attempt."""
+        return self._max_known - len(self._known) - len(self._in_flight)
+
     async def _look(self) -> None:
         """Ask the database for what only it knows (see the class docstring)."""
         assert self._outbox is not None
@@ -223,12 +227,21 @@ class Deliverer:
             tail, rows = await self._outbox.run(
                 lambda ob: (ob.max_id(), ob.due(math.inf, limit)), "deliverer scan", read=True
             )
+            room = self._room()
             for row in rows:
-                self._hold(row)
+                if row.id in self._known or row.id in self._in_flight:
+                    self._hold(row)  # re-read: its newest next_attempt_at
+                elif room > 0:  # bounded: the rest wait in the database for a later scan
+                    room -= 1
+                    self._hold(row)
             self._tail = max(self._tail, tail)
+            if len(self._due) > 2 * len(self._known) + 64:
+                # mostly stale entries (rows attempted or re-read since): rebuild
+                self._due = [(r.next_attempt_at, r.id) for r in self._known.values()]
+                heapq.heapify(self._due)
         elif self._new or now >= self._next_poll:
             self._next_poll = now + self._poll
-            room = self._max_known - len(self._known)
+            room = self._room()
             if room <= 0:
                 return  # the new rows wait in the database until there is room
             self._new = False

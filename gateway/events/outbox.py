@@ -34,6 +34,7 @@ STATES: tuple[State, ...] = ("pending", "delivered", "dead_letter")
 _MAX_ERROR_CHARS = 500
 T = TypeVar("T")
 _SCHEMA_VERSION = 1
+PRUNE_CHUNK = 500  # rows deleted per transaction when pruning
 
 # final_call_id is NULL for ordinary events and equals call_id for the call's final event;
 # NULLs never collide in a UNIQUE index, so that index alone enforces "one final per call",
@@ -303,21 +304,28 @@ class Outbox:
             )
             return [str(r[0]) for r in cur.fetchall()]
 
-    def prune_delivered(self, older_than: float) -> int:
+    def prune_delivered(self, older_than: float, limit: int | None = None) -> int:
         """Delete rows delivered before `older_than` (unix time); returns how many.
 
         A pruned call no longer blocks a second final event, so keep well beyond any
         plausible late duplicate (days, not minutes). A final event goes only with (or after)
         every other row of its call: a call's dead letter left without its final would look
         like a call a crash left open (`open_calls`).
+        `limit`: at most that many (the oldest), so one transaction holds the write lock
+        briefly; call again until it returns less.
         """
+        where = (
+            "state = 'delivered' AND delivered_at < ?1"
+            " AND (final_call_id IS NULL OR NOT EXISTS (SELECT 1 FROM outbox AS o"
+            " WHERE o.call_id = outbox.final_call_id AND o.id != outbox.id"
+            " AND NOT (o.state = 'delivered' AND o.delivered_at < ?1)))"
+        )
+        if limit is not None:
+            where = f"id IN (SELECT id FROM outbox WHERE {where} ORDER BY id LIMIT ?2)"
         with self._lock:
             cur = self._db.execute(
-                "DELETE FROM outbox WHERE state = 'delivered' AND delivered_at < ?1"
-                " AND (final_call_id IS NULL OR NOT EXISTS (SELECT 1 FROM outbox AS o"
-                " WHERE o.call_id = outbox.final_call_id AND o.id != outbox.id"
-                " AND NOT (o.state = 'delivered' AND o.delivered_at < ?1)))",
-                (older_than,),
+                f"DELETE FROM outbox WHERE {where}",
+                (older_than,) if limit is None else (older_than, limit),
             )
             return cur.rowcount
 
@@ -422,8 +430,17 @@ class AsyncOutbox:
     def rows_for_call(self, call_id: str) -> asyncio.Future[list[OutboxRow]]:
         return self.run(lambda ob: ob.rows_for_call(call_id), "rows_for_call", read=True)
 
-    def prune_delivered(self, older_than: float) -> asyncio.Future[int]:
-        return self.run(lambda ob: ob.prune_delivered(older_than), "prune_delivered")
+    async def prune_delivered(self, older_than: float, *, chunk: int = PRUNE_CHUNK) -> int:
+        """`Outbox.prune_delivered` in transactions of at most `chunk` rows each (a week of
+        rows in one DELETE would hold every writer back); returns how many in all."""
+        total = 0
+        while True:
+            n = await self.run(
+                lambda ob: ob.prune_delivered(older_than, chunk), "prune_delivered"
+            )
+            total += n
+            if n < chunk:
+                return total
 
     def close(self) -> concurrent.futures.Future[None]:
         """Commit what is queued, then close (idempotent); the future is done once closed."""

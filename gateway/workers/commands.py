@@ -40,6 +40,7 @@ class LiveCall:
     outbound: OutboundRunner | None = None
     trunk_used: str | None = None  # the trunk an answered outbound call is on
     untracked: bool = False  # CallEnded sent
+    final_lost: bool = False  # its final could not be stored: never untracked (see worker)
 
     @property
     def call_id(self) -> str:

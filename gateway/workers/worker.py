@@ -82,6 +82,7 @@ def public_host(address: str | None) -> str:
 _SHUTDOWN_MESSAGES = {
     "supervisor_lost": "the node's supervisor process exited; the worker ended its calls",
     "node_shutdown": "the node was stopped while the call was in progress",
+    "outbox_down": "the worker could no longer write events; it ended its calls",
 }
 
 
@@ -186,11 +187,23 @@ class Worker:
         )
         commands = asyncio.create_task(self._commands())
         lag = asyncio.create_task(self._watch_lag())
+        writer = asyncio.wrap_future(self.outbox.committer.done)
+        writer.add_done_callback(lambda _: self._outbox_gone())
         await self.stopping.wait()
         self.endpoint.admission.accepting = False
         commands.cancel()
         lag.cancel()
         await self._shutdown()
+
+    def _outbox_gone(self) -> None:
+        """The writer thread ended while we run: no event can be stored, so admit nothing and
+        exit; the supervisor restarts this worker and writes its calls' finals."""
+        if not self.outbox.committer.dead or self.stopping.is_set():
+            return
+        log.error("outbox writer died; worker %d stops", self.index)
+        self.endpoint.admission.accepting = False
+        self.shutdown_reason = "outbox_down"
+        self.stopping.set()
 
     async def _commands(self) -> None:
         while (msg := await self.channel.recv()) is not None:
@@ -266,6 +279,23 @@ class Worker:
         self._spawn(self._handle(call, invite))
 
     def writer(self, identity: CallIdentity, dest: Destination | None) -> CallEventWriter:
+        w = self._writer(identity, dest)
+        w.on_final_lost = lambda: self._final_lost(identity.call_id)
+        return w
+
+    def _final_lost(self, call_id: str) -> None:
+        """A call's final cannot be stored: keep the call (no CallEnded) and exit, so that
+        the supervisor, seeing this worker gone, writes the call's final (`worker_lost`)."""
+        live = self.calls.get(call_id)
+        if live is not None:
+            live.final_lost = True
+        if not self.stopping.is_set():
+            log.error("call %s: final not stored; worker %d stops", call_id, self.index)
+            self.endpoint.admission.accepting = False
+            self.shutdown_reason = "outbox_down"
+            self.stopping.set()
+
+    def _writer(self, identity: CallIdentity, dest: Destination | None) -> CallEventWriter:
         return CallEventWriter(
             self.outbox,
             dest,
@@ -300,8 +330,8 @@ class Worker:
     def untrack(self, live: LiveCall, outcome: Outcome | None, ended_at: float) -> None:
         """The call is over: out of reach of commands, and its slot (and trunk) free at the
         supervisor. Sent once, as soon as its final event is written."""
-        if live.untracked:
-            return
+        if live.untracked or live.final_lost:
+            return  # final_lost: the supervisor writes its final once this worker exits
         live.untracked = True
         self.calls.pop(live.call_id, None)
         self.channel.send(
@@ -431,7 +461,7 @@ async def serve(settings: Settings, index: int, ipc_fd: int, max_calls: int) -> 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stopping.set)
     await worker.run()
-    return 0
+    return 1 if worker.shutdown_reason == "outbox_down" else 0
 
 
 def run_forked(settings: Settings, index: int, ipc_fd: int, max_calls: int) -> int:

@@ -50,6 +50,9 @@ class FakeNode(StaticCalls):
     def metrics_text(self) -> str:
         return self.metrics.render()
 
+    async def refresh_metrics(self) -> None:
+        pass
+
     @property
     def ready(self) -> bool:
         return True

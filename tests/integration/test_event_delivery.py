@@ -423,3 +423,18 @@ async def test_notified_rows_are_delivered_once_without_rescanning_due(
     assert sorted(h.event_id for h in receiver.hits) == sorted(ids)  # once each
     # the start and one a second, not one per notify (113 for these 60 before)
     assert scans <= 2 + elapsed, (scans, elapsed)
+
+
+async def test_rows_in_backoff_stay_bounded_in_memory(outbox, receiver, start_deliverer):
+    """A long outage: what the deliverer holds stays within max_known; the rest waits on disk."""
+    receiver.respond = lambda hit: 503
+    append(outbox, receiver.url(), n=80)
+    d = start_deliverer(max_known=16, max_in_flight=4, poll_interval_s=0.1)
+    held: list[int] = []
+    deadline = time.monotonic() + 3.5  # three full rescans (every 1 s)
+    while time.monotonic() < deadline:
+        held.append(len(d._known) + len(d._in_flight))
+        await asyncio.sleep(0.01)
+    assert len(receiver.hits) > 16  # it kept trying
+    assert max(held) <= 16, max(held)
+    assert len(d._due) <= 2 * 16 + 64

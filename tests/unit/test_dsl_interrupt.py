@@ -11,7 +11,16 @@ import pytest
 
 from dsl.context import FetchedDocument, RecordResult, VoiceAppError
 from dsl.interpreter import END, MAX_REDIRECTS, Fetch, Interpreter, RunResult
-from tests.unit.test_dsl_fakes import CALLBACK_URL, FIRST_URL, Fake, FakeApp, FakeLeg, doc, say
+from tests.unit.test_dsl_fakes import (
+    CALLBACK_URL,
+    FIRST_URL,
+    Fake,
+    FakeApp,
+    FakeEvents,
+    FakeLeg,
+    doc,
+    say,
+)
 
 LONG = 30.0  # "forever" for a prompt or a wait; every test ends long before
 
@@ -455,3 +464,29 @@ async def test_an_empty_first_fetched_document_is_still_refused(live: Live) -> N
     with pytest.raises(VoiceAppError) as info:
         await finish(live.start(Fetch(FIRST_URL)))
     assert info.value.code == "document_empty"
+
+
+async def test_redirect_while_the_recording_is_reported_still_reports_it(live: Live) -> None:
+    """Once the recording is done, telling the gateway of it (hash, store, `ready`) finishes
+    even when a redirect stops the verb meanwhile: else the API says in_progress forever."""
+    gate = asyncio.Event()
+    events = live.ctx.events
+
+    async def slow_ready(recording_id: str, path: Path, duration_s: float, fmt: str) -> str:
+        live.ops.append(("reporting", recording_id))
+        await gate.wait()  # hashing on a thread, then waiting for the commit
+        return await FakeEvents.recording_ready(events, recording_id, path, duration_s, fmt)
+
+    events.recording_ready = slow_ready  # type: ignore[method-assign]
+    live.leg.record_blocks = False
+    live.app.routes[CALLBACK_URL] = {"actions": [say("never")]}
+    task = live.start(doc({"record": {}}, say("never")))
+    await until(lambda: live.kinds("reporting"), "the report to start")
+    live.leg.play_seconds = 0.01
+    assert live.interpreter.interrupt(doc(say("after")))
+    await until(lambda: "after" in live.said(), "the redirect to run")
+    gate.set()
+    result = await finish(task)
+    await until(lambda: live.kinds("recording_ready"), "the recording to be reported")
+    assert not live.kinds("fetch")  # the verb was stopped: no action POST
+    assert result.ended_by == "document_end"

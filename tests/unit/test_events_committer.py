@@ -166,3 +166,128 @@ async def test_processes_opening_a_new_file_at_once_all_open_it(tmp_path: Path) 
             await asyncio.wrap_future(ob.committer.opened)
         for ob in obs:
             await ob.aclose()
+
+
+async def test_a_full_disk_fails_that_write_and_the_writer_keeps_going(tmp_path: Path) -> None:
+    """SQLITE_FULL rolls the transaction back itself: the thread must not die on ROLLBACK."""
+    ob = await AsyncOutbox.open(tmp_path / "outbox.sqlite3")
+    fix = ob.committer.submit(
+        lambda db: db.execute(
+            "PRAGMA max_page_count = "
+            + str(db.execute("PRAGMA page_count").fetchone()[0] + 2)
+        ).fetchone()
+    )
+    await asyncio.wait_for(fix, 5)
+    big = make_event("call.started", "ws", {"call_id": "big", "pad": "x" * 200_000})
+    with pytest.raises(sqlite3.Error):
+        await asyncio.wait_for(
+            ob.append(big, url=URL, secret="s", policy="customer", call_id="big"), 5
+        )
+    small = make_event("call.started", "ws", {"call_id": "small"})
+    assert await asyncio.wait_for(
+        ob.append(small, url=URL, secret="s", policy="customer", call_id="small"), 5
+    )
+    assert (await asyncio.wait_for(ob.counts(), 5))["pending"] == 1
+    assert not ob.committer.dead
+    await ob.aclose()
+
+
+async def test_reads_run_outside_the_write_transaction(tmp_path: Path) -> None:
+    """A read queued with a write does not hold the write lock (nor the turn) while it reads:
+    another process can write meanwhile."""
+    path = tmp_path / "outbox.sqlite3"
+    ob = await AsyncOutbox.open(path)
+    other = sqlite3.connect(path, timeout=0, isolation_level=None, check_same_thread=False)
+    could_write: list[bool] = []
+
+    def read(_ob: Outbox) -> None:
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            other.execute("ROLLBACK")
+            could_write.append(True)
+        except sqlite3.OperationalError:
+            could_write.append(False)
+
+    gate = _stall(ob.committer)
+    ev = make_event("call.started", "ws", {"call_id": "c"})
+    w = ob.append(ev, url=URL, secret="s", policy="customer", call_id="c")
+    r = ob.run(read, "read", read=True)
+    gate.set()
+    assert await asyncio.wait_for(w, 5)
+    await asyncio.wait_for(r, 5)
+    assert could_write == [True]
+    other.close()
+    await ob.aclose()
+
+
+async def test_a_stopped_turn_holder_does_not_stall_writes_forever(tmp_path: Path) -> None:
+    """Another process holding the turns file (SIGSTOPped, say): after a bounded wait the
+    write goes ahead on SQLite's own locking."""
+    import fcntl
+    import os
+
+    path = tmp_path / "outbox.sqlite3"
+    ob = await AsyncOutbox.open(path)
+    ob.committer._turn_wait_s = 0.3
+    fd = os.open(path.with_name(path.name + "-turns"), os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        ev = make_event("call.started", "ws", {"call_id": "c"})
+        fut = ob.append(ev, url=URL, secret="s", policy="customer", call_id="c")
+        assert await asyncio.wait_for(fut, 3)
+        ev2 = make_event("call.started", "ws", {"call_id": "d"})
+        fut = ob.append(ev2, url=URL, secret="s", policy="customer", call_id="d")
+        assert await asyncio.wait_for(fut, 3)
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    ev3 = make_event("call.started", "ws", {"call_id": "e"})
+    fut = ob.append(ev3, url=URL, secret="s", policy="customer", call_id="e")
+    assert await asyncio.wait_for(fut, 3)
+    await asyncio.wait_for(ob.aclose(), 5)
+
+
+async def test_prune_deletes_in_bounded_transactions(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    with Outbox(path) as sync:
+        for i in range(7):
+            ev = make_event("call.started", "ws", {"call_id": f"c{i}"})
+            sync.append(ev, url=URL, secret="s", policy="customer", call_id=f"c{i}")
+            sync.mark_delivered(i + 1)
+        assert sync.prune_delivered(time.time() + 1, limit=3) == 3
+    ob = await AsyncOutbox.open(path)
+    before = ob.committer.commits
+    assert await asyncio.wait_for(ob.prune_delivered(time.time() + 1, chunk=2), 5) == 4
+    assert ob.committer.commits - before >= 2
+    await ob.aclose()
+
+
+async def test_a_note_racing_close_is_run_or_reported_never_lost(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A note() from another thread that passed the closed check just as close() queued the
+    stop: it must run (or be logged as dropped), not vanish."""
+    from gateway.events import committer as committer_mod
+
+    c = _committer(tmp_path / "t.sqlite3")
+    await asyncio.wrap_future(c.opened)
+    real = c._queue
+
+    class SlowPut:  # the noting thread is preempted between its check and its put
+        def put(self, item: object) -> None:
+            if item is not committer_mod._STOP:
+                time.sleep(0.2)
+            real.put(item)
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+    c._queue = SlowPut()  # type: ignore[assignment]
+    ran = threading.Event()
+    noter = threading.Thread(target=lambda: c.note(lambda db: ran.set(), "late note"))
+    noter.start()
+    await asyncio.sleep(0.05)  # the noter is inside note(), past the check
+    await asyncio.wait_for(asyncio.wrap_future(c.close()), 5)
+    noter.join(5)
+    await asyncio.sleep(0.05)
+    assert ran.is_set() or "late note" in caplog.text

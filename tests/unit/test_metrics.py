@@ -362,3 +362,23 @@ def test_workers_do_not_import_prometheus_client() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+async def test_node_metrics_show_the_outbox_as_of_the_scrape(tmp_path) -> None:
+    """/metrics awaits a fresh count (bounded) before it renders: not the previous scrape's."""
+    from config.settings import Settings
+    from gateway.events.envelope import make_event
+    from gateway.events.outbox import AsyncOutbox, Outbox
+    from gateway.node import Node
+
+    node = Node(Settings.model_validate({"api": {"token": "t" * 32},
+                                         "storage": {"dir": str(tmp_path)}}), None)
+    node.outbox = await AsyncOutbox.open(tmp_path / "outbox.sqlite3")
+    await node.refresh_metrics()
+    assert 'sautikit_events_outbox{state="pending"} 0.0' in node.metrics_text()
+    with Outbox(tmp_path / "outbox.sqlite3") as sync:
+        ev = make_event("call.started", "ws", {"call_id": "c"})
+        sync.append(ev, url="https://cp.example/e", secret="s", policy="customer", call_id="c")
+    await node.refresh_metrics()
+    assert 'sautikit_events_outbox{state="pending"} 1.0' in node.metrics_text()
+    await node.outbox.aclose()

@@ -91,3 +91,59 @@ async def test_final_is_on_disk_before_the_call_is_over(tmp_path: Path) -> None:
     assert on_disk_at_final == [True]
     holder.join()
     await outbox.aclose()
+
+
+def _session(tmp_path: Path, outbox: AsyncOutbox) -> tuple[CallSession, CallEventWriter]:
+    identity = CallIdentity(call_id="call-1", direction="inbound", from_="+254700000001",
+                            to="+254711000002", number_id="num_1", workspace_id="ws_1",
+                            created_at=time.time())
+    writer = CallEventWriter(outbox, DEST, identity)
+    writer.final_retry_s = (0.05, 0.1)
+    session = CallSession(
+        call=EndedCall(),  # type: ignore[arg-type]
+        identity=identity, writer=writer, app=None,  # type: ignore[arg-type]
+        call_fields={}, first_document=Fetch("https://app.example/voice", "POST"),
+        voice_callback_url="https://app.example/voice",
+        prompts=SimpleNamespace(beep=None),  # type: ignore[arg-type]
+        recordings_dir=tmp_path,
+    )
+    return session, writer
+
+
+async def _read_only(outbox: AsyncOutbox, on: bool) -> None:
+    await outbox.committer.submit(
+        lambda db: db.execute(f"PRAGMA query_only = {int(on)}"), read=True
+    )
+
+
+async def test_a_final_that_cannot_be_stored_does_not_end_the_call(tmp_path: Path) -> None:
+    """The worker must not let the call go (CallEnded) without its final on disk: it is told
+    the final is lost instead, and exits, so the supervisor writes the final."""
+    outbox = await AsyncOutbox.open(tmp_path / "outbox.sqlite3")
+    session, writer = _session(tmp_path, outbox)
+    finals: list[object] = []
+    lost: list[bool] = []
+    session.on_final = lambda outcome, end: finals.append(outcome)
+    writer.on_final_lost = lambda: lost.append(True)
+    await _read_only(outbox, True)
+    await asyncio.wait_for(session.run(inbound_start=False), 10)
+    assert finals == [] and lost == [True]
+    await _read_only(outbox, False)
+    assert not (await outbox.rows_for_call("call-1"))
+    await outbox.aclose()
+
+
+async def test_a_final_stored_on_a_retry_ends_the_call(tmp_path: Path) -> None:
+    outbox = await AsyncOutbox.open(tmp_path / "outbox.sqlite3")
+    session, writer = _session(tmp_path, outbox)
+    finals: list[object] = []
+    session.on_final = lambda outcome, end: finals.append(outcome)
+    writer.on_final_lost = lambda: finals.append("lost")
+    await _read_only(outbox, True)
+    run = asyncio.create_task(session.run(inbound_start=False))
+    await asyncio.sleep(0.02)
+    await _read_only(outbox, False)
+    await asyncio.wait_for(run, 10)
+    assert len(finals) == 1 and finals[0] != "lost"
+    assert any(r.final for r in await outbox.rows_for_call("call-1"))
+    await outbox.aclose()
