@@ -43,6 +43,7 @@ from gateway.voice_app import VoiceAppClient
 from gateway.workers import protocol as p
 from gateway.workers.commands import LiveCall, handle_request
 from gateway.workers.ipc import Channel, open_channel
+from gateway.workers.lag import LagMeter
 from media.call import SipCall
 from media.endpoint import EndpointConfig, IncomingInvite, SipEndpoint
 from media.prompts import PromptStore
@@ -51,10 +52,9 @@ from media.tts.espeak import EspeakTts
 log = logging.getLogger(__name__)
 
 LAG_TICK_S = 0.1
-# A loop later than [workers] lag_limit_ms (250) refuses new calls until it is back under this
-# for LAG_CALM_TICKS ticks in a row (0.5 s): a loop that lags in bursts does not flap.
+# A loop that stays behind [workers] lag_limit_ms (gateway/workers/lag.py) refuses new calls
+# until it is back under this for 0.5 s: a loop that lags in bursts does not flap.
 LAG_CLEAR_S = 0.1
-LAG_CALM_TICKS = 5
 
 
 def uri_user(uri: str) -> str:
@@ -239,20 +239,13 @@ class Worker:
         the pump thread instead of queueing behind the lag, and the supervisor has the front
         offer this worker no call until it has been back under LAG_CLEAR_S for 0.5 s."""
         gate = self.endpoint.admission
-        limit = self.settings.workers.lag_limit_ms / 1000
-        clear = min(LAG_CLEAR_S, limit * 0.4)
-        calm = 0
+        meter = LagMeter(self.settings.workers.lag_limit_ms / 1000, LAG_CLEAR_S)
         while True:
             t0 = self.loop.time()
             await asyncio.sleep(LAG_TICK_S)
             lag = self.loop.time() - t0 - LAG_TICK_S
-            if not gate.overloaded:
-                overloaded = limit > 0 and lag > limit
-            else:
-                calm = calm + 1 if lag <= clear else 0
-                overloaded = limit > 0 and calm < LAG_CALM_TICKS
-            if overloaded != gate.overloaded:
-                calm = 0
+            if meter.tick(lag):
+                overloaded = meter.overloaded
                 log.warning("event loop lag %.0f ms: %s new calls", lag * 1000,
                             "refusing" if overloaded else "accepting")
                 gate.overloaded = overloaded
