@@ -273,7 +273,7 @@ class WorkersSettings(_Section):
     reserved_slots: int = Field(default=0, ge=0, le=8)  # per worker, kept from inbound calls
     # A worker whose event loop runs this late refuses new calls (503) and the front skips it
     # until it has been back under 100 ms (or 40 % of this) for 0.5 s; 0: never (slots alone).
-    lag_limit_ms: int = Field(default=250, ge=0, le=10000)
+    lag_limit_ms: int = Field(default=500, ge=0, le=10000)
     host: NonEmptyStr = "127.0.0.1"
     sip_port_start: Port = 25100
     # fork: from a preloaded fork server (gateway/forkserver.py); spawn: a fresh interpreter each
