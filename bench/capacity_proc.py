@@ -13,7 +13,7 @@ import contextlib
 import os
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import psutil
@@ -159,21 +159,21 @@ def thread_name(pid: int, tid: int) -> str:
     return _thread_names[key]
 
 
-def rss_mb(procs: Iterable[psutil.Process]) -> float:
+def _sum_mb(procs: Iterable[psutil.Process], read: Callable[[psutil.Process], int]) -> float:
     total = 0
     for p in procs:
         with contextlib.suppress(*GONE):
-            total += p.memory_info().rss
+            total += read(p)
     return total / 1e6
+
+
+def rss_mb(procs: Iterable[psutil.Process]) -> float:
+    return _sum_mb(procs, lambda p: p.memory_info().rss)
 
 
 def pss_mb(procs: Iterable[psutil.Process]) -> float:
     """PSS counts a page shared by n processes as 1/n in each: the tree's real footprint."""
-    total = 0
-    for p in procs:
-        with contextlib.suppress(*GONE):
-            total += p.memory_full_info().pss
-    return total / 1e6
+    return _sum_mb(procs, lambda p: p.memory_full_info().pss)
 
 
 def own_cpu() -> tuple[float, float]:
