@@ -44,18 +44,7 @@ class EndedCall:
 async def test_final_is_on_disk_before_the_call_is_over(tmp_path: Path) -> None:
     path = tmp_path / "outbox.sqlite3"
     outbox = await AsyncOutbox.open(path)
-    identity = CallIdentity(call_id="call-1", direction="inbound", from_="+254700000001",
-                            to="+254711000002", number_id="num_1", workspace_id="ws_1",
-                            created_at=time.time())
-    writer = CallEventWriter(outbox, DEST, identity)
-    session = CallSession(
-        call=EndedCall(),  # type: ignore[arg-type]
-        identity=identity, writer=writer, app=None,  # type: ignore[arg-type]
-        call_fields={}, first_document=Fetch("https://app.example/voice", "POST"),
-        voice_callback_url="https://app.example/voice",
-        prompts=SimpleNamespace(beep=None),  # type: ignore[arg-type]
-        recordings_dir=tmp_path,
-    )
+    session, _ = _session(tmp_path, outbox, final_retry_s=None)
     on_disk_at_final: list[bool] = []
 
     def on_final(outcome: object, end: CallEnd) -> None:
@@ -93,12 +82,16 @@ async def test_final_is_on_disk_before_the_call_is_over(tmp_path: Path) -> None:
     await outbox.aclose()
 
 
-def _session(tmp_path: Path, outbox: AsyncOutbox) -> tuple[CallSession, CallEventWriter]:
+def _session(
+    tmp_path: Path, outbox: AsyncOutbox, final_retry_s: tuple[float, ...] | None = (0.05, 0.1)
+) -> tuple[CallSession, CallEventWriter]:
+    """A session whose call has already ended; `final_retry_s` None keeps the writer's own."""
     identity = CallIdentity(call_id="call-1", direction="inbound", from_="+254700000001",
                             to="+254711000002", number_id="num_1", workspace_id="ws_1",
                             created_at=time.time())
     writer = CallEventWriter(outbox, DEST, identity)
-    writer.final_retry_s = (0.05, 0.1)
+    if final_retry_s is not None:
+        writer.final_retry_s = final_retry_s
     session = CallSession(
         call=EndedCall(),  # type: ignore[arg-type]
         identity=identity, writer=writer, app=None,  # type: ignore[arg-type]
