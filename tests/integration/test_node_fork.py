@@ -13,21 +13,14 @@ import time
 import psutil
 import pytest
 
-from gateway.demo import free_port_block
 from tests.integration.conftest import final_events, sipp, worker_pids
-from tests.integration.test_node_pool import CARRIER, active_calls
+from tests.integration.test_node_pool import CARRIER, active_calls, pool_gateway
 
 pytestmark = pytest.mark.integration
 
 
 def node(gateway_factory, voice_app, events_url, *, start: str = "fork", workers: int = 2):
-    base = free_port_block(workers)
-    return gateway_factory(
-        voice_url=f"{voice_app.base_url}/voice", app_secret=voice_app.secret,
-        events_url=events_url,
-        workers=f"count = {workers}\ncalls_per_worker = 4\nreserved_slots = 0\n"
-                f"sip_port_start = {base}\nstart = \"{start}\"",
-        kamailio='mode = "managed"\nping_interval_s = 1')
+    return pool_gateway(gateway_factory, voice_app, events_url, workers=workers, start=start)
 
 
 def fork_servers(gw) -> list[int]:

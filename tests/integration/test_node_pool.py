@@ -20,13 +20,15 @@ CARRIER = Path(__file__).parent / "sipp" / "node_carrier.xml"
 AUTH = {"Authorization": "Bearer test-token"}
 
 
-def pool_gateway(gateway_factory, voice_app, events_url, *, workers=3, reserved=0, front=""):
+def pool_gateway(gateway_factory, voice_app, events_url, *, workers=3, reserved=0, front="",
+                 start=None):
     base = free_port_block(workers)
+    start_line = f'\nstart = "{start}"' if start is not None else ""
     return gateway_factory(
         voice_url=f"{voice_app.base_url}/voice", app_secret=voice_app.secret,
         events_url=events_url,
         workers=f"count = {workers}\ncalls_per_worker = 4\nreserved_slots = {reserved}\n"
-                f"sip_port_start = {base}",
+                f"sip_port_start = {base}{start_line}",
         kamailio='mode = "managed"\nping_interval_s = 1\n' + front)
 
 
