@@ -24,6 +24,7 @@ import socket
 import sqlite3
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -40,6 +41,7 @@ from gateway.calls.outcome import CallFacts, Failure, classify
 from gateway.calls.records import CallRecords
 from gateway.calls.switchboard import Switchboard
 from gateway.calls.writer import final_data
+from gateway.control.errors import FAILED, OpRefused
 from gateway.events.delivery import Deliverer
 from gateway.events.envelope import Event, make_event
 from gateway.events.outbox import AsyncOutbox, Outbox
@@ -61,6 +63,9 @@ from gateway.workers import protocol as msgs
 from gateway.workers.ipc import Channel, Requester, open_channel
 
 log = logging.getLogger(__name__)
+
+# (worker index, op) -> the Reply's result; raises OpRefused to refuse
+AskHandler = Callable[[int, Any], Awaitable[dict[str, Any]]]
 
 LOCK_NAME = "node.lock"
 # A dead supervisor's workers end their calls (up to ~15 s) before the lock is free.
@@ -127,6 +132,10 @@ class Node:
         self.runner: web.AppRunner | None = None
         self.http: ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        # What workers may ask of the supervisor (protocol.Ask): op type -> handler, added by
+        # the places that span processes (see `handle_asks`).
+        self._ask_handlers: dict[type[Any], AskHandler] = {}
+        self._asking: set[asyncio.Task[None]] = set()
         self._lock_fd: int | None = None
         # Launched already (gateway/cli.py does, before importing this module) or by start().
         self.forkserver = forkserver
@@ -502,8 +511,35 @@ class Node:
             raise
         return proc, True
 
+    def handle_asks(self, op: type[Any], handler: AskHandler) -> None:
+        """Route a worker's `Ask` carrying an `op` to `handler(worker index, op) -> result`;
+        it raises OpRefused to refuse."""
+        self._ask_handlers[op] = handler
+
+    def _on_ask(self, w: WorkerHandle, msg: msgs.Ask) -> None:
+        task = asyncio.create_task(self._answer(w, msg), name=f"ask-{w.index}-{msg.id}")
+        self._asking.add(task)
+        task.add_done_callback(self._asking.discard)
+
+    async def _answer(self, w: WorkerHandle, msg: msgs.Ask) -> None:
+        handler = self._ask_handlers.get(type(msg.body))
+        try:
+            if handler is None:
+                raise OpRefused(FAILED, f"the supervisor does not handle {msg.body.op}")
+            result = await handler(w.index, msg.body)
+            reply = msgs.Reply(id=msg.id, ok=True, result=result)
+        except OpRefused as e:
+            reply = msgs.Reply(id=msg.id, ok=False, code=e.code, message=e.message)
+        except Exception as e:
+            log.exception("worker %d asked %s: failed", w.index, msg.body.op)
+            reply = msgs.Reply(id=msg.id, ok=False, code=FAILED, message=f"{type(e).__name__}: {e}")
+        if w.channel is not None:
+            w.channel.send(reply)
+
     def _on_message(self, w: WorkerHandle, msg: msgs.FromWorker) -> None:
-        if isinstance(msg, msgs.Reply):
+        if isinstance(msg, msgs.Ask):
+            self._on_ask(w, msg)
+        elif isinstance(msg, msgs.Reply):
             if w.requester is not None:
                 w.requester.reply(msg)
         elif isinstance(msg, msgs.CallEvent):

@@ -5,8 +5,9 @@ call is gone or the op fails, so the supervisor never waits for nothing."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from gateway.calls.identity import CallIdentity
 from gateway.control.errors import (
@@ -30,6 +31,22 @@ if TYPE_CHECKING:
     from media.call import SipCall
 
 log = logging.getLogger(__name__)
+
+OpT = TypeVar("OpT")
+# An op's handler on the worker: (worker, op) -> the Reply's result; raises OpRefused.
+OpHandler = Callable[["Worker", Any], Awaitable[dict[str, Any]]]
+# Ops that are not commands to one LiveCall (placing a leg, a room's links...), by type:
+# each place that spans processes registers its own with `handles`.
+HANDLERS: dict[type[Any], OpHandler] = {}
+
+
+def handles(op: type[OpT]) -> Callable[[OpHandler], OpHandler]:
+    def register(fn: OpHandler) -> OpHandler:
+        HANDLERS[op] = fn
+        return fn
+
+    return register
+
 
 @dataclass
 class LiveCall:
@@ -111,6 +128,9 @@ async def handle_request(worker: Worker, req: Request) -> Reply:
 
 
 async def _apply(worker: Worker, op: Any) -> dict[str, Any]:
+    handler = HANDLERS.get(type(op))
+    if handler is not None:
+        return await handler(worker, op)
     if isinstance(op, Originate):
         from gateway.calls.outbound import OutboundRunner
 

@@ -11,7 +11,7 @@ from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from gateway.workers.protocol import Op, Reply, Request
+from gateway.workers.protocol import Ask, Reply, Request
 
 log = logging.getLogger(__name__)
 
@@ -70,23 +70,27 @@ async def open_channel(sock: Any, adapter: TypeAdapter[M]) -> Channel[M]:
 
 
 class Requester:
-    """Requests over a channel, each answered by the `Reply` with its id (or a timeout)."""
+    """Requests over a channel, each answered by the `Reply` with its id (or a timeout).
+
+    The supervisor's to a worker are `Request`s; a worker's to the supervisor (`ask=True`)
+    are `Ask`s."""
 
     _ids = itertools.count(1)
 
-    def __init__(self, channel: Channel[Any]) -> None:
+    def __init__(self, channel: Channel[Any], *, ask: bool = False) -> None:
         self.channel = channel
+        self._wrap: type[Request] | type[Ask] = Ask if ask else Request
         self._pending: dict[int, asyncio.Future[Reply]] = {}
 
-    async def request(self, body: Op, timeout: float = 5.0) -> Reply:
-        """Raises ChannelClosed (the worker is gone) or TimeoutError."""
+    async def request(self, body: Any, timeout: float = 5.0) -> Reply:
+        """Raises ChannelClosed (the other side is gone) or TimeoutError."""
         if self.channel.closed:
             raise ChannelClosed()
         rid = next(self._ids)
         fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
         try:
-            self.channel.send(Request(id=rid, body=body))
+            self.channel.send(self._wrap(id=rid, body=body))
             return await asyncio.wait_for(fut, timeout)
         finally:
             self._pending.pop(rid, None)

@@ -3,6 +3,9 @@
 Coordination only: events themselves go through the SQLite outbox (a worker that dies loses no
 event it wrote); the `CallEvent` note here feeds the supervisor's call records and wakes the
 deliverer. Commands to calls are `Request`s (with an id) answered by a `Reply` with that id.
+The other way, a worker asks the supervisor for what spans processes (a leg placed on another
+worker, a room's membership) with an `Ask`, answered by a `Reply` with its id; ids are per
+direction (each side's `Requester` counts its own).
 """
 
 from __future__ import annotations
@@ -38,6 +41,19 @@ class Request(_Msg):
     t: Literal["req"] = "req"
     id: int
     body: Op
+
+
+# What a worker may ask the supervisor (ops of gateway/control/, tagged by `op`). A union of
+# one member until the places that span processes (dial legs, rooms) add theirs.
+AskOp = Annotated[Hangup, Field(discriminator="op")]
+
+
+class Ask(_Msg):
+    """worker -> supervisor: an op for the supervisor (answered by a `Reply` with this id)."""
+
+    t: Literal["ask"] = "ask"
+    id: int
+    body: AskOp
 
 
 # -- worker -> supervisor ----------------------------------------------------------------------
@@ -132,13 +148,13 @@ class Reply(_Msg):
     message: str | None = None
 
 
-ToWorker = Annotated[Stop | Drain | Request, Field(discriminator="t")]
+ToWorker = Annotated[Stop | Drain | Request | Reply, Field(discriminator="t")]
 FromWorker = Annotated[
-    Ready | CallState | CallEnded | CallEvent | Recording | Metric | Health | Final | Reply,
+    Ready | CallState | CallEnded | CallEvent | Recording | Metric | Health | Final | Reply | Ask,
     Field(discriminator="t"),
 ]
 Message = Stop | Drain | Request | Ready | CallState | CallEnded | CallEvent | Recording | Metric \
-    | Health | Final | Reply
+    | Health | Final | Reply | Ask
 
 TO_WORKER: TypeAdapter[ToWorker] = TypeAdapter(ToWorker)
 FROM_WORKER: TypeAdapter[FromWorker] = TypeAdapter(FromWorker)

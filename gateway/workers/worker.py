@@ -42,7 +42,7 @@ from gateway.urlguard import check_url, make_session
 from gateway.voice_app import VoiceAppClient
 from gateway.workers import protocol as p
 from gateway.workers.commands import LiveCall, handle_request
-from gateway.workers.ipc import Channel, open_channel
+from gateway.workers.ipc import Channel, Requester, open_channel
 from gateway.workers.lag import LagMeter
 from media.call import SipCall
 from media.endpoint import EndpointConfig, IncomingInvite, SipEndpoint
@@ -96,6 +96,8 @@ class Worker:
         self.place = place = plan.workers[index]
         self.index = index
         self.channel = channel
+        # what this worker asks the supervisor (legs on other workers, rooms): protocol.Ask
+        self.supervisor = Requester(channel, ask=True)
         self.draining = False
         # Why calls still live at shutdown are cut: a stop we were sent, unless the supervisor
         # vanished without one (see _commands).
@@ -214,9 +216,12 @@ class Worker:
                 self.endpoint.admission.accepting = not self.draining
             elif isinstance(msg, p.Request):
                 self._spawn(self._request(msg))
+            elif isinstance(msg, p.Reply):
+                self.supervisor.reply(msg)
         else:
             if not self.stopping.is_set():  # no "stop": the supervisor is gone
                 self.shutdown_reason = "supervisor_lost"
+        self.supervisor.close()
         self.stopping.set()
 
     async def _shutdown(self) -> None:

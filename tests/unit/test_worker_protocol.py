@@ -60,3 +60,32 @@ async def test_request_reply_timeout_and_closed_channel() -> None:
         await asyncio.wait_for(waiting, 1)
     await pumping
     sup.close()
+
+
+async def test_worker_asks_the_supervisor_and_gets_its_reply() -> None:
+    """The reverse direction: a worker's `Ask` is answered by a `Reply` with its id, and ids of
+    the two directions never mix (a Reply to the worker is not one to the supervisor)."""
+    a, b = socket.socketpair()
+    sup = await open_channel(a, p.FROM_WORKER)
+    wrk = await open_channel(b, p.TO_WORKER)
+    asker = Requester(wrk, ask=True)
+
+    async def supervisor() -> None:
+        msg = await sup.recv()
+        assert isinstance(msg, p.Ask) and isinstance(msg.body, Hangup)
+        sup.send(p.Reply(id=msg.id, ok=True, result={"asked": msg.body.call_id}))
+
+    async def worker_side() -> p.Reply:
+        got = await wrk.recv()
+        assert isinstance(got, p.Reply)
+        asker.reply(got)
+        return got
+
+    task = asyncio.create_task(supervisor())
+    reader = asyncio.create_task(worker_side())
+    reply = await asker.request(Hangup(call_id="c9"), timeout=2)
+    assert reply.ok and reply.result == {"asked": "c9"}
+    await task
+    await reader
+    sup.close()
+    wrk.close()
