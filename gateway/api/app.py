@@ -23,9 +23,11 @@ from config.settings import Settings, parse_hostport
 from gateway.api.admin import NODE_KEY, NodeControl, setup_admin
 from gateway.api.calls import CONTROL_KEY, LINKS_KEY, setup_calls
 from gateway.api.errors import API_KEY_INVALID, ApiError, Handler, error_middleware
+from gateway.api.supervision import setup_supervision
 from gateway.calls.control import CallControl
 from gateway.calls.links import LinkSigner, signer_for
 from gateway.calls.records import CallRecords
+from gateway.supervision.registry import Supervisions
 
 __all__ = [
     "CONTROL_KEY",
@@ -136,6 +138,7 @@ def make_app(
     *,
     records: CallRecords | None = None,
     links: LinkSigner | None = None,
+    supervisions: Supervisions | None = None,
 ) -> web.Application:
     """The API app. `control` places and steers calls (the node); `records` is the call record
     store the node also writes (None: the app opens `storage.dir/calls.sqlite3` itself and
@@ -158,6 +161,8 @@ def make_app(
         links=links if links is not None else signer_for(settings.storage.dir),
         recordings_dir=recordings_dir,
     )
+    if supervisions is not None:
+        setup_supervision(app, supervisions)
     if node is not None:
         setup_admin(app, node)
     if settings.demo.enabled:

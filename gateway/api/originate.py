@@ -208,7 +208,7 @@ def _number(value: Any, path: str) -> tuple[str | None, list[BodyIssue]]:
         ]
 
 
-def _pydantic_issues(err: ValidationError) -> list[BodyIssue]:
+def pydantic_issues(err: ValidationError) -> list[BodyIssue]:
     out = []
     for e in err.errors(include_url=False):
         path = ".".join(str(x) for x in e["loc"])
@@ -249,7 +249,7 @@ def parse_create(raw: Any, settings: Settings) -> CreatePlan:
     try:
         body = CreateCallBody.model_validate(raw)
     except ValidationError as err:
-        raise BodyError(_pydantic_issues(err)) from None
+        raise BodyError(pydantic_issues(err)) from None
     issues: list[BodyIssue] = []
 
     from_e164, bad = _number(body.from_, "from")
