@@ -63,10 +63,13 @@ class Tone:
     def __del__(self) -> None:
         # Dropped after libDestroy: leak the generator rather than let it call into the library.
         gen = self.__dict__.get("_gen")
+        if gen is None:
+            return
         try:
-            if gen is not None and pj.Endpoint.instance().libGetState() != pj.PJSUA_STATE_RUNNING:
-                gen.thisown = False
+            running = pj.Endpoint.instance().libGetState() == pj.PJSUA_STATE_RUNNING
         except Exception:
+            running = False
+        if not running:
             with contextlib.suppress(Exception):
                 gen.thisown = False
 
