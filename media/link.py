@@ -1,7 +1,8 @@
 """One end of a cross-process audio link: a conference port whose frames ride loopback UDP.
 
-A `MediaLink` is a pjsua2 `AudioMediaPort` (mono, 16-bit, 20 ms at the bridge's clock rate)
-that owns a non-blocking UDP socket bound on a loopback address. What the bridge sends the port
+A `MediaLink` owns a pjsua2 `AudioMediaPort` (mono, 16-bit, 20 ms at the bridge's clock rate;
+`audio_media`, pooled and reused, never deleted at run time: see `_Port`) and a non-blocking
+UDP socket bound on a loopback address (`local_addr`). What the bridge sends the port
 (`onFrameReceived`) leaves as one datagram per frame (a 4-byte big-endian sequence number, then
 the PCM) to the peer link; what the port gives the bridge (`onFrameRequested`) is the oldest of
 the frames received from the peer, kept in a jitter queue of at most `JITTER_FRAMES` (the
@@ -17,9 +18,9 @@ add a loop's latency and jitter to every frame and cost more CPU than the I/O it
 non-blocking `send` / `recv` on a loopback socket is a syscall of a few microseconds that never
 waits, so doing it in place is both the fastest and the most predictable option. The price is
 the GIL: each callback takes it, so a CPU-bound asyncio thread delays the bridge's clock (all
-the worker's calls); see bench/link.py for the figures. The callbacks
-touch nothing but this object's socket, queue and counters, and never raise (errors are
-counted in `stats().errors`).
+the worker's calls; `tune_gil`); see bench/link.py for the figures. The callbacks touch nothing
+but this object's socket, queue and counters, and never raise (errors are counted in
+`stats().errors`).
 
 Frame copies: in this SWIG binding `bytes(frame.buf)` walks the `std::vector<uint8_t>` element
 by element (~145 µs per 320-byte frame). `_pcm_of` instead reads the vector's data pointer
