@@ -26,6 +26,7 @@ import pjsua2 as pj
 
 from media import admission
 from media.dtmf import DigitDeduper
+from media.ports import PooledPort, give_back, pcm_of, take_port
 
 if TYPE_CHECKING:
     from media.endpoint import SipEndpoint
@@ -204,17 +205,24 @@ def _set_done(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
-class _FramePort(pj.AudioMediaPort):  # type: ignore[misc]
-    """Receives the far end's 20 ms frames (for in-band DTMF) and hands them to asyncio."""
+class _InbandTap:
+    """Owns a pooled port (media/ports.py) while in-band detection runs: the far end's frames
+    go to asyncio. Pooled because dropping a Python port right after its stopTransmit races
+    the clock thread's callbacks (a segfault, seen with media links)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sink: Callable[[bytes], None]) -> None:
-        super().__init__()
         self._loop = loop
         self._sink = sink
 
-    def onFrameReceived(self, frame: pj.MediaFrame) -> None:
-        if frame.type == pj.PJMEDIA_FRAME_TYPE_AUDIO and frame.size:
-            self._loop.call_soon_threadsafe(self._sink, bytes(frame.buf))
+    def _on_frame_received(self, frame: pj.MediaFrame) -> None:
+        try:
+            if frame.type == pj.PJMEDIA_FRAME_TYPE_AUDIO and frame.size:
+                self._loop.call_soon_threadsafe(self._sink, pcm_of(frame.buf))
+        except Exception:  # never raise into the clock thread (a closed loop at shutdown)
+            pass
+
+    def _on_frame_requested(self, frame: pj.MediaFrame) -> None:
+        """It only listens: nothing to give the bridge."""
 
 
 class SipCall:
@@ -259,7 +267,7 @@ class SipCall:
         self._end_waiters: set[asyncio.Future[_Gone]] = set()
         self._dedupe = DigitDeduper()
         self._objects: list[Any] = []  # players/recorders/ports alive for PJSIP
-        self._inband: _FramePort | None = None
+        self._inband: PooledPort | None = None
         self._inband_detector: Any = None
         self.telephone_event = True
         self.on_end: list[Callable[[CallEnd], None]] = []
@@ -590,17 +598,12 @@ class SipCall:
         if on and not self.telephone_event and self._inband is None and self._am is not None:
             from media.dtmf_inband import InbandDtmfDetector
 
-            self._inband_detector = InbandDtmfDetector(self.endpoint.cfg.clock_rate)
-            port = _FramePort(self.loop, self._feed_inband)
-            fmt = pj.MediaFormatAudio()
-            fmt.type = pj.PJMEDIA_TYPE_AUDIO
-            fmt.clockRate = self.endpoint.cfg.clock_rate
-            fmt.channelCount = 1
-            fmt.bitsPerSample = 16
-            fmt.frameTimeUsec = 20000
-            port.createPort(f"dtmf{self.pj_id}", fmt)
-            self._am.startTransmit(port)
+            rate = self.endpoint.cfg.clock_rate
+            self._inband_detector = InbandDtmfDetector(rate)
+            port = take_port(rate, "dtmf")
+            port.owner = _InbandTap(self.loop, self._feed_inband)
             self._inband = port
+            self._am.startTransmit(port)
         elif not on:
             self._detach_inband()
 
@@ -613,9 +616,8 @@ class SipCall:
     def _detach_inband(self) -> None:
         port, self._inband = self._inband, None
         self._inband_detector = None
-        if port is not None and self._am is not None:
-            with contextlib.suppress(pj.Error):
-                self._am.stopTransmit(port)
+        if port is not None:
+            give_back(port, self.endpoint.cfg.clock_rate)  # every connection stopped first
 
     # -- recording --------------------------------------------------------------------------
     async def record(

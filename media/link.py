@@ -1,7 +1,7 @@
 """One end of a cross-process audio link: a conference port whose frames ride loopback UDP.
 
 A `MediaLink` owns a pjsua2 `AudioMediaPort` (mono, 16-bit, 20 ms at the bridge's clock rate;
-`audio_media`, pooled and reused, never deleted at run time: see `_Port`) and a non-blocking
+`audio_media`, pooled and reused, never deleted at run time: see media/ports.py) and a non-blocking
 UDP socket bound on a loopback address (`local_addr`). What the bridge sends the port
 (`onFrameReceived`) leaves as one datagram per frame (a 4-byte big-endian sequence number, then
 the PCM) to the peer link; what the port gives the bridge (`onFrameRequested`) is the oldest of
@@ -22,29 +22,24 @@ the worker's calls; `tune_gil`); see bench/link.py for the figures. The callback
 but this object's socket, queue and counters, and never raise (errors are counted in
 `stats().errors`).
 
-Frame copies: in this SWIG binding `bytes(frame.buf)` walks the `std::vector<uint8_t>` element
-by element (~145 µs per 320-byte frame). `_pcm_of` instead reads the vector's data pointer
-(libstdc++ layout: begin, end, capacity pointers) and copies with `ctypes.string_at` (~1.5 µs);
-`_fill` resizes the vector and `memmove`s into it (~2.4 µs; `frame.buf = pj.ByteVector(pcm)`
-costs ~9 µs). The layout is checked once at import on a vector of known content; if the check
-fails, both fall back to the slow, safe SWIG paths (`_FAST` is False).
+Frames are copied with media/ports.py's `pcm_of` / `fill` (~2 µs instead of SWIG's ~145 µs).
 """
 
 from __future__ import annotations
 
-import atexit
-import contextlib
-import ctypes
 import errno
 import logging
 import socket
 import struct
-import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
 
 import pjsua2 as pj
+
+from media.ports import FRAME_MS, PooledPort, fill, give_back, pcm_of, pooled_ports, take_port
+
+__all__ = ["JITTER_FRAMES", "TRIM_WINDOW", "LinkStats", "MediaLink", "pooled_ports",
+           "release_closed", "tune_gil"]
 
 log = logging.getLogger(__name__)
 
@@ -52,61 +47,7 @@ JITTER_FRAMES = 3  # at most this many frames wait in the queue (60 ms); the old
 # A queue that never fell below 2 frames for this many requests holds a frame of latency it
 # does not need (a burst once filled it and the steady flow keeps it full): drop one.
 TRIM_WINDOW = 50
-FRAME_MS = 20
-RELEASE_DELAY_S = 0.25  # a closed link's port is reused no sooner than this after close()
 _HEADER = struct.Struct("!I")
-_PTR = ctypes.sizeof(ctypes.c_void_p)
-
-
-def _vector_span(vec: Any) -> tuple[int, int]:
-    """(data pointer, size in bytes) of a SWIG ByteVector, read from its libstdc++ layout."""
-    addr = int(vec.this)
-    begin = ctypes.c_void_p.from_address(addr).value or 0
-    end = ctypes.c_void_p.from_address(addr + _PTR).value or 0
-    return begin, end - begin
-
-
-def _layout_ok() -> bool:
-    try:
-        probe = bytes(range(256)) + b"\x01\x02\x03"
-        vec = pj.ByteVector(probe)
-        begin, size = _vector_span(vec)
-        if size != len(probe) or ctypes.string_at(begin, size) != probe:
-            return False
-        vec.resize(8)
-        begin, size = _vector_span(vec)
-        ctypes.memmove(begin, b"abcdefgh", 8)
-        return size == 8 and bytes(vec) == b"abcdefgh"
-    except Exception:  # any surprise in the binding: use the slow paths
-        return False
-
-
-_FAST = _layout_ok()
-
-
-def _pcm_of(vec: Any) -> bytes:
-    """The bytes of a frame's buffer (a SWIG ByteVector)."""
-    if _FAST:
-        begin, size = _vector_span(vec)
-        return ctypes.string_at(begin, size) if size > 0 else b""
-    return bytes(vec)
-
-
-def _fill(frame: Any, pcm: bytes) -> None:
-    """Make `frame` an audio frame carrying `pcm`."""
-    n = len(pcm)
-    if _FAST:
-        vec = frame.buf
-        vec.resize(n)
-        begin, size = _vector_span(vec)
-        if size == n:
-            ctypes.memmove(begin, pcm, n)
-        else:  # never seen; keep the frame right anyway
-            frame.buf = pj.ByteVector(pcm)
-    else:
-        frame.buf = pj.ByteVector(pcm)
-    frame.size = n
-    frame.type = pj.PJMEDIA_FRAME_TYPE_AUDIO
 
 
 @dataclass(frozen=True)
@@ -119,83 +60,6 @@ class LinkStats:
     trimmed: int  # frames dropped to cut a standing queue (see TRIM_WINDOW)
     depth_sum: int  # sum over requests of the frames queued (depth_sum / requests: mean depth)
     errors: int  # exceptions caught in the callbacks, send failures, malformed datagrams
-
-
-class _Port(pj.AudioMediaPort):  # type: ignore[misc]
-    """The conference port of a link, pooled: never deleted while the library runs.
-
-    Why pooled: the bridge calls every port's put_frame on every tick, connected or not, so the
-    clock thread can be inside (or waiting for the GIL to enter) this object's callback at any
-    moment. Deleting a Python AudioMediaPort then frees what that callback uses (seen: deleting
-    links 10 ms after their stopTransmit segfaulted within 400 tries; ~AudioMediaPort also
-    releases the port's memory while its queued removal is pending). So a closed link's port
-    goes back to a pool, disconnected, and the next MediaLink takes it. Idle, it costs ~50
-    no-op callbacks a second."""
-
-    owner: MediaLink | None = None  # class default: a callback during teardown finds none
-
-    def onFrameReceived(self, frame: pj.MediaFrame) -> None:
-        owner = self.owner
-        if owner is not None:
-            owner._on_frame_received(frame)
-
-    def onFrameRequested(self, frame: pj.MediaFrame) -> None:
-        owner = self.owner
-        if owner is not None:
-            owner._on_frame_requested(frame)
-
-    def __del__(self) -> None:
-        # Dropped after libDestroy (interpreter exit): ~AudioMediaPort would call into the
-        # destroyed library and abort. Leak it instead.
-        try:
-            if not _lib_running():
-                self.thisown = False
-        except Exception:
-            pass
-
-
-# clock rate -> (reusable from, the library instance it belongs to, port)
-_free: dict[int, list[tuple[float, int, _Port]]] = {}
-_all_ports: list[_Port] = []  # every port made: the references that keep them alive
-
-
-def _take_port(clock_rate: int) -> _Port:
-    now = time.monotonic()
-    lib = _lib_id()
-    pool = _free.setdefault(clock_rate, [])
-    pool[:] = [e for e in pool if e[1] == lib]  # a destroyed library's ports: never reused
-    for i, (ready, _lib, port) in enumerate(pool):
-        if ready <= now:
-            del pool[i]
-            return port
-    port = _Port()
-    fmt = pj.MediaFormatAudio()
-    fmt.type = pj.PJMEDIA_TYPE_AUDIO
-    fmt.clockRate = clock_rate
-    fmt.channelCount = 1
-    fmt.bitsPerSample = 16
-    fmt.frameTimeUsec = FRAME_MS * 1000
-    port.createPort(f"link{len(_all_ports)}", fmt)
-    _all_ports.append(port)
-    return port
-
-
-def _disconnect_all(port: _Port) -> None:
-    """Stop every connection from and to `port` (what a MixGraph may have left). Every port of
-    the bridge, both ways: `ConfPortInfo.listeners` reads garbage in this wheel (seen), and a
-    stopTransmit of a connection that does not exist is a no-op."""
-    pid = port.getPortId()
-    try:
-        others = pj.Endpoint.instance().mediaEnumPorts2()
-    except pj.Error:
-        return
-    for am in others:
-        if am.getPortId() == pid:
-            continue
-        with contextlib.suppress(pj.Error):
-            port.stopTransmit(am)
-        with contextlib.suppress(pj.Error):
-            am.stopTransmit(port)
 
 
 class MediaLink:
@@ -222,7 +86,7 @@ class MediaLink:
         self._window_min = JITTER_FRAMES  # the fewest frames queued at a request in it
         self._closed = False
         try:
-            self._port: _Port = _take_port(clock_rate)
+            self._port: PooledPort = take_port(clock_rate, "link")
         except BaseException:
             self._closed = True
             self._sock.close()
@@ -261,9 +125,7 @@ class MediaLink:
         port.owner = None
         self._queue.clear()
         self._sock.close()
-        _disconnect_all(port)
-        _free.setdefault(self.clock_rate, []).append(
-            (time.monotonic() + RELEASE_DELAY_S, _lib_id(), port))
+        give_back(port, self.clock_rate)
 
     # -- frame callbacks (clock thread, through _Port; never raise) ------------------------------
     def _on_frame_received(self, frame: pj.MediaFrame) -> None:
@@ -273,7 +135,7 @@ class MediaLink:
                 return
             if frame.type != pj.PJMEDIA_FRAME_TYPE_AUDIO:
                 return
-            pcm = _pcm_of(frame.buf)
+            pcm = pcm_of(frame.buf)
             if not pcm:
                 return
             self._sock.send(_HEADER.pack(self._seq_out & 0xFFFFFFFF) + pcm)
@@ -304,10 +166,10 @@ class MediaLink:
                     self._trimmed += 1
                 self._window, self._window_min = 0, JITTER_FRAMES
             if queue:
-                _fill(frame, queue.popleft())
+                fill(frame, queue.popleft())
                 self._played += 1
             else:
-                _fill(frame, self._silence)
+                fill(frame, self._silence)
                 self._silent += 1
         except Exception:
             self._errors += 1
@@ -355,33 +217,9 @@ def tune_gil(interval_s: float = SWITCH_INTERVAL_S) -> None:
     sys.setswitchinterval(interval_s)
 
 
-def pooled_ports() -> int:
-    """Ports made so far in this process (in use or pooled)."""
-    return len(_all_ports)
 
 
 def release_closed() -> None:
     """Kept for callers of the first version: ports are pooled now, never deleted at run time."""
 
 
-@atexit.register
-def _leak_at_exit() -> None:
-    # At interpreter exit the library is destroyed (or about to be): never run ~AudioMediaPort.
-    for port in _all_ports:
-        with contextlib.suppress(Exception):
-            port.owner = None
-            port.thisown = False
-
-
-def _lib_id() -> int:
-    try:
-        return int(pj.Endpoint.instance().this)
-    except Exception:
-        return 0
-
-
-def _lib_running() -> bool:
-    try:
-        return bool(pj.Endpoint.instance().libGetState() == pj.PJSUA_STATE_RUNNING)
-    except Exception:
-        return False

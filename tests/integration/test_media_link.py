@@ -10,7 +10,8 @@ import time
 import pjsua2 as pj
 import pytest
 
-from media.link import JITTER_FRAMES, TRIM_WINDOW, MediaLink, _pcm_of, pooled_ports
+from media.link import JITTER_FRAMES, TRIM_WINDOW, MediaLink, pooled_ports
+from media.ports import pcm_of
 
 pytestmark = pytest.mark.integration
 
@@ -41,7 +42,7 @@ def request(lk) -> bytes:
     f = pj.MediaFrame()
     lk._on_frame_requested(f)
     assert f.type == pj.PJMEDIA_FRAME_TYPE_AUDIO and f.size == lk.frame_bytes
-    return _pcm_of(f.buf)
+    return pcm_of(f.buf)
 
 
 def test_plays_in_order_drops_late_and_overflow(link):
