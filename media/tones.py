@@ -60,6 +60,19 @@ class Tone:
         """Still playing (a tone played once has finished when False)."""
         return self._gen is not None and bool(self._gen.isBusy())
 
+    def __del__(self) -> None:
+        # Dropped after libDestroy: leak the generator rather than let it call into the library.
+        gen = self.__dict__.get("_gen")
+        if gen is None:
+            return
+        try:
+            running = pj.Endpoint.instance().libGetState() == pj.PJSUA_STATE_RUNNING
+        except Exception:
+            running = False
+        if not running:
+            with contextlib.suppress(Exception):
+                gen.thisown = False
+
     def close(self) -> None:
         """Stop it and drop the generator (its port leaves the bridge). Stop its edges first."""
         gen, self._gen = self._gen, None
