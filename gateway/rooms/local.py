@@ -119,10 +119,8 @@ class LocalRoom:
 
     # -- the supervisor's view ----------------------------------------------------------------
     def apply(self, op: RoomSync) -> list[list[Any]]:
-        # notices first: members being removed in this same sync still get them
-        for seat, _, _ in list(self.members.values()):
-            for n in op.notices:
-                seat.notices.put_nowait(RoomNotice(n.event, n.call_id, n.count))
+        # members removed in this sync get its notices too, and so do the ones it adds
+        told = [seat for seat, _, _ in self.members.values()]
         listed = {m.call_id: m for m in op.members}
         for call_id in [c for c in self.members if c not in listed]:
             seat = self.members[call_id][0]
@@ -150,6 +148,10 @@ class LocalRoom:
                 if seat.entry.record_to is not None:
                     self._start_recorder(seat)
             self.members[m.call_id] = (seat, m.muted, m.hold)
+        told += [seat for seat, _, _ in self.members.values() if seat not in told]
+        for seat in told:
+            for n in op.notices:
+                seat.notices.put_nowait(RoomNotice(n.event, n.call_id, n.count))
         self.started = op.started
         self._links(op)
         if op.beep and self.members:
