@@ -182,6 +182,14 @@ async def test_mute_and_kick_live(voice_app, receiver, gateway_factory, farms, t
     assert r is not None and [p["muted"] for p in r["participants"]
                               if p["call_id"] == ids[a]] == [True]
 
+    status, body = await api(gw, "POST", f"/v1/conferences/ctl/participants/{ids[b]}",
+                             {"hold": True})
+    assert status == 200 and body["participant"]["hold"] is True, body
+    t_held = await window(1.2)
+    status, body = await api(gw, "POST", f"/v1/conferences/ctl/participants/{ids[b]}",
+                             {"hold": False})
+    assert status == 200, body
+
     status, body = await api(gw, "DELETE", f"/v1/conferences/ctl/participants/{ids[c]}")
     assert status == 200, body
     t_kicked = await window(1.5)
@@ -193,6 +201,10 @@ async def test_mute_and_kick_live(voice_app, receiver, gateway_factory, farms, t
     assert phones.heard(a, *t_muted, everyone)[0] == {b, c}, "muted: still hears"
     assert phones.heard(b, *t_muted, everyone)[0] == {c}, "muted: a is not heard"
     assert phones.heard(c, *t_muted, everyone)[0] == {b}, "muted: a is not heard"
+    # held: b hears the hold tone only (no member) and is not heard; a is still muted
+    assert phones.heard(b, *t_held, everyone)[0] == set(), "held: hears nobody"
+    assert phones.heard(a, *t_held, everyone)[0] == {c}, "held: b is not heard"
+    assert phones.heard(c, *t_held, everyone)[0] == set(), "a muted, b held"
     # kicked: c's document goes on (its next action plays AFTER_HZ), out of the room
     assert phones.heard(c, *t_kicked, everyone)[0] == {AFTER_HZ}
     assert phones.heard(b, *t_kicked, everyone)[0] == set(), "a muted, c gone"
@@ -323,3 +335,49 @@ async def _posted(voice_app: Any, path: str, n: int = 1) -> bool:
 def tone_of_call_id(voice_app: Any, hz: int) -> str:
     return next(r["form"]["callId"] for r in voice_app.requests
                 if r["form"].get("from") == caller(hz) and r["path"] == "/voice")
+
+
+async def test_hub_worker_killed_the_room_goes_on(voice_app, receiver, gateway_factory, farms):
+    """Three callers on three workers; the hub's worker is killed: its caller gets its final
+    (worker_lost), the other two are re-homed on a new hub and still hear each other."""
+    import os
+    import signal
+
+    from tests.integration.conftest import final_events, worker_pids
+
+    rec, events_url = receiver
+    voice_app.script = lambda req, form: {"actions": [{"conference": {"name": "rehome"}}]}
+    base = free_port_block(3)
+    gw = gateway_factory(
+        voice_url=f"{voice_app.base_url}/voice", app_secret=voice_app.secret,
+        events_url=events_url,
+        workers=f"count = 3\ncalls_per_worker = 1\nreserved_slots = 0\nsip_port_start = {base}",
+        kamailio='mode = "managed"\nping_interval_s = 1\n')
+    a, b, c = TONES[:3]
+    phones = Phones(farms)
+    for hz in (a, b, c):
+        await phones.call(gw, hz)
+    r = await room_of(gw, "rehome", 3)
+    assert len(r["workers"]) == 3, r
+    hub = r["hub_worker"]
+    victim = next(p for p in r["participants"] if p["worker"] == hub)
+    t_all = await window(1.0)
+    os.kill(worker_pids(gw)[hub], signal.SIGKILL)
+    r = await room_of(gw, "rehome", 2)
+    assert r["hub_worker"] != hub, r
+    await asyncio.sleep(0.5)
+    t_after = await window(1.2)
+
+    survivors = [hz for hz in (a, b, c)
+                 if tone_of_call(voice_app, victim["call_id"]) != hz]
+    for hz in (a, b, c):
+        assert phones.heard(hz, *t_all)[0] == {a, b, c} - {hz}
+    x, y = survivors
+    assert phones.heard(x, *t_after)[0] == {y}
+    assert phones.heard(y, *t_after)[0] == {x}
+    assert await rec.wait_for(
+        lambda evs: any(e.body["data"]["call_id"] == victim["call_id"]
+                        for e in final_events(evs)), 10)
+    lost = final_events(rec.events, victim["call_id"])
+    assert [e.kind for e in lost] == ["call.failed"]
+    assert lost[0].body["data"]["reason"] == "worker_lost"
