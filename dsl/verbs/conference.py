@@ -123,7 +123,7 @@ class Conference(Verb):
             helpers.append(asyncio.create_task(self._digits(ctx, state, seat)))
         if self.wait_url is not None and not seat.started.is_set():
             helpers.append(asyncio.create_task(self._wait_music(ctx, state, seat)))
-        alive = asyncio.ensure_future(ctx.leg.wait(7 * 86400))
+        alive = asyncio.ensure_future(_while_call_lives(ctx))
         try:
             either: set[asyncio.Future[Any]] = {seat.left, alive}
             await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
@@ -131,8 +131,8 @@ class Conference(Verb):
                 log.info("call %s: out of conference %s (%s)", ctx.leg.call_id, self.name,
                          seat.left.result())
                 return NEXT
-            alive.result()  # CallEnded
-            raise CallEnded()
+            alive.result()  # raises CallEnded
+            raise CallEnded()  # (never reached)
         finally:
             for t in [alive, *helpers]:
                 t.cancel()
@@ -242,6 +242,12 @@ class Conference(Verb):
                         await asyncio.wait({watch}, timeout=1.0)
         finally:
             watch.cancel()
+
+
+async def _while_call_lives(ctx: CallContext) -> None:
+    """Raises CallEnded when the call ends (never returns otherwise)."""
+    while True:
+        await ctx.leg.wait(3600)
 
 
 async def _post(ctx: CallContext, url: str, extra: dict[str, str]) -> None:
