@@ -224,7 +224,11 @@ class LocalRoom:
 
         assert seat.entry.record_to is not None
         rec = pj.AudioMediaRecorder()
-        rec.createRecorder(str(seat.entry.record_to))
+        try:
+            rec.createRecorder(str(seat.entry.record_to))
+        except pj.Error as e:  # e.g. the process's recorders are all in use: no recording
+            log.error("room %s: cannot record for %s: %s", self.name, seat.call_id, e.info())
+            return
         seat.recorder, seat.record_path = rec, seat.entry.record_to
         self.graph.add(_rec_key(seat.call_id), rec)
 
