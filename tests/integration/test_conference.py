@@ -17,6 +17,7 @@ import pytest
 from aiohttp import web
 
 from gateway.demo import free_port_block
+from media.tones import BEEP_HZ
 from tests import tones
 from tests.integration.conftest import NUMBER
 from tests.integration.tonephones import PhoneFarm, phone_farm  # noqa: F401 (fixture)
@@ -232,7 +233,8 @@ async def test_start_on_enter_wait_url_and_end_on_exit(
         if req.path == "/wait":
             return {"actions": [{"play": {"url": tone_url(voice_app, WAIT_HZ)}}]}
         hz = tone_of(form)
-        conf: dict[str, Any] = {"name": "soe", "startOnEnter": hz == c, "endOnExit": hz == c}
+        conf: dict[str, Any] = {"name": "soe", "startOnEnter": hz == c, "endOnExit": hz == c,
+                                "beep": hz == c}
         if hz == a:
             conf["waitUrl"] = f"{voice_app.base_url}/wait"
         return {"actions": [{"conference": conf},
@@ -250,6 +252,7 @@ async def test_start_on_enter_wait_url_and_end_on_exit(
     r = await room_of(gw, "soe", 2)
     assert r["started"] is False
     t_waiting = await window(1.2)
+    t_c = time.time()
     await phones.call(gw, c)
     r = await room_of(gw, "soe", 3)
     assert r["started"] is True
@@ -266,6 +269,12 @@ async def test_start_on_enter_wait_url_and_end_on_exit(
     assert got_a == {b, c}, ("started: the wait music stops", lv)
     assert phones.heard(b, *t_started, freqs)[0] == {a, c}
     assert phones.heard(c, *t_started, freqs)[0] == {a, b}
+    # c has `beep`: its entry beeps to the others (each worker beeps its own members)
+    for hz in (a, b):
+        farm, cid = phones.calls[hz]
+        x, rate = farm.recording(cid)
+        at = tones.onset(x, rate, BEEP_HZ, after_s=farm.offset(cid, t_c))
+        assert at is not None and at < farm.offset(cid, t_started[0]) + 0.5, (hz, at)
     # endOnExit: the room ended for a and b; their documents go on with the next action
     assert phones.heard(a, *t_ended, freqs)[0] == {AFTER_HZ}
     assert phones.heard(b, *t_ended, freqs)[0] == {AFTER_HZ}
