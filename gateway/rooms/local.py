@@ -173,8 +173,8 @@ class LocalRoom:
         for peer, spec in wanted.items():
             link = self.links.get(peer)
             if link is None:
-                link = MediaLink(self.rooms.clock_rate, self.rooms.link_host,
-                                 name=f"room-{self.name[:16]}-w{peer}")
+                self.rooms.hosting_links()
+                link = MediaLink(self.rooms.clock_rate, self.rooms.link_host)
                 self.links[peer] = link
                 self.graph.add(_link_key(peer), link.audio_media)
             if spec.host is not None and spec.port is not None:
@@ -271,6 +271,7 @@ class LocalRooms:
         self.rooms: dict[str, LocalRoom] = {}
         self.seats: dict[str, Seat] = {}
         self._kept: list[Any] = []
+        self._tuned = False
 
     async def join(self, call_id: str, entry: RoomEntry) -> Seat:
         found = self._calls(call_id)
@@ -310,6 +311,15 @@ class LocalRooms:
             del self.rooms[op.room_id]
             links = []
         return {"links": links}
+
+    def hosting_links(self) -> None:
+        """This worker hosts media links from now on: each frame callback waits for the GIL,
+        so a busy loop must hand it over sooner (media.link.tune_gil, measured there)."""
+        if not self._tuned:
+            from media.link import tune_gil
+
+            tune_gil()
+            self._tuned = True
 
     def keep(self, obj: Any) -> None:
         """Hold a closed pjsua2 object a while: the bridge may still use it on its clock."""
