@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 
 from gateway.demo import free_port_block
-from media.tones import BEEP_HZ
+from media.tones import BEEP_HZ, HOLD
 from tests import tones
 from tests.integration.conftest import NUMBER
 from tests.integration.tonephones import PhoneFarm, phone_farm  # noqa: F401 (fixture)
@@ -26,6 +26,7 @@ pytestmark = pytest.mark.integration
 AUTH = {"Authorization": "Bearer test-token"}
 TONES = (697, 770, 852, 941, 1209)
 WAIT_HZ, AFTER_HZ = 1336, 1477  # the waitUrl document's tone; the tone played after the room
+HOLD_HZ = HOLD[0][0]  # the hold tone's first note
 SETTLE_S = 0.5  # edges take effect on the next tick; links, RTP and recorders lag a little
 
 
@@ -204,6 +205,13 @@ async def test_mute_and_kick_live(voice_app, receiver, gateway_factory, farms, t
     assert phones.heard(c, *t_muted, everyone)[0] == {b}, "muted: a is not heard"
     # held: b hears the hold tone only (no member) and is not heard; a is still muted
     assert phones.heard(b, *t_held, everyone)[0] == set(), "held: hears nobody"
+    farm, cid = phones.calls[b]
+    x, rate = farm.recording(cid)
+    held_from = farm.offset(cid, t_held[0])
+    span = x[int(held_from * rate):int(farm.offset(cid, t_held[1]) * rate)]
+    assert max(tones.block_levels(span, rate, HOLD_HZ)) > tones.HEARD_DBFS, "the hold tone"
+    before = x[int(farm.offset(cid, t_muted[0]) * rate):int(held_from * rate)]
+    assert max(tones.block_levels(before, rate, HOLD_HZ)) < tones.HEARD_DBFS, "only then"
     assert phones.heard(a, *t_held, everyone)[0] == {c}, "held: b is not heard"
     assert phones.heard(c, *t_held, everyone)[0] == set(), "a muted, b held"
     # kicked: c's document goes on (its next action plays AFTER_HZ), out of the room
