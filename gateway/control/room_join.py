@@ -21,5 +21,6 @@ class RoomJoin(BaseModel):
     beep: bool = False
     start_on_enter: bool = True
     end_on_exit: bool = False
+    record: bool = False  # its worker records the room's mix for this call
     max_participants: int = 0  # 0: the default (registry.DEFAULT_MAX_PARTICIPANTS)
     flags: list[str] = []

@@ -283,6 +283,7 @@ class LocalRooms:
             call_id=call_id, workspace_id=workspace_id, name=entry.name, muted=entry.muted,
             beep=entry.beep, start_on_enter=entry.start_on_enter, end_on_exit=entry.end_on_exit,
             max_participants=entry.max_participants, flags=list(entry.flags),
+            record=entry.record_to is not None,
         )
         try:
             reply = await self.supervisor.request(op, ASK_TIMEOUT_S)

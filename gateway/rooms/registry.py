@@ -48,6 +48,7 @@ class Participant:
     start_on_enter: bool = True
     end_on_exit: bool = False
     beep: bool = False
+    record: bool = False
     flags: tuple[str, ...] = ()
 
     def view(self) -> dict[str, Any]:
@@ -55,6 +56,7 @@ class Participant:
             "call_id": self.call_id, "worker": self.worker, "muted": self.muted,
             "hold": self.hold, "joined_at": self.joined_at,
             "start_on_enter": self.start_on_enter, "end_on_exit": self.end_on_exit,
+            "recording": self.record,
             "flags": list(self.flags),
         }
 
@@ -95,6 +97,7 @@ class Room:
             "name": self.name, "workspace_id": self.workspace_id, "started": self.started,
             "participant_count": len(self.participants), "created_at": self.created_at,
             "hub_worker": self.hub, "workers": sorted(self.workers),
+            "recording": any(p.record for p in self.participants.values()),
         }
         if participants:
             out["participants"] = [
@@ -182,7 +185,7 @@ class RoomRegistry:
                 muted=op.muted or "muted" in flags, hold="hold" in flags,
                 start_on_enter=op.start_on_enter or "startOnEnter" in flags,
                 end_on_exit=op.end_on_exit or "endOnExit" in flags,
-                beep=op.beep or "beep" in flags, flags=tuple(op.flags),
+                beep=op.beep or "beep" in flags, record=op.record, flags=tuple(op.flags),
             )
             room.participants[p.call_id] = p
             count = len(room.participants)

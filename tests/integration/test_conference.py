@@ -323,6 +323,7 @@ async def test_full_room_status_events_digits_and_record(
     t_refused = await window(3.0)  # the message (~1.5 s) then the tone
     r = await room(gw, "small")
     assert r is not None and r["participant_count"] == 1
+    assert r["recording"] is True and r["participants"][0]["recording"] is True
     farm_a = phones.calls[a][0]
     await farm_a.send_dtmf(a_id, "42#")
     await until(lambda: _posted(voice_app, "/digits"), 5)
