@@ -187,6 +187,9 @@ class RoomSeat(Protocol):
     async def leave(self) -> RoomLeft:
         """Out of the room (idempotent); the recording, if any, is complete."""
 
+    def hold_tone_while_waiting(self) -> None:
+        """Hear the built-in hold tone until the room starts (the waitUrl gave nothing)."""
+
 
 class Rooms(Protocol):
     async def join(self, call_id: str, entry: RoomEntry) -> RoomSeat:

@@ -222,10 +222,12 @@ class Conference(Verb):
             doc = await ctx.app.fetch(url, "POST", {"ConferenceName": self.name})
             prompts = [v for v in parse_document(doc.body).actions if isinstance(v, PromptVerb)]
         except (VoiceAppError, DocumentError) as e:
-            state.note("conference_wait_url", f"{url}: {e}")
+            state.note("conference_wait_url", f"{url}: {e}; the hold tone instead")
+            seat.hold_tone_while_waiting()
             return
         if not prompts:
-            state.note("conference_wait_url", f"{url}: no say or play action to loop")
+            state.note("conference_wait_url", f"{url}: no say or play action; the hold tone")
+            seat.hold_tone_while_waiting()
             return
         stop = asyncio.Event()
         watch = asyncio.ensure_future(seat.started.wait())

@@ -68,7 +68,14 @@ class Seat:
         self.notices: asyncio.Queue[RoomNotice] = asyncio.Queue()
         self.recorder: Any = None
         self.record_path: Path | None = None
+        self.wait_tone = entry.wait_tone
         self._left_done = False
+
+    def hold_tone_while_waiting(self) -> None:
+        self.wait_tone = True
+        room = self.rooms.rooms.get(self.room_id)
+        if room is not None and self.call_id in room.members:
+            room.remix()
 
     async def leave(self) -> RoomLeft:
         if self._left_done:
@@ -189,7 +196,7 @@ class LocalRoom:
                        for c, (_, muted, hold) in self.members.items()}
             edges.update(room_edges(members, [_link_key(p) for p in self.links]))
         want_hold = [c for c, (seat, _, hold) in self.members.items()
-                     if hold or (not self.started and seat.entry.wait_tone)]
+                     if hold or (not self.started and seat.wait_tone)]
         if want_hold:
             if self.hold is None:
                 from media.tones import hold_tone
@@ -209,6 +216,9 @@ class LocalRoom:
             self.graph.set_edges(edges)
         except MixGraphError as e:  # a call whose media just went: its leave follows
             log.info("room %s: %s", self.name, e)
+
+    def remix(self) -> None:
+        self._mix()
 
     def _beep(self) -> None:
         from media.tones import beep

@@ -40,6 +40,10 @@ class FakeSeat:
         self.notices: asyncio.Queue[RoomNotice] = asyncio.Queue()
         self.leaves = 0
         self.recording = recording
+        self.hold_tone = False
+
+    def hold_tone_while_waiting(self) -> None:
+        self.hold_tone = True
 
     async def leave(self) -> RoomLeft:
         self.leaves += 1
@@ -173,3 +177,12 @@ async def test_without_rooms_it_is_unsupported(tmp_path: Path) -> None:
     with pytest.raises(VoiceAppError) as e:
         await Interpreter(fake.ctx).run(doc(conference()))
     assert e.value.code == "verb_unsupported"
+
+
+async def test_a_wait_url_that_fails_gives_the_hold_tone(tmp_path: Path) -> None:
+    seat = FakeSeat(started=False)
+    fake, _ = fake_with(tmp_path, seat)  # no route for WAIT_URL: the fetch fails
+    task = await run_until(fake, doc(conference(waitUrl=WAIT_URL)), lambda: seat.hold_tone)
+    fake.leg.end()
+    result = await asyncio.wait_for(task, 2)
+    assert [e.code for e in result.errors] == ["conference_wait_url"]
