@@ -137,6 +137,65 @@ class CallEvents(Protocol):
         """Emit `call.recording.ready` (durably) and return the recording's URL."""
 
 
+class RoomRefused(Exception):
+    """A conference would not take the call (`code`: `room_full`, `unavailable`)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class RoomEntry:
+    """What the `conference` verb asks of the gateway's rooms."""
+
+    name: str  # per workspace: the gateway knows the call's
+    muted: bool = False
+    beep: bool = False
+    start_on_enter: bool = True
+    end_on_exit: bool = False
+    max_participants: int = 0  # 0: the gateway's default
+    flags: tuple[str, ...] = ()
+    wait_tone: bool = True  # the built-in hold tone while the room has not started
+    record_to: Path | None = None  # record the room's mix there while this call is in it
+
+
+@dataclass(frozen=True)
+class RoomNotice:
+    """A room status event: start, end, join, leave (`call_id`: the participant)."""
+
+    event: str
+    call_id: str
+    count: int
+
+
+@dataclass(frozen=True)
+class RoomLeft:
+    count: int  # participants left in the room
+    recording: tuple[Path, float] | None = None  # (file, seconds) when record_to was given
+
+
+class RoomSeat(Protocol):
+    """A call's place in a room, from join until `leave`."""
+
+    room_id: str
+    started: asyncio.Event  # set once the room has started (at once when it had)
+    left: asyncio.Future[str]  # resolves with why the room let go of the call: kicked, ended
+    notices: asyncio.Queue[RoomNotice]
+
+    async def leave(self) -> RoomLeft:
+        """Out of the room (idempotent); the recording, if any, is complete."""
+
+    def hold_tone_while_waiting(self) -> None:
+        """Hear the built-in hold tone until the room starts (the waitUrl gave nothing)."""
+
+
+class Rooms(Protocol):
+    async def join(self, call_id: str, entry: RoomEntry) -> RoomSeat:
+        """Enter the room (the call is answered); raises RoomRefused."""
+
+
 @dataclass
 class CallContext:
     leg: CallLeg
@@ -152,3 +211,5 @@ class CallContext:
     # Asked for the next document when one runs off its end (MCP control); None from it, or no
     # hook, hangs up as usual. The interpreter cancels it when an interrupt arrives.
     next_document: Callable[[], Awaitable[FetchedDocument | None]] | None = None
+    # Conference rooms (the `conference` verb); None where the gateway has none.
+    rooms: Rooms | None = None

@@ -58,6 +58,7 @@ from gateway.forkserver import ForkedProcess, ForkServer, ForkServerUnavailable
 from gateway.kamailio import KamailioConfig, KamailioFront, front_limits
 from gateway.metrics import NodeMetrics
 from gateway.plan import NodePlan, WorkerPlace, plan_node
+from gateway.rooms.registry import RoomRegistry
 from gateway.routing import Router, set_default_region
 from gateway.workers import protocol as msgs
 from gateway.workers.ipc import Channel, Requester, open_channel
@@ -136,6 +137,9 @@ class Node:
         # the places that span processes (see `handle_asks`).
         self._ask_handlers: dict[type[Any], AskHandler] = {}
         self._asking: set[asyncio.Task[None]] = set()
+        # Conference rooms: joins and leaves are workers' asks (gateway/rooms/registry.py).
+        self.rooms = RoomRegistry(self._requester)
+        self.rooms.install(self)
         self._lock_fd: int | None = None
         # Launched already (gateway/cli.py does, before importing this module) or by start().
         self.forkserver = forkserver
@@ -562,6 +566,7 @@ class Node:
             if self.records is not None:
                 self.records.note_call(entry.summary())
         elif isinstance(msg, msgs.CallEnded):
+            self.rooms.call_ended(msg.call_id)
             ended = self.directory.ended(msg.call_id)
             if self.records is not None and ended is not None:
                 self.records.note_call({
@@ -623,6 +628,10 @@ class Node:
                 self.switchboard.trunk_done(entry.trunk, "failed", entry.answered_at is not None)
         if self.deliverer is not None:
             self.deliverer.notify()
+        try:  # its rooms go on without its participants (re-homed if it was a hub)
+            await self.rooms.worker_lost(w.index)
+        except Exception:
+            log.exception("rooms: cleaning up after worker %d failed", w.index)
         if self.front is not None:
             # the carrier's side of those calls is still up: the front sends it BYE
             self._tasks.append(asyncio.create_task(self._end_dialogs(w), name="end-dialogs"))

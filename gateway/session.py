@@ -17,7 +17,7 @@ from pathlib import Path
 
 import aiohttp
 
-from dsl.context import CallContext, FetchedDocument, VoiceAppError
+from dsl.context import CallContext, FetchedDocument, Rooms, VoiceAppError
 from dsl.interpreter import END, Fetch, Interpreter, RunResult
 from gateway.calls.identity import CallIdentity
 from gateway.calls.outcome import CallFacts, EndedBy, Failure, Outcome, classify
@@ -80,6 +80,7 @@ class CallSession:
         time_limit_s: float | None = None,
         mcp: Mcp | None = None,
         http: aiohttp.ClientSession | None = None,
+        rooms: Rooms | None = None,
     ) -> None:
         self.call = call
         self.identity = identity
@@ -94,6 +95,7 @@ class CallSession:
         self.time_limit_s = time_limit_s
         self.mcp = mcp
         self.http = http
+        self.rooms = rooms  # conference rooms (gateway/rooms/local.py)
         self.controller: McpController | None = None
         self.failure: Failure | None = None
         self.ended_by_api = False
@@ -173,6 +175,7 @@ class CallSession:
             voice_callback_url=self.voice_callback_url,
             recordings_dir=self.recordings_dir,
             on_skip=self.on_skip,
+            rooms=self.rooms,
         )
         first = self.first_document
         if self.mcp is not None:

@@ -165,6 +165,11 @@ def make_app(
         setup_supervision(app, supervisions)
     if node is not None:
         setup_admin(app, node)
+        rooms = getattr(node, "rooms", None)
+        if rooms is not None:  # the node's conference rooms (gateway/api/conferences.py)
+            from gateway.api.conferences import setup_conferences
+
+            setup_conferences(app, rooms)
     if settings.demo.enabled:
         from gateway.api.demo import setup_demo  # numpy: only where the demo runs
 

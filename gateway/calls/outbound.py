@@ -254,6 +254,7 @@ class OutboundRunner:
             time_limit_s=op.time_limit_s,
             mcp=op.mcp,
             http=self.worker.cp_http,
+            rooms=self.worker.rooms,
         )
         if self.failure is not None:
             session.fail(self.failure.reason, self.failure.message)

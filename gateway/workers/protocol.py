@@ -18,6 +18,9 @@ from gateway.control.hangup import Hangup
 from gateway.control.originate import Originate
 from gateway.control.redirect import Redirect
 from gateway.control.respond import Respond
+from gateway.control.room_join import RoomJoin
+from gateway.control.room_leave import RoomLeave
+from gateway.control.room_sync import RoomSync
 
 
 class _Msg(BaseModel):
@@ -34,7 +37,7 @@ class Drain(_Msg):
     on: bool = True
 
 
-Op = Annotated[Hangup | Redirect | Respond | Originate, Field(discriminator="op")]
+Op = Annotated[Hangup | Redirect | Respond | Originate | RoomSync, Field(discriminator="op")]
 
 
 class Request(_Msg):
@@ -45,7 +48,7 @@ class Request(_Msg):
 
 # What a worker may ask the supervisor (ops of gateway/control/, tagged by `op`). A union of
 # one member until the places that span processes (dial legs, rooms) add theirs.
-AskOp = Annotated[Hangup, Field(discriminator="op")]
+AskOp = Annotated[Hangup | RoomJoin | RoomLeave, Field(discriminator="op")]
 
 
 class Ask(_Msg):

@@ -36,6 +36,7 @@ from gateway.kamailio import source_allowed
 from gateway.logs import setup_logging
 from gateway.plan import NodePlan, loopback_for, plan_node
 from gateway.prompts import GatewayPrompts
+from gateway.rooms.local import LocalRooms
 from gateway.routing import Router, RoutingError, dialled, normalise_e164, set_default_region
 from gateway.session import CallSession, TimedVoiceApp, new_call_id
 from gateway.urlguard import check_url, make_session
@@ -168,6 +169,8 @@ class Worker:
         self.from_host = public_host(settings.sip.public_address) or loopback_for(
             parse_hostport(settings.sip.listen)[0]
         )
+        # this worker's part of conference rooms (the RoomSync op is registered by the import)
+        self.rooms = LocalRooms(self.supervisor, self._room_call, clock)
         for trunk in settings.trunks:
             self.endpoint.add_trunk(
                 trunk.name,
@@ -224,6 +227,11 @@ class Worker:
         self.supervisor.close()
         self.stopping.set()
 
+    def _room_call(self, call_id: str) -> tuple[SipCall, str] | None:
+        live = self.calls.get(call_id)
+        call = live.sip_call if live is not None else None
+        return (call, live.identity.workspace_id) if live is not None and call else None
+
     async def _shutdown(self) -> None:
         # Calls cut here are the gateway's doing, never a clean completion (README: "Call
         # endings the gateway caused").
@@ -233,6 +241,7 @@ class Worker:
             c.cut(503)
         if self.tasks:
             await asyncio.wait(self.tasks, timeout=10)
+        self.rooms.close_all()
         self.endpoint.stop()
         await self.http.close()
         await self.cp_http.close()
@@ -414,6 +423,7 @@ class Worker:
             voice_callback_url=route.voice_callback_url,
             prompts=self.prompts,
             recordings_dir=self.recordings_dir,
+            rooms=self.rooms,
         )
         live = LiveCall(identity, session=session)
         session.on_final = lambda outcome, end: self.final(live, outcome, end.ended_at)
