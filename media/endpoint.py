@@ -243,7 +243,7 @@ class SipEndpoint:
             cfg.sip_port,
             "+".join(cfg.transports),
             cfg.rtp_port,
-            cfg.rtp_port + cfg.rtp_port_range,
+            cfg.rtp_port + cfg.rtp_port_range - 1,
             cfg.clock_rate,
         )
 
@@ -254,7 +254,9 @@ class SipEndpoint:
         acc_cfg.idUri = f"sip:gateway@{self.host_port}"
         tpc = acc_cfg.mediaConfig.transportConfig
         tpc.port = cfg.rtp_port
-        tpc.portRange = cfg.rtp_port_range
+        # pjsua picks RTP ports from `port` to `port + portRange` inclusive, RTCP one above:
+        # keep both inside this endpoint's block (the next worker's starts right after it).
+        tpc.portRange = max(2, cfg.rtp_port_range - 2)
         tpc.boundAddress = cfg.rtp_host or cfg.sip_host
         if cfg.media_address:
             tpc.publicAddress = cfg.media_address
