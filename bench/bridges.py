@@ -36,7 +36,7 @@ pair-second (callee ACK -> BYE summed), machine CPU, worker threads, final event
 Before the node's sweep one probe pair runs: if the callee's SIPp got no INVITE, dial does not
 work on this tree yet; the node part is reported failed with what the node did instead.
 
-usage: .venv/bin/python bench/bridges.py [--quick] [--pairs 25,50,75,100,125,150]
+usage: .venv/bin/python bench/bridges.py [--quick] [--pairs 25,50,75,100,150,200]
            [--bare-only | --node-only] [--hangup caller|callee] [--cps R] [--keep]
 Needs root (SIPp's pcap play), sipp, kamailio. --quick: bare 4 and 10 pairs, node probe + 4
 pairs, about 2 min. The full run (6 levels each side) stays under about 15 min.
@@ -77,6 +77,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import capacity_proc as proc  # noqa: E402
 from bridges_trace import (  # noqa: E402
+    AudioSniffer,
     failure_kinds,
     fmt_summary,
     match_fifo,
@@ -102,6 +103,8 @@ PAIRS_PER_WORKER = 2  # 4 calls per pjsua2 process
 RTP_PER_WORKER = 12
 CALL_S = 9.5  # INVITE -> BYE of one pair at the default talk time
 BISECT_MIN_GAP = 10
+AUDIO_CHECK_PAIRS = 4  # levels this small (and the probe) check the audio on the wire
+LOUD_SHARE = 0.3  # of the packets each way while bridged (the pcaps give about 0.8)
 TREE = {
     "node": "node process tree incl. its Kamailio",
     "bare": "bare workers + Kamailio",
@@ -142,6 +145,7 @@ class Level:
     pair_s: float = 0.0  # bridged pair-seconds: callee ACK -> BYE, summed
     pair_s_p50: float = math.nan
     sut_cpu_s: float = 0.0
+    bench_cpu_s: float = 0.0  # this process: the node's voice app and events receiver
     cpu_ms_per_pair_s: float = math.nan
     machine_busy_pct: float = math.nan
     threads: dict[str, float] = field(default_factory=dict)  # % of the machine
@@ -149,6 +153,7 @@ class Level:
     app: dict[str, int] = field(default_factory=dict)  # node: voice app requests by kind
     events: dict[str, int] = field(default_factory=dict)
     bare_counts: dict[str, int] = field(default_factory=dict)
+    audio: dict[str, Any] = field(default_factory=dict)  # loud packets each way while bridged
     reasons: list[str] = field(default_factory=list)
     ready_s: float = math.nan
     wall_s: float = 0.0
@@ -643,8 +648,16 @@ async def run_level(
             if udp_bound(callee_port) or callee.returncode is not None:
                 break
             await asyncio.sleep(0.1)
-        m0, cpu0 = proc.machine_cpu(), sut.tree.cpu()
+        m0, cpu0, own0 = proc.machine_cpu(), sut.tree.cpu(), proc.own_cpu()[0]
         th0 = proc.thread_split(p for p in sut.worker_procs() if p is not None)
+        sniffer = None
+        if pairs <= AUDIO_CHECK_PAIRS:
+            sniffer = AudioSniffer(
+                range(args.rtp_port, 32768),
+                range(args.carrier_media_port, args.carrier_media_port + 10000),
+                range(args.callee_media_port, args.callee_media_port + 10000),
+            )
+            sniffer.start()
         with (work / "carrier.out").open("wb") as out:
             carrier = await asyncio.create_subprocess_exec(
                 *carrier_cmd, cwd=work, stdout=out, stderr=subprocess.STDOUT
@@ -658,8 +671,10 @@ async def run_level(
             with contextlib.suppress(ProcessLookupError):
                 callee.send_signal(signal.SIGUSR1)
             await stop_proc(callee, 5)
-        m1, cpu1 = proc.machine_cpu(), sut.tree.cpu()
+        m1, cpu1, own1 = proc.machine_cpu(), sut.tree.cpu(), proc.own_cpu()[0]
         th1 = proc.thread_split(p for p in sut.worker_procs() if p is not None)
+        if sniffer is not None:
+            sniffer.stop()
         if peer is not None:  # every leg's final event; stragglers get a few seconds
             deadline = time.monotonic() + 10 + pairs / 20
             while not peer.all_final() and time.monotonic() < deadline:
@@ -717,12 +732,35 @@ async def run_level(
     busy, total = m1[0] - m0[0], m1[1] - m0[1]
     res.machine_busy_pct = 100 * busy / max(1e-9, total)
     res.sut_cpu_s = cpu1 - cpu0
+    res.bench_cpu_s = own1 - own0
     if res.pair_s > 0:
         res.cpu_ms_per_pair_s = res.sut_cpu_s * 1000 / res.pair_s
     res.threads = {k: 100 * v / max(1e-9, total) for k, v in (th1 - th0).most_common() if v > 0}
 
+    # -- audio: while each callee leg was bridged (ACK + 0.3 s .. its end), was each side's
+    # speech on the wire towards the other? (Ringback before the answer is left out.)
+    if sniffer is not None:
+        if sniffer.error:
+            res.audio["error"] = sniffer.error
+        else:
+            windows = [
+                (c.at["<ACK"] + 0.3, end - 0.2)
+                for c in callee_calls
+                if "<ACK" in c.at and (end := c.at.get("<BYE") or c.at.get(">BYE"))
+            ]
+            for side in ("caller", "callee"):
+                loud, total = sniffer.loud(side, windows)
+                res.audio[f"to {side}"] = f"{loud} loud of {total}"
+                if total == 0 or loud < LOUD_SHARE * total:
+                    res.reasons.append(
+                        f"no audio to the {side} through the bridge: {loud} "
+                        f"loud RTP packets of {total} while bridged"
+                    )
+
     # -- failures
     ok = min(res.carrier_ok, res.callee_ok)
+    if any(w.startswith("no audio") for w in res.reasons):
+        ok = 0
     if peer is not None:
         res.finals = peer.final_counts()
         res.app = dict(peer.app)
@@ -759,7 +797,7 @@ def print_level(r: Level) -> None:
     say(
         f"   CPU: system under test {r.sut_cpu_s:.1f} s = {r.cpu_ms_per_pair_s:.2f} ms per bridged "
         f"pair-second ({r.pair_s:.0f} pair-s, median pair {r.pair_s_p50:.1f} s); machine busy "
-        f"{r.machine_busy_pct:.0f} %"
+        f"{r.machine_busy_pct:.0f} %; this process (voice app, events) {r.bench_cpu_s:.1f} s"
     )
     if r.threads:
         say(
@@ -772,6 +810,8 @@ def print_level(r: Level) -> None:
         say(f"   voice app: {r.app}; events {r.events}")
     if r.bare_counts:
         say(f"   bare workers: {r.bare_counts}")
+    if r.audio:
+        say(f"   audio on the wire while bridged: {r.audio}")
     for why in r.reasons:
         say(f"   ! {why}")
     say(f"   ({r.wall_s:.0f} s; work dir {r.work})")
@@ -785,7 +825,10 @@ async def sweep(levels: list[int], run: Callable[[int, str], Awaitable[int]]) ->
     one and it (when the gap is wide enough), then stop."""
     good = 0
     for lv in sorted(levels):
-        if await run(lv, "sweep") == 0:
+        failed = await run(lv, "sweep")
+        if failed < 0:  # out of time
+            return
+        if failed == 0:
             good = lv
             continue
         if lv - good > BISECT_MIN_GAP:
@@ -795,14 +838,17 @@ async def sweep(levels: list[int], run: Callable[[int, str], Awaitable[int]]) ->
 
 def node_broken(r: Level, work: Path) -> str:
     """Why the probe pair says the node cannot bridge yet ('' when it bridged)."""
-    if r.callee_invites and r.ok:
+    if r.callee_invites and r.ok and r.failed == 0:
         return ""
     log = work / "gateway.log"
     hints = []
     if log.exists():
         for line in log.read_text(errors="replace").splitlines():
-            if any(w in line.lower() for w in ("dial", "traceback", "error", "not implemented")):
-                hints.append(line.strip()[:200])
+            low = line.lower()
+            if " info " in low:
+                continue  # the startup line mentions dial legs too
+            if any(w in low for w in ("dial", "traceback", "error", "not supported")):
+                hints.append(line.strip()[:240])
     what = (
         f"the probe pair did not bridge: callee SIPp got {r.callee_invites} INVITE(s); carrier "
         f"{r.carrier_ok} ok / {r.carrier_failed} failed (INVITE answers {r.refused or 'none'}"
@@ -815,8 +861,22 @@ def node_broken(r: Level, work: Path) -> str:
     return what
 
 
+def over_budget(share: float, what: str, args: argparse.Namespace) -> bool:
+    """True (and says so) once the run has used `share` of --budget-min: the sweep stops
+    there, so one run stays bounded whatever the levels."""
+    if time.monotonic() - T0 < share * args.budget_min * 60:
+        return False
+    say(
+        f"\n== {since_start()} time budget: no more {what} levels "
+        f"({share:.0%} of --budget-min {args.budget_min:g} used)"
+    )
+    return True
+
+
 async def amain(args: argparse.Namespace, base: Path, s: Sitting) -> None:
     async def bare(lv: int, kind: str) -> int:
+        if over_budget(0.4 if not args.bare_only else 0.9, "bare", args):
+            return -1
         s.bare.append(await run_level("bare", lv, kind, args, base, None))
         return s.bare[-1].failed
 
@@ -839,6 +899,8 @@ async def amain(args: argparse.Namespace, base: Path, s: Sitting) -> None:
             return
 
         async def node(lv: int, kind: str) -> int:
+            if over_budget(0.85, "node", args):
+                return -1
             s.node.append(await run_level("node", lv, kind, args, base, peer))
             return s.node[-1].failed
 
@@ -931,6 +993,8 @@ def report(s: Sitting, args: argparse.Namespace) -> str:
             extra = []
             if r.bare_counts:
                 extra.append(f"bare workers {r.bare_counts}")
+            if r.audio:
+                extra.append(f"audio while bridged {r.audio}")
             if r.app:
                 extra.append(f"voice app {r.app}")
             if r.threads:
@@ -960,7 +1024,7 @@ def report(s: Sitting, args: argparse.Namespace) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    ap.add_argument("--pairs", default="25,50,75,100,125,150", help="concurrent pairs to try")
+    ap.add_argument("--pairs", default="25,50,75,100,150,200", help="concurrent pairs to try")
     ap.add_argument("--node-pairs", default="", help="node levels (default: --pairs)")
     ap.add_argument("--quick", action="store_true", help="bare 4,10 and node 4 pairs (~2 min)")
     ap.add_argument("--bare-only", action="store_true")
@@ -968,13 +1032,19 @@ def main() -> int:
     ap.add_argument("--hangup", choices=("caller", "callee"), default="caller")
     ap.add_argument("--cps", type=float, default=0, help="SIPp -r (default: 1.5 P / 9.5 s)")
     ap.add_argument("--talk-ms", type=int, default=9000, help="ACK -> BYE of the side hanging up")
-    ap.add_argument("--probe-talk-ms", type=int, default=2000)
+    ap.add_argument("--probe-talk-ms", type=int, default=3000)
     ap.add_argument(
         "--reserved-slots",
         type=int,
         default=2,
         help="node workers.reserved_slots (2: two inbound calls per worker, a slot "
         "for each one's dial leg)",
+    )
+    ap.add_argument(
+        "--budget-min",
+        type=float,
+        default=14.0,
+        help="no new level after this many minutes (bare levels: 40 %% of it)",
     )
     ap.add_argument("--kamailio-children", type=int, default=4)
     ap.add_argument("--settle", type=float, default=3.0, help="node: seconds after ready")

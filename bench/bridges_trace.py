@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import math
 import re
+import socket
+import struct
+import threading
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -140,3 +144,69 @@ def fmt_summary(s: dict[str, float]) -> str:
         return "no samples"
     return (f"p50 {s['p50']:.1f} / p90 {s['p90']:.1f} / p99 {s['p99']:.1f} / max {s['max']:.1f}"
             f" ms (n={int(s['n'])})")  # fmt: skip
+
+
+# ------------------------------------------------------------------------ audio on the wire
+
+SILENT_ALAW = frozenset((0xD5, 0x55, 0xD4, 0x54))  # PCMA bytes of (near) zero samples
+
+
+class AudioSniffer:
+    """RTP on `lo` from the system under test's RTP ports to the carrier's and the callee's
+    SDP ports (AF_PACKET, needs root), each packet stamped and marked loud when more than a
+    quarter of its PCMA bytes are not silence. For a few pairs only: Python reads every packet
+    on loopback. Proves the bridge carries each side's audio to the other (the pcaps are
+    speech; workers send RTP silence, VAD off, when nothing reaches a port)."""
+
+    def __init__(self, src: range, to_caller: range, to_callee: range) -> None:
+        self.src, self.to_caller, self.to_callee = src, to_caller, to_callee
+        self.packets: list[tuple[float, str, bool]] = []
+        self.error = ""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        try:
+            sk = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.ntohs(0x0003))
+            sk.bind(("lo", 0))
+            sk.settimeout(0.2)
+        except (OSError, AttributeError) as e:
+            self.error = f"no audio check: {e}"
+            return
+        self._thread = threading.Thread(target=self._run, args=(sk,), daemon=True)
+        self._thread.start()
+
+    def _run(self, sk: socket.socket) -> None:
+        with sk:
+            while not self._stop.is_set():
+                try:
+                    pkt = sk.recv(2048)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    return
+                if pkt[12:14] != b"\x08\x00" or pkt[23] != 17:  # IPv4 UDP
+                    continue
+                u = 14 + (pkt[14] & 15) * 4
+                sport, dport = struct.unpack("!HH", pkt[u : u + 4])
+                body = pkt[u + 8 :]
+                if sport not in self.src or len(body) < 40 or body[0] >> 6 != 2:
+                    continue
+                side = ("caller" if dport in self.to_caller
+                        else "callee" if dport in self.to_callee else "")  # fmt: skip
+                if side:
+                    audio = body[12:]
+                    loud = sum(b not in SILENT_ALAW for b in audio) > len(audio) // 4
+                    self.packets.append((time.time(), side, loud))
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(2)
+
+    def loud(self, side: str, windows: list[tuple[float, float]]) -> tuple[int, int]:
+        """(loud packets, packets) towards `side` inside any of the (from, to) wall-clock
+        windows, each packet counted once."""
+        got = [loud for t, s, loud in self.packets
+               if s == side and any(a <= t <= b for a, b in windows)]  # fmt: skip
+        return sum(got), len(got)
