@@ -639,18 +639,20 @@ async def run_level(
         *trace,
     ]
     res.carrier_cmd = carrier_cmd
+    sipps: list[asyncio.subprocess.Process] = []
+    sniffer: AudioSniffer | None = None
     try:
         with (work / "callee.out").open("wb") as out:
             callee = await asyncio.create_subprocess_exec(
                 *callee_cmd, cwd=work, stdout=out, stderr=subprocess.STDOUT
             )
+        sipps.append(callee)
         for _ in range(50):
             if udp_bound(callee_port) or callee.returncode is not None:
                 break
             await asyncio.sleep(0.1)
         m0, cpu0, own0 = proc.machine_cpu(), sut.tree.cpu(), proc.own_cpu()[0]
         th0 = proc.thread_split(p for p in sut.worker_procs() if p is not None)
-        sniffer = None
         if pairs <= AUDIO_CHECK_PAIRS:
             sniffer = AudioSniffer(
                 range(args.rtp_port, 32768),
@@ -662,15 +664,13 @@ async def run_level(
             carrier = await asyncio.create_subprocess_exec(
                 *carrier_cmd, cwd=work, stdout=out, stderr=subprocess.STDOUT
             )
+            sipps.append(carrier)
             rc = await carrier.wait()
         # The callee's SIPp ends by itself after its -m calls; when some never came, a soft
         # stop (SIGUSR1: no new calls, live ones end), then a hard one.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(callee.wait(), 10)
-        if callee.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                callee.send_signal(signal.SIGUSR1)
-            await stop_proc(callee, 5)
+        await stop_proc(callee, 5, signal.SIGUSR1)
         m1, cpu1, own1 = proc.machine_cpu(), sut.tree.cpu(), proc.own_cpu()[0]
         th1 = proc.thread_split(p for p in sut.worker_procs() if p is not None)
         if sniffer is not None:
@@ -681,7 +681,11 @@ async def run_level(
                 peer.changed.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(peer.changed.wait(), 0.5)
-    finally:
+    finally:  # also when cancelled (the run's watchdog, ^C): nothing of ours outlives it
+        if sniffer is not None:
+            sniffer.stop()
+        for p in sipps:
+            await stop_proc(p, 3)
         await sut.stop()
     res.bare_counts = sut.after()
     if rc != 0:
@@ -771,7 +775,7 @@ async def run_level(
             if k.endswith(" 1 final(s)"):
                 one[role] += v
             else:
-                res.reasons.append(k)
+                res.reasons.append(f"{v} {k}")
         ok = min(ok, one["caller"], one["dial"])
         if peer.bad_signatures:
             res.reasons.append(f"{peer.bad_signatures} bad signature(s)")
@@ -1078,7 +1082,8 @@ def main() -> int:
     base = Path(tempfile.mkdtemp(prefix="sautikit-bridges-"))
     t0 = time.monotonic()
     try:
-        asyncio.run(amain(args, base, s))
+        # A watchdog over the whole run: levels are bounded one by one, this bounds the sum.
+        asyncio.run(asyncio.wait_for(amain(args, base, s), (args.budget_min + 6) * 60))
     except (Exception, KeyboardInterrupt):
         traceback.print_exc()
         say("the run stopped early: the report has what was measured")
