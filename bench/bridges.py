@@ -147,6 +147,8 @@ class Level:
     pair_s_p50: float = math.nan
     sut_cpu_s: float = 0.0
     bench_cpu_s: float = 0.0  # this process: the node's voice app and events receiver
+    sipp_cpu_s: float = 0.0
+    others_pct: float = math.nan  # machine busy that is none of ours (other work on the box)
     cpu_ms_per_pair_s: float = math.nan
     machine_busy_pct: float = math.nan
     threads: dict[str, float] = field(default_factory=dict)  # % of the machine
@@ -652,7 +654,7 @@ async def run_level(
             if udp_bound(callee_port) or callee.returncode is not None:
                 break
             await asyncio.sleep(0.1)
-        m0, cpu0, own0 = proc.machine_cpu(), sut.tree.cpu(), proc.own_cpu()[0]
+        m0, cpu0, own0 = proc.machine_cpu(), sut.tree.cpu(), proc.own_cpu()
         th0 = proc.thread_split(p for p in sut.worker_procs() if p is not None)
         if pairs <= AUDIO_CHECK_PAIRS:
             sniffer = AudioSniffer(
@@ -672,7 +674,7 @@ async def run_level(
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(callee.wait(), 10)
         await stop_proc(callee, 5, signal.SIGUSR1)
-        m1, cpu1, own1 = proc.machine_cpu(), sut.tree.cpu(), proc.own_cpu()[0]
+        m1, cpu1, own1 = proc.machine_cpu(), sut.tree.cpu(), proc.own_cpu()
         th1 = proc.thread_split(p for p in sut.worker_procs() if p is not None)
         if sniffer is not None:
             sniffer.stop()
@@ -737,7 +739,10 @@ async def run_level(
     busy, total = m1[0] - m0[0], m1[1] - m0[1]
     res.machine_busy_pct = 100 * busy / max(1e-9, total)
     res.sut_cpu_s = cpu1 - cpu0
-    res.bench_cpu_s = own1 - own0
+    res.bench_cpu_s = own1[0] - own0[0]
+    res.sipp_cpu_s = own1[1] - own0[1]  # reaped children: the two SIPps
+    others = busy - res.sut_cpu_s - res.bench_cpu_s - res.sipp_cpu_s
+    res.others_pct = max(0.0, 100 * others / max(1e-9, total))
     if res.pair_s > 0:
         res.cpu_ms_per_pair_s = res.sut_cpu_s * 1000 / res.pair_s
     res.threads = {k: 100 * v / max(1e-9, total) for k, v in (th1 - th0).most_common() if v > 0}
@@ -802,7 +807,8 @@ def print_level(r: Level) -> None:
     say(
         f"   CPU: system under test {r.sut_cpu_s:.1f} s = {r.cpu_ms_per_pair_s:.2f} ms per bridged "
         f"pair-second ({r.pair_s:.0f} pair-s, median pair {r.pair_s_p50:.1f} s); machine busy "
-        f"{r.machine_busy_pct:.0f} %; this process (voice app, events) {r.bench_cpu_s:.1f} s"
+        f"{r.machine_busy_pct:.0f} % (not ours {r.others_pct:.0f} %); SIPp {r.sipp_cpu_s:.1f} s, "
+        f"this process (voice app, events) {r.bench_cpu_s:.1f} s"
     )
     if r.threads:
         say(
@@ -930,7 +936,7 @@ def table(levels: list[Level]) -> list[str]:
     out = [
         "| pairs | kind | workers | pairs ok / failed | peak | carrier INVITE→200 p50 / p99 ms "
         "| INVITE→callee INVITE p50 / p99 ms | callee 200→ACK p50 / p99 ms | CPU ms per "
-        "pair-second | machine busy % | final events per leg |",
+        "pair-second | machine busy % (not ours) | final events per leg |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in levels:
@@ -943,7 +949,8 @@ def table(levels: list[Level]) -> list[str]:
             f"{fmt(a.get('p50', math.nan))} / {fmt(a.get('p99', math.nan))} | "
             f"{fmt(b.get('p50', math.nan))} / {fmt(b.get('p99', math.nan))} | "
             f"{fmt(c.get('p50', math.nan))} / {fmt(c.get('p99', math.nan))} | "
-            f"{fmt(r.cpu_ms_per_pair_s, 2)} | {fmt(r.machine_busy_pct, 0)} | {finals} |"
+            f"{fmt(r.cpu_ms_per_pair_s, 2)} | {fmt(r.machine_busy_pct, 0)} "
+            f"({fmt(r.others_pct, 0)}) | {finals} |"
         )
     return out
 
