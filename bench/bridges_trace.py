@@ -16,6 +16,7 @@ import socket
 import struct
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -28,6 +29,7 @@ class CallTrace:
     call_id: str
     at: dict[str, float] = field(default_factory=dict)  # kind -> first stamp (epoch s)
     codes: list[str] = field(default_factory=list)  # final INVITE codes other than 200
+    parent: str = ""  # the caller leg's Call-ID, when the INVITE names it (X-Bench-Parent)
 
     def span_ms(self, a: str, b: str) -> float | None:
         if a in self.at and b in self.at:
@@ -49,7 +51,7 @@ def read_trace(work: Path, scenario: str) -> dict[str, CallTrace]:
             hdr: dict[str, str] = {}
             for ln in lines[2:]:
                 k, sep, v = ln.partition(":")
-                if sep and k.strip().lower() in ("call-id", "cseq", "i"):
+                if sep and k.strip().lower() in ("call-id", "cseq", "i", "x-bench-parent"):
                     hdr.setdefault("call-id" if k.strip().lower() == "i" else k.strip().lower(),
                                    v.strip())  # fmt: skip
             cid = hdr.get("call-id")
@@ -68,6 +70,8 @@ def read_trace(work: Path, scenario: str) -> dict[str, CallTrace]:
                 kind = first.split()[0]
             call = calls.setdefault(cid, CallTrace(cid))
             call.at.setdefault(("<" if not sent else ">") + kind, at)
+            if kind == "INVITE" and hdr.get("x-bench-parent"):
+                call.parent = hdr["x-bench-parent"]
     return calls
 
 
@@ -99,24 +103,41 @@ def failure_kinds(row: dict[str, str]) -> list[str]:
     return out
 
 
-def match_fifo(
-    carrier: list[CallTrace], callee: list[CallTrace], window_s: float = 10.0
-) -> list[tuple[CallTrace, CallTrace]]:
-    """Pairs (carrier call, callee call): each callee INVITE, in arrival order, goes with the
-    earliest unmatched carrier call whose INVITE left before it (within `window_s`). The
-    legs carry no common header, so this is by order; exact while setups are shorter than the
-    gap between calls, a close approximation under load (the median is what is reported)."""
-    todo = sorted((c for c in carrier if ">INVITE" in c.at), key=lambda c: c.at[">INVITE"])
+def match_legs(
+    carrier: list[CallTrace],
+    callee: list[CallTrace],
+    parent_of: dict[str, str] | None = None,
+    window_s: float = 10.0,
+) -> tuple[list[tuple[CallTrace, CallTrace]], int]:
+    """Pairs (carrier call, callee call) and how many were matched exactly. Exactly: the
+    callee's INVITE names its caller's Call-ID (the bare workers' X-Bench-Parent header), or
+    `parent_of` maps the callee's Call-ID to the carrier's (the node's call records). Else by
+    time: the latest unmatched carrier INVITE that left before the callee's INVITE (within
+    `window_s`), right while the bridge dials faster than calls arrive."""
+    by_id = {c.call_id: c for c in carrier if ">INVITE" in c.at}
+    parent_of = parent_of or {}
     out: list[tuple[CallTrace, CallTrace]] = []
-    i = 0
+    used: set[str] = set()
+    rest = []
     for b in sorted((c for c in callee if "<INVITE" in c.at), key=lambda c: c.at["<INVITE"]):
+        a = by_id.get(b.parent or parent_of.get(b.call_id, ""))
+        if a is not None and a.call_id not in used:
+            used.add(a.call_id)
+            out.append((a, b))
+        else:
+            rest.append(b)
+    exact = len(out)
+    todo = sorted((c for c in by_id.values() if c.call_id not in used),
+                  key=lambda c: c.at[">INVITE"])  # fmt: skip
+    for b in rest:
         t = b.at["<INVITE"]
-        while i < len(todo) and todo[i].at[">INVITE"] < t - window_s:
-            i += 1
-        if i < len(todo) and todo[i].at[">INVITE"] <= t:
-            out.append((todo[i], b))
-            i += 1
-    return out
+        for a in reversed(todo):
+            sent = a.at[">INVITE"]
+            if a.call_id not in used and t - window_s <= sent <= t:
+                used.add(a.call_id)
+                out.append((a, b))
+                break
+    return out, exact
 
 
 def peak_concurrency(spans: list[tuple[float, float]]) -> int:
@@ -149,18 +170,36 @@ def fmt_summary(s: dict[str, float]) -> str:
 # ------------------------------------------------------------------------ audio on the wire
 
 SILENT_ALAW = frozenset((0xD5, 0x55, 0xD4, 0x54))  # PCMA bytes of (near) zero samples
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux; Python does not name it
+KEY = 16  # bytes of PCMA matched between a packet in and a packet out (2 ms of audio)
+
+
+@dataclass
+class Rtp:
+    t: float  # kernel stamp (wall clock)
+    sport: int
+    dport: int
+    audio: bytes  # the payload after the 12-byte RTP header
+    ssrc: int = 0
 
 
 class AudioSniffer:
-    """RTP on `lo` from the system under test's RTP ports to the carrier's and the callee's
-    SDP ports (AF_PACKET, needs root), each packet stamped and marked loud when more than a
-    quarter of its PCMA bytes are not silence. For a few pairs only: Python reads every packet
-    on loopback. Proves the bridge carries each side's audio to the other (the pcaps are
-    speech; workers send RTP silence, VAD off, when nothing reaches a port)."""
+    """RTP on `lo` to and from the system under test's RTP ports (AF_PACKET, needs root; kernel
+    time stamps). For a few pairs only: Python reads every packet on loopback.
 
-    def __init__(self, src: range, to_caller: range, to_callee: range) -> None:
-        self.src, self.to_caller, self.to_callee = src, to_caller, to_callee
-        self.packets: list[tuple[float, str, bool]] = []
+    - `loud`: packets out towards the caller's / the callee's SDP ports whose PCMA is mostly
+      not silence: the bridge carries each side's speech to the other (the pcaps are speech;
+      a worker sends RTP silence, VAD off, when nothing reaches a port).
+    - `latency`: one-way delay through the bridge: the same PCMA bytes arriving from one
+      carrier and leaving towards the other (G.711 through pjmedia's bridge with one source is
+      byte-exact: A-law decoded and encoded again). Both carriers play the same pcap, so a
+      match is kept only between two different ports of the system under test and, per port
+      out, only the port in that matches it most (the leg it is bridged to)."""
+
+    def __init__(self, sut: range, to_caller: range, to_callee: range) -> None:
+        self.sut, self.to_caller, self.to_callee = sut, to_caller, to_callee
+        self.out: list[Rtp] = []
+        self.into: list[Rtp] = []
         self.error = ""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -169,6 +208,7 @@ class AudioSniffer:
         try:
             sk = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.ntohs(0x0003))
             sk.bind(("lo", 0))
+            sk.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
             sk.settimeout(0.2)
         except (OSError, AttributeError) as e:
             self.error = f"no audio check: {e}"
@@ -180,24 +220,30 @@ class AudioSniffer:
         with sk:
             while not self._stop.is_set():
                 try:
-                    pkt = sk.recv(2048)
+                    pkt, anc, _, addr = sk.recvmsg(2048, socket.CMSG_SPACE(16))
                 except TimeoutError:
                     continue
                 except OSError:
                     return
+                if addr[2] == socket.PACKET_OUTGOING:  # lo shows each packet twice
+                    continue
                 if pkt[12:14] != b"\x08\x00" or pkt[23] != 17:  # IPv4 UDP
                     continue
                 u = 14 + (pkt[14] & 15) * 4
                 sport, dport = struct.unpack("!HH", pkt[u : u + 4])
                 body = pkt[u + 8 :]
-                if sport not in self.src or len(body) < 40 or body[0] >> 6 != 2:
+                if len(body) < 40 or body[0] >> 6 != 2 or 200 <= body[1] <= 204:  # RTP, not RTCP
                     continue
-                side = ("caller" if dport in self.to_caller
-                        else "callee" if dport in self.to_callee else "")  # fmt: skip
-                if side:
-                    audio = body[12:]
-                    loud = sum(b not in SILENT_ALAW for b in audio) > len(audio) // 4
-                    self.packets.append((time.time(), side, loud))
+                t = time.time()
+                for level, kind, data in anc:
+                    if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= 16:
+                        sec, nsec = struct.unpack("qq", data[:16])
+                        t = sec + nsec / 1e9
+                if sport in self.sut and (dport in self.to_caller or dport in self.to_callee):
+                    ssrc = int.from_bytes(body[8:12], "big")
+                    self.out.append(Rtp(t, sport, dport, body[12:], ssrc))
+                elif dport in self.sut and (sport in self.to_caller or sport in self.to_callee):
+                    self.into.append(Rtp(t, sport, dport, body[12:]))
 
     def stop(self) -> None:
         self._stop.set()
@@ -205,8 +251,46 @@ class AudioSniffer:
             self._thread.join(2)
 
     def loud(self, side: str, windows: list[tuple[float, float]]) -> tuple[int, int]:
-        """(loud packets, packets) towards `side` inside any of the (from, to) wall-clock
+        """(loud packets, packets) out towards `side` inside any of the (from, to) wall-clock
         windows, each packet counted once."""
-        got = [loud for t, s, loud in self.packets
-               if s == side and any(a <= t <= b for a, b in windows)]  # fmt: skip
+        dst = self.to_caller if side == "caller" else self.to_callee
+        got = [
+            sum(b not in SILENT_ALAW for b in p.audio) > len(p.audio) // 4
+            for p in self.out
+            if p.dport in dst and any(a <= p.t <= b for a, b in windows)
+        ]
         return sum(got), len(got)
+
+    def latency(self) -> dict[str, list[float]]:
+        """One-way ms through the bridge, 'caller -> callee' and 'callee -> caller'. Every
+        pair plays the same pcap, so the same bytes come in on every caller leg's port,
+        shifted by the gap between the calls' starts: each packet out is matched with the
+        packet in that carried its bytes most recently (another pair's stream, started
+        earlier, carried them earlier still), and per port out only the port in that most
+        packets matched is kept (the leg it is bridged to). Per stream out, by its SSRC: a
+        port is used again by a later call, bridged to another leg."""
+        keys: dict[bytes, list[Rtp]] = {}
+        for p in self.out:
+            k = p.audio[:KEY]
+            if len(k) == KEY and len(set(k)) >= 6:  # speech, not a silence pattern
+                keys.setdefault(k, []).append(p)
+        nearest: dict[int, tuple[float, int, str]] = {}  # id(packet out) -> (ms, port in, way)
+        for q in self.into:
+            way = "caller -> callee" if q.sport in self.to_caller else "callee -> caller"
+            for i in range(len(q.audio) - KEY + 1):
+                for p in keys.get(q.audio[i : i + KEY], ()):
+                    towards = "callee" if p.dport in self.to_callee else "caller"
+                    ms = (p.t - q.t) * 1e3
+                    if p.sport != q.dport and 0 < ms < 1000 and way.endswith(towards):
+                        if id(p) not in nearest or ms < nearest[id(p)][0]:
+                            nearest[id(p)] = (ms, q.dport, way)
+        stream = {id(p): (p.sport, p.ssrc) for p in self.out}
+        votes: dict[tuple[int, int], Counter[int]] = {}
+        for pid, (_, port_in, _) in nearest.items():
+            votes.setdefault(stream[pid], Counter())[port_in] += 1
+        peer = {s: c.most_common(1)[0][0] for s, c in votes.items()}
+        out: dict[str, list[float]] = {"caller -> callee": [], "callee -> caller": []}
+        for pid, (ms, port_in, way) in nearest.items():
+            if peer[stream[pid]] == port_in:
+                out[way].append(ms)
+        return out

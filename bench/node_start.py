@@ -223,7 +223,10 @@ async def run_mode(mode: str, workers: int, timeout: float, base: Path) -> Resul
     t0 = time.monotonic()
     proc = subprocess.Popen(  # noqa: ASYNC220 - the clock starts at this launch
         [sys.executable, "-m", "gateway.cli", "run", "--config", str(config)],
-        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        start_new_session=True,
     )
     deadline = t0 + timeout
     try:
@@ -273,15 +276,21 @@ async def main() -> int:
         if r.error:
             print(f"   {r.error}", flush=True)
     print()
-    print(f"node start, {args.workers} workers x 4 calls, managed Kamailio front, "
-          f"{os.cpu_count()} cores")
-    print(f"{'mode':6} {'1st OPTIONS':>11} {'all OPTIONS':>11} {'/readyz 200':>11} "
-          f"{'RSS/worker':>10} {'PSS/worker':>10} {'node PSS/worker':>15} {'node CPU':>8} "
-          f"{'load':>5}")
+    print(
+        f"node start, {args.workers} workers x 4 calls, managed Kamailio front, "
+        f"{os.cpu_count()} cores"
+    )
+    print(
+        f"{'mode':6} {'1st OPTIONS':>11} {'all OPTIONS':>11} {'/readyz 200':>11} "
+        f"{'RSS/worker':>10} {'PSS/worker':>10} {'node PSS/worker':>15} {'node CPU':>8} "
+        f"{'load':>5}"
+    )
     for r in results:
-        print(f"{r.mode:6} {fmt(r.first_options_s):>11} {fmt(r.all_options_s):>11} "
-              f"{fmt(r.readyz_s):>11} {r.rss_mib:>8.1f}MB {r.pss_mib:>8.1f}MB "
-              f"{r.node_pss_per_worker_mib:>13.1f}MB {r.cpu_s:>7.1f}s {r.load:>5.1f}")
+        print(
+            f"{r.mode:6} {fmt(r.first_options_s):>11} {fmt(r.all_options_s):>11} "
+            f"{fmt(r.readyz_s):>11} {r.rss_mib:>8.1f}MB {r.pss_mib:>8.1f}MB "
+            f"{r.node_pss_per_worker_mib:>13.1f}MB {r.cpu_s:>7.1f}s {r.load:>5.1f}"
+        )
     by = {r.mode: r for r in results}
     if "fork" in by and "spawn" in by:
         f, s = by["fork"], by["spawn"]
@@ -289,11 +298,13 @@ async def main() -> int:
         def ratio(a: float | None, b: float | None) -> str:
             return f"{a / b:.2f}" if a and b else "-"
 
-        print(f"fork/spawn: all OPTIONS {ratio(f.all_options_s, s.all_options_s)}, "
-              f"/readyz {ratio(f.readyz_s, s.readyz_s)}, RSS {ratio(f.rss_mib, s.rss_mib)}, "
-              f"PSS {ratio(f.pss_mib, s.pss_mib)}, node PSS "
-              f"{ratio(f.node_pss_per_worker_mib, s.node_pss_per_worker_mib)}, "
-              f"node CPU {ratio(f.cpu_s, s.cpu_s)}")
+        print(
+            f"fork/spawn: all OPTIONS {ratio(f.all_options_s, s.all_options_s)}, "
+            f"/readyz {ratio(f.readyz_s, s.readyz_s)}, RSS {ratio(f.rss_mib, s.rss_mib)}, "
+            f"PSS {ratio(f.pss_mib, s.pss_mib)}, node PSS "
+            f"{ratio(f.node_pss_per_worker_mib, s.node_pss_per_worker_mib)}, "
+            f"node CPU {ratio(f.cpu_s, s.cpu_s)}"
+        )
     print("command:", shlex.join([Path(sys.executable).name, *sys.argv]))
     if args.keep:
         print("logs:", base)

@@ -116,8 +116,10 @@ def _ulaw(u: int) -> int:
     return abs(t - 0x84)
 
 
-LEVEL = {8: bytes(min(255, _alaw(b) >> 7) for b in range(256)),
-         0: bytes(min(255, _ulaw(b) >> 7) for b in range(256))}  # |sample| / 128 per byte
+LEVEL = {
+    8: bytes(min(255, _alaw(b) >> 7) for b in range(256)),
+    0: bytes(min(255, _ulaw(b) >> 7) for b in range(256)),
+}  # |sample| / 128 per byte
 
 
 def loud(pt: int, payload: bytes) -> bool:
@@ -155,8 +157,15 @@ def recv_all(sock: socket.socket) -> list[tuple[bytes, tuple[str, int], float]]:
 
 # --------------------------------------------------------------------------- SIP, minimal
 
-COMPACT = {"v": "via", "f": "from", "t": "to", "i": "call-id", "m": "contact",
-           "l": "content-length", "c": "content-type"}
+COMPACT = {
+    "v": "via",
+    "f": "from",
+    "t": "to",
+    "i": "call-id",
+    "m": "contact",
+    "l": "content-length",
+    "c": "content-type",
+}
 
 
 @dataclass
@@ -240,8 +249,10 @@ def sdp_answer(offer: str, rtp_port: int) -> tuple[str, int]:
     pts = m.split()[3:]
     pt = 8 if "8" in pts or "0" not in pts else 0
     name = "PCMA" if pt == 8 else "PCMU"
-    sdp = ("v=0\r\no=carrier 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
-           f"m=audio {rtp_port} RTP/AVP {pt}\r\na=rtpmap:{pt} {name}/8000\r\na=sendrecv\r\n")
+    sdp = (
+        "v=0\r\no=carrier 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+        f"m=audio {rtp_port} RTP/AVP {pt}\r\na=rtpmap:{pt} {name}/8000\r\na=sendrecv\r\n"
+    )
     return sdp, pt
 
 
@@ -307,8 +318,17 @@ class Carrier:
         with contextlib.suppress(OSError):
             self.sock.sendto(data, to)
 
-    def _response(self, req: Msg, code: int, reason: str, *, tag: str = "", extra: str = "",
-                  body: str = "", record_route: bool = False) -> bytes:
+    def _response(
+        self,
+        req: Msg,
+        code: int,
+        reason: str,
+        *,
+        tag: str = "",
+        extra: str = "",
+        body: str = "",
+        record_route: bool = False,
+    ) -> bytes:
         lines = [f"SIP/2.0 {code} {reason}"]
         lines += [f"Via: {v}" for v in req.all("via")]
         if record_route:
@@ -349,8 +369,18 @@ class Carrier:
             assert call is not None
             if ";tag=" in msg.get("to"):  # a re-INVITE: same answer again
                 sdp, _ = sdp_answer(msg.body, call.rtp.getsockname()[1] if call.rtp else 9)
-                self._send(self._response(msg, 200, "OK", tag=call.to_tag, body=sdp,
-                                          extra=self._contact(), record_route=True), addr)
+                self._send(
+                    self._response(
+                        msg,
+                        200,
+                        "OK",
+                        tag=call.to_tag,
+                        body=sdp,
+                        extra=self._contact(),
+                        record_route=True,
+                    ),
+                    addr,
+                )
             elif call.last_response:  # a retransmission
                 self._send(call.last_response, addr)
         elif method == "ACK" and call is not None:
@@ -369,8 +399,12 @@ class Carrier:
             self._send(self._response(msg, 200, "OK", tag=secrets.token_hex(4)), addr)
         elif method != "ACK":
             self.stray[method] += 1
-            self._send(self._response(msg, 200 if call else 481, "OK" if call else
-                                      "Call/Transaction Does Not Exist"), addr)
+            self._send(
+                self._response(
+                    msg, 200 if call else 481, "OK" if call else "Call/Transaction Does Not Exist"
+                ),
+                addr,
+            )
 
     def _contact(self) -> str:
         return f"Contact: <sip:carrier@127.0.0.1:{self.port}>"
@@ -386,18 +420,21 @@ class Carrier:
         self.loop.add_reader(call.rtp, self._rtp_readable, call)
         self.loop.add_reader(call.rtcp, lambda s=call.rtcp: recv_all(s))
         sdp, call.pt = sdp_answer(msg.body, call.rtp.getsockname()[1])
-        ringing = self._response(msg, 180, "Ringing", tag=call.to_tag, extra=self._contact(),
-                                 record_route=True)
-        ok = self._response(msg, 200, "OK", tag=call.to_tag, extra=self._contact(), body=sdp,
-                            record_route=True)
+        ringing = self._response(
+            msg, 180, "Ringing", tag=call.to_tag, extra=self._contact(), record_route=True
+        )
+        ok = self._response(
+            msg, 200, "OK", tag=call.to_tag, extra=self._contact(), body=sdp, record_route=True
+        )
         self._send(ringing, addr)
         call.last_response = ok
         call.ok_sent_at = time.time()
         self._send(ok, addr)
         self._retransmit(call, ok, addr, 0.5, "200 OK without an ACK")
 
-    def _retransmit(self, call: UasCall, data: bytes, to: tuple[str, int], after: float,
-                    what: str) -> None:
+    def _retransmit(
+        self, call: UasCall, data: bytes, to: tuple[str, int], after: float, what: str
+    ) -> None:
         def again() -> None:
             if after >= 4:
                 call.problems.append(what)
@@ -549,8 +586,9 @@ class Node:
     log: Path
 
 
-def write_config(work: Path, args: argparse.Namespace, app: VoiceApp, events_url: str,
-                 carrier_port: int) -> tuple[Path, int, str, str]:
+def write_config(
+    work: Path, args: argparse.Namespace, app: VoiceApp, events_url: str, carrier_port: int
+) -> tuple[Path, int, str, str]:
     sip_port, api_port, token = free_port(both=True), free_port(), secrets.token_hex(16)
     rtp_per_worker = 40
     path = work / "gateway.toml"
@@ -599,8 +637,9 @@ max_cps = 10000
     return path, sip_port, f"http://127.0.0.1:{api_port}", token
 
 
-def start_node(config: Path, sip_port: int, api: str, token: str, work: Path,
-               timeout: float = 60) -> Node:
+def start_node(
+    config: Path, sip_port: int, api: str, token: str, work: Path, timeout: float = 60
+) -> Node:
     log = work / "gateway.log"
     out = log.open("wb")
     proc = subprocess.Popen(
@@ -648,8 +687,10 @@ def summary(xs: list[float]) -> str:
     if not xs:
         return "no samples"
     s = sorted(xs)
-    return (f"min {s[0]:.1f}  median {statistics.median(s):.1f}  p90 {pct(s, 90):.1f}  "
-            f"p99 {pct(s, 99):.1f}  max {s[-1]:.1f}  (n={len(s)})")
+    return (
+        f"min {s[0]:.1f}  median {statistics.median(s):.1f}  p90 {pct(s, 90):.1f}  "
+        f"p99 {pct(s, 99):.1f}  max {s[-1]:.1f}  (n={len(s)})"
+    )
 
 
 @dataclass
@@ -664,8 +705,15 @@ class Create:
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace, node: Node, carrier: Carrier, app: VoiceApp,
-                 rec: EventReceiver, http: aiohttp.ClientSession) -> None:
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        node: Node,
+        carrier: Carrier,
+        app: VoiceApp,
+        rec: EventReceiver,
+        http: aiohttp.ClientSession,
+    ) -> None:
         self.args, self.node, self.carrier, self.app, self.rec = args, node, carrier, app, rec
         self.http = http
         self.next_index = 0
@@ -677,13 +725,18 @@ class Bench:
         c = Create(self.next_index, f"+{DEST_BASE + self.next_index}")
         self.next_index += 1
         self.creates.append(c)
-        body = {"to": c.to, "from": NUMBER, "voice_callback_url": self.app.url,
-                "client_request_id": f"bench-{c.index}"}
+        body = {
+            "to": c.to,
+            "from": NUMBER,
+            "voice_callback_url": self.app.url,
+            "client_request_id": f"bench-{c.index}",
+        }
         headers = {"Authorization": f"Bearer {self.node.token}"}
         c.t0 = time.time()
         try:
-            async with self.http.post(f"{self.node.api}/v1/calls", json=body,
-                                      headers=headers) as resp:
+            async with self.http.post(
+                f"{self.node.api}/v1/calls", json=body, headers=headers
+            ) as resp:
                 text = await resp.text()
                 c.t_resp, c.status = time.time(), resp.status
             if c.status == 201:
@@ -702,18 +755,31 @@ class Bench:
         if call is None:
             return "no INVITE at the carrier"
         if not call.ok:
-            return "carrier: " + ("; ".join(call.problems) or f"ack={call.ack_at} "
-                                  f"ended_by={call.ended_by!r}")
+            return "carrier: " + (
+                "; ".join(call.problems) or f"ack={call.ack_at} ended_by={call.ended_by!r}"
+            )
         kinds = finals.get(c.call_id, [])
         if kinds != ["call.completed"]:
-            last = next((e.body["data"] for e in reversed(self.rec.events) if e.kind in FINAL
-                         and e.body["data"].get("call_id") == c.call_id), {})
-            detail = " ".join(f"{k}={last[k]}" for k in ("status", "sip_code", "reason",
-                                                         "answered_at") if k in last)
-            self.detail.append(f"{c.call_id} ({c.to}): {kinds} {detail} "
-                               f"{last.get('message', '')!r}; carrier ended_by={call.ended_by}")
-            return f"final events {kinds}" + (f" ({last.get('status')}, "
-                                              f"{last.get('reason')})" if last else "")
+            last = next(
+                (
+                    e.body["data"]
+                    for e in reversed(self.rec.events)
+                    if e.kind in FINAL and e.body["data"].get("call_id") == c.call_id
+                ),
+                {},
+            )
+            detail = " ".join(
+                f"{k}={last[k]}"
+                for k in ("status", "sip_code", "reason", "answered_at")
+                if k in last
+            )
+            self.detail.append(
+                f"{c.call_id} ({c.to}): {kinds} {detail} "
+                f"{last.get('message', '')!r}; carrier ended_by={call.ended_by}"
+            )
+            return f"final events {kinds}" + (
+                f" ({last.get('status')}, {last.get('reason')})" if last else ""
+            )
         return ""
 
     # -- phase 1 -------------------------------------------------------------------------------
@@ -728,7 +794,10 @@ class Bench:
             c = await self.create()
             ok = c.status == 201 and await self.rec.wait_for(
                 lambda evs, cid=c.call_id: any(
-                    e.kind in FINAL and e.body["data"].get("call_id") == cid for e in evs), 15)
+                    e.kind in FINAL and e.body["data"].get("call_id") == cid for e in evs
+                ),
+                15,
+            )
             call = self.carrier.by_user.get(c.to.lstrip("+"))
             if call is not None:
                 await self.carrier.wait(lambda call=call: bool(call.ended_by), 5)
@@ -746,8 +815,10 @@ class Bench:
                 continue
             app = self.app.requests.get(c.call_id, [])
             row = {
-                "a": call.invite_at - c.t0, "b": call.first_audio_at - call.ok_sent_at,
-                "resp": c.t_resp - c.t0, "invite_to_resp": c.t_resp - call.invite_at,
+                "a": call.invite_at - c.t0,
+                "b": call.first_audio_at - call.ok_sent_at,
+                "resp": c.t_resp - c.t0,
+                "invite_to_resp": c.t_resp - call.invite_at,
                 "b_any": call.first_rtp_at - call.ok_sent_at,
                 "ack": (call.ack_at or 0) - call.ok_sent_at,
             }
@@ -767,8 +838,7 @@ class Bench:
                 row["to_answered_log"] = at - ok_at
                 if app_at:
                     row["answered_log_to_app"] = app_at - at
-        return {"rows": rows, "failed": failed, "total": total,
-                "wall": time.monotonic() - t_start}
+        return {"rows": rows, "failed": failed, "total": total, "wall": time.monotonic() - t_start}
 
     # -- phase 2: outbound ramp ----------------------------------------------------------------
     async def outbound_step(self, step: int, rate: float) -> dict[str, Any]:
@@ -793,12 +863,14 @@ class Bench:
             fin = finals_by_call(self.rec, ev0)
             return all(i in fin for i in ids) and all(
                 (call := self.carrier.by_user.get(c.to.lstrip("+"))) is None or call.ended_by
-                for c in creates)
+                for c in creates
+            )
 
         while not done():
             peak = max(peak, self.carrier.live())
             if not await self.carrier.wait(done, 0.05) and (
-                    loop.time() - start > self.args.step_s + 20):
+                loop.time() - start > self.args.step_s + 20
+            ):
                 break
         await asyncio.sleep(0.3)  # a duplicate final event would arrive about now
         finals = finals_by_call(self.rec, ev0)
@@ -807,18 +879,27 @@ class Bench:
         span = invites[-1] - invites[0] if len(invites) > 1 else 0.0
         stray = set(finals) - ids
         if stray:
-            self.problems.append(f"outbound step {rate}/s: final events of {len(stray)} calls "
-                                 "the bench did not create")
+            self.problems.append(
+                f"outbound step {rate}/s: final events of {len(stray)} calls "
+                "the bench did not create"
+            )
         for cid, kinds in finals.items():
             if len(kinds) > 1:
                 self.problems.append(f"call {cid}: {len(kinds)} final events {kinds}")
-        a = [(call.invite_at - c.t0) * 1000 for c in creates
-             if (call := self.carrier.by_user.get(c.to.lstrip("+")))]
+        a = [
+            (call.invite_at - c.t0) * 1000
+            for c in creates
+            if (call := self.carrier.by_user.get(c.to.lstrip("+")))
+        ]
         return {
-            "rate": rate, "calls": n, "failed": len(why),
+            "rate": rate,
+            "calls": n,
+            "failed": len(why),
             "why": Counter(w.split(":")[0] if w.startswith("create") else w for _, w in why),
             "achieved": (len(invites) - 1) / span if span else 0.0,
-            "peak": peak, "a": a, "resp": [(c.t_resp - c.t0) * 1000 for c in creates],
+            "peak": peak,
+            "a": a,
+            "resp": [(c.t_resp - c.t0) * 1000 for c in creates],
         }
 
     # -- phase 3: inbound ramp -----------------------------------------------------------------
@@ -839,8 +920,9 @@ class Bench:
             "-timeout_error", "-nostdin",
         ]  # fmt: skip
         with (d / "sipp.out").open("wb") as out:
-            proc = await asyncio.create_subprocess_exec(*cmd, cwd=d, stdout=out,
-                                                        stderr=subprocess.STDOUT)
+            proc = await asyncio.create_subprocess_exec(
+                *cmd, cwd=d, stdout=out, stderr=subprocess.STDOUT
+            )
             rc = await proc.wait()
         stat = read_stat(d / "stat.csv")
         ok = int(stat.get("SuccessfulCall(C)", 0) or 0)
@@ -876,9 +958,15 @@ class Bench:
             why["call.failed or duplicate finals"] += bad_events
         rtt, sent = read_rtt(d)
         span = (sent[-1] - sent[0]) / 1000 if len(sent) > 1 else 0.0
-        return {"rate": rate, "calls": n, "failed": failed if (failed or rc) else 0,
-                "why": why, "achieved": (len(sent) - 1) / span if span else 0.0, "rtt": rtt,
-                "cmd": cmd}
+        return {
+            "rate": rate,
+            "calls": n,
+            "failed": failed if (failed or rc) else 0,
+            "why": why,
+            "achieved": (len(sent) - 1) / span if span else 0.0,
+            "rtt": rtt,
+            "cmd": cmd,
+        }
 
 
 def logged_events(log: Path, kind: str) -> dict[str, float]:
@@ -894,8 +982,9 @@ def logged_events(log: Path, kind: str) -> dict[str, float]:
 
 
 def inbound_finals(evs: list[Any], start: int) -> int:
-    return sum(1 for e in evs[start:] if e.kind in FINAL
-               and e.body["data"].get("direction") == "inbound")
+    return sum(
+        1 for e in evs[start:] if e.kind in FINAL and e.body["data"].get("direction") == "inbound"
+    )
 
 
 def read_stat(path: Path) -> dict[str, str]:
@@ -948,8 +1037,9 @@ def cpu_snapshot(session: int) -> dict[str, float]:
         with contextlib.suppress(OSError, ValueError, IndexError):
             stat = (d / "stat").read_text()
             f = stat.rsplit(")", 1)[1].split()
-            procs.append((int(d.name), int(f[1]), int(f[3]), int(f[11]) + int(f[12]),
-                          "(kamailio)" in stat))
+            procs.append(
+                (int(d.name), int(f[1]), int(f[3]), int(f[11]) + int(f[12]), "(kamailio)" in stat)
+            )
     # The managed Kamailio runs in a session of its own, started by the supervisor.
     kam_sessions = {pid for pid, ppid, _, _, k in procs if k and ppid == session}
     KAMAILIO_SESSIONS.update(kam_sessions)
@@ -957,9 +1047,16 @@ def cpu_snapshot(session: int) -> dict[str, float]:
     sup = sum(t for pid, _, _, t, _ in procs if pid == session)
     kam = sum(t for _, _, sid, t, _ in procs if sid in kam_sessions)
     me, kids = os.times(), os.times()
-    return {"busy": busy / TICK, "all": (busy + cols[3] + cols[4]) / TICK, "node": node / TICK,
-            "supervisor": sup / TICK, "kamailio": kam / TICK, "wall": time.monotonic(),
-            "bench": me.user + me.system, "children": kids.children_user + kids.children_system}
+    return {
+        "busy": busy / TICK,
+        "all": (busy + cols[3] + cols[4]) / TICK,
+        "node": node / TICK,
+        "supervisor": sup / TICK,
+        "kamailio": kam / TICK,
+        "wall": time.monotonic(),
+        "bench": me.user + me.system,
+        "children": kids.children_user + kids.children_system,
+    }
 
 
 def cpu_delta(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
@@ -970,33 +1067,43 @@ async def ramp(bench: Bench, kind: str, rates: list[float]) -> list[dict[str, An
     out = []
     for step, rate in enumerate(rates, start=1 if kind == "out" else 1001):
         c0 = cpu_snapshot(bench.node.proc.pid)
-        r = await (bench.outbound_step(step, rate) if kind == "out" else
-                   bench.inbound_step(step, rate))
+        r = await (
+            bench.outbound_step(step, rate) if kind == "out" else bench.inbound_step(step, rate)
+        )
         cpu = cpu_delta(c0, cpu_snapshot(bench.node.proc.pid))
         r["cpu"] = cpu
         # Placed fewer than KEEP_UP of the asked rate: creates queued (no free slot, or the
         # node behind on CPU); no failure, but not that rate either.
         r["behind"] = r["achieved"] < KEEP_UP * rate
         out.append(r)
-        per = {k: 1000 * cpu[k] / r["calls"]
-               for k in ("node", "bench", "children", "supervisor", "kamailio")}
+        per = {
+            k: 1000 * cpu[k] / r["calls"]
+            for k in ("node", "bench", "children", "supervisor", "kamailio")
+        }
         others = cpu["busy"] - cpu["node"] - cpu["bench"] - cpu["children"]
         r["supervisor_pct"] = 100 * cpu["supervisor"] / cpu["wall"]
         r["others_pct"] = 100 * others / cpu["all"]
-        cpu_line = (f"machine busy {100 * cpu['busy'] / cpu['all']:.0f} % over the step "
-                    f"(not this run's: {r['others_pct']:.0f} %); CPU ms "
-                    f"per call: node {per['node']:.1f} (supervisor {per['supervisor']:.1f}, "
-                    f"Kamailio {per['kamailio']:.1f}, workers the rest), bench process "
-                    f"{per['bench']:.1f}, SIPp {per['children']:.1f}; supervisor "
-                    f"{r['supervisor_pct']:.0f} % of one core")
-        extra = (f"peak {r['peak']} live at the carrier, create->INVITE p50/p99 "
-                 f"{fmt_p(r['a'])}, create->201 p50/p99 {fmt_p(r['resp'])}" if kind == "out"
-                 else f"INVITE->200 (SIPp rtd, coarse) p50/p99 {fmt_p(r['rtt'])}")
-        print(f"    {kind}bound {rate:g}/s: {r['calls']} calls, {r['failed']} failed, achieved "
-              f"{r['achieved']:.1f}/s; {extra}" + (f"; why: {dict(r['why'])}" if r["failed"]
-                                                   else "")
-              + (f"; BEHIND: under {KEEP_UP:.0%} of {rate:g}/s placed" if r["behind"] else ""),
-              flush=True)
+        cpu_line = (
+            f"machine busy {100 * cpu['busy'] / cpu['all']:.0f} % over the step "
+            f"(not this run's: {r['others_pct']:.0f} %); CPU ms "
+            f"per call: node {per['node']:.1f} (supervisor {per['supervisor']:.1f}, "
+            f"Kamailio {per['kamailio']:.1f}, workers the rest), bench process "
+            f"{per['bench']:.1f}, SIPp {per['children']:.1f}; supervisor "
+            f"{r['supervisor_pct']:.0f} % of one core"
+        )
+        extra = (
+            f"peak {r['peak']} live at the carrier, create->INVITE p50/p99 "
+            f"{fmt_p(r['a'])}, create->201 p50/p99 {fmt_p(r['resp'])}"
+            if kind == "out"
+            else f"INVITE->200 (SIPp rtd, coarse) p50/p99 {fmt_p(r['rtt'])}"
+        )
+        print(
+            f"    {kind}bound {rate:g}/s: {r['calls']} calls, {r['failed']} failed, achieved "
+            f"{r['achieved']:.1f}/s; {extra}"
+            + (f"; why: {dict(r['why'])}" if r["failed"] else "")
+            + (f"; BEHIND: under {KEEP_UP:.0%} of {rate:g}/s placed" if r["behind"] else ""),
+            flush=True,
+        )
         print(f"      {cpu_line}", flush=True)
         if r["failed"] or r["behind"]:
             break
@@ -1005,8 +1112,11 @@ async def ramp(bench: Bench, kind: str, rates: list[float]) -> list[dict[str, An
 
 
 def hold_text(args: argparse.Namespace) -> str:
-    return (f"the callee hangs up {args.hold_ms} ms after ACK" if args.hold_ms else
-            "the document's hangup ends each call")
+    return (
+        f"the callee hangs up {args.hold_ms} ms after ACK"
+        if args.hold_ms
+        else "the document's hangup ends each call"
+    )
 
 
 def fmt_p(xs: list[float]) -> str:
@@ -1036,19 +1146,28 @@ async def run(args: argparse.Namespace, work: Path) -> int:
     try:
         await asyncio.sleep(2)  # the front's first probes mark every worker up
         connector = aiohttp.TCPConnector(limit=200)
-        async with aiohttp.ClientSession(connector=connector,
-                                         timeout=aiohttp.ClientTimeout(total=30)) as http:
+        async with aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=30)
+        ) as http:
             bench = Bench(args, node, carrier, app, rec, http)
             if not args.no_setup:
-                print(f"  setup: {args.warmup} warm-up + {args.calls} sequential outbound calls",
-                      flush=True)
+                print(
+                    f"  setup: {args.warmup} warm-up + {args.calls} sequential outbound calls",
+                    flush=True,
+                )
                 setup = await bench.setup_phase()
             if not args.no_rates:
-                print(f"  rates: outbound ramp {args.rates} /s, {args.step_s:g} s a step, "
-                      f"{hold_text(args)}", flush=True)
+                print(
+                    f"  rates: outbound ramp {args.rates} /s, {args.step_s:g} s a step, "
+                    f"{hold_text(args)}",
+                    flush=True,
+                )
                 out_steps = await ramp(bench, "out", args.rate_list)
-                print("  rates: inbound ramp through the front (SIPp "
-                      f"{(UAC_HANGS_UP if args.hold_ms else UAC_WAITS).name})", flush=True)
+                print(
+                    "  rates: inbound ramp through the front (SIPp "
+                    f"{(UAC_HANGS_UP if args.hold_ms else UAC_WAITS).name})",
+                    flush=True,
+                )
                 in_steps = await ramp(bench, "in", args.rate_list)
     finally:
         await asyncio.to_thread(stop_node, node)
@@ -1060,8 +1179,14 @@ async def run(args: argparse.Namespace, work: Path) -> int:
     return report(args, work, bench, setup, out_steps, in_steps)
 
 
-def report(args: argparse.Namespace, work: Path, bench: Bench, setup: dict[str, Any],
-           out_steps: list[dict[str, Any]], in_steps: list[dict[str, Any]]) -> int:
+def report(
+    args: argparse.Namespace,
+    work: Path,
+    bench: Bench,
+    setup: dict[str, Any],
+    out_steps: list[dict[str, Any]],
+    in_steps: list[dict[str, Any]],
+) -> int:
     bad = list(bench.problems)
     unsigned = sum(1 for e in bench.rec.events if not e.signature_ok)
     if unsigned:
@@ -1083,8 +1208,9 @@ def report(args: argparse.Namespace, work: Path, bench: Bench, setup: dict[str, 
             return [r[k] * ms for r in rows if k in r]
 
         silence = leading_silence_ms(bench.node.work / "var")
-        print(f"outbound call setup, {len(rows)} sequential calls (after {args.warmup} warm-up), "
-              "ms:")
+        print(
+            f"outbound call setup, {len(rows)} sequential calls (after {args.warmup} warm-up), ms:"
+        )
         print(f"  a) API request -> INVITE at carrier  {summary(col('a'))}")
         print(f"     API request -> 201 response       {summary(col('resp'))}")
         print(f"  b) 200 OK sent -> first prompt RTP   {summary(col('b'))}")
@@ -1092,43 +1218,60 @@ def report(args: argparse.Namespace, work: Path, bench: Bench, setup: dict[str, 
         print(f"     200 OK sent -> ACK at carrier     {summary(col('ack'))}")
         print(f"     200 OK sent -> app entered        {summary(col('to_app'))}")
         print(f"       200 OK sent -> call.answered logged  {summary(col('to_answered_log'))}")
-        print(f"       call.answered logged -> app entered  "
-              f"{summary(col('answered_log_to_app'))}  (log stamps: 1 ms steps)")
+        print(
+            f"       call.answered logged -> app entered  "
+            f"{summary(col('answered_log_to_app'))}  (log stamps: 1 ms steps)"
+        )
         print(f"     app handling                      {summary(col('in_app'))}")
         print(f"     app reply -> first prompt RTP     {summary(col('app_to_audio'))}")
-        print(f"     (b includes the callback fetch; the prompt WAV's leading silence is "
-              f"{'unknown' if silence is None else f'{silence:.1f} ms'})")
-        print(f"  calls ok={setup['total'] - len(setup['failed'])} (warm-up included) "
-              f"failed={len(setup['failed'])} wall={setup['wall']:.1f}s")
+        print(
+            f"     (b includes the callback fetch; the prompt WAV's leading silence is "
+            f"{'unknown' if silence is None else f'{silence:.1f} ms'})"
+        )
+        print(
+            f"  calls ok={setup['total'] - len(setup['failed'])} (warm-up included) "
+            f"failed={len(setup['failed'])} wall={setup['wall']:.1f}s"
+        )
         for f in setup["failed"][:10]:
             print(f"    FAILED {f}")
         if setup["failed"] or len(rows) != args.calls:
             bad.append(f"setup: {len(setup['failed'])} calls failed, {len(rows)} measured")
     if out_steps or in_steps:
         o, i = clean_rate(out_steps), clean_rate(in_steps)
-        print(f"calls/s with 0 failures ({args.workers} workers x 4 slots, {args.step_s:g} s "
-              f"steps, {hold_text(args)}):")
+        print(
+            f"calls/s with 0 failures ({args.workers} workers x 4 slots, {args.step_s:g} s "
+            f"steps, {hold_text(args)}):"
+        )
         for name, best, steps in (("outbound", o, out_steps), ("inbound ", i, in_steps)):
             if best is None:
                 print(f"  {name}: no clean step")
                 bad.append(f"{name.strip()}: no clean step")
                 continue
             last = steps[-1]
-            end = (f"; {last['rate']:g}/s had {last['failed']} failed" if last["failed"] else
-                   f"; {last['rate']:g}/s placed only {last['achieved']:.1f}/s (0 failed)"
-                   if last["behind"] else " (the highest step tried: a lower bound)")
-            print(f"  {name}: {best['rate']:g}/s clean (achieved {best['achieved']:.1f}/s)"
-                  f"{end}")
+            end = (
+                f"; {last['rate']:g}/s had {last['failed']} failed"
+                if last["failed"]
+                else f"; {last['rate']:g}/s placed only {last['achieved']:.1f}/s (0 failed)"
+                if last["behind"]
+                else " (the highest step tried: a lower bound)"
+            )
+            print(f"  {name}: {best['rate']:g}/s clean (achieved {best['achieved']:.1f}/s){end}")
         if o and i:
             print(f"  ratio outbound / inbound: {o['rate'] / i['rate']:.2f}")
         others = [st["others_pct"] for st in out_steps + in_steps]
-        print(f"  CPU not this run's (other work on the machine) per step: "
-              f"{min(others):.0f}-{max(others):.0f} % of the machine")
+        print(
+            f"  CPU not this run's (other work on the machine) per step: "
+            f"{min(others):.0f}-{max(others):.0f} % of the machine"
+        )
     here = Path.cwd()
-    py, script = (os.path.relpath(x, here) if x.startswith(f"{here}/") else x
-                  for x in (sys.executable, str(Path(__file__).absolute())))
-    print(f"  events received={len(bench.rec.events)} finals={sum(map(len, all_finals.values()))}"
-          f" calls with a final={len(all_finals)} bad signatures={unsigned}")
+    py, script = (
+        os.path.relpath(x, here) if x.startswith(f"{here}/") else x
+        for x in (sys.executable, str(Path(__file__).absolute()))
+    )
+    print(
+        f"  events received={len(bench.rec.events)} finals={sum(map(len, all_finals.values()))}"
+        f" calls with a final={len(all_finals)} bad signatures={unsigned}"
+    )
     print(f"  reproduce: {shlex.join([py, script, *sys.argv[1:]])}")
     if in_steps:
         print(f"  inbound SIPp (last step): {shlex.join(in_steps[-1]['cmd'])}")
@@ -1147,14 +1290,20 @@ def main() -> int:
     ap.add_argument("--calls", type=int, default=100, help="sequential setup calls (100)")
     ap.add_argument("--warmup", type=int, default=3, help="calls made first, not counted (3)")
     ap.add_argument("--pause-ms", type=int, default=50, help="between setup calls (50)")
-    ap.add_argument("--workers", type=int, default=16,
-                    help="node workers, 4 call slots each (16)")
-    ap.add_argument("--rates", default="10,20,30,40,45,50,55,60,65,70",
-                    help="calls/s steps (10,20,30,40,45,50,55,60,65,70)")
+    ap.add_argument("--workers", type=int, default=16, help="node workers, 4 call slots each (16)")
+    ap.add_argument(
+        "--rates",
+        default="10,20,30,40,45,50,55,60,65,70",
+        help="calls/s steps (10,20,30,40,45,50,55,60,65,70)",
+    )
     ap.add_argument("--step-s", type=float, default=3.0, help="seconds per rate step (3)")
-    ap.add_argument("--hold-ms", type=int, default=0,
-                    help="rate steps: the carrier hangs up this long after ACK; 0 (default): "
-                    "the document's hangup ends each call")
+    ap.add_argument(
+        "--hold-ms",
+        type=int,
+        default=0,
+        help="rate steps: the carrier hangs up this long after ACK; 0 (default): "
+        "the document's hangup ends each call",
+    )
     ap.add_argument("--no-setup", action="store_true", help="skip the setup phase")
     ap.add_argument("--no-rates", action="store_true", help="skip the rate phases")
     ap.add_argument("--keep", action="store_true", help="keep the work dir")

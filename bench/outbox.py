@@ -44,11 +44,19 @@ KINDS = ("call.started", "call.answered", "call.completed")
 def _data(call_id: str) -> dict[str, Any]:
     # about the size of a real call event
     return {
-        "call_id": call_id, "direction": "inbound", "from": "+254700000001",
-        "to": "+254711000002", "number_id": "num_01", "workspace_id": "ws_01",
-        "session_id": call_id, "status": "completed", "duration_seconds": 42,
-        "answered_at": "2026-12-02T03:00:00.000Z", "ended_at": "2026-12-02T03:00:42.000Z",
-        "hangup_cause": "normal_clearing", "sip_code": 200,
+        "call_id": call_id,
+        "direction": "inbound",
+        "from": "+254700000001",
+        "to": "+254711000002",
+        "number_id": "num_01",
+        "workspace_id": "ws_01",
+        "session_id": call_id,
+        "status": "completed",
+        "duration_seconds": 42,
+        "answered_at": "2026-12-02T03:00:00.000Z",
+        "ended_at": "2026-12-02T03:00:42.000Z",
+        "hangup_cause": "normal_clearing",
+        "sip_code": 200,
     }
 
 
@@ -66,8 +74,9 @@ async def _ticker(lags: list[float], stop: asyncio.Event) -> None:
         lags.append(max(0.0, time.perf_counter() - t - 0.01))
 
 
-async def _writer(mode: str, path: Path, index: int, rate: float, start: float,
-                  seconds: float) -> dict[str, Any]:
+async def _writer(
+    mode: str, path: Path, index: int, rate: float, start: float, seconds: float
+) -> dict[str, Any]:
     lags: list[float] = []
     stop = asyncio.Event()
     tick = asyncio.create_task(_ticker(lags, stop))
@@ -85,8 +94,13 @@ async def _writer(mode: str, path: Path, index: int, rate: float, start: float,
         call_id = f"w{index}-c{n // 3}"
         kind = KINDS[n % 3]
         event = make_event(kind, "ws_01", _data(call_id))
-        kw: dict[str, Any] = {"url": URL, "secret": "whsec_x", "policy": "control_plane",
-                              "call_id": call_id, "final": kind == "call.completed"}
+        kw: dict[str, Any] = {
+            "url": URL,
+            "secret": "whsec_x",
+            "policy": "control_plane",
+            "call_id": call_id,
+            "final": kind == "call.completed",
+        }
         t0 = time.perf_counter()
         if sync is not None:
             try:
@@ -116,8 +130,14 @@ async def _writer(mode: str, path: Path, index: int, rate: float, start: float,
         await aob.aclose()
     if sync is not None:
         sync.close()
-    return {"events": n - errors, "commits": commits, "blocked": blocked, "acks": acks,
-            "lags": lags, "errors": errors}
+    return {
+        "events": n - errors,
+        "commits": commits,
+        "blocked": blocked,
+        "acks": acks,
+        "lags": lags,
+        "errors": errors,
+    }
 
 
 async def _deliverer(mode: str, path: Path, start: float, seconds: float) -> dict[str, Any]:
@@ -163,12 +183,12 @@ async def _deliverer(mode: str, path: Path, start: float, seconds: float) -> dic
         await aob.aclose()
     if sync is not None:
         sync.close()
-    return {"marks": marks, "commits": commits, "blocked": blocked, "lags": lags,
-            "errors": errors}
+    return {"marks": marks, "commits": commits, "blocked": blocked, "lags": lags, "errors": errors}
 
 
-def _child(role: str, mode: str, path: str, index: int, rate: float, start: float,
-           seconds: float, out: Any) -> None:
+def _child(
+    role: str, mode: str, path: str, index: int, rate: float, start: float, seconds: float, out: Any
+) -> None:
     try:
         if role == "writer":
             res = asyncio.run(_writer(mode, Path(path), index, rate, start, seconds))
@@ -186,10 +206,15 @@ def run_mode(mode: str, writers: int, rate: float, seconds: float, tmp: Path) ->
     ctx = mp.get_context("fork")
     out = ctx.Queue()
     start = time.time() + 1.0 + 0.02 * writers  # all opened, then all begin together
-    procs = [ctx.Process(target=_child, args=("writer", mode, str(path), i, rate, start,
-                                              seconds, out)) for i in range(writers)]
-    procs.append(ctx.Process(target=_child, args=("deliverer", mode, str(path), 0, rate, start,
-                                                  seconds, out)))
+    procs = [
+        ctx.Process(target=_child, args=("writer", mode, str(path), i, rate, start, seconds, out))
+        for i in range(writers)
+    ]
+    procs.append(
+        ctx.Process(
+            target=_child, args=("deliverer", mode, str(path), 0, rate, start, seconds, out)
+        )
+    )
     for p in procs:
         p.start()
     results = [out.get(timeout=seconds + 120) for _ in procs]
@@ -251,11 +276,15 @@ def main() -> None:
     args = ap.parse_args()
     cmd = "PYTHONPATH=. " + " ".join([os.path.relpath(sys.executable), *sys.argv])
     print(f"$ {cmd}")
-    print(f"{args.writers} writer processes x {args.rate:g} events/s for {args.seconds:g} s,"
-          f" + 1 deliverer; {os.cpu_count()} CPU(s)")
+    print(
+        f"{args.writers} writer processes x {args.rate:g} events/s for {args.seconds:g} s,"
+        f" + 1 deliverer; {os.cpu_count()} CPU(s)"
+    )
     with tempfile.TemporaryDirectory(dir=args.dir) as d:
-        res = {m: run_mode(m, args.writers, args.rate, args.seconds, Path(d))
-               for m in ("before", "after")}
+        res = {
+            m: run_mode(m, args.writers, args.rate, args.seconds, Path(d))
+            for m in ("before", "after")
+        }
     print(f"{'':36} {'before (sync)':>14} {'after (thread)':>15} {'after/before':>13}")
     for label, key, fmt in ROWS:
         b, a = res["before"][key], res["after"][key]

@@ -83,12 +83,17 @@ class Pair:
         self.callee: Leg | None = None
         self.bridged = False
         self.hung_up = False
+        self.caller_sip_id = ""
 
     def step(self, what: str) -> None:
         a, b = self.caller, self.callee
         if what == "dial":
             self.callee = Leg(acc, self, "callee")
             op = pj.CallOpParam(True)
+            # Names the caller's leg, so the benchmark pairs the two legs exactly.
+            h = pj.SipHeader()
+            h.hName, h.hValue = "X-Bench-Parent", self.caller_sip_id
+            op.txOption.headers.append(h)
             try:
                 self.callee.makeCall(f"sip:{callee}@{front}", op)
                 counts["dialled"] += 1
@@ -137,6 +142,7 @@ class Account(pj.Account):
         pair = Pair()
         pairs.append(pair)
         pair.caller = Leg(self, pair, "caller", prm.callId)
+        pair.caller_sip_id = pair.caller.getInfo().callIdString
         op.statusCode = 200
         pair.caller.answer(op)
         counts["answered"] += 1
