@@ -102,8 +102,8 @@ HANGUP: dict[str, Any] = {"actions": [{"hangup": {}}]}
 FINAL = ("call.completed", "call.failed")
 PAIRS_PER_WORKER = 2  # 4 calls per pjsua2 process
 RTP_PER_WORKER = 12
-# pjsua takes a port past its range when the range's next one is busy (seen: the last bare
-# worker's fifth call on the port after its range): the audio check looks that far beyond.
+# pjsua hands out RTP ports up to start + portRange inclusive (seen: a bare worker's seventh
+# transport on the first port after its block): the audio check looks that far beyond.
 RTP_SLACK = 48
 CALL_S = 9.5  # INVITE -> BYE of one pair at the default talk time
 BISECT_MIN_GAP = 10
