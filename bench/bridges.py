@@ -1014,12 +1014,15 @@ def report(s: Sitting, args: argparse.Namespace) -> str:
         "## Result",
         "",
     ]
-    if s.bare:
+    swept = [r for r in s.bare if r.kind != "probe"]
+    if swept:
         lines.append(
             f"- Bare pjsua2 bridge ceiling: **{bare_cap} pairs** with 0 failures "
-            f"(levels run: {', '.join(str(r.pairs) for r in s.bare)})"
-            + (LOWER_BOUND if all(r.failed == 0 for r in s.bare) else ".")
+            f"(levels run: {', '.join(str(r.pairs) for r in swept)})"
+            + (LOWER_BOUND if all(r.failed == 0 for r in swept) else ".")
         )
+    elif s.bare:
+        lines.append("- Bare pjsua2 bridge ceiling: no level run beyond the probe.")
     if s.node_broken:
         lines.append(f"- Node: **not measured** -- {s.node_broken}")
     elif [r for r in s.node if r.kind != "probe"]:
