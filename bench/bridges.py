@@ -519,7 +519,7 @@ rtp_port_start = {rtp_port}
 rtp_ports_per_worker = {RTP_PER_WORKER}
 [workers]
 count = {workers}
-calls_per_worker = 4
+calls_per_worker = {args.node_calls_per_worker}
 reserved_slots = {args.reserved_slots}
 host = "127.0.0.1"
 sip_port_start = {worker_port}
@@ -550,8 +550,10 @@ max_cps = 10000
 async def start_node(
     pairs: int, work: Path, callee_port: int, args: argparse.Namespace, peer: Peer
 ) -> Sut:
-    admit = 4 - args.reserved_slots
-    n = math.ceil(pairs / admit)
+    if args.cross_worker:  # one slot per worker: every dial leg lands on another worker
+        n = 2 * pairs
+    else:
+        n = math.ceil(pairs / (args.node_calls_per_worker - args.reserved_slots))
     config, sip_port, api, rtp = node_config(work, peer, n, callee_port, args)
     started = await asyncio.to_thread(
         start_gateway, config, work / "gateway.log", api, args.ready_timeout + 1.5 * n
@@ -1009,7 +1011,9 @@ def report(s: Sitting, args: argparse.Namespace) -> str:
         "",
         f"Command: `{cmd}` (commit {s.commit}, {s.wall_s / 60:.1f} min, load average "
         f"{s.load_before:.1f} before; the {args.hangup} hangs up; talk "
-        f"{args.talk_ms / 1000:g} s).",
+        f"{args.talk_ms / 1000:g} s; node workers: calls_per_worker "
+        f"{args.node_calls_per_worker}, reserved_slots {args.reserved_slots}"
+        f"{' -- cross-worker bridges' if args.cross_worker else ''}).",
         "",
         "## Result",
         "",
@@ -1114,6 +1118,12 @@ def main() -> int:
     ap.add_argument("--talk-ms", type=int, default=9000, help="ACK -> BYE of the side hanging up")
     ap.add_argument("--probe-talk-ms", type=int, default=5000)
     ap.add_argument(
+        "--cross-worker",
+        action="store_true",
+        help="node workers of one call slot (calls_per_worker 1, reserved_slots 0, 2P workers): "
+        "every bridge spans two workers, joined by a media link (its one-way delay, its cost)",
+    )
+    ap.add_argument(
         "--no-gate",
         action="store_true",
         help="run the node's levels even when its probe pair fails (development)",
@@ -1145,6 +1155,9 @@ def main() -> int:
     if args.quick:
         args.pairs = "4,10" if args.pairs == ap.get_default("pairs") else args.pairs
         args.node_pairs = args.node_pairs or "4"
+    args.node_calls_per_worker = 4
+    if args.cross_worker:
+        args.node_calls_per_worker, args.reserved_slots = 1, 0
     args.level_list = [int(x) for x in args.pairs.split(",") if x.strip()]
     args.node_level_list = [int(x) for x in args.node_pairs.split(",") if x.strip()]
     for tool in ("sipp", "kamailio"):
