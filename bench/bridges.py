@@ -28,18 +28,24 @@ call.failed) at the events receiver. Each side is swept over --pairs (stop at th
 with a failure, then bisect the gap once), a fresh ceiling / node per level.
 
 Figures per level: pairs held (peak concurrent from the carrier's trace), INVITE -> 200 at the
-carrier, carrier INVITE -> callee INVITE (the dial reaching the callee; legs matched by order)
-and the callee's 200 -> ACK (its answer taken), CPU of the system under test (the node's
-process tree with its Kamailio, or the bare workers + Kamailio; psutil) per bridged
-pair-second (callee ACK -> BYE summed), machine CPU, worker threads, final events per leg.
+carrier, carrier INVITE -> callee INVITE (the dial reaching the callee; legs paired by
+Call-ID where known, else by time) and the callee's 200 -> ACK (its answer taken), CPU of the
+system under test (the node's process tree with its Kamailio, or the bare workers + Kamailio;
+psutil) per bridged pair-second (callee ACK -> BYE summed), machine CPU and the part of it
+that is not ours, worker threads, final events per leg. Levels of at most 4 pairs also read
+the RTP on lo (bridges_trace.AudioSniffer): speech must reach each side while bridged, and
+the one-way delay through the bridge is measured on the audio itself.
 
-Before the node's sweep one probe pair runs: if the callee's SIPp got no INVITE, dial does not
-work on this tree yet; the node part is reported failed with what the node did instead.
+Each side starts with one probe pair (the one-way delay); on the node it is also a gate: if
+the callee's SIPp got no INVITE or the pair failed, dial does not work on this tree yet and the
+node part is reported not measured, with what the node did instead (--no-gate: go on).
+--cross-worker: node workers of one call slot, so every bridge spans two workers.
 
 usage: .venv/bin/python bench/bridges.py [--quick] [--pairs 25,50,75,100,150,200]
-           [--bare-only | --node-only] [--hangup caller|callee] [--cps R] [--keep]
-Needs root (SIPp's pcap play), sipp, kamailio. --quick: bare 4 and 10 pairs, node probe + 4
-pairs, about 2 min. The full run (6 levels each side) stays under about 15 min.
+           [--bare-only | --node-only] [--hangup caller|callee] [--cross-worker] [--cps R]
+           [--budget-min 14] [--keep]
+Needs root (SIPp's pcap play, the AF_PACKET capture), sipp, kamailio. --quick: bare probe, 4
+and 10 pairs, node probe + 4 pairs, about 1.5 min. The full run stays under about 15 min.
 """
 
 from __future__ import annotations
