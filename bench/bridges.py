@@ -41,7 +41,7 @@ the callee's SIPp got no INVITE or the pair failed, dial does not work on this t
 node part is reported not measured, with what the node did instead (--no-gate: go on).
 --cross-worker: node workers of one call slot, so every bridge spans two workers.
 
-usage: .venv/bin/python bench/bridges.py [--quick] [--pairs 25,50,75,100,150,200]
+usage: .venv/bin/python bench/bridges.py [--quick] [--pairs 25,50,100,150,200,250]
            [--bare-only | --node-only] [--hangup caller|callee] [--cross-worker] [--cps R]
            [--budget-min 14] [--keep]
 Needs root (SIPp's pcap play, the AF_PACKET capture), sipp, kamailio. --quick: bare probe, 4
@@ -1114,7 +1114,7 @@ def report(s: Sitting, args: argparse.Namespace) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    ap.add_argument("--pairs", default="25,50,75,100,150,200", help="concurrent pairs to try")
+    ap.add_argument("--pairs", default="25,50,100,150,200,250", help="concurrent pairs to try")
     ap.add_argument("--node-pairs", default="", help="node levels (default: --pairs)")
     ap.add_argument("--quick", action="store_true", help="bare 4,10 and node 4 pairs (~2 min)")
     ap.add_argument("--bare-only", action="store_true")
