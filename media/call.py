@@ -266,6 +266,9 @@ class SipCall:
         # (reason, message) when the call ended for want of media (read by the session)
         self.media_failure: tuple[str, str] | None = None
         self.on_answer: list[Callable[[], None]] = []
+        # Called with the call's AudioMedia each time PJSIP reports active audio: an outbound
+        # leg's 183 with SDP (early media) as well as the answer, and a renegotiation.
+        self.on_media: list[Callable[[pj.AudioMedia], None]] = []
 
     def register(self) -> None:
         """Keep this call (and so its pjsua2 object) alive until DISCONNECTED."""
@@ -335,6 +338,8 @@ class SipCall:
             log.warning("call %d: no audio media: %s", self.pj_id, e.info())
             return
         self._media.set()
+        for cb in list(self.on_media):
+            cb(self._am)
 
     def _on_dtmf(self, digit: str, method: str) -> None:
         if not self._dedupe.accept(digit, method, time.monotonic()):
@@ -476,6 +481,23 @@ class SipCall:
         return self.end
 
     # -- media ------------------------------------------------------------------------------
+    @property
+    def has_media(self) -> bool:
+        return self._am is not None and self.end is None
+
+    def audio_media(self) -> pj.AudioMedia:
+        """The call's conference port (what a MixGraph connects); CallGone when it has none
+        (not yet negotiated, or the call ended)."""
+        return self._audio()
+
+    async def wait_media(self) -> pj.AudioMedia:
+        """The call's AudioMedia once PJSIP has it: early (an outbound leg's 183 with SDP) or
+        at answer; CallGone if the call ends first. Does not answer an inbound call."""
+        if not self._media.is_set():
+            self._check()
+            await self._until(asyncio.ensure_future(self._media.wait()))
+        return self._audio()
+
     def _audio(self) -> pj.AudioMedia:
         self._check()
         if self._am is None:

@@ -1,0 +1,289 @@
+"""One end of a cross-process audio link: a conference port whose frames ride loopback UDP.
+
+A `MediaLink` is a pjsua2 `AudioMediaPort` (mono, 16-bit, 20 ms at the bridge's clock rate)
+that owns a non-blocking UDP socket bound on a loopback address. What the bridge sends the port
+(`onFrameReceived`) leaves as one datagram per frame (a 4-byte big-endian sequence number, then
+the PCM) to the peer link; what the port gives the bridge (`onFrameRequested`) is the oldest of
+the frames received from the peer, kept in a jitter queue of at most `JITTER_FRAMES` (the
+oldest is dropped beyond it; a frame plays as soon as one is queued; silence when none). A link
+costs no call slot: it is how media crosses worker processes (see docs/media-design.md).
+
+Why the socket I/O runs in the frame callbacks, on the conference clock thread, against the
+house rule that pjsua2 callbacks only `call_soon_threadsafe` to asyncio: a frame is due every
+20 ms and the bridge asks for it synchronously; a hop through the event loop (and back) would
+add a loop's latency and jitter to every frame and cost more CPU than the I/O itself. A
+non-blocking `send` / `recv` on a loopback socket is a syscall of a few microseconds that never
+waits, so doing it in place is both the fastest and the most predictable option. The callbacks
+touch nothing but this object's socket, queue and counters, and never raise (errors are
+counted in `stats().errors`).
+
+Frame copies: in this SWIG binding `bytes(frame.buf)` walks the `std::vector<uint8_t>` element
+by element (~145 µs per 320-byte frame). `_pcm_of` instead reads the vector's data pointer
+(libstdc++ layout: begin, end, capacity pointers) and copies with `ctypes.string_at` (~1.5 µs);
+`_fill` resizes the vector and `memmove`s into it (~2.4 µs; `frame.buf = pj.ByteVector(pcm)`
+costs ~9 µs). The layout is checked once at import on a vector of known content; if the check
+fails, both fall back to the slow, safe SWIG paths (`_FAST` is False).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import errno
+import logging
+import socket
+import struct
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import pjsua2 as pj
+
+log = logging.getLogger(__name__)
+
+JITTER_FRAMES = 3  # at most this many frames wait in the queue (60 ms); the oldest is dropped
+FRAME_MS = 20
+RELEASE_DELAY_S = 1.0  # a closed link's C++ port is deleted this long after close()
+_HEADER = struct.Struct("!I")
+_PTR = ctypes.sizeof(ctypes.c_void_p)
+
+
+def _vector_span(vec: Any) -> tuple[int, int]:
+    """(data pointer, size in bytes) of a SWIG ByteVector, read from its libstdc++ layout."""
+    addr = int(vec.this)
+    begin = ctypes.c_void_p.from_address(addr).value or 0
+    end = ctypes.c_void_p.from_address(addr + _PTR).value or 0
+    return begin, end - begin
+
+
+def _layout_ok() -> bool:
+    try:
+        probe = bytes(range(256)) + b"\x01\x02\x03"
+        vec = pj.ByteVector(probe)
+        begin, size = _vector_span(vec)
+        if size != len(probe) or ctypes.string_at(begin, size) != probe:
+            return False
+        vec.resize(8)
+        begin, size = _vector_span(vec)
+        ctypes.memmove(begin, b"abcdefgh", 8)
+        return size == 8 and bytes(vec) == b"abcdefgh"
+    except Exception:  # any surprise in the binding: use the slow paths
+        return False
+
+
+_FAST = _layout_ok()
+
+
+def _pcm_of(vec: Any) -> bytes:
+    """The bytes of a frame's buffer (a SWIG ByteVector)."""
+    if _FAST:
+        begin, size = _vector_span(vec)
+        return ctypes.string_at(begin, size) if size > 0 else b""
+    return bytes(vec)
+
+
+def _fill(frame: Any, pcm: bytes) -> None:
+    """Make `frame` an audio frame carrying `pcm`."""
+    n = len(pcm)
+    if _FAST:
+        vec = frame.buf
+        vec.resize(n)
+        begin, size = _vector_span(vec)
+        if size == n:
+            ctypes.memmove(begin, pcm, n)
+        else:  # never seen; keep the frame right anyway
+            frame.buf = pj.ByteVector(pcm)
+    else:
+        frame.buf = pj.ByteVector(pcm)
+    frame.size = n
+    frame.type = pj.PJMEDIA_FRAME_TYPE_AUDIO
+
+
+@dataclass(frozen=True)
+class LinkStats:
+    sent: int  # datagrams sent to the peer (one per audio frame the bridge gave the port)
+    received: int  # datagrams from the peer with a frame of the right size
+    played: int  # frames given to the bridge from the queue
+    silence: int  # frames given to the bridge as silence (queue empty)
+    dropped_late: int  # received frames never played: out of order, or pushed out of the queue
+    errors: int  # exceptions caught in the callbacks, send failures, malformed datagrams
+
+
+_graveyard: list[tuple[float, MediaLink]] = []
+
+
+class MediaLink(pj.AudioMediaPort):  # type: ignore[misc]
+    """One end of a UDP audio link. Create, `connect(peer.local_addr)`, wire its audio media
+    into a MixGraph, `close()` when done. Every method runs on the asyncio thread (or any
+    thread registered with pjsua2); only the two frame callbacks run on the clock thread."""
+
+    def __init__(self, clock_rate: int, host: str = "127.0.0.1", name: str = "link") -> None:
+        super().__init__()
+        self.clock_rate = clock_rate
+        self.frame_bytes = clock_rate * FRAME_MS // 1000 * 2
+        self._silence = bytes(self.frame_bytes)
+        self._datagram = _HEADER.size + self.frame_bytes
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._sock.setblocking(False)
+        self._sock.bind((host, 0))
+        self.local_addr: tuple[str, int] = self._sock.getsockname()
+        self.peer_addr: tuple[str, int] | None = None
+        self._queue: deque[bytes] = deque()
+        self._seq_out = 0
+        self._last_seq = -1  # the newest sequence number queued (drop anything not newer)
+        self._closed = False
+        self._sent = self._received = self._played = self._silent = 0
+        self._dropped = self._errors = 0
+        fmt = pj.MediaFormatAudio()
+        fmt.type = pj.PJMEDIA_TYPE_AUDIO
+        fmt.clockRate = clock_rate
+        fmt.channelCount = 1
+        fmt.bitsPerSample = 16
+        fmt.frameTimeUsec = FRAME_MS * 1000
+        try:
+            self.createPort(f"{name}:{self.local_addr[1]}", fmt)
+        except BaseException:
+            self._sock.close()
+            raise
+        _sweep()
+
+    # -- control (asyncio thread) -------------------------------------------------------------
+    def connect(self, peer_addr: tuple[str, int]) -> None:
+        """Send to, and only accept frames from, `peer_addr` (the other end's `local_addr`)."""
+        self._sock.connect(peer_addr)
+        self.peer_addr = (str(peer_addr[0]), int(peer_addr[1]))
+
+    @property
+    def audio_media(self) -> pj.AudioMedia:
+        """The port as the bridge sees it (what a MixGraph connects)."""
+        return self
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def stats(self) -> LinkStats:
+        return LinkStats(self._sent, self._received, self._played, self._silent,
+                         self._dropped, self._errors)
+
+    def close(self) -> None:
+        """Stop sending and playing, close the socket, and delete the port later.
+
+        Remove the port's edges first (MixGraph.remove). The C++ port is not deleted now:
+        pjsua2 queues conference operations to the clock thread, so the stopTransmits just
+        asked for may still refer to it. It stays referenced and is deleted RELEASE_DELAY_S
+        later (by the next MediaLink created or closed, or `release_closed()`)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.clear()
+        self._sock.close()
+        _graveyard.append((time.monotonic() + RELEASE_DELAY_S, self))
+        with contextlib.suppress(RuntimeError):
+            asyncio.get_running_loop().call_later(RELEASE_DELAY_S + 0.05, _sweep)
+
+    def __del__(self) -> None:
+        # Dropped after libDestroy (a failed test's traceback holding it, interpreter exit):
+        # ~AudioMediaPort would call into the destroyed library and abort. Leak it instead.
+        try:
+            if not _lib_running():
+                self.thisown = False
+        except Exception:
+            pass
+
+    # -- frame callbacks (clock thread; never raise) --------------------------------------------
+    def onFrameReceived(self, frame: pj.MediaFrame) -> None:
+        """What the bridge mixed for this port: one datagram to the peer."""
+        try:
+            if self._closed or self.peer_addr is None:
+                return
+            if frame.type != pj.PJMEDIA_FRAME_TYPE_AUDIO:
+                return
+            pcm = _pcm_of(frame.buf)
+            if not pcm:
+                return
+            self._sock.send(_HEADER.pack(self._seq_out & 0xFFFFFFFF) + pcm)
+            self._seq_out += 1
+            self._sent += 1
+        except OSError as e:
+            # ECONNREFUSED: the peer's socket is not there (yet, or any more); nothing to do.
+            if e.errno != errno.ECONNREFUSED:
+                self._errors += 1
+        except Exception:
+            self._errors += 1
+
+    def onFrameRequested(self, frame: pj.MediaFrame) -> None:
+        """Give the bridge the oldest queued frame from the peer, or silence."""
+        try:
+            if self._closed:
+                return
+            self._drain()
+            if self._queue:
+                _fill(frame, self._queue.popleft())
+                self._played += 1
+            else:
+                _fill(frame, self._silence)
+                self._silent += 1
+        except Exception:
+            self._errors += 1
+
+    def _drain(self) -> None:
+        sock, queue = self._sock, self._queue
+        while True:
+            try:
+                data = sock.recv(2048)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # ECONNREFUSED from an earlier send: read on
+                continue
+            if len(data) != self._datagram:
+                self._errors += 1
+                continue
+            self._received += 1
+            seq = _HEADER.unpack_from(data)[0]
+            if self._last_seq >= 0 and not _newer(seq, self._last_seq):
+                self._dropped += 1  # late (reordered or duplicated): its moment has passed
+                continue
+            self._last_seq = seq
+            if len(queue) >= JITTER_FRAMES:
+                queue.popleft()
+                self._dropped += 1
+            queue.append(data[_HEADER.size:])
+
+
+def _newer(seq: int, last: int) -> bool:
+    """Serial-number comparison of 32-bit sequence numbers (RFC 1982)."""
+    return 0 < ((seq - last) & 0xFFFFFFFF) < 0x80000000
+
+
+def _sweep(force: bool = False) -> None:
+    now = time.monotonic()
+    keep: list[tuple[float, MediaLink]] = []
+    running = _lib_running()
+    for due, link in _graveyard:
+        if not force and due > now:
+            keep.append((due, link))
+        elif not running:
+            # The library is gone: ~AudioMediaPort would call into it. Leak the C++ object.
+            with contextlib.suppress(Exception):
+                link.thisown = False
+    _graveyard[:] = keep
+
+
+def release_closed() -> None:
+    """Delete every closed link's port now (asyncio thread): before `libDestroy`, or in a test's
+    teardown once its calls are over. Do not call it right after `close()` while the bridge
+    still runs: that is what the delay is for."""
+    _sweep(force=True)
+    import gc
+
+    gc.collect()
+
+
+def _lib_running() -> bool:
+    try:
+        return bool(pj.Endpoint.instance().libGetState() == pj.PJSUA_STATE_RUNNING)
+    except Exception:
+        return False
