@@ -14,6 +14,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from gateway.control.dial_end import EndLeg
+from gateway.control.dial_place import PlaceLeg
+from gateway.control.dial_progress import LegProgress
+from gateway.control.dial_start import StartLeg
 from gateway.control.hangup import Hangup
 from gateway.control.originate import Originate
 from gateway.control.redirect import Redirect
@@ -34,7 +38,10 @@ class Drain(_Msg):
     on: bool = True
 
 
-Op = Annotated[Hangup | Redirect | Respond | Originate, Field(discriminator="op")]
+Op = Annotated[
+    Hangup | Redirect | Respond | Originate | StartLeg | LegProgress | EndLeg,
+    Field(discriminator="op"),
+]
 
 
 class Request(_Msg):
@@ -45,7 +52,7 @@ class Request(_Msg):
 
 # What a worker may ask the supervisor (ops of gateway/control/, tagged by `op`). A union of
 # one member until the places that span processes (dial legs, rooms) add theirs.
-AskOp = Annotated[Hangup, Field(discriminator="op")]
+AskOp = Annotated[Hangup | PlaceLeg | LegProgress | EndLeg, Field(discriminator="op")]
 
 
 class Ask(_Msg):
