@@ -33,6 +33,9 @@ from gateway.workers.ipc import ChannelClosed, Requester
 log = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT_S = 5.0
+# How long a leg waits for a trunk's rate limit (max_cps) to let it start: `numbers` ring at
+# once, and a trunk's bucket may hold a single start.
+RATE_WAIT_S = 5.0
 
 
 @dataclass
@@ -63,7 +66,7 @@ class DialPlacement:
 
     # -- asks -------------------------------------------------------------------------------
     async def place(self, home: int, op: PlaceLeg) -> dict[str, Any]:
-        targets = self._targets(op)
+        targets = await self._targets(op)
         trunk = targets[0].trunk
         tried: set[int] = set()
         call_id = str(op.leg["call_id"])
@@ -112,15 +115,22 @@ class DialPlacement:
             if trunk is not None:
                 self.trunks.ended(trunk)  # reserved by `_targets`, never used
 
-    def _targets(self, op: PlaceLeg) -> list[LegTarget]:
+    async def _targets(self, op: PlaceLeg) -> list[LegTarget]:
+        """The trunks to try in order (the first has a call reserved), waiting out a rate
+        limit for up to RATE_WAIT_S; a sip: target as is."""
         if op.kind == "sip":
             return [LegTarget(uri=op.target)]
         if not len(self.trunks):
             raise OpRefused("no_trunk", "no [[trunks]] configured: dialling numbers needs one")
-        pick = self.trunks.pick(op.target, time.monotonic())
-        if not pick.targets:
-            raise OpRefused("trunk_capacity", "every trunk is at its max_calls or max_cps")
-        return [LegTarget(uri=t.uri, trunk=t.trunk) for t in pick.targets]
+        deadline = time.monotonic() + min(RATE_WAIT_S, op.timeout_s)
+        while True:
+            pick = self.trunks.pick(op.target, time.monotonic())
+            if pick.targets:
+                return [LegTarget(uri=t.uri, trunk=t.trunk) for t in pick.targets]
+            wait = pick.retry_in
+            if wait is None or time.monotonic() + wait > deadline:
+                raise OpRefused("trunk_capacity", "every trunk is at its max_calls or max_cps")
+            await asyncio.sleep(wait)
 
     async def progress(self, worker: int, op: LegProgress) -> dict[str, Any]:
         leg = self.legs.get(op.call_id)

@@ -1,0 +1,180 @@
+"""`dial` end to end on one worker: a phone farm caller (inbound) is bridged to phone farm
+callees through a `[[trunks]]` entry; who hears whom is measured on the phones' own tones.
+Cross-worker bridges and a lost worker: test_dial_workers.py."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from tests import tones
+from tests.integration.conftest import NUMBER, dump, final_events
+from tests.integration.tonephones import FarmFactory, PhoneFarm, phone_farm  # noqa: F401
+
+pytestmark = pytest.mark.integration
+
+CALLER_HZ, CALLEE_HZ = 697, 941
+ANSWERS, BUSY, RINGS, ANSWERS_LATE = "+254711000002", "+254711000003", "+254711000004", \
+    "+254711000005"
+BEHAVIOURS = {
+    ANSWERS: {"do": "answer", "tone": CALLEE_HZ, "after": 1.0, "hangup_after": 3.0},
+    BUSY: {"do": "busy"},
+    RINGS: {"do": "ring"},
+    ANSWERS_LATE: {"do": "answer", "tone": 1209, "after": 1.0, "hangup_after": 1.5},
+}
+
+
+def trunk(farm: PhoneFarm) -> str:
+    return f'[[trunks]]\nname = "farm"\naddress = "{farm.host_port}"\nmax_cps = 200\n'
+
+
+def dial_app(voice_app: Any, dial: dict[str, Any]) -> None:
+    """The first request dials; the one after the dial (it carries DialCallStatus) hangs up."""
+    def script(req: Any, form: dict[str, str]) -> Any:
+        if "DialCallStatus" in form:
+            return {"actions": [{"hangup": {}}]}
+        return {"actions": [{"dial": dial}]}
+    voice_app.script = script
+
+
+def dial_requests(voice_app: Any) -> list[dict[str, str]]:
+    return [r["form"] for r in voice_app.requests if "DialCallStatus" in r["form"]]
+
+
+def of_call(events: list[Any], call_id: str) -> list[Any]:
+    return [e for e in events if e.body["data"].get("call_id") == call_id]
+
+
+def children(events: list[Any], parent: str) -> list[str]:
+    ids = [e.body["data"]["call_id"] for e in events
+           if e.kind == "call.started" and e.body["data"].get("parent_call_id") == parent]
+    return list(dict.fromkeys(ids))
+
+
+async def one_worker(phone_farm: FarmFactory, gateway_factory: Any, voice_app: Any,  # noqa: F811
+                     events_url: str) -> tuple[PhoneFarm, Any]:
+    farm = await phone_farm(behaviours=BEHAVIOURS, tone=CALLER_HZ)
+    gw = gateway_factory(voice_url=f"{voice_app.base_url}/voice", app_secret=voice_app.secret,
+                         events_url=events_url, extra=trunk(farm))
+    return farm, gw
+
+
+async def test_dial_bridges_both_ways_within_one_worker(
+    phone_farm, gateway_factory, voice_app, receiver  # noqa: F811
+):
+    rec, events_url = receiver
+    farm, gw = await one_worker(phone_farm, gateway_factory, voice_app, events_url)
+    dial_app(voice_app, {"number": ANSWERS})
+    caller = await farm.call(gw.uri, CALLER_HZ, from_user="+254733000001")
+    await farm.wait(caller, "answered")
+    callee = (await farm.incoming(user=ANSWERS))["id"]
+    t_ring = time.time()
+    await farm.wait(callee, "answered")
+    t_bridged = time.time()
+    await farm.wait(callee, "disconnected", 10)  # the callee hangs up after 3 s
+    await farm.wait(caller, "disconnected", 10)  # the document goes on: hangup
+
+    x, rate = farm.recording(caller)
+    r0, r1 = farm.offset(caller, t_ring), farm.offset(caller, t_bridged) - 0.1
+    ringing = x[int(r0 * rate):int(r1 * rate)]
+    ringback = max(tones.block_levels(ringing, rate, 400))  # 400+450 Hz, 0.4 s bursts
+    assert ringback > -40 and not tones.hears(ringing, rate, CALLEE_HZ), ringback
+    a, b = farm.offset(caller, t_bridged) + 0.4, farm.offset(caller, t_bridged) + 2.5
+    assert tones.heard(x, rate, start_s=a, end_s=b) == {CALLEE_HZ}, tones.levels(x, rate,
+                                                                                start_s=a, end_s=b)
+    y, rate = farm.recording(callee)
+    assert tones.heard(y, rate, start_s=0.4, end_s=2.5) == {CALLER_HZ}, tones.levels(y, rate)
+
+    form = dial_requests(voice_app)[0]
+    assert form["DialCallStatus"] == "completed" and form["DialSipStatus"] == "200", form
+    assert 2 <= int(form["DialCallDuration"]) <= 5, form
+    leg = form["DialCallSid"]
+    parent = form["callId"]
+    assert await rec.wait_for(lambda evs: len(final_events(evs)) >= 2, 10), dump(rec.events)
+    await asyncio.sleep(0.3)
+    kinds = [e.kind for e in of_call(rec.events, leg)]
+    assert kinds == ["call.started", "call.answered", "call.completed"], dump(rec.events)
+    final = final_events(rec.events, leg)[0].body["data"]
+    assert final["parent_call_id"] == parent and final["direction"] == "outbound"
+    assert final["status"] == "completed" and final["to"] == ANSWERS, final
+    assert final["from"] == NUMBER, final  # callerId default: the number the caller dialled
+    assert [e.body["data"]["status"] for e in final_events(rec.events, parent)] == ["completed"]
+
+
+async def test_busy_and_no_answer_reach_the_voice_app(
+    phone_farm, gateway_factory, voice_app, receiver  # noqa: F811
+):
+    rec, events_url = receiver
+    farm, gw = await one_worker(phone_farm, gateway_factory, voice_app, events_url)
+
+    def script(req: Any, form: dict[str, str]) -> Any:
+        if "DialCallStatus" in form:
+            return {"actions": [{"hangup": {}}]}
+        who = BUSY if form["from"] == "+254733000001" else RINGS
+        return {"actions": [{"dial": {"number": who, "timeout": 1.5}}]}
+
+    voice_app.script = script
+    c1 = await farm.call(gw.uri, CALLER_HZ, from_user="+254733000001")
+    c2 = await farm.call(gw.uri, 770, from_user="+254733000002")
+    await asyncio.gather(farm.wait(c1, "disconnected", 15), farm.wait(c2, "disconnected", 15))
+    by_from = {f["from"]: f for f in dial_requests(voice_app)}
+    busy, none = by_from["+254733000001"], by_from["+254733000002"]
+    assert busy["DialCallStatus"] == "busy" and busy["DialSipStatus"] == "486", busy
+    assert none["DialCallStatus"] == "no-answer" and none["DialCallDuration"] == "0", none
+    assert await rec.wait_for(lambda evs: len(final_events(evs)) >= 4, 10), dump(rec.events)
+    f1 = final_events(rec.events, busy["DialCallSid"])[0].body["data"]
+    f2 = final_events(rec.events, none["DialCallSid"])[0].body["data"]
+    assert (f1["status"], f1["parent_call_id"]) == ("busy", busy["callId"]), f1
+    assert (f2["status"], f2["reason"], f2["direction"]) == ("no_answer", "ring_timeout",
+                                                             "outbound"), f2
+
+
+async def test_numbers_ring_at_once_the_second_answers_the_first_is_canceled(
+    phone_farm, gateway_factory, voice_app, receiver  # noqa: F811
+):
+    rec, events_url = receiver
+    farm, gw = await one_worker(phone_farm, gateway_factory, voice_app, events_url)
+    dial_app(voice_app, {"numbers": [RINGS, ANSWERS_LATE]})
+    caller = await farm.call(gw.uri, CALLER_HZ, from_user="+254733000001")
+    ringing = (await farm.incoming(user=RINGS))["id"]
+    late = (await farm.incoming(user=ANSWERS_LATE))["id"]
+    await farm.wait(late, "answered")
+    first_end = await farm.wait(ringing, "disconnected", 5)  # CANCELed when the other answered
+    assert first_end["code"] == 487, first_end
+    await farm.wait(caller, "disconnected", 10)
+    form = dial_requests(voice_app)[0]
+    assert form["DialCallStatus"] == "completed", form
+    assert await rec.wait_for(lambda evs: len(final_events(evs)) >= 3, 10), dump(rec.events)
+    legs = children(rec.events, form["callId"])
+    assert len(legs) == 2 and form["DialCallSid"] in legs, dump(rec.events)
+    loser = next(c for c in legs if c != form["DialCallSid"])
+    finals = {c: [e.body["data"] for e in final_events(rec.events, c)] for c in legs}
+    assert [f["status"] for f in finals[loser]] == ["canceled"], finals
+    assert finals[loser][0]["reason"] == "dial_lost_race", finals
+    assert [f["status"] for f in finals[form["DialCallSid"]]] == ["completed"], finals
+
+
+async def test_caller_hanging_up_mid_ring_cancels_the_leg(
+    phone_farm, gateway_factory, voice_app, receiver  # noqa: F811
+):
+    rec, events_url = receiver
+    farm, gw = await one_worker(phone_farm, gateway_factory, voice_app, events_url)
+    dial_app(voice_app, {"number": RINGS})
+    caller = await farm.call(gw.uri, CALLER_HZ, from_user="+254733000001")
+    leg = (await farm.incoming(user=RINGS))["id"]
+    await asyncio.sleep(0.5)
+    await farm.hangup(caller)
+    end = await farm.wait(leg, "disconnected", 5)
+    assert end["code"] == 487, end
+    assert await rec.wait_for(lambda evs: len(final_events(evs)) >= 2, 10), dump(rec.events)
+    await asyncio.sleep(0.3)
+    assert not dial_requests(voice_app), "no callback after the caller hung up"
+    finals = [e.body["data"] for e in final_events(rec.events)]
+    assert len(finals) == 2, dump(rec.events)
+    child = next(f for f in finals if f.get("parent_call_id"))
+    parent = next(f for f in finals if not f.get("parent_call_id"))
+    assert (child["status"], child["reason"]) == ("canceled", "dial_parent_hangup"), child
+    assert child["parent_call_id"] == parent["call_id"] and parent["status"] == "completed"
