@@ -178,3 +178,57 @@ async def test_caller_hanging_up_mid_ring_cancels_the_leg(
     parent = next(f for f in finals if not f.get("parent_call_id"))
     assert (child["status"], child["reason"]) == ("canceled", "dial_parent_hangup"), child
     assert child["parent_call_id"] == parent["call_id"] and parent["status"] == "completed"
+
+
+async def test_early_media_replaces_ringback_and_the_bridge_is_recorded(
+    phone_farm, gateway_factory, voice_app, receiver  # noqa: F811
+):
+    """A callee that sends 183 with media is heard before it answers (no ringback then);
+    record-from-answer writes one file with both parties, `call.recording.ready` on the
+    caller's call."""
+    rec, events_url = receiver
+    farm, gw = await one_worker(phone_farm, gateway_factory, voice_app, events_url)
+    dial_app(voice_app, {"sip": farm.uri("early-1209-1.5"), "record": "record-from-answer",
+                         "timeLimit": 2.5})
+    caller = await farm.call(gw.uri, CALLER_HZ, from_user="+254733000001")
+    callee = (await farm.incoming(user="early-1209-1.5"))["id"]
+    t_early = time.time()
+    await farm.wait(callee, "answered")
+    t_answer = time.time()
+    end = await farm.wait(callee, "disconnected", 10)  # the time limit: the gateway's BYE
+    assert end["by"] == "remote", end
+    await farm.wait(caller, "disconnected", 10)
+    x, rate = farm.recording(caller)
+    e0, e1 = farm.offset(caller, t_early) + 0.3, farm.offset(caller, t_answer) - 0.1
+    early = x[int(e0 * rate):int(e1 * rate)]
+    assert tones.hears(early, rate, 1209), tones.levels(early, rate)
+    assert max(tones.block_levels(early, rate, 400)) < -40  # no ringback over early media
+
+    form = dial_requests(voice_app)[0]
+    assert form["DialCallStatus"] == "completed" and form["DialCallDuration"] in ("3", "4")
+    assert await rec.wait_for(
+        lambda evs: any(e.kind == "call.recording.ready" for e in evs), 10), dump(rec.events)
+    ready = next(e for e in rec.events if e.kind == "call.recording.ready").body["data"]
+    assert ready["call_id"] == form["callId"] and 2.0 <= ready["duration_seconds"] <= 3.5
+    wav = gw.storage / "recordings" / f"{ready['recording_id']}.wav"
+    y, rate = tones.read_wav(wav)
+    assert tones.heard(y, rate, start_s=0.4, end_s=2.2) == {CALLER_HZ, 1209}, tones.levels(y, rate)
+
+
+async def test_sequential_numbers_try_the_next_after_a_busy_one(
+    phone_farm, gateway_factory, voice_app, receiver  # noqa: F811
+):
+    rec, events_url = receiver
+    farm, gw = await one_worker(phone_farm, gateway_factory, voice_app, events_url)
+    dial_app(voice_app, {"numbers": [BUSY, ANSWERS_LATE], "sequential": True})
+    caller = await farm.call(gw.uri, CALLER_HZ, from_user="+254733000001")
+    await farm.wait(caller, "disconnected", 15)
+    busy = await farm.incoming(user=BUSY)
+    late = await farm.incoming(user=ANSWERS_LATE)
+    assert farm.events.index(busy) < farm.events.index(late)
+    form = dial_requests(voice_app)[0]
+    assert form["DialCallStatus"] == "completed", form
+    assert await rec.wait_for(lambda evs: len(final_events(evs)) >= 3, 10), dump(rec.events)
+    legs = children(rec.events, form["callId"])
+    statuses = [final_events(rec.events, c)[0].body["data"]["status"] for c in legs]
+    assert statuses == ["busy", "completed"] and legs[1] == form["DialCallSid"], statuses

@@ -67,25 +67,34 @@ async def test_dial_bridges_both_ways_across_two_workers(
     rec, events_url = receiver
     farm = await phone_farm(behaviours={
         A: {"do": "answer", "tone": A_HZ},
-        B: {"do": "answer", "tone": B_HZ, "after": 0.5, "hangup_after": 3.0},
+        # 183 with its own media first (heard by the caller, through the link), then 200
+        B: {"do": "early", "tone": B_HZ, "after": 1.2, "hangup_after": 3.0},
     })
     gw = two_workers(gateway_factory, voice_app, events_url, farm)
     parent = await originate_dial(gw, voice_app, {"number": B})
     a = (await farm.incoming(user=A))["id"]
     b = (await farm.incoming(user=B))["id"]
+    await farm.wait(b, "media")
+    t_early = time.time()
     await farm.wait(b, "answered")
+    t_bridged = time.time()
     leg = await leg_of(rec, parent)
     home, there, linked = placement(gw, leg)
     assert home != there and linked, (home, there)  # a slot each: the leg is on the other one
-    t_bridged = time.time()
     await farm.wait(b, "disconnected", 10)
     await farm.wait(a, "disconnected", 10)
 
     x, rate = farm.recording(a)
+    e0, e1 = farm.offset(a, t_early) + 0.3, farm.offset(a, t_bridged) - 0.1
+    assert tones.heard(x, rate, start_s=e0, end_s=e1) == {B_HZ}, tones.levels(x, rate, start_s=e0,
+                                                                             end_s=e1)
     s = farm.offset(a, t_bridged) + 0.4
     assert tones.heard(x, rate, start_s=s, end_s=s + 2) == {B_HZ}, tones.levels(x, rate, start_s=s)
     y, rate = farm.recording(b)
-    assert tones.heard(y, rate, start_s=0.4, end_s=2.4) == {A_HZ}, tones.levels(y, rate)
+    e0, e1 = farm.offset(b, t_early) + 0.3, farm.offset(b, t_bridged) - 0.1
+    assert tones.heard(y, rate, start_s=e0, end_s=e1) == set()  # nobody hears the caller yet
+    s = farm.offset(b, t_bridged) + 0.4
+    assert tones.heard(y, rate, start_s=s, end_s=s + 2) == {A_HZ}, tones.levels(y, rate, start_s=s)
 
     form = dial_requests(voice_app)[0]
     assert (form["DialCallStatus"], form["DialCallSid"]) == ("completed", leg), form
