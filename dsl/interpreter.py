@@ -18,7 +18,7 @@ from dsl.context import CallContext, CallEnded, FetchedDocument, MediaError, Voi
 from dsl.document import Document, parse_document
 from dsl.errors import DocumentError, VerbUnsupported
 from dsl.verbs import Dial, Redirect, Verb
-from dsl.verbs.base import NEXT, RunIssue, RunState, Step, end, replace_with
+from dsl.verbs.base import NEXT, RunIssue, RunState, Step, end, is_empty_reply, replace_with
 
 log = logging.getLogger(__name__)
 
@@ -220,12 +220,13 @@ class Interpreter:
 
     async def _after_dial(self, state: RunState) -> Step | _Interrupted:
         """A dial ended its document: the voice callback URL says what comes next (POSTed
-        with DialCallStatus & co.); an empty reply ends the call as a document end does."""
+        with DialCallStatus & co.); an empty reply (204, `{}`) ends the call like a document
+        end."""
         url = state.resolve(self.ctx.voice_callback_url)
         got = await self._until_interrupted(self.ctx.app.fetch(url, "POST", self.ctx.params))
         if isinstance(got, _Interrupted):
             return got
-        return replace_with(got)
+        return NEXT if is_empty_reply(got.body) else replace_with(got)
 
     async def _until_interrupted(
         self, aw: Awaitable[T], *, ends_with_call: bool = False
