@@ -44,6 +44,10 @@ def dial_requests(voice_app: Any) -> list[dict[str, str]]:
     return [r["form"] for r in voice_app.requests if "DialCallStatus" in r["form"]]
 
 
+def form_parent(voice_app: Any) -> str:
+    return str(voice_app.requests[0]["form"]["callId"])
+
+
 def of_call(events: list[Any], call_id: str) -> list[Any]:
     return [e for e in events if e.body["data"].get("call_id") == call_id]
 
@@ -232,3 +236,32 @@ async def test_sequential_numbers_try_the_next_after_a_busy_one(
     legs = children(rec.events, form["callId"])
     statuses = [final_events(rec.events, c)[0].body["data"]["status"] for c in legs]
     assert statuses == ["busy", "completed"] and legs[1] == form["DialCallSid"], statuses
+
+
+async def test_a_child_leg_is_a_call_the_api_can_hang_up(
+    phone_farm, gateway_factory, voice_app, receiver  # noqa: F811
+):
+    from tests.integration.test_outbound import api
+
+    rec, events_url = receiver
+    farm, gw = await one_worker(phone_farm, gateway_factory, voice_app, events_url)
+    dial_app(voice_app, {"number": RINGS})
+    caller = await farm.call(gw.uri, CALLER_HZ, from_user="+254733000001")
+    callee = (await farm.incoming(user=RINGS))["id"]
+    assert await rec.wait_for(lambda evs: any(e.body["data"].get("parent_call_id")
+                                              for e in evs), 10), dump(rec.events)
+    leg = next(e.body["data"]["call_id"] for e in rec.events
+               if e.body["data"].get("parent_call_id"))
+    status, body = await api(gw, "GET", f"/v1/calls/{leg}")
+    assert status == 200, body
+    assert (body["call"]["status"], body["call"]["parent_call_id"]) == ("ringing", form_parent(
+        voice_app)), body
+    status, body = await api(gw, "POST", f"/v1/calls/{leg}/hangup")
+    assert status == 200, body
+    assert (await farm.wait(callee, "disconnected", 5))["code"] == 487
+    await farm.wait(caller, "disconnected", 10)  # the dial is over: the app hangs up
+    form = dial_requests(voice_app)[0]
+    assert (form["DialCallStatus"], form["DialCallSid"]) == ("canceled", leg), form
+    assert await rec.wait_for(lambda evs: len(final_events(evs)) >= 2, 10), dump(rec.events)
+    final = final_events(rec.events, leg)[0].body["data"]
+    assert (final["status"], final["reason"]) == ("canceled", "api_hangup"), final
