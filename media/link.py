@@ -5,8 +5,10 @@ that owns a non-blocking UDP socket bound on a loopback address. What the bridge
 (`onFrameReceived`) leaves as one datagram per frame (a 4-byte big-endian sequence number, then
 the PCM) to the peer link; what the port gives the bridge (`onFrameRequested`) is the oldest of
 the frames received from the peer, kept in a jitter queue of at most `JITTER_FRAMES` (the
-oldest is dropped beyond it; a frame plays as soon as one is queued; silence when none). A link
-costs no call slot: it is how media crosses worker processes (see docs/media-design.md).
+oldest is dropped beyond it; a frame plays as soon as one is queued; silence when none; a queue
+that stayed 2 or more deep for TRIM_WINDOW frames is cut by one, so a burst of late datagrams
+does not add latency for the rest of the call). A link costs no call slot: it is how media
+crosses worker processes (see docs/media-design.md).
 
 Why the socket I/O runs in the frame callbacks, on the conference clock thread, against the
 house rule that pjsua2 callbacks only `call_soon_threadsafe` to asyncio: a frame is due every
@@ -44,6 +46,9 @@ import pjsua2 as pj
 log = logging.getLogger(__name__)
 
 JITTER_FRAMES = 3  # at most this many frames wait in the queue (60 ms); the oldest is dropped
+# A queue that never fell below 2 frames for this many requests holds a frame of latency it
+# does not need (a burst once filled it and the steady flow keeps it full): drop one.
+TRIM_WINDOW = 50
 FRAME_MS = 20
 RELEASE_DELAY_S = 1.0  # a closed link's C++ port is deleted this long after close()
 _HEADER = struct.Struct("!I")
@@ -108,6 +113,8 @@ class LinkStats:
     played: int  # frames given to the bridge from the queue
     silence: int  # frames given to the bridge as silence (queue empty)
     dropped_late: int  # received frames never played: out of order, or pushed out of the queue
+    trimmed: int  # frames dropped to cut a standing queue (see TRIM_WINDOW)
+    depth_sum: int  # sum over requests of the frames queued (depth_sum / requests: mean depth)
     errors: int  # exceptions caught in the callbacks, send failures, malformed datagrams
 
 
@@ -119,6 +126,13 @@ class MediaLink(pj.AudioMediaPort):  # type: ignore[misc]
     into a MixGraph, `close()` when done. Every method runs on the asyncio thread (or any
     thread registered with pjsua2); only the two frame callbacks run on the clock thread."""
 
+    # Class-level defaults: the clock thread may call a callback while Python tears the object
+    # down (its attributes already cleared, the C++ port not yet out of the bridge; seen). It
+    # then finds a closed link and returns.
+    _closed = True
+    peer_addr: tuple[str, int] | None = None
+    _errors = 0
+
     def __init__(self, clock_rate: int, host: str = "127.0.0.1", name: str = "link") -> None:
         super().__init__()
         self.clock_rate = clock_rate
@@ -129,22 +143,25 @@ class MediaLink(pj.AudioMediaPort):  # type: ignore[misc]
         self._sock.setblocking(False)
         self._sock.bind((host, 0))
         self.local_addr: tuple[str, int] = self._sock.getsockname()
-        self.peer_addr: tuple[str, int] | None = None
+        self.peer_addr = None
         self._queue: deque[bytes] = deque()
         self._seq_out = 0
         self._last_seq = -1  # the newest sequence number queued (drop anything not newer)
-        self._closed = False
         self._sent = self._received = self._played = self._silent = 0
-        self._dropped = self._errors = 0
+        self._dropped = self._errors = self._trimmed = self._depth_sum = 0
+        self._window = 0  # requests in the current trim window
+        self._window_min = JITTER_FRAMES  # the fewest frames queued at a request in it
         fmt = pj.MediaFormatAudio()
         fmt.type = pj.PJMEDIA_TYPE_AUDIO
         fmt.clockRate = clock_rate
         fmt.channelCount = 1
         fmt.bitsPerSample = 16
         fmt.frameTimeUsec = FRAME_MS * 1000
+        self._closed = False
         try:
             self.createPort(f"{name}:{self.local_addr[1]}", fmt)
         except BaseException:
+            self._closed = True
             self._sock.close()
             raise
         _sweep()
@@ -166,7 +183,7 @@ class MediaLink(pj.AudioMediaPort):  # type: ignore[misc]
 
     def stats(self) -> LinkStats:
         return LinkStats(self._sent, self._received, self._played, self._silent,
-                         self._dropped, self._errors)
+                         self._dropped, self._trimmed, self._depth_sum, self._errors)
 
     def close(self) -> None:
         """Stop sending and playing, close the socket, and delete the port later.
@@ -220,8 +237,19 @@ class MediaLink(pj.AudioMediaPort):  # type: ignore[misc]
             if self._closed:
                 return
             self._drain()
-            if self._queue:
-                _fill(frame, self._queue.popleft())
+            queue = self._queue
+            depth = len(queue)
+            self._depth_sum += depth
+            if depth < self._window_min:
+                self._window_min = depth
+            self._window += 1
+            if self._window >= TRIM_WINDOW:
+                if self._window_min >= 2:
+                    queue.popleft()
+                    self._trimmed += 1
+                self._window, self._window_min = 0, JITTER_FRAMES
+            if queue:
+                _fill(frame, queue.popleft())
                 self._played += 1
             else:
                 _fill(frame, self._silence)

@@ -124,7 +124,7 @@ def onset(samples: Samples, rate: int, freq: float, after_s: float = 0.0,
     (blocks of 20 ms slid by `step_s`): the arrival of a burst, for latency measurements."""
     n = int(rate * 0.02)
     step = max(1, int(rate * step_s))
-    start = int(after_s * rate)
+    start = max(0, int(after_s * rate))
     w = np.hanning(n)
     k = np.exp(-2j * np.pi * freq * np.arange(n) / rate) * w
     for i in range(start, len(samples) - n, step):

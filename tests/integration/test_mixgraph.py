@@ -81,6 +81,11 @@ async def test_bridge_mute_and_link(phone, answered_pair):
     assert g.edges == {("a", "b"): 1.0, ("b", "a"): 1.0}
     t_bridge = await phase()
 
+    # A connection's level (startTransmit2): b heard at a quarter amplitude (-12 dB).
+    g.set_edges({("a", "b"): 1.0, ("b", "a"): 0.25})
+    assert g.edges == {("a", "b"): 1.0, ("b", "a"): 0.25}
+    t_level = await phase()
+
     # a muted (speak=False): b no longer hears a's tone; a still hears b.
     g.set_edges(room_edges({"a": Member(speak=False), "b": Member()}))
     assert g.edges == {("b", "a"): 1.0}
@@ -105,14 +110,16 @@ async def test_bridge_mute_and_link(phone, answered_pair):
     t_after = await phase(0.8)
     await hang_up(farm, ca, cb)  # the recordings are complete (and their headers) once over
 
-    results = {name: (heard(farm, ca, *t), heard(farm, cb, *t)) for name, t in
-               {"idle": t_idle, "bridge": t_bridge, "mute": t_mute, "link": t_link,
-                "after": t_after}.items()}
+    spans = {"idle": t_idle, "bridge": t_bridge, "level": t_level, "mute": t_mute,
+             "link": t_link, "after": t_after}
+    results = {name: (heard(farm, ca, *t), heard(farm, cb, *t)) for name, t in spans.items()}
     msg = str(results)
     print(msg, s1, s2)
     assert results["idle"][0][0] == set() and results["idle"][1][0] == set(), msg
     # Each hears the other, never itself (the endpoint does not echo).
     assert results["bridge"][0][0] == {B_HZ} and results["bridge"][1][0] == {A_HZ}, msg
+    drop = results["bridge"][0][1][B_HZ] - results["level"][0][1][B_HZ]
+    assert 10 < drop < 14 and results["level"][1][0] == {A_HZ}, msg
     assert results["mute"][0][0] == {B_HZ} and results["mute"][1][0] == set(), msg
     assert results["link"][0][0] == {B_HZ} and results["link"][1][0] == {A_HZ}, msg
     assert results["after"][0][0] == set() and results["after"][1][0] == set(), msg
@@ -154,3 +161,52 @@ async def test_links_close_and_recreate_under_traffic(phone, answered_pair):
     assert got == {B_HZ}, lv
     await asyncio.sleep(1.2)  # past RELEASE_DELAY_S: the closed links' ports are deleted
     release_closed()
+
+
+async def test_tone_ports_cadence(phone, answered_pair):
+    """Ringback (Kenya/UK cadence), the hold tone and a beep, as a phone hears them."""
+    from media.tones import BEEP_HZ, beep, hold_tone, ringback
+
+    farm, calls = answered_pair
+    (ca, sa), (cb, _sb) = calls["a"], calls["b"]
+    rate = phone.cfg.clock_rate
+    g = MixGraph()
+    g.add("a", sa.audio_media())
+    ring, hold, bp = ringback(rate), hold_tone(rate), beep(rate)
+    try:
+        g.add("ring", ring.audio_media)
+        g.add("hold", hold.audio_media)
+        g.add("beep", bp.audio_media)
+        g.set_edges({("ring", "a"): 1.0})
+        ring.play()  # from the start of its pattern, now that it is connected
+        t_ring = time.time()
+        await asyncio.sleep(3.3)
+        g.set_edges({("hold", "a"): 1.0})
+        hold.play()
+        t_hold = time.time()
+        await asyncio.sleep(1.2)
+        g.set_edges({("beep", "a"): 1.0})
+        bp.play()
+        t_beep = time.time()
+        await asyncio.sleep(0.6)
+        g.clear()
+    finally:
+        await asyncio.sleep(0.1)
+        for t in (ring, hold, bp):
+            t.close()
+    await hang_up(farm, ca, cb)
+    x, r = farm.recording(ca)
+    on = tones.onset(x, r, 400, after_s=farm.offset(ca, t_ring) - 0.1)
+    assert on is not None
+    # 0.4 s on, 0.2 off, 0.4 on, 2.0 off (window edges kept 60 ms clear of the switches).
+    def lv(f, a, b):
+        return tones.levels(x, r, [f], on + a, on + b)[f]
+    for f in (400, 450):
+        assert lv(f, 0.06, 0.34) > -30 and lv(f, 0.66, 0.94) > -30, f
+        assert lv(f, 0.46, 0.54) < -40 and lv(f, 1.1, 2.9) < -40, f
+    h = farm.offset(ca, t_hold)
+    assert tones.heard(x, r, [440, 554, 400], h + 0.05, h + 0.35) == {440}
+    assert tones.heard(x, r, [440, 554, 400], h + 0.5, h + 0.7) == {554}
+    b = farm.offset(ca, t_beep)
+    assert tones.onset(x, r, BEEP_HZ, after_s=b - 0.05) is not None
+    assert not tones.hears(x, r, BEEP_HZ, b + 0.35, b + 0.6)  # once, 200 ms
