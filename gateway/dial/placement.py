@@ -33,9 +33,11 @@ from gateway.workers.ipc import ChannelClosed, Requester
 log = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT_S = 5.0
-# How long a leg waits for a trunk's rate limit (max_cps) to let it start: `numbers` ring at
-# once, and a trunk's bucket may hold a single start.
+# How long a leg waits for a trunk's rate limit (max_cps) to let it start (`numbers` ring at
+# once, and a trunk's bucket may hold a single start), or for a slot: one being placed counts
+# twice for a moment (its CallState arrives before its reservation is released).
 RATE_WAIT_S = 5.0
+SLOT_WAIT_S = 2.0
 
 
 @dataclass
@@ -70,11 +72,17 @@ class DialPlacement:
         trunk = targets[0].trunk
         tried: set[int] = set()
         call_id = str(op.leg["call_id"])
+        deadline = time.monotonic() + min(SLOT_WAIT_S, op.timeout_s)
         try:
             while True:
                 index = self.directory.reserve(tried, prefer=home)
                 if index is None:
-                    raise OpRefused(NO_SLOT, "no free call slot on this node for the dial leg")
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise OpRefused(NO_SLOT, "no free call slot on this node for the dial leg")
+                    if await self.directory.wait_for_slot(left):
+                        tried.clear()
+                    continue
                 req = self._requester(index)
                 start = StartLeg(
                     leg=op.leg, targets=targets, caller_id=op.caller_id, timeout_s=op.timeout_s,
