@@ -126,6 +126,9 @@ class _Bridge:
         self.recording: tuple[str, Path, Path] | None = None  # id, partial file, final file
         self._limit: asyncio.TimerHandle | None = None
         self._media_hooked: set[str] = set()
+        # PlaceLeg asks in flight: never cancelled with the dial (a leg placed after the dial
+        # stopped waiting is ended once its worker is known, see _close)
+        self._placing: set[asyncio.Task[None]] = set()
 
     @property
     def index(self) -> int:
@@ -161,7 +164,9 @@ class _Bridge:
     async def _attempt(self, targets: list[DialTarget]) -> DialResult:
         legs = [LegHandle(uuid7(), t, self.changed) for t in targets]
         self.legs += legs
-        await asyncio.gather(*(self._place(leg) for leg in legs))
+        tasks = {asyncio.ensure_future(self._place(leg)) for leg in legs}
+        self._placing |= tasks
+        await asyncio.wait(tasks)
         while True:
             if self.caller.ended:
                 for leg in legs:
@@ -344,7 +349,11 @@ class _Bridge:
     async def _close(self) -> None:
         if self._limit is not None:
             self._limit.cancel()
-        reason: EndReason = "parent_hangup" if self.caller.ended else "bridge_ended"
+        if self._placing:
+            await asyncio.wait(self._placing, timeout=PLACE_TIMEOUT_S + 1)
+        # An API hangup of the caller stops the dial before its BYE is out: the caller's too.
+        gone = self.caller.ended or self.session.ended_by_api
+        reason: EndReason = "parent_hangup" if gone else "bridge_ended"
         for leg in self.legs:
             self._end(leg, reason)
             self.station.homes.pop(leg.call_id, None)

@@ -163,16 +163,23 @@ async def test_numbers_ring_at_once_the_second_answers_the_first_is_canceled(
     assert [f["status"] for f in finals[form["DialCallSid"]]] == ["completed"], finals
 
 
+@pytest.mark.parametrize("by", ["caller", "api"])
 async def test_caller_hanging_up_mid_ring_cancels_the_leg(
-    phone_farm, gateway_factory, voice_app, receiver  # noqa: F811
+    by, phone_farm, gateway_factory, voice_app, receiver  # noqa: F811
 ):
+    from tests.integration.test_outbound import api
+
     rec, events_url = receiver
     farm, gw = await one_worker(phone_farm, gateway_factory, voice_app, events_url)
     dial_app(voice_app, {"number": RINGS})
     caller = await farm.call(gw.uri, CALLER_HZ, from_user="+254733000001")
     leg = (await farm.incoming(user=RINGS))["id"]
     await asyncio.sleep(0.5)
-    await farm.hangup(caller)
+    if by == "caller":
+        await farm.hangup(caller)
+    else:  # the API ends the caller's call: the dial stops with it
+        status, body = await api(gw, "POST", f"/v1/calls/{form_parent(voice_app)}/hangup")
+        assert status == 200, body
     end = await farm.wait(leg, "disconnected", 5)
     assert end["code"] == 487, end
     assert await rec.wait_for(lambda evs: len(final_events(evs)) >= 2, 10), dump(rec.events)
@@ -267,3 +274,25 @@ async def test_a_child_leg_is_a_call_the_api_can_hang_up(
     assert await rec.wait_for(lambda evs: len(final_events(evs)) >= 2, 10), dump(rec.events)
     final = final_events(rec.events, leg)[0].body["data"]
     assert (final["status"], final["reason"]) == ("canceled", "api_hangup"), final
+
+
+async def test_the_caller_hanging_up_ends_the_bridge_both_complete(
+    phone_farm, gateway_factory, voice_app, receiver  # noqa: F811
+):
+    rec, events_url = receiver
+    farm, gw = await one_worker(phone_farm, gateway_factory, voice_app, events_url)
+    dial_app(voice_app, {"sip": farm.uri("answer-1336")})
+    caller = await farm.call(gw.uri, CALLER_HZ, from_user="+254733000001")
+    callee = (await farm.incoming(user="answer-1336"))["id"]
+    await farm.wait(callee, "answered")
+    await asyncio.sleep(1.0)
+    await farm.hangup(caller)
+    end = await farm.wait(callee, "disconnected", 5)
+    assert end["by"] == "remote", end  # the gateway's BYE
+    assert await rec.wait_for(lambda evs: len(final_events(evs)) >= 2, 10), dump(rec.events)
+    await asyncio.sleep(0.3)
+    assert not dial_requests(voice_app)
+    finals = {f["call_id"]: f for f in (e.body["data"] for e in final_events(rec.events))}
+    assert len(finals) == 2 and {f["status"] for f in finals.values()} == {"completed"}, finals
+    child = next(f for f in finals.values() if f.get("parent_call_id"))
+    assert child["to"] == farm.uri("answer-1336") and child["duration_seconds"] >= 1, child
