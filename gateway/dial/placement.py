@@ -46,6 +46,8 @@ class LegInFlight:
     parent_call_id: str
     home: int  # the bridge's worker
     worker: int  # the leg's worker (another one)
+    home_link: tuple[str, int] | None = None  # the media link's ends (loopback UDP)
+    leg_link: tuple[str, int] | None = None
 
 
 class DialPlacement:
@@ -91,7 +93,7 @@ class DialPlacement:
                 )
                 if index != home:  # before the request: its progress may beat the reply
                     self.legs[call_id] = LegInFlight(call_id, str(op.leg.get("parent_call_id")),
-                                                     home, index)
+                                                     home, index, op.home_link)
                 try:
                     if req is None:
                         raise ChannelClosed()
@@ -113,6 +115,8 @@ class DialPlacement:
                 if reply.ok:
                     trunk = None  # the leg's CallEnded frees it
                     link = reply.result.get("link")
+                    if call_id in self.legs and link:
+                        self.legs[call_id].leg_link = (str(link[0]), int(link[1]))
                     return {"worker": index, "link": link}
                 self.legs.pop(call_id, None)
                 if reply.code == op_errors.NO_SLOT:

@@ -233,7 +233,8 @@ async def test_sequential_numbers_try_the_next_after_a_busy_one(
 ):
     rec, events_url = receiver
     farm, gw = await one_worker(phone_farm, gateway_factory, voice_app, events_url)
-    dial_app(voice_app, {"numbers": [BUSY, ANSWERS_LATE], "sequential": True})
+    dial_app(voice_app, {"numbers": [BUSY, ANSWERS_LATE], "sequential": True,
+                         "record": "record-from-ringing"})
     caller = await farm.call(gw.uri, CALLER_HZ, from_user="+254733000001")
     await farm.wait(caller, "disconnected", 15)
     busy = await farm.incoming(user=BUSY)
@@ -245,6 +246,14 @@ async def test_sequential_numbers_try_the_next_after_a_busy_one(
     legs = children(rec.events, form["callId"])
     statuses = [final_events(rec.events, c)[0].body["data"]["status"] for c in legs]
     assert statuses == ["busy", "completed"] and legs[1] == form["DialCallSid"], statuses
+    # record-from-ringing: from the dial's start (ringback), through the answer (1 s later)
+    assert await rec.wait_for(
+        lambda evs: any(e.kind == "call.recording.ready" for e in evs), 10), dump(rec.events)
+    ready = next(e for e in rec.events if e.kind == "call.recording.ready").body["data"]
+    assert ready["duration_seconds"] >= 2.2, ready
+    y, rate = tones.read_wav(gw.storage / "recordings" / f"{ready['recording_id']}.wav")
+    assert max(tones.block_levels(y[:int(0.9 * rate)], rate, 400)) > -40  # the ringback
+    assert tones.heard(y, rate, start_s=1.5, end_s=2.3) == {CALLER_HZ, 1209}
 
 
 async def test_a_child_leg_is_a_call_the_api_can_hang_up(

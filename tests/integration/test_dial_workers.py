@@ -104,6 +104,7 @@ async def test_dial_bridges_both_ways_across_two_workers(
         "call.started", "call.answered", "call.completed"], dump(rec.events)
     final = final_events(rec.events, leg)[0].body["data"]
     assert (final["parent_call_id"], final["direction"]) == (parent, "outbound"), final
+    assert final["from"] == NUMBER, final  # callerId default of an outbound call: its `from`
     assert [e.body["data"]["status"] for e in final_events(rec.events, parent)] == ["completed"]
 
 
