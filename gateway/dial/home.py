@@ -31,11 +31,12 @@ from gateway.calls.identity import CallIdentity, duration_seconds
 from gateway.control.dial_end import EndReason
 from gateway.control.dial_place import PlaceLeg
 from gateway.control.dial_progress import LegProgress
+from gateway.dial.graph import BridgeGraph, keep_a_while
 from gateway.events.envelope import uuid7
 from gateway.workers.ipc import ChannelClosed
 from media.call import CallGone, _wav_duration, _wav_finalised
 from media.link import MediaLink
-from media.mixgraph import Edge, MixGraph, MixGraphError, bridge_edges
+from media.mixgraph import Edge, MixGraphError, bridge_edges
 from media.tones import Tone, ringback
 
 if TYPE_CHECKING:
@@ -117,7 +118,7 @@ class _Bridge:
         self.session = session
         self.req = req
         self.caller = session.call
-        self.graph = MixGraph()
+        self.graph = BridgeGraph()
         self.changed = asyncio.Event()
         self.legs: list[LegHandle] = []
         self.winner: LegHandle | None = None
@@ -136,7 +137,11 @@ class _Bridge:
 
     async def run(self) -> DialResult:
         caller = self.caller
-        wake = lambda _end: self.changed.set()  # noqa: E731
+
+        def wake(_end: Any) -> None:
+            self.graph.forget(CALLER)  # PJSIP dropped its port (and may reuse the slot)
+            self.changed.set()
+
         caller.on_end.append(wake)
         try:
             try:
@@ -288,6 +293,7 @@ class _Bridge:
             self._media_hooked.add(leg.call_id)
             key = leg.call_id
             call.on_media.append(lambda am: self._moved(key, am))
+            call.on_end.append(lambda _end: self.graph.forget(key))
         return leg.call_id
 
     def _moved(self, key: str, am: Any) -> None:
@@ -312,6 +318,7 @@ class _Bridge:
             edges[(CALLER, RECORDER)] = 1.0
             if heard is not None:
                 edges[(heard, RECORDER)] = 1.0
+        edges = {e: lv for e, lv in edges.items() if e[0] in self.graph and e[1] in self.graph}
         try:
             self.graph.set_edges(edges)
         except MixGraphError as e:  # a leg whose media just went: its end is on its way
@@ -339,7 +346,8 @@ class _Bridge:
             return
         rid, part, final = self.recording
         self.graph.remove(RECORDER)
-        self.recorder = None  # PJSIP writes the WAV header as it removes the port
+        # Deleting the recorder is what writes its WAV header (as media.call's record does).
+        self.recorder = None
         await _wav_finalised(part, timeout=3.0)
         duration = _wav_duration(part)
         await asyncio.to_thread(part.replace, final)
@@ -364,6 +372,7 @@ class _Bridge:
         self.graph.clear()
         if self.tone is not None:
             self.tone.close()
+            keep_a_while(self.tone)
         for leg in self.legs:
             self._drop_link(leg)
 

@@ -23,10 +23,11 @@ from gateway.control.dial_end import EndReason
 from gateway.control.dial_progress import LegProgress
 from gateway.control.dial_start import LegTarget, StartLeg
 from gateway.control.errors import NO_SLOT, OpRefused
+from gateway.dial.graph import BridgeGraph
 from gateway.workers.commands import LiveCall
 from media.call import CallGone, CallSetupError, NoCallSlot, SipCall
 from media.link import MediaLink
-from media.mixgraph import MixGraph, MixGraphError, bridge_edges
+from media.mixgraph import MixGraphError, bridge_edges
 
 if TYPE_CHECKING:
     import pjsua2 as pj
@@ -66,7 +67,7 @@ class DialLeg:
         self._by_api = False  # ended by an API hangup (its final says api_hangup)
         # the worker-side media of a leg away from its home: this link end <-> the call
         self.link: MediaLink | None = None
-        self.graph: MixGraph | None = None
+        self.graph: BridgeGraph | None = None
         # progress to the home, in order (one sender: a later state never overtakes)
         self._outbox: asyncio.Queue[LegProgress | None] = asyncio.Queue()
 
@@ -93,7 +94,7 @@ class DialLeg:
                 self.link = MediaLink(self.worker.settings.media.clock_rate,
                                       name=f"leg-{self.call_id[-8:]}")
                 self.link.connect((self.op.home_link[0], self.op.home_link[1]))
-                self.graph = MixGraph()
+                self.graph = BridgeGraph()
                 self.graph.add(LINK, self.link.audio_media)
             station.legs[self.call_id] = self
             self.worker.track(self.live)
@@ -129,6 +130,11 @@ class DialLeg:
     def _watch(self, call: SipCall) -> None:
         call.on_early.append(lambda code: self._report("ringing", sip_code=code))
         call.on_media.append(self._media)
+        call.on_end.append(self._gone)
+
+    def _gone(self, _end: Any) -> None:
+        if self.graph is not None:
+            self.graph.forget(LEG)  # PJSIP dropped the call's port (its slot may be reused)
 
     def _media(self, am: pj.AudioMedia) -> None:
         """The call has audio (183 early media, or the answer): bridge it to the link, and
