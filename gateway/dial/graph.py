@@ -8,23 +8,14 @@ old AudioMedia (what `MixGraph.remove` / `clear` do) could then cut another call
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from typing import Any
-
 from media.mixgraph import MixGraph
 
-KEEP_S = 1.0  # a port's object outlives its last queued conference op by this much
+# A port's object outlives its last queued conference op (pjsua2 2.15 queues them to the
+# clock thread) by this much.
+KEEP_S = 1.0
 
 
 class BridgeGraph(MixGraph):
     def forget(self, key: str) -> None:
         self._edges = {e: lv for e, lv in self._edges.items() if key not in e}
         self._ports.pop(key, None)
-
-
-def keep_a_while(obj: Any) -> None:
-    """Hold `obj` (a recorder, a tone) for KEEP_S: conference ops on it are queued to the
-    clock thread (pjsua2 2.15), so it must not be freed right after its stopTransmit."""
-    with contextlib.suppress(RuntimeError):  # no loop: nothing is queued any more either
-        asyncio.get_running_loop().call_later(KEEP_S, lambda: obj)

@@ -31,7 +31,7 @@ from gateway.calls.identity import CallIdentity, duration_seconds
 from gateway.control.dial_end import EndReason
 from gateway.control.dial_place import PlaceLeg
 from gateway.control.dial_progress import LegProgress
-from gateway.dial.graph import BridgeGraph, keep_a_while
+from gateway.dial.graph import KEEP_S, BridgeGraph
 from gateway.events.envelope import uuid7
 from gateway.workers.ipc import ChannelClosed
 from media.call import CallGone, _wav_duration, _wav_finalised
@@ -346,7 +346,9 @@ class _Bridge:
             return
         rid, part, final = self.recording
         self.graph.remove(RECORDER)
-        # Deleting the recorder is what writes its WAV header (as media.call's record does).
+        # Its stopTransmits are queued to the clock thread: let them run before the recorder
+        # goes (deleting it is what writes the WAV header, as in media.call's record).
+        await asyncio.sleep(0.1)
         self.recorder = None
         await _wav_finalised(part, timeout=3.0)
         duration = _wav_duration(part)
@@ -371,8 +373,8 @@ class _Bridge:
             log.exception("call %s: dial recording failed", self.session.call_id)
         self.graph.clear()
         if self.tone is not None:
-            self.tone.close()
-            keep_a_while(self.tone)
+            # after its queued stopTransmits have run (Tone.close drops the generator)
+            asyncio.get_running_loop().call_later(KEEP_S, self.tone.close)
         for leg in self.legs:
             self._drop_link(leg)
 
