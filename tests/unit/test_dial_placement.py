@@ -93,7 +93,8 @@ async def test_a_sip_target_takes_no_trunk_and_a_refusal_frees_the_trunk() -> No
     assert trunks.active("t1") == 0
 
 
-async def test_no_slot_anywhere_is_refused() -> None:
+async def test_no_slot_anywhere_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("gateway.dial.placement.SLOT_WAIT_S", 0.05)
     placement, directory, _, _ = setup((1, 1))
     occupy(directory, 0, 1)
     occupy(directory, 1, 1)
