@@ -169,9 +169,9 @@ class _Bridge:
     async def _attempt(self, targets: list[DialTarget]) -> DialResult:
         legs = [LegHandle(uuid7(), t, self.changed) for t in targets]
         self.legs += legs
-        tasks = {asyncio.ensure_future(self._place(leg)) for leg in legs}
-        self._placing |= tasks
-        await asyncio.wait(tasks)
+        # Not waited for: a placement may wait for a trunk's rate limit while another leg
+        # already rings, and the caller may hang up meanwhile.
+        self._placing |= {asyncio.ensure_future(self._place(leg)) for leg in legs}
         while True:
             if self.caller.ended:
                 for leg in legs:
