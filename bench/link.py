@@ -1,6 +1,7 @@
 """What a media link costs: CPU per link frame, and the latency one hop adds (under a minute).
 
-    PYTHONPATH=. .venv/bin/python bench/link.py [--links 20] [--seconds 4] [--remote-runs 3]
+    PYTHONPATH=. .venv/bin/python bench/link.py [--links 20] [--seconds 3] [--remote-runs 3]
+        [--gil-links 8]
 
 1. CPU: `--links` MediaLinks (pairs connected over loopback UDP), each fed by a tone and read
    by the bridge's master port, so both frame callbacks run 50 times a second per link. The
@@ -14,11 +15,17 @@
    (a) one hop inside this process (both ends on one clock); (b) a round trip through a second
    process (its own endpoint and clock: `--forward` mode, which relays one link to another),
    halved: one cross-process hop, including the random phase between the two bridges' clocks.
+3. The GIL: every frame callback needs it, so a busy asyncio thread delays the bridge's clock
+   thread (every call of the worker, not only the links). `--gil-links` links run while the
+   main thread idles, then spins in pure Python (default switch interval, then 1 ms); the
+   figures are the gaps between one link's successive frame requests (20 ms when on time) and
+   the ticks the clock ran against the ticks real time had.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -35,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from media import link as link_mod  # noqa: E402
-from media.link import MediaLink  # noqa: E402
+from media.link import FRAME_MS, MediaLink  # noqa: E402
 from media.tones import Tone, steady  # noqa: E402
 from tests.tones import onset, read_wav  # noqa: E402
 
@@ -77,8 +84,8 @@ def cpu_run(ep: pj.Endpoint, links: int, seconds: float) -> tuple[float, int]:
     for _ in range(links // 2):
         made.extend(pair())
     for lk in made:
-        tone.audio_media.startTransmit(lk)
-        lk.startTransmit(master)
+        tone.audio_media.startTransmit(lk.audio_media)
+        lk.audio_media.startTransmit(master)
     time.sleep(0.5)
     before = [lk.stats() for lk in made]
     c0, t0 = time.process_time(), time.monotonic()
@@ -89,8 +96,8 @@ def cpu_run(ep: pj.Endpoint, links: int, seconds: float) -> tuple[float, int]:
                  for a, b in zip(after, before, strict=True))
     errors = sum(a.errors for a in after)
     for lk in made:
-        tone.audio_media.stopTransmit(lk)
-        lk.stopTransmit(master)
+        tone.audio_media.stopTransmit(lk.audio_media)
+        lk.audio_media.stopTransmit(master)
         lk.close()
     tone.audio_media.stopTransmit(master)
     time.sleep(0.1)
@@ -141,7 +148,7 @@ def onsets(wav: Path, n: int, period: float) -> list[float]:
     return out
 
 
-def latency_run(ep: pj.Endpoint, remote: bool, n: int = 10, period: float = 0.5
+def latency_run(ep: pj.Endpoint, remote: bool, n: int = 8, period: float = 0.4
                 ) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="linkbench"))
     wav = workdir / ("remote.wav" if remote else "local.wav")
@@ -169,15 +176,15 @@ def latency_run(ep: pj.Endpoint, remote: bool, n: int = 10, period: float = 0.5
         send, recv = pair()
         links = [send, recv]
     direct.audio_media.startTransmit(rec)
-    via.audio_media.startTransmit(send)
-    recv.startTransmit(rec)
+    via.audio_media.startTransmit(send.audio_media)
+    recv.audio_media.startTransmit(rec)
     time.sleep(0.5)
     bursts(direct, via, n, period)
     time.sleep(0.3)
     stats = [lk.stats() for lk in links]
     direct.audio_media.stopTransmit(rec)
-    via.audio_media.stopTransmit(send)
-    recv.stopTransmit(rec)
+    via.audio_media.stopTransmit(send.audio_media)
+    recv.audio_media.stopTransmit(rec)
     time.sleep(0.1)
     del rec  # the WAV header is written when the recorder goes
     time.sleep(0.3)
@@ -202,6 +209,62 @@ def latency_run(ep: pj.Endpoint, remote: bool, n: int = 10, period: float = 0.5
     }
 
 
+class _TimedLink(MediaLink):
+    """A link that notes when the bridge asks it for a frame."""
+
+    stamps: list[float]
+
+    def _on_frame_requested(self, frame: pj.MediaFrame) -> None:
+        self.stamps.append(time.perf_counter())
+        super()._on_frame_requested(frame)
+
+
+def gil_run(ep: pj.Endpoint, links: int, seconds: float) -> list[dict[str, Any]]:
+    master = ep.audDevManager().getPlaybackDevMedia()
+    tone = steady(RATE, 852)
+    made: list[_TimedLink] = []
+    for _ in range(max(1, links // 2)):
+        a, b = _TimedLink(RATE), _TimedLink(RATE)
+        a.stamps, b.stamps = [], []
+        a.connect(b.local_addr)
+        b.connect(a.local_addr)
+        made += [a, b]
+    for lk in made:
+        tone.audio_media.startTransmit(lk.audio_media)
+        lk.audio_media.startTransmit(master)
+    time.sleep(0.3)
+    out = []
+    interval = sys.getswitchinterval()
+    for name, busy, switch in (("idle", False, interval), ("busy", True, interval),
+                               ("busy", True, 0.001)):
+        sys.setswitchinterval(switch)
+        made[0].stamps.clear()
+        t0 = time.monotonic()
+        if busy:
+            x = 0
+            while time.monotonic() - t0 < seconds:
+                x += 1
+        else:
+            time.sleep(seconds)
+        wall = time.monotonic() - t0
+        st = list(made[0].stamps)
+        gaps = sorted(1000 * (b - a) for a, b in itertools.pairwise(st))
+        n = len(gaps)
+        out.append({"main_thread": name, "switch_ms": round(switch * 1000, 1), "links": len(made),
+                    "ticks_pct_of_real_time": round(100 * len(st) / (wall * 1000 / FRAME_MS)),
+                    "gap_p50_ms": round(gaps[n // 2], 1) if n else None,
+                    "gap_p99_ms": round(gaps[int(n * 0.99)], 1) if n else None,
+                    "gap_max_ms": round(gaps[-1], 1) if n else None})
+    sys.setswitchinterval(interval)
+    for lk in made:
+        tone.audio_media.stopTransmit(lk.audio_media)
+        lk.audio_media.stopTransmit(master)
+        lk.close()
+    time.sleep(0.1)
+    tone.close()
+    return out
+
+
 def forward(addrs: str) -> None:
     """Second-process mode: link X (peer of the first's out link) relays into link Y (peer of
     its back link); runs until stdin closes."""
@@ -212,10 +275,10 @@ def forward(addrs: str) -> None:
     x, y = MediaLink(RATE), MediaLink(RATE)
     x.connect(tuple(peers[0]))
     y.connect(tuple(peers[1]))
-    x.startTransmit(y)
+    x.audio_media.startTransmit(y.audio_media)
     out.write(json.dumps([list(x.local_addr), list(y.local_addr)]) + "\n")
     sys.stdin.read()
-    x.stopTransmit(y)
+    x.audio_media.stopTransmit(y.audio_media)
     time.sleep(0.1)
     x.close()
     y.close()
@@ -227,8 +290,9 @@ def forward(addrs: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--links", type=int, default=20)
-    ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--remote-runs", type=int, default=3)
+    ap.add_argument("--gil-links", type=int, default=8)
     ap.add_argument("--forward", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.forward:
@@ -253,6 +317,10 @@ def main() -> None:
               f"(min {r['added_ms_min']}, max {r['added_ms_max']}), "
               f"{r['per_hop_ms_mean']} ms per hop")
     print(json.dumps({"local": local, "remote": remote}))
+    for g in gil_run(ep, args.gil_links, 2.0):
+        print(f"GIL: {g['links']} links, main thread {g['main_thread']} (switch interval "
+              f"{g['switch_ms']} ms): clock at {g['ticks_pct_of_real_time']}% of real time, "
+              f"request gaps p50 {g['gap_p50_ms']} p99 {g['gap_p99_ms']} max {g['gap_max_ms']} ms")
     link_mod.release_closed()
     import gc
 

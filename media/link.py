@@ -1,7 +1,8 @@
 """One end of a cross-process audio link: a conference port whose frames ride loopback UDP.
 
-A `MediaLink` is a pjsua2 `AudioMediaPort` (mono, 16-bit, 20 ms at the bridge's clock rate)
-that owns a non-blocking UDP socket bound on a loopback address. What the bridge sends the port
+A `MediaLink` owns a pjsua2 `AudioMediaPort` (mono, 16-bit, 20 ms at the bridge's clock rate;
+`audio_media`, pooled and reused, never deleted at run time: see `_Port`) and a non-blocking
+UDP socket bound on a loopback address (`local_addr`). What the bridge sends the port
 (`onFrameReceived`) leaves as one datagram per frame (a 4-byte big-endian sequence number, then
 the PCM) to the peer link; what the port gives the bridge (`onFrameRequested`) is the oldest of
 the frames received from the peer, kept in a jitter queue of at most `JITTER_FRAMES` (the
@@ -15,9 +16,11 @@ house rule that pjsua2 callbacks only `call_soon_threadsafe` to asyncio: a frame
 20 ms and the bridge asks for it synchronously; a hop through the event loop (and back) would
 add a loop's latency and jitter to every frame and cost more CPU than the I/O itself. A
 non-blocking `send` / `recv` on a loopback socket is a syscall of a few microseconds that never
-waits, so doing it in place is both the fastest and the most predictable option. The callbacks
-touch nothing but this object's socket, queue and counters, and never raise (errors are
-counted in `stats().errors`).
+waits, so doing it in place is both the fastest and the most predictable option. The price is
+the GIL: each callback takes it, so a CPU-bound asyncio thread delays the bridge's clock (all
+the worker's calls; `tune_gil`); see bench/link.py for the figures. The callbacks touch nothing
+but this object's socket, queue and counters, and never raise (errors are counted in
+`stats().errors`).
 
 Frame copies: in this SWIG binding `bytes(frame.buf)` walks the `std::vector<uint8_t>` element
 by element (~145 µs per 320-byte frame). `_pcm_of` instead reads the vector's data pointer
@@ -29,7 +32,7 @@ fails, both fall back to the slow, safe SWIG paths (`_FAST` is False).
 
 from __future__ import annotations
 
-import asyncio
+import atexit
 import contextlib
 import ctypes
 import errno
@@ -50,7 +53,7 @@ JITTER_FRAMES = 3  # at most this many frames wait in the queue (60 ms); the old
 # does not need (a burst once filled it and the steady flow keeps it full): drop one.
 TRIM_WINDOW = 50
 FRAME_MS = 20
-RELEASE_DELAY_S = 1.0  # a closed link's C++ port is deleted this long after close()
+RELEASE_DELAY_S = 0.25  # a closed link's port is reused no sooner than this after close()
 _HEADER = struct.Struct("!I")
 _PTR = ctypes.sizeof(ctypes.c_void_p)
 
@@ -118,23 +121,89 @@ class LinkStats:
     errors: int  # exceptions caught in the callbacks, send failures, malformed datagrams
 
 
-_graveyard: list[tuple[float, MediaLink]] = []
+class _Port(pj.AudioMediaPort):  # type: ignore[misc]
+    """The conference port of a link, pooled: never deleted while the library runs.
+
+    Why pooled: the bridge calls every port's put_frame on every tick, connected or not, so the
+    clock thread can be inside (or waiting for the GIL to enter) this object's callback at any
+    moment. Deleting a Python AudioMediaPort then frees what that callback uses (seen: deleting
+    links 10 ms after their stopTransmit segfaulted within 400 tries; ~AudioMediaPort also
+    releases the port's memory while its queued removal is pending). So a closed link's port
+    goes back to a pool, disconnected, and the next MediaLink takes it. Idle, it costs ~50
+    no-op callbacks a second."""
+
+    owner: MediaLink | None = None  # class default: a callback during teardown finds none
+
+    def onFrameReceived(self, frame: pj.MediaFrame) -> None:
+        owner = self.owner
+        if owner is not None:
+            owner._on_frame_received(frame)
+
+    def onFrameRequested(self, frame: pj.MediaFrame) -> None:
+        owner = self.owner
+        if owner is not None:
+            owner._on_frame_requested(frame)
+
+    def __del__(self) -> None:
+        # Dropped after libDestroy (interpreter exit): ~AudioMediaPort would call into the
+        # destroyed library and abort. Leak it instead.
+        try:
+            if not _lib_running():
+                self.thisown = False
+        except Exception:
+            pass
 
 
-class MediaLink(pj.AudioMediaPort):  # type: ignore[misc]
-    """One end of a UDP audio link. Create, `connect(peer.local_addr)`, wire its audio media
+# clock rate -> (reusable from, the library instance it belongs to, port)
+_free: dict[int, list[tuple[float, int, _Port]]] = {}
+_all_ports: list[_Port] = []  # every port made: the references that keep them alive
+
+
+def _take_port(clock_rate: int) -> _Port:
+    now = time.monotonic()
+    lib = _lib_id()
+    pool = _free.setdefault(clock_rate, [])
+    pool[:] = [e for e in pool if e[1] == lib]  # a destroyed library's ports: never reused
+    for i, (ready, _lib, port) in enumerate(pool):
+        if ready <= now:
+            del pool[i]
+            return port
+    port = _Port()
+    fmt = pj.MediaFormatAudio()
+    fmt.type = pj.PJMEDIA_TYPE_AUDIO
+    fmt.clockRate = clock_rate
+    fmt.channelCount = 1
+    fmt.bitsPerSample = 16
+    fmt.frameTimeUsec = FRAME_MS * 1000
+    port.createPort(f"link{len(_all_ports)}", fmt)
+    _all_ports.append(port)
+    return port
+
+
+def _disconnect_all(port: _Port) -> None:
+    """Stop every connection from and to `port` (what a MixGraph may have left). Every port of
+    the bridge, both ways: `ConfPortInfo.listeners` reads garbage in this wheel (seen), and a
+    stopTransmit of a connection that does not exist is a no-op."""
+    pid = port.getPortId()
+    try:
+        others = pj.Endpoint.instance().mediaEnumPorts2()
+    except pj.Error:
+        return
+    for am in others:
+        if am.getPortId() == pid:
+            continue
+        with contextlib.suppress(pj.Error):
+            port.stopTransmit(am)
+        with contextlib.suppress(pj.Error):
+            am.stopTransmit(port)
+
+
+class MediaLink:
+    """One end of a UDP audio link. Create, `connect(peer.local_addr)`, wire `audio_media`
     into a MixGraph, `close()` when done. Every method runs on the asyncio thread (or any
     thread registered with pjsua2); only the two frame callbacks run on the clock thread."""
 
-    # Class-level defaults: the clock thread may call a callback while Python tears the object
-    # down (its attributes already cleared, the C++ port not yet out of the bridge; seen). It
-    # then finds a closed link and returns.
-    _closed = True
-    peer_addr: tuple[str, int] | None = None
-    _errors = 0
-
-    def __init__(self, clock_rate: int, host: str = "127.0.0.1", name: str = "link") -> None:
-        super().__init__()
+    def __init__(self, clock_rate: int, host: str = "127.0.0.1") -> None:
         self.clock_rate = clock_rate
         self.frame_bytes = clock_rate * FRAME_MS // 1000 * 2
         self._silence = bytes(self.frame_bytes)
@@ -143,7 +212,7 @@ class MediaLink(pj.AudioMediaPort):  # type: ignore[misc]
         self._sock.setblocking(False)
         self._sock.bind((host, 0))
         self.local_addr: tuple[str, int] = self._sock.getsockname()
-        self.peer_addr = None
+        self.peer_addr: tuple[str, int] | None = None
         self._queue: deque[bytes] = deque()
         self._seq_out = 0
         self._last_seq = -1  # the newest sequence number queued (drop anything not newer)
@@ -151,20 +220,14 @@ class MediaLink(pj.AudioMediaPort):  # type: ignore[misc]
         self._dropped = self._errors = self._trimmed = self._depth_sum = 0
         self._window = 0  # requests in the current trim window
         self._window_min = JITTER_FRAMES  # the fewest frames queued at a request in it
-        fmt = pj.MediaFormatAudio()
-        fmt.type = pj.PJMEDIA_TYPE_AUDIO
-        fmt.clockRate = clock_rate
-        fmt.channelCount = 1
-        fmt.bitsPerSample = 16
-        fmt.frameTimeUsec = FRAME_MS * 1000
         self._closed = False
         try:
-            self.createPort(f"{name}:{self.local_addr[1]}", fmt)
+            self._port: _Port = _take_port(clock_rate)
         except BaseException:
             self._closed = True
             self._sock.close()
             raise
-        _sweep()
+        self._port.owner = self
 
     # -- control (asyncio thread) -------------------------------------------------------------
     def connect(self, peer_addr: tuple[str, int]) -> None:
@@ -174,8 +237,8 @@ class MediaLink(pj.AudioMediaPort):  # type: ignore[misc]
 
     @property
     def audio_media(self) -> pj.AudioMedia:
-        """The port as the bridge sees it (what a MixGraph connects)."""
-        return self
+        """The link's conference port (what a MixGraph connects)."""
+        return self._port
 
     @property
     def closed(self) -> bool:
@@ -186,32 +249,24 @@ class MediaLink(pj.AudioMediaPort):  # type: ignore[misc]
                          self._dropped, self._trimmed, self._depth_sum, self._errors)
 
     def close(self) -> None:
-        """Stop sending and playing, close the socket, and delete the port later.
+        """Stop sending and playing, close the socket, disconnect the port, give it back.
 
-        Remove the port's edges first (MixGraph.remove). The C++ port is not deleted now:
-        pjsua2 queues conference operations to the clock thread, so the stopTransmits just
-        asked for may still refer to it. It stays referenced and is deleted RELEASE_DELAY_S
-        later (by the next MediaLink created or closed, or `release_closed()`)."""
+        Remove the link from its MixGraph first (MixGraph.remove); whatever connection is left
+        is stopped here. The port is not deleted (see _Port): it goes back to the pool, to be
+        reused RELEASE_DELAY_S later, once the queued stopTransmits have long run."""
         if self._closed:
             return
         self._closed = True
+        port = self._port
+        port.owner = None
         self._queue.clear()
         self._sock.close()
-        _graveyard.append((time.monotonic() + RELEASE_DELAY_S, self))
-        with contextlib.suppress(RuntimeError):
-            asyncio.get_running_loop().call_later(RELEASE_DELAY_S + 0.05, _sweep)
+        _disconnect_all(port)
+        _free.setdefault(self.clock_rate, []).append(
+            (time.monotonic() + RELEASE_DELAY_S, _lib_id(), port))
 
-    def __del__(self) -> None:
-        # Dropped after libDestroy (a failed test's traceback holding it, interpreter exit):
-        # ~AudioMediaPort would call into the destroyed library and abort. Leak it instead.
-        try:
-            if not _lib_running():
-                self.thisown = False
-        except Exception:
-            pass
-
-    # -- frame callbacks (clock thread; never raise) --------------------------------------------
-    def onFrameReceived(self, frame: pj.MediaFrame) -> None:
+    # -- frame callbacks (clock thread, through _Port; never raise) ------------------------------
+    def _on_frame_received(self, frame: pj.MediaFrame) -> None:
         """What the bridge mixed for this port: one datagram to the peer."""
         try:
             if self._closed or self.peer_addr is None:
@@ -231,7 +286,7 @@ class MediaLink(pj.AudioMediaPort):  # type: ignore[misc]
         except Exception:
             self._errors += 1
 
-    def onFrameRequested(self, frame: pj.MediaFrame) -> None:
+    def _on_frame_requested(self, frame: pj.MediaFrame) -> None:
         """Give the bridge the oldest queued frame from the peer, or silence."""
         try:
             if self._closed:
@@ -281,33 +336,48 @@ class MediaLink(pj.AudioMediaPort):  # type: ignore[misc]
             queue.append(data[_HEADER.size:])
 
 
+
 def _newer(seq: int, last: int) -> bool:
     """Serial-number comparison of 32-bit sequence numbers (RFC 1982)."""
     return 0 < ((seq - last) & 0xFFFFFFFF) < 0x80000000
 
 
-def _sweep(force: bool = False) -> None:
-    now = time.monotonic()
-    keep: list[tuple[float, MediaLink]] = []
-    running = _lib_running()
-    for due, link in _graveyard:
-        if not force and due > now:
-            keep.append((due, link))
-        elif not running:
-            # The library is gone: ~AudioMediaPort would call into it. Leak the C++ object.
-            with contextlib.suppress(Exception):
-                link.thisown = False
-    _graveyard[:] = keep
+SWITCH_INTERVAL_S = 0.001
+
+
+def tune_gil(interval_s: float = SWITCH_INTERVAL_S) -> None:
+    """Make a CPU-bound thread hand the GIL over sooner (Python's default is 5 ms). Call it
+    once in a process that hosts links: each frame callback waits for the GIL, and with the
+    default interval a busy asyncio thread slowed the bridge's clock to 56-75 % of real time
+    with 8 links (bench/link.py); at 1 ms it stayed on time."""
+    import sys
+
+    sys.setswitchinterval(interval_s)
+
+
+def pooled_ports() -> int:
+    """Ports made so far in this process (in use or pooled)."""
+    return len(_all_ports)
 
 
 def release_closed() -> None:
-    """Delete every closed link's port now (asyncio thread): before `libDestroy`, or in a test's
-    teardown once its calls are over. Do not call it right after `close()` while the bridge
-    still runs: that is what the delay is for."""
-    _sweep(force=True)
-    import gc
+    """Kept for callers of the first version: ports are pooled now, never deleted at run time."""
 
-    gc.collect()
+
+@atexit.register
+def _leak_at_exit() -> None:
+    # At interpreter exit the library is destroyed (or about to be): never run ~AudioMediaPort.
+    for port in _all_ports:
+        with contextlib.suppress(Exception):
+            port.owner = None
+            port.thisown = False
+
+
+def _lib_id() -> int:
+    try:
+        return int(pj.Endpoint.instance().this)
+    except Exception:
+        return 0
 
 
 def _lib_running() -> bool:

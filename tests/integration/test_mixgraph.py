@@ -143,8 +143,8 @@ async def test_links_close_and_recreate_under_traffic(phone, answered_pair):
         l1, l2 = MediaLink(rate), MediaLink(rate)
         l1.connect(l2.local_addr)
         l2.connect(l1.local_addr)
-        g.add("L1", l1)
-        g.add("L2", l2)
+        g.add("L1", l1.audio_media)
+        g.add("L2", l2.audio_media)
         g.set_edges({("b", "L2"): 1.0, ("L1", "a"): 1.0})
         await asyncio.sleep(0.1 if i < 7 else PHASE_S)
         if i < 7:

@@ -41,3 +41,23 @@ async def test_two_farms_hear_each_other_and_early_media(phone_farm):  # noqa: F
     end = await b.wait(b1, "disconnected")
     assert end["wav"] and end["by"] == "remote"
     await a.wait(c1, "disconnected")
+
+
+async def test_farm_behaviours_ring_cancel_reject_and_hangup_after(phone_farm):  # noqa: F811
+    b = await phone_farm(behaviours={"+254711000002": {"do": "answer", "tone": 852,
+                                                       "after": 0.2, "hangup_after": 0.5}})
+    a = await phone_farm()
+    ring = await a.call(b.uri("ring"), 697)
+    rej = await a.call(b.uri("reject-503"), 697)
+    mapped = await a.call(b.uri("+254711000002"), 697)
+    assert (await a.wait(ring, "early"))["code"] == 180
+    assert (await a.wait(rej, "disconnected"))["code"] == 503
+    await a.wait(mapped, "answered")
+    end = await a.wait(mapped, "disconnected", 5)
+    assert end["by"] == "remote" and end["wav"]
+    await a.hangup(ring)  # CANCEL of a ringing call
+    end = await a.wait(ring, "disconnected")
+    assert end["by"] == "local"  # its code: what PJSIP reports locally (603 or the 487)
+    inc = await b.incoming(user="ring")
+    assert (await b.wait(inc["id"], "disconnected"))["code"] == 487
+    assert (await b.incoming(user="+254711000002"))["request_uri"].startswith("sip:+2547")
