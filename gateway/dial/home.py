@@ -226,7 +226,7 @@ class _Bridge:
         )
         # Made first, so a leg placed elsewhere can connect to it at once; dropped when the
         # leg lands here.
-        link = MediaLink(self.worker.settings.media.clock_rate, name=f"home-{leg.call_id[-8:]}")
+        link = self.station.link()
         leg.link = link
         self.station.homes[leg.call_id] = leg  # before asking: progress may beat the reply
         op = PlaceLeg(

@@ -91,8 +91,7 @@ class DialLeg:
         try:
             if not self.local:
                 assert self.op.home_link is not None
-                self.link = MediaLink(self.worker.settings.media.clock_rate,
-                                      name=f"leg-{self.call_id[-8:]}")
+                self.link = station.link()
                 self.link.connect((self.op.home_link[0], self.op.home_link[1]))
                 self.graph = BridgeGraph()
                 self.graph.add(LINK, self.link.audio_media)

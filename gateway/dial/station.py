@@ -16,6 +16,7 @@ from gateway.control.dial_start import StartLeg
 from gateway.control.errors import CALL_EXISTS, NO_SLOT, NOT_FOUND, OpRefused
 from gateway.workers.commands import handles
 from gateway.workers.ipc import ChannelClosed
+from media.link import MediaLink, tune_gil
 
 if TYPE_CHECKING:
     from gateway.dial.home import CallDialer, LegHandle
@@ -33,6 +34,15 @@ class DialStation:
         self.worker = worker
         self.legs: dict[str, DialLeg] = {}
         self.homes: dict[str, LegHandle] = {}
+        self._gil_tuned = False
+
+    def link(self) -> MediaLink:
+        """A media link end (the first one makes this process hand the GIL over sooner: the
+        links' frame callbacks wait for it on the clock thread, media.link.tune_gil)."""
+        if not self._gil_tuned:
+            self._gil_tuned = True
+            tune_gil()
+        return MediaLink(self.worker.settings.media.clock_rate)
 
     def dialer(self, session: CallSession) -> CallDialer:
         from gateway.dial.home import CallDialer
