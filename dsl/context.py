@@ -194,6 +194,42 @@ class RoomSeat(Protocol):
 class Rooms(Protocol):
     async def join(self, call_id: str, entry: RoomEntry) -> RoomSeat:
         """Enter the room (the call is answered); raises RoomRefused."""
+DialStatus = Literal["completed", "busy", "no-answer", "failed", "canceled"]
+
+
+@dataclass(frozen=True)
+class DialTarget:
+    kind: Literal["number", "sip"]
+    value: str  # E.164 (normalised by the verb's model) or a sip:/sips: URI
+
+
+@dataclass(frozen=True)
+class DialRequest:
+    """What `dial` asks of the gateway: plain values, nothing of SIP."""
+
+    targets: tuple[DialTarget, ...]
+    sequential: bool = False  # try targets one after another (else all ring at once)
+    caller_id: str | None = None  # None: the gateway's default (the dialled number / `from`)
+    timeout_s: float = 30.0  # ring time per attempt
+    record: str | None = None  # record-from-answer | record-from-ringing
+    time_limit_s: float | None = None  # longest bridged time, from answer
+
+
+@dataclass(frozen=True)
+class DialResult:
+    """How a dial ended (Twilio's DialCallStatus & co.). Raised instead: CallEnded (the caller
+    hung up; the run ends)."""
+
+    status: DialStatus
+    call_sid: str = ""  # the child leg's call_id ("" when no leg was placed)
+    duration_s: int = 0  # answered: seconds from answer to end, rounded up
+    sip_status: int | None = None  # the leg's final SIP code (200 when it was answered)
+
+
+class Dialer(Protocol):
+    async def dial(self, request: DialRequest) -> DialResult:
+        """Ring the targets, bridge the caller to the first that answers, until either side
+        hangs up. Raises CallEnded when the caller hangs up."""
 
 
 @dataclass
@@ -213,3 +249,5 @@ class CallContext:
     next_document: Callable[[], Awaitable[FetchedDocument | None]] | None = None
     # Conference rooms (the `conference` verb); None where the gateway has none.
     rooms: Rooms | None = None
+    # Connects the caller to others (`dial`); None: dial is not runnable here.
+    dialer: Dialer | None = None

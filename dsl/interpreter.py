@@ -17,12 +17,13 @@ from typing import Any, Literal, TypeVar
 from dsl.context import CallContext, CallEnded, FetchedDocument, MediaError, VoiceAppError
 from dsl.document import Document, parse_document
 from dsl.errors import DocumentError, VerbUnsupported
-from dsl.verbs import Redirect, Verb
-from dsl.verbs.base import NEXT, RunIssue, RunState, Step, end
+from dsl.verbs import Dial, Redirect, Verb
+from dsl.verbs.base import NEXT, RunIssue, RunState, Step, end, is_empty_reply, replace_with
 
 log = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 10  # in a row, without a media verb in between
+MAX_DIALS = 10  # per call: a voice app that answers every dial's callback with another dial
 
 T = TypeVar("T")
 
@@ -87,6 +88,7 @@ class Interpreter:
         self._wake: asyncio.Future[None] | None = None
         self._ending = False  # END was asked: final, later interrupts are refused
         self._done = False
+        self._dials = 0
 
     def interrupt(self, replacement: Replacement) -> bool:
         """Stop the current verb and run `replacement` instead (END: stop, run nothing more).
@@ -212,7 +214,19 @@ class Interpreter:
             )
             if isinstance(step, _Interrupted) or step.kind != "next":
                 return step
+        if document.actions and isinstance(document.actions[-1], Dial):
+            return await self._after_dial(state)
         return NEXT
+
+    async def _after_dial(self, state: RunState) -> Step | _Interrupted:
+        """A dial ended its document: the voice callback URL says what comes next (POSTed
+        with DialCallStatus & co.); an empty reply (204, `{}`) ends the call like a document
+        end."""
+        url = state.resolve(self.ctx.voice_callback_url)
+        got = await self._until_interrupted(self.ctx.app.fetch(url, "POST", self.ctx.params))
+        if isinstance(got, _Interrupted):
+            return got
+        return NEXT if is_empty_reply(got.body) else replace_with(got)
 
     async def _until_interrupted(
         self, aw: Awaitable[T], *, ends_with_call: bool = False
@@ -254,6 +268,12 @@ class Interpreter:
             state.note("reject_after_answer", "the call was already answered; hung up instead")
             await leg.hangup()
             return end("hangup_verb")
+        if isinstance(verb, Dial):
+            self._dials += 1
+            if self._dials > MAX_DIALS:
+                raise VoiceAppError(
+                    "dial_loop", f"{state.path}: more than {MAX_DIALS} dials in one call"
+                )
         if isinstance(verb, Redirect) and self._redirects >= MAX_REDIRECTS:
             raise VoiceAppError(
                 "redirect_loop",

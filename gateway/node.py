@@ -42,6 +42,7 @@ from gateway.calls.records import CallRecords
 from gateway.calls.switchboard import Switchboard
 from gateway.calls.writer import final_data
 from gateway.control.errors import FAILED, OpRefused
+from gateway.dial.placement import DialPlacement
 from gateway.events.delivery import Deliverer
 from gateway.events.envelope import Event, make_event
 from gateway.events.outbox import AsyncOutbox, Outbox
@@ -118,6 +119,7 @@ class Node:
         self.directory = CallDirectory()
         self.router: Router | None = None
         self.switchboard: Switchboard | None = None
+        self.dial: DialPlacement | None = None  # dial legs between workers
         self.records: CallRecords | None = None
         self.metrics = NodeMetrics(
             calls=self.active_calls,
@@ -276,6 +278,8 @@ class Node:
             draining=lambda: self.draining or self.stopping,
         )
         self.switchboard.register_metrics(self.metrics.registry)
+        self.dial = DialPlacement(self.directory, self.switchboard.trunks, self._requester)
+        self.dial.register(self.handle_asks)
         self._tasks.append(asyncio.create_task(self.deliverer.run(), name="deliverer"))
         self._tasks.append(asyncio.create_task(self._prune(), name="prune"))
         self.records = await CallRecords.open(CallRecords.default_path(self.storage))
@@ -602,6 +606,8 @@ class Node:
         """Each call the dead worker held gets its final event, unless it already has one."""
         assert self.outbox is not None
         now = time.time()
+        if self.dial is not None:  # first: it reads the directory's entries for the lost legs
+            self.dial.worker_lost(w.index)
         entries = self.directory.worker_gone(w.index)
         # all queued at once: one transaction on the writer thread for the worker's calls
         finals = [

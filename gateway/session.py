@@ -17,7 +17,7 @@ from pathlib import Path
 
 import aiohttp
 
-from dsl.context import CallContext, FetchedDocument, Rooms, VoiceAppError
+from dsl.context import CallContext, Dialer, FetchedDocument, Rooms, VoiceAppError
 from dsl.interpreter import END, Fetch, Interpreter, RunResult
 from gateway.calls.identity import CallIdentity
 from gateway.calls.outcome import CallFacts, EndedBy, Failure, Outcome, classify
@@ -105,6 +105,7 @@ class CallSession:
         self.on_final: Callable[[Outcome, CallEnd], None] | None = None
         self.on_skip: Callable[[str, str], None] | None = None  # (verb, reason), for metrics
         self.on_state: Callable[[], None] | None = None  # ringing -> in-progress
+        self.dialer: Dialer | None = None  # `dial` (the worker gives it, gateway/dial/home.py)
         if not call.answered:
             call.on_answer.append(self._answered)
 
@@ -176,6 +177,8 @@ class CallSession:
             recordings_dir=self.recordings_dir,
             on_skip=self.on_skip,
             rooms=self.rooms,
+            dialer=self.dialer,
+            params=self.call_fields,  # what a verb keeps there (DialCallStatus) rides every fetch
         )
         first = self.first_document
         if self.mcp is not None:

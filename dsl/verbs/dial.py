@@ -1,4 +1,10 @@
-"""`dial`: connect the caller to a number, several numbers, or a SIP URI (not yet runnable)."""
+"""`dial`: connect the caller to a number, several numbers, or a SIP URI.
+
+The gateway does the calling (`ctx.dialer`); the verb hands it a plain request and keeps what
+comes back (DialCallStatus, DialCallSid, DialCallDuration, DialSipStatus) in the call's
+persisted fields, so every later voice app request carries them. A dial that ends its document
+makes the interpreter ask the voice callback URL what to do next (Twilio's model).
+"""
 
 from __future__ import annotations
 
@@ -8,10 +14,10 @@ from typing import Annotated, ClassVar
 from pydantic import AfterValidator, Field, StringConstraints, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from dsl.context import CallContext
+from dsl.context import CallContext, DialRequest, DialResult, DialTarget
 from dsl.errors import VerbUnsupported
 from dsl.phone import InvalidNumber, parse_e164
-from dsl.verbs.base import Needs, RunState, Step, Verb, extension
+from dsl.verbs.base import NEXT, Needs, RunState, Step, Verb, extension
 
 E164_PATTERN = r"^\+[1-9][0-9]{1,14}$"
 log = logging.getLogger(__name__)
@@ -40,7 +46,8 @@ class Dial(Verb):
     """Call out and bridge the caller to whoever answers.
 
     Exactly one of `number`, `numbers` (all ring at once unless `sequential`) or `sip`.
-    Validated now; running it ends the call with `verb_unsupported` until dialling lands.
+    The caller hears ringback (or the callee's early media) until someone answers; the
+    document goes on once either side hangs up.
     """
 
     verb: ClassVar[str] = "dial"
@@ -92,5 +99,39 @@ class Dial(Verb):
             )
         return self
 
+    def request(self) -> DialRequest:
+        targets: tuple[DialTarget, ...]
+        if self.sip is not None:
+            targets = (DialTarget("sip", self.sip),)
+        else:
+            numbers = self.numbers if self.numbers is not None else [self.number or ""]
+            targets = tuple(DialTarget("number", n) for n in numbers)
+        return DialRequest(
+            targets=targets,
+            sequential=self.sequential,
+            caller_id=self.caller_id,
+            timeout_s=self.timeout,
+            record=self.record,
+            time_limit_s=self.time_limit,
+        )
+
     async def run(self, ctx: CallContext, state: RunState) -> Step:
-        raise VerbUnsupported(self.verb)
+        if ctx.dialer is None:
+            raise VerbUnsupported(self.verb)
+        result = await ctx.dialer.dial(self.request())  # CallEnded: the caller hung up
+        ctx.params.update(dial_fields(result))
+        log.info("call %s: %s: DialCallStatus %s (%s)", state.call_id, state.path,
+                 result.status, result.call_sid or "no leg")
+        return NEXT
+
+
+def dial_fields(result: DialResult) -> dict[str, str]:
+    """The fields every later voice app request carries (Twilio's names)."""
+    fields = {
+        "DialCallStatus": result.status,
+        "DialCallSid": result.call_sid,
+        "DialCallDuration": str(result.duration_s),
+    }
+    if result.sip_status is not None:
+        fields["DialSipStatus"] = str(result.sip_status)
+    return fields

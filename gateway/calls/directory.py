@@ -102,9 +102,15 @@ class CallDirectory:
         return len(self.calls)
 
     # -- placement --------------------------------------------------------------------------
-    def reserve(self, exclude: set[int] | frozenset[int] = frozenset()) -> int | None:
+    def reserve(self, exclude: set[int] | frozenset[int] = frozenset(),
+                prefer: int | None = None) -> int | None:
         """A worker with a free slot (the one with most free, searching from a rotating start
-        so equal workers share the load); its slot is held until `release`."""
+        so equal workers share the load); its slot is held until `release`. `prefer` (a dial
+        leg's home: its media then stays in one bridge) is taken whenever it has a free slot."""
+        pw = self.workers.get(prefer) if prefer is not None else None
+        if pw is not None and pw.index not in exclude and pw.free > 0:
+            pw.pending += 1
+            return pw.index
         order = sorted(self.workers)
         if not order:
             return None

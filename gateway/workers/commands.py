@@ -26,6 +26,7 @@ from gateway.workers.protocol import Reply, Request
 
 if TYPE_CHECKING:
     from gateway.calls.outbound import OutboundRunner
+    from gateway.dial.leg import DialLeg
     from gateway.session import CallSession
     from gateway.workers.worker import Worker
     from media.call import SipCall
@@ -55,6 +56,7 @@ class LiveCall:
     identity: CallIdentity
     session: CallSession | None = None
     outbound: OutboundRunner | None = None
+    leg: DialLeg | None = None  # a dial's child leg (gateway/dial/leg.py)
     trunk_used: str | None = None  # the trunk an answered outbound call is on
     untracked: bool = False  # CallEnded sent
     final_lost: bool = False  # its final could not be stored: never untracked (see worker)
@@ -67,18 +69,24 @@ class LiveCall:
     def sip_call(self) -> SipCall | None:
         if self.session is not None:
             return self.session.call
+        if self.leg is not None:
+            return self.leg.call
         return self.outbound.call if self.outbound is not None else None
 
     @property
     def status(self) -> str:
         if self.session is not None:
             return self.session.status
+        if self.leg is not None:
+            return self.leg.status
         return "ringing"
 
     @property
     def trunk(self) -> str | None:
         if self.outbound is not None:
             return self.outbound.trunk
+        if self.leg is not None:
+            return self.leg.trunk
         return self.trunk_used
 
     @property
@@ -91,6 +99,8 @@ class LiveCall:
             self.session.fail(reason, message)
         elif self.outbound is not None:
             self.outbound.fail(reason, message)
+        elif self.leg is not None:
+            self.leg.fail(reason, message)
 
     def cut(self, code: int) -> None:
         """End the call now (worker shutdown): BYE, CANCEL or a final response."""
@@ -103,6 +113,8 @@ class LiveCall:
             self.session.hangup_by_api()
         elif self.outbound is not None:
             self.outbound.hangup_by_api()
+        elif self.leg is not None:
+            self.leg.hangup_by_api()
 
     def redirect(self, op: Redirect) -> None:
         if self.session is None:

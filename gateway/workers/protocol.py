@@ -14,6 +14,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from gateway.control.dial_end import EndLeg
+from gateway.control.dial_place import PlaceLeg
+from gateway.control.dial_progress import LegProgress
+from gateway.control.dial_start import StartLeg
 from gateway.control.hangup import Hangup
 from gateway.control.originate import Originate
 from gateway.control.redirect import Redirect
@@ -37,7 +41,10 @@ class Drain(_Msg):
     on: bool = True
 
 
-Op = Annotated[Hangup | Redirect | Respond | Originate | RoomSync, Field(discriminator="op")]
+Op = Annotated[
+    Hangup | Redirect | Respond | Originate | RoomSync | StartLeg | LegProgress | EndLeg,
+    Field(discriminator="op"),
+]
 
 
 class Request(_Msg):
@@ -48,7 +55,9 @@ class Request(_Msg):
 
 # What a worker may ask the supervisor (ops of gateway/control/, tagged by `op`). A union of
 # one member until the places that span processes (dial legs, rooms) add theirs.
-AskOp = Annotated[Hangup | RoomJoin | RoomLeave, Field(discriminator="op")]
+AskOp = Annotated[
+    Hangup | RoomJoin | RoomLeave | PlaceLeg | LegProgress | EndLeg, Field(discriminator="op")
+]
 
 
 class Ask(_Msg):

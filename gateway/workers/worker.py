@@ -31,6 +31,7 @@ from gateway.calls.links import LinkSigner
 from gateway.calls.outcome import Outcome
 from gateway.calls.writer import CallEventWriter
 from gateway.control.originate import Destination, events_destination
+from gateway.dial.station import DialStation
 from gateway.events.outbox import AsyncOutbox
 from gateway.kamailio import source_allowed
 from gateway.logs import setup_logging
@@ -114,6 +115,7 @@ class Worker:
         # Every call this worker holds, inbound or outbound, ringing or answered: what
         # commands from the supervisor reach (gateway/workers/commands.py).
         self.calls: dict[str, LiveCall] = {}
+        self.dial = DialStation(self)  # dial legs here, and bridges homed here
         self.tasks: set[asyncio.Task[None]] = set()
         self.stopping = asyncio.Event()
         cb = settings.callbacks
@@ -327,6 +329,8 @@ class Worker:
         self.report(live)
 
     def report(self, live: LiveCall) -> None:
+        if live.session is not None and live.session.dialer is None:
+            live.session.dialer = self.dial.dialer(live.session)  # before its documents run
         self.channel.send(
             p.CallState(
                 identity=live.identity.to_wire(), status=live.status,
