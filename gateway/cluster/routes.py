@@ -1,6 +1,6 @@
 """Node-to-node routes (under /cluster/, the cluster token; gateway/api/app.py checks it).
 
-    GET  /cluster/v1/ping          -> {node_id}                     liveness (membership.py)
+    GET  /cluster/v1/ping          -> {node_id, live}                liveness (membership.py)
     POST /cluster/v1/rooms/join    {node, worker, op: RoomJoin}      at the room's home
     POST /cluster/v1/rooms/leave   {node, call_id, room_id}          at the room's home
     POST /cluster/v1/rooms/part    {home, part: RoomPart}            at a node with members
@@ -50,7 +50,9 @@ async def _body(request: web.Request) -> dict[str, Any]:
 
 
 async def _ping(request: web.Request) -> web.Response:
-    return web.json_response({"node_id": _rooms(request).node_id})
+    rooms = _rooms(request)
+    live = rooms.cluster.live_peers() if rooms.cluster is not None else []
+    return web.json_response({"node_id": rooms.node_id, "live": live})
 
 
 async def _join(request: web.Request) -> web.Response:
