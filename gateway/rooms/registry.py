@@ -29,6 +29,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from gateway.cluster.membership import PeerUnavailable
 from gateway.control.errors import FAILED, NOT_FOUND, OpRefused
@@ -199,19 +200,36 @@ class RoomRegistry:
 
     # -- asks from workers ----------------------------------------------------------------------
     async def on_join(self, worker: int, op: RoomJoin) -> dict[str, Any]:
-        home = self._home_for(op.workspace_id, op.name)
+        home = await self._home_for(op.workspace_id, op.name)
         if home is not None:
             return await self._join_at(home, worker, op)
         return await self.join_here(worker, op)
 
-    def _home_for(self, workspace_id: str, name: str) -> str | None:
-        """The room's home when it is another node (None: this one)."""
+    async def _home_for(self, workspace_id: str, name: str) -> str | None:
+        """The room's home when it is another node (None: this one). A live room keeps its
+        home: a node part knows it, else the live peers are asked (a node that came back
+        since would win the rendezvous and split the room); a new room's is the rendezvous'."""
         if self.cluster is None:
             return None
         room = self.rooms.get((workspace_id, name))
         if room is not None and not room.ended:
             return room.home
-        home = self.cluster.home_of(workspace_id, name)
+        cluster = self.cluster
+        path = f"/cluster/v1/conferences/{quote(name, safe='')}?workspace_id={quote(workspace_id)}"
+
+        async def homes(node: str) -> bool:
+            try:
+                status, _ = await cluster.request(node, "GET", path)
+            except PeerUnavailable:
+                return False
+            return status == 200
+
+        peers = cluster.live_peers()
+        found = [n for n, yes in zip(peers, await asyncio.gather(*map(homes, peers)),
+                                     strict=True) if yes]
+        if found:
+            return found[0]
+        home = cluster.home_of(workspace_id, name)
         return None if home == self.node_id else home
 
     async def _join_at(self, home: str, worker: int, op: RoomJoin) -> dict[str, Any]:

@@ -74,7 +74,8 @@ async def _both_live(a: Any, b: Any) -> bool:
     return await live_peers(a) == ["b"] and await live_peers(b) == ["a"]
 
 
-async def test_room_of_four_on_two_nodes(voice_app, receiver, gateway_factory, farms, tmp_path):
+async def test_room_of_four_on_two_nodes(
+        voice_app, receiver, gateway_factory, farms, tmp_path):  # noqa: F811
     """2 callers on each node: each hears the other three and not itself; a mute on the home's
     API silences the other node's member for everyone; a kick (on the home's API) of the other
     node's member: its document goes on; the other node stopped: the home's members still hear
@@ -96,6 +97,8 @@ async def test_room_of_four_on_two_nodes(voice_app, receiver, gateway_factory, f
     seen = await room_of(other, name, 4)  # any node shows the whole room
     assert conf["home_node"] == "a" and seen["home_node"] == "a", conf
     assert sorted(x["node"] for x in conf["participants"]) == ["a", "a", "b", "b"], conf
+    # one call a worker: every member's audio crosses worker -> node hub -> home hub -> worker
+    assert len({(x["node"], x["worker"]) for x in conf["participants"]}) == 4, conf
     ids = {tone_of_call(voice_app, x["call_id"]): x["call_id"] for x in conf["participants"]}
     status, listing = await api(other, "GET", "/v1/conferences")
     assert status == 200 and [c["name"] for c in listing["data"]] == [name], listing
@@ -138,7 +141,7 @@ async def test_room_of_four_on_two_nodes(voice_app, receiver, gateway_factory, f
 
 
 async def test_home_node_stopped_the_other_node_ends_the_room_for_its_members(
-        voice_app, receiver, gateway_factory, farms, tmp_path):
+        voice_app, receiver, gateway_factory, farms, tmp_path):  # noqa: F811
     """The home node stops: the other node's part ends the room for its members, whose
     documents go on (the next action's tone)."""
     _, events_url = receiver
