@@ -370,8 +370,16 @@ class RoomRegistry:
         """A peer node is dead: its participants drop out of the rooms homed here (their finals
         are its business); the parts here of rooms homed there end for their members."""
         v = self._virtual.get(node)
-        if v is not None:
-            await self.worker_lost(v)
+        for room in [r for r in list(self.rooms.values()) if v is not None and r.home is None
+                     and (v in r.workers or v in r.synced)]:
+            async with room.lock:
+                for p in [p for p in room.participants.values() if p.worker == v]:
+                    self._remove(room, p.call_id, "node_lost")
+                # the node is told too, best effort: one that only looked dead (a partition,
+                # a stalled loop) ends its part cleanly instead of mixing a room of its own
+                await self._reconcile(room)
+                room.synced.discard(v)
+                room.addrs = {k: a for k, a in room.addrs.items() if v not in k}
         for room in [r for r in list(self.rooms.values()) if r.home == node]:
             async with room.lock:
                 log.warning("conference %s/%s: home node %s lost: the room ends here",

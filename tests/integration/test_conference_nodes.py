@@ -155,10 +155,13 @@ async def test_home_node_stopped_the_other_node_ends_the_room_for_its_members(
     home, other = await two_nodes(gateway_factory, voice_app, events_url)
     p, q = TONES[:2]
     phones = Phones(farms)
+    await phones.call(other, q)  # first: the home's hub is the other node's (a virtual worker)
+    await room_of(home, name, 1)
     await phones.call(home, p)
-    await phones.call(other, q)
     await room_of(home, name, 2)
     t_both = await window(1.5)
+    got, lv = phones.heard(p, *t_both, (p, q, AFTER_HZ))
+    assert got == {q}, ("together, at home", lv)
     home.stop()
     await asyncio.sleep(3.0)  # dead_after_s 2 + a ping
     t_after = await window(1.5)
