@@ -44,14 +44,18 @@ def room_homed_on(node: str) -> str:
 
 def clustered_gateway(gateway_factory: Any, voice_app: Any, events_url: str, me: str,
                       api_port: int, peer_port: int) -> Any:
+    """Node `me`; its media links bind 127.0.0.1 (a) or 127.0.0.2 (b): the address each
+    node is reached on."""
     base = free_port_block(2)
+    media_host = "127.0.0.1" if me == "a" else "127.0.0.2"
     return gateway_factory(
         voice_url=f"{voice_app.base_url}/voice", app_secret=voice_app.secret,
         events_url=events_url, api_port=api_port,
         workers=f"count = 2\ncalls_per_worker = 1\nreserved_slots = 0\nsip_port_start = {base}",
         kamailio='mode = "managed"\nping_interval_s = 1\n',
         extra=f'[cluster]\nnode_id = "{me}"\npeers = ["http://127.0.0.1:{peer_port}"]\n'
-              f'token = "{CLUSTER_TOKEN}"\nping_interval_s = 0.5\ndead_after_s = 2\n')
+              f'token = "{CLUSTER_TOKEN}"\nmedia_host = "{media_host}"\n'
+              f'ping_interval_s = 0.5\ndead_after_s = 2\n')
 
 
 async def live_peers(gw: Any) -> list[str]:
