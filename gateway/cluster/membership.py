@@ -142,14 +142,15 @@ class Cluster:
         except (ClientError, TimeoutError, ValueError) as e:
             raise PeerUnavailable(f"{url}: {e!r}") from None
 
-    async def request(self, node_id: str, method: str, path: str,
-                      body: Any = None) -> tuple[int, dict[str, Any]]:
+    async def request(self, node_id: str, method: str, path: str, body: Any = None,
+                      timeout: float = CALL_TIMEOUT_S) -> tuple[int, dict[str, Any]]:
         """(status, JSON body) of `method path` on node `node_id`; PeerUnavailable when it
         cannot be reached or answers no JSON."""
         assert self.http is not None
         url = self._url(node_id) + path
         try:
-            async with self.http.request(method, url, json=body, headers=self._headers()) as r:
+            async with self.http.request(method, url, json=body, headers=self._headers(),
+                                         timeout=ClientTimeout(total=timeout)) as r:
                 return r.status, await r.json()
         except (ClientError, TimeoutError, ValueError) as e:
             raise PeerUnavailable(f"{node_id} {path}: {e!r}") from None

@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_PARTICIPANTS = 250
 ROOM_FULL = "room_full"
 SYNC_TIMEOUT_S = 5.0
+# A join forwarded to the home node waits this long: under the worker's own ask timeout
+# (rooms/local.py ASK_TIMEOUT_S, 10 s), over the home's two rounds of syncs.
+JOIN_TIMEOUT_S = 8.0
 # Flags a participant may give (`flags`, a string or a list); others are logged and ignored.
 KNOWN_FLAGS = frozenset({"muted", "hold", "startOnEnter", "endOnExit", "beep"})
 
@@ -239,8 +242,15 @@ class RoomRegistry:
         try:
             status, body = await self.cluster.request(
                 home, "POST", "/cluster/v1/rooms/join",
-                {"node": self.node_id, "worker": worker, "op": op.model_dump()})
+                {"node": self.node_id, "worker": worker, "op": op.model_dump()},
+                timeout=JOIN_TIMEOUT_S)
         except PeerUnavailable as e:
+            # the home may have taken it in before the answer was lost: take it out again
+            part = self.rooms.get((op.workspace_id, op.name))
+            if part is not None and part.home == home:
+                with contextlib.suppress(PeerUnavailable):
+                    await self.cluster.post(home, "/cluster/v1/rooms/leave",
+                                            {"call_id": op.call_id, "room_id": part.id})
             raise OpRefused(FAILED, f"the room's home node {home} did not answer: {e}") from None
         finally:
             self._pending.pop(op.call_id, None)

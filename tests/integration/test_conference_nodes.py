@@ -8,6 +8,7 @@ the phones' recordings (tests/tones.py), never the API's view."""
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 import aiohttp
@@ -141,7 +142,10 @@ async def test_room_of_four_on_two_nodes(
     for hz in (p, q):
         got, lv = phones.heard(hz, *t_alone, four)
         assert got == {p, q} - {hz}, ("other node gone", hz, lv)
-    assert "home node" not in home.log_text()
+    async def saw_b_die() -> bool:
+        return re.search(r"cluster: node b \(.*\) is dead", home.log_text()) is not None
+
+    await until(saw_b_die, 5)
 
 
 async def test_home_node_stopped_the_other_node_ends_the_room_for_its_members(
@@ -174,3 +178,4 @@ async def test_home_node_stopped_the_other_node_ends_the_room_for_its_members(
     got, lv = phones.heard(q, *t_after, (p, q, AFTER_HZ))
     assert got == {AFTER_HZ}, ("home gone: the document goes on", lv)
     assert await room(other, name) is None
+    assert "home node a lost: the room ends here" in other.log_text()

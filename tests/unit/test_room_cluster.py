@@ -35,8 +35,8 @@ class FakeCluster:
     def home_of(self, workspace_id: str, name: str) -> str:
         return rendezvous((workspace_id, name), {self.node_id, *self.live_peers()})
 
-    async def request(self, node: str, method: str, path: str,
-                      body: Any = None) -> tuple[int, dict[str, Any]]:
+    async def request(self, node: str, method: str, path: str, body: Any = None,
+                      timeout: float = 5.0) -> tuple[int, dict[str, Any]]:
         if node in self.down:
             raise PeerUnavailable(node)
         reg = self.nodes[node]
