@@ -169,3 +169,32 @@ def test_rendezvous_is_stable_and_spreads() -> None:
     # a node leaving moves only its own rooms
     after = [rendezvous(("ws", f"room{i}"), {"a", "b"}) for i in range(300)]
     assert all(x == y for x, y in zip(homes, after, strict=True) if x != "c")
+
+
+@pytest.mark.parametrize("cluster_token", ["clu-token", None])
+async def test_cluster_routes_take_the_cluster_token_only(cluster_token: str | None) -> None:
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from gateway.api.app import _auth_middleware
+    from gateway.api.errors import error_middleware
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.json_response({})
+
+    app = web.Application(middlewares=[error_middleware,
+                                       _auth_middleware("api-token", cluster_token)])
+    app.router.add_get("/cluster/v1/ping", ok)
+    app.router.add_get("/v1/conferences", ok)
+    async with TestClient(TestServer(app)) as c:
+        def auth(t: str) -> dict[str, str]:
+            return {"Authorization": f"Bearer {t}"}
+
+        r = await c.get("/cluster/v1/ping", headers=auth("api-token"))
+        assert r.status == 401
+        r = await c.get("/cluster/v1/ping", headers=auth("clu-token"))
+        assert r.status == (200 if cluster_token else 401)
+        r = await c.get("/v1/conferences", headers=auth("clu-token"))
+        assert r.status == 401
+        r = await c.get("/v1/conferences", headers=auth("api-token"))
+        assert r.status == 200
