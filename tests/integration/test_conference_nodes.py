@@ -8,7 +8,9 @@ the phones' recordings (tests/tones.py), never the API's view."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import signal
 from typing import Any
 
 import aiohttp
@@ -16,7 +18,7 @@ import pytest
 
 from gateway.cluster.membership import rendezvous
 from gateway.demo import free_port_block
-from tests.integration.conftest import free_port
+from tests.integration.conftest import free_port, start_gateway, write_config
 from tests.integration.test_conference import (
     AFTER_HZ,
     TONES,
@@ -31,6 +33,7 @@ from tests.integration.test_conference import (
     until,
     window,
 )
+from tests.integration.test_node_recovery import kamailio_pid, kill_quietly
 from tests.integration.tonephones import phone_farm  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.integration
@@ -43,13 +46,13 @@ def room_homed_on(node: str) -> str:
                 if rendezvous(("ws_1", n), {"a", "b"}) == node)
 
 
-def clustered_gateway(gateway_factory: Any, voice_app: Any, events_url: str, me: str,
-                      api_port: int, peer_port: int) -> Any:
-    """Node `me`; its media links bind 127.0.0.1 (a) or 127.0.0.2 (b): the address each
-    node is reached on."""
+def node_config(voice_app: Any, events_url: str, me: str, api_port: int,
+                peer_port: int) -> dict[str, Any]:
+    """Node `me`'s config; its media links bind 127.0.0.1 (a) or 127.0.0.2 (b): the address
+    each node is reached on."""
     base = free_port_block(2)
     media_host = "127.0.0.1" if me == "a" else "127.0.0.2"
-    return gateway_factory(
+    return dict(
         voice_url=f"{voice_app.base_url}/voice", app_secret=voice_app.secret,
         events_url=events_url, api_port=api_port,
         workers=f"count = 2\ncalls_per_worker = 1\nreserved_slots = 0\nsip_port_start = {base}",
@@ -57,6 +60,11 @@ def clustered_gateway(gateway_factory: Any, voice_app: Any, events_url: str, me:
         extra=f'[cluster]\nnode_id = "{me}"\npeers = ["http://127.0.0.1:{peer_port}"]\n'
               f'token = "{CLUSTER_TOKEN}"\nmedia_host = "{media_host}"\n'
               f'ping_interval_s = 0.5\ndead_after_s = 2\n')
+
+
+def clustered_gateway(gateway_factory: Any, voice_app: Any, events_url: str, me: str,
+                      api_port: int, peer_port: int) -> Any:
+    return gateway_factory(**node_config(voice_app, events_url, me, api_port, peer_port))
 
 
 async def live_peers(gw: Any) -> list[str]:
@@ -179,3 +187,43 @@ async def test_home_node_stopped_the_other_node_ends_the_room_for_its_members(
     assert got == {AFTER_HZ}, ("home gone: the document goes on", lv)
     assert await room(other, name) is None
     assert "home node a lost: the room ends here" in other.log_text()
+
+
+async def test_other_node_killed_the_room_goes_on_at_home(
+        voice_app, receiver, gateway_factory, farms, tmp_path):  # noqa: F811
+    """The other node is SIGKILLed (supervisor, workers, Kamailio) while its member is in the
+    room: the home sees it dead, drops its member, and its own members still hear each
+    other (and no longer the dead node's)."""
+    _, events_url = receiver
+    name = room_homed_on("a")
+    voice_app.script = lambda req, form: {"actions": [{"conference": {"name": name}}]}
+    pa, pb = free_port(), free_port()
+    home = clustered_gateway(gateway_factory, voice_app, events_url, "a", pa, pb)
+    d = tmp_path / "killed"
+    d.mkdir()
+    other = start_gateway(write_config(d, **node_config(voice_app, events_url, "b", pb, pa)),
+                          d, new_session=True)
+    try:
+        await until(lambda: _both_live(home, other), 10)
+        p, q, r_ = TONES[:3]
+        phones = Phones(farms)
+        for hz, gw in ((p, home), (q, home), (r_, other)):
+            await phones.call(gw, hz)
+        await room_of(home, name, 3)
+        t_all = await window(1.5)
+        os.killpg(other.proc.pid, signal.SIGKILL)
+        kill_quietly([kamailio_pid(other)])
+        other.proc.wait(5)
+        conf = await room_of(home, name, 2)
+        assert {x["node"] for x in conf["participants"]} == {"a"}, conf
+        t_after = await window(1.5)
+    finally:
+        other.stop()
+        kill_quietly([kamailio_pid(other)])
+    for hz in (p, q, r_):
+        got, lv = phones.heard(hz, *t_all, (p, q, r_))
+        assert got == {p, q, r_} - {hz}, ("all", hz, lv)
+    for hz in (p, q):
+        got, lv = phones.heard(hz, *t_after, (p, q, r_))
+        assert got == {p, q} - {hz}, ("b killed", hz, lv)
+    assert re.search(r"cluster: node b \(.*\) is dead", home.log_text())
