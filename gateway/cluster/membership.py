@@ -62,6 +62,7 @@ class Cluster:
         self.http: ClientSession | None = None
         self.on_dead: list[Callable[[str], Awaitable[None]]] = []
         self._task: asyncio.Task[None] | None = None
+        self._telling: set[asyncio.Task[None]] = set()
 
     @property
     def media_host(self) -> str:
@@ -83,9 +84,10 @@ class Cluster:
         self._task = asyncio.create_task(self._run(), name="cluster")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        tasks = [t for t in (self._task, *self._telling) if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self.http is not None:
             await self.http.close()
 
@@ -101,11 +103,16 @@ class Cluster:
             if p.live and now - p.last_ok > self.settings.dead_after_s:
                 p.live = False
                 log.warning("cluster: node %s (%s) is dead", p.node_id, p.url)
-                for listener in self.on_dead:
-                    try:
-                        await listener(p.node_id or "")
-                    except Exception:
-                        log.exception("cluster: after node %s died", p.node_id)
+                for listener in self.on_dead:  # not awaited: the other peers' pings go on
+                    task = asyncio.create_task(self._tell(listener, p.node_id or ""))
+                    self._telling.add(task)
+                    task.add_done_callback(self._telling.discard)
+
+    async def _tell(self, listener: Callable[[str], Awaitable[None]], node_id: str) -> None:
+        try:
+            await listener(node_id)
+        except Exception:
+            log.exception("cluster: after node %s died", node_id)
 
     async def _ping(self, p: Peer) -> None:
         try:
