@@ -20,6 +20,17 @@ record what they hear. Then:
 
 Prints one JSON object. With 16 or more participants use more workers (the default node
 takes 2 calls per worker here so that a small room spans 3 workers).
+
+    PYTHONPATH=. .venv/bin/python bench/conference.py --nodes 2 [--cycles 4]
+
+Two clustered nodes (two gateway processes, each 2 workers of 2 calls, its own managed
+Kamailio and storage), a room of 8, 4 callers on each node; the room's home is node "a".
+Everyone hears the other 7 and not themselves. Latency of the three-level cascade (worker ->
+node hub -> home hub -> worker, three link hops), on audio: S and R share a non-hub worker of
+the other node, S2 and F a non-hub worker of the home. S speaks: F hears it through the cascade,
+R locally; S2 speaks: R through the cascade, F locally. With the two recordings' clock
+offset c, d1 = t_F(S) - t_R(S) = L + c and d2 = t_F(S2) - t_R(S2) = -L + c, so the added
+one-way latency, member to member across nodes, is L = (d1 - d2) / 2.
 """
 
 from __future__ import annotations
@@ -81,7 +92,11 @@ async def main() -> None:
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--heard-dbfs", type=float, default=tones.HEARD_DBFS,
                     help="a tone above this level counts as heard (lower it for big rooms)")
+    ap.add_argument("--nodes", type=int, default=1, choices=(1, 2))
     args = ap.parse_args()
+    if args.nodes == 2:
+        await main_nodes(args)
+        return
     work = Path(tempfile.mkdtemp(prefix="bench-conf-"))
     app_obj = VoiceApp(secret=secrets.token_hex(8))
     app_obj.script = lambda req, form: {"actions": [{"conference": {"name": "bench"}}]}
@@ -206,6 +221,164 @@ async def main() -> None:
         else:
             out["work_dir"] = str(work)
     print(json.dumps(out, indent=1))
+
+
+CLUSTER_TOKEN = "bench-cluster-token"
+
+
+async def main_nodes(args: argparse.Namespace) -> None:
+    from gateway.cluster.membership import rendezvous
+    from tests.integration.conftest import free_port
+
+    work = Path(tempfile.mkdtemp(prefix="bench-conf-nodes-"))
+    app_obj = VoiceApp(secret=secrets.token_hex(8))
+    app_obj.script = lambda req, form: {"actions": [{"conference": {"name": "bench"}}]}
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", app_obj.handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    app_obj.base_url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    home_id = rendezvous(("ws_1", "bench"), {"a", "b"})
+    other_id = "b" if home_id == "a" else "a"
+    ports = {home_id: free_port(), other_id: free_port()}
+    gws: dict[str, Any] = {}
+    for me, peer in ((home_id, other_id), (other_id, home_id)):
+        d = work / me
+        d.mkdir()
+        base = free_port_block(2)
+        cfg = write_config(
+            d, voice_url=f"{app_obj.base_url}/voice", app_secret=app_obj.secret,
+            events_url=None, api_port=ports[me],
+            workers=f"count = 2\ncalls_per_worker = 2\nreserved_slots = 0\n"
+                    f"sip_port_start = {base}",
+            kamailio='mode = "managed"\nping_interval_s = 1\n',
+            extra=f'[cluster]\nnode_id = "{me}"\npeers = ["http://127.0.0.1:{ports[peer]}"]\n'
+                  f'token = "{CLUSTER_TOKEN}"\nping_interval_s = 0.5\ndead_after_s = 2\n')
+        gws[me] = start_gateway(cfg, d, timeout=60)
+    home, other = gws[home_id], gws[other_id]
+    farms: list[PhoneFarm] = []
+    n = 8
+    out: dict[str, Any] = {"nodes": 2, "workers_per_node": 2, "per_worker": 2,
+                           "participants": n, "home_node": home_id}
+    try:
+        await _cluster_live(home.api_port, other.api_port)
+        farms = list(await asyncio.gather(*(PhoneFarm(work, name=f"farm{i}").start()
+                                            for i in range(-(-n // PER_FARM)))))
+        calls: dict[int, tuple[PhoneFarm, str]] = {}
+        for i in range(n):
+            hz = tone_for(i)
+            gw = home if i < n // 2 else other
+            farm = farms[i // PER_FARM]
+            cid = await farm.call(f"sip:{NUMBER}@127.0.0.1:{gw.sip_port}", hz,
+                                  from_user=f"+2547110{i:05d}")
+            calls[hz] = (farm, cid)
+            await farm.wait(cid, "answered", 15)
+            await _until_count(home.api_port, i + 1)  # in order: each node's first is its hub
+        room = await _until_count(home.api_port, n)
+        by_call = {r["form"]["callId"]: int(r["form"]["from"][-5:])
+                   for r in app_obj.requests if "callId" in r["form"]}
+        parts = sorted(({**p, "hz": tone_for(by_call[p["call_id"]])}
+                        for p in room["participants"]), key=lambda p: p["joined_at"])
+        pids = {f"{me}/{w}": pid for me, gw in gws.items() for w, pid in worker_pids(gw).items()}
+        cpu0 = _cpu(pids)  # type: ignore[arg-type]
+        t_cpu0 = time.monotonic()
+
+        t0 = time.time()
+        await asyncio.sleep(2.0)
+        t1 = time.time()
+        await asyncio.sleep(0.4)
+        all_hz = [p["hz"] for p in parts]
+        quietest, loudest, wrong = 0.0, -200.0, {}
+        for p in parts:
+            farm, cid = calls[p["hz"]]
+            x, rate = farm.recording(cid)
+            lv = tones.levels(x, rate, all_hz, farm.offset(cid, t0) + 0.5, farm.offset(cid, t1))
+            quietest = min(quietest, min(db for f, db in lv.items() if f != p["hz"]))
+            loudest = max(loudest, lv[p["hz"]])
+            got = {f for f, db in lv.items() if db > args.heard_dbfs}
+            if got != set(all_hz) - {p["hz"]}:
+                wrong[p["hz"]] = sorted(got ^ (set(all_hz) - {p["hz"]}))
+        out["hear_matrix_ok"] = not wrong
+        out["hear_matrix_wrong"] = wrong
+        out["quietest_expected_dbfs"] = round(quietest, 1)
+        out["loudest_own_tone_dbfs"] = round(loudest, 1)
+
+        # each node's hub: the worker of its first member; the leaves hold the other two
+        def leaf(node: str) -> list[dict[str, Any]]:
+            mine = [p for p in parts if p["node"] == node]
+            hub = mine[0]["worker"]
+            return [p for p in mine if p["worker"] != hub]
+
+        far, near = leaf(home_id), leaf(other_id)
+        if len(far) < 2 or len(near) < 2 or len({p["worker"] for p in far}) != 1 \
+                or len({p["worker"] for p in near}) != 1:
+            raise SystemExit(f"placement does not allow the measurement: {parts}")
+        s, r = near[0], near[1]
+        s2, f = far[0], far[1]
+        out["latency_roles"] = {"S,R": [other_id, s["worker"]], "S2,F": [home_id, s2["worker"]]}
+        for p in parts:
+            await _mute(home.api_port, p["call_id"], True)
+        await asyncio.sleep(0.8)
+        added, d1s, d2s = [], [], []
+        for _ in range(args.cycles):
+            on1 = await _step(home.api_port, s, calls, [r, f])
+            on2 = await _step(home.api_port, s2, calls, [r, f])
+            if None in on1.values() or None in on2.values():
+                continue
+            d1 = on1[f["hz"]] - on1[r["hz"]]  # type: ignore[operator]
+            d2 = on2[f["hz"]] - on2[r["hz"]]  # type: ignore[operator]
+            d1s.append(d1 * 1000)
+            d2s.append(d2 * 1000)
+            added.append((d1 - d2) / 2 * 1000)
+        out["latency"] = {
+            "cycles": len(added),
+            "three_hops_added_ms": [round(v, 1) for v in added],
+            "three_hops_added_ms_median": round(statistics.median(added), 1) if added else None,
+            "d1_ms": [round(v, 1) for v in d1s],
+            "d2_ms": [round(v, 1) for v in d2s],
+        }
+        seconds = time.monotonic() - t_cpu0
+        cpu1 = _cpu(pids)  # type: ignore[arg-type]
+        out["worker_cpu_pct"] = {w: round(100 * (cpu1.get(w, 0) - cpu0.get(w, 0)) / seconds, 1)
+                                 for w in sorted(cpu0)}
+    finally:
+        await asyncio.gather(*(fm.stop() for fm in farms), return_exceptions=True)
+        for gw in gws.values():
+            gw.stop()
+        await runner.cleanup()
+        if not args.keep:
+            import shutil
+
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            out["work_dir"] = str(work)
+    print(json.dumps(out, indent=1))
+
+
+async def _cluster_live(*ports: int) -> None:
+    deadline = time.monotonic() + 15
+    async with aiohttp.ClientSession() as http:
+        while time.monotonic() < deadline:
+            live = []
+            for port in ports:
+                async with http.get(f"http://127.0.0.1:{port}/cluster/v1/ping", headers={
+                        "Authorization": f"Bearer {CLUSTER_TOKEN}"}) as r:
+                    live.append(bool((await r.json()).get("live")))
+            if all(live):
+                return
+            await asyncio.sleep(0.2)
+    raise SystemExit("the two nodes did not see each other")
+
+
+async def _until_count(port: int, count: int) -> dict[str, Any]:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        room = (await api(port, "GET", "/v1/conferences/bench")).get("conference", {})
+        if room.get("participant_count") == count:
+            return dict(room)
+        await asyncio.sleep(0.1)
+    raise SystemExit(f"the room never had {count} participants")
 
 
 async def _mute(port: int, call_id: str, muted: bool) -> None:

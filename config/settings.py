@@ -40,6 +40,7 @@ __all__ = [
     "ENV_PREFIX",
     "ApiSettings",
     "CallbacksSettings",
+    "ClusterSettings",
     "ConfigError",
     "ControlPlaneSettings",
     "DemoSettings",
@@ -380,6 +381,38 @@ class OutboundSettings(_Section):
     proxy: HostPort | None = None
 
 
+class ClusterSettings(_Section):
+    """Nodes that share conference rooms (gateway/cluster/). No node_id: no cluster."""
+
+    # This node's name in the cluster (rendezvous hashing, views); letters, digits, . _ -
+    node_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] | None = None
+    # The other nodes' internal API base URLs (http://host:port).
+    peers: list[HttpUrlStr] = Field(default_factory=list)
+    # Bearer token of the node-to-node routes (/cluster/); the same on every node, never logged.
+    token: Secret | None = None
+    # Where this node's media link ends bind (peers' hubs send there); loopback in tests.
+    media_host: NonEmptyStr = "127.0.0.1"
+    ping_interval_s: float = Field(default=1.0, gt=0, le=60)
+    # A peer that answered no ping for this long is dead (its rooms' parts end or drop).
+    dead_after_s: float = Field(default=3.0, gt=0, le=600)
+
+    @model_validator(mode="after")
+    def _complete(self) -> ClusterSettings:
+        if self.node_id is None:
+            if self.peers:
+                raise ValueError("node_id is required with peers")
+            return self
+        if self.token is None:
+            raise ValueError("token is required with node_id")
+        if self.dead_after_s < 2 * self.ping_interval_s:
+            raise ValueError("dead_after_s must be at least twice ping_interval_s")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.node_id is not None
+
+
 class Settings(_Section):
     sip: SipSettings = Field(default_factory=SipSettings)
     api: ApiSettings
@@ -396,6 +429,7 @@ class Settings(_Section):
     numbers: list[NumberSettings] = Field(default_factory=list)
     trunks: list[TrunkSettings] = Field(default_factory=list)
     outbound: OutboundSettings = Field(default_factory=OutboundSettings)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
 
     @model_validator(mode="before")
     @classmethod

@@ -41,6 +41,7 @@ from gateway.calls.outcome import CallFacts, Failure, classify
 from gateway.calls.records import CallRecords
 from gateway.calls.switchboard import Switchboard
 from gateway.calls.writer import final_data
+from gateway.cluster.membership import Cluster
 from gateway.control.errors import FAILED, OpRefused
 from gateway.dial.placement import DialPlacement
 from gateway.events.delivery import Deliverer
@@ -140,7 +141,9 @@ class Node:
         self._ask_handlers: dict[type[Any], AskHandler] = {}
         self._asking: set[asyncio.Task[None]] = set()
         # Conference rooms: joins and leaves are workers' asks (gateway/rooms/registry.py).
-        self.rooms = RoomRegistry(self._requester)
+        # With a [cluster], rooms span nodes (gateway/cluster/): a room's home holds its registry.
+        self.cluster = Cluster(settings.cluster) if settings.cluster.enabled else None
+        self.rooms = RoomRegistry(self._requester, self.cluster)
         self.rooms.install(self)
         self._lock_fd: int | None = None
         # Launched already (gateway/cli.py does, before importing this module) or by start().
@@ -293,6 +296,8 @@ class Node:
         )
         self.runner = await start_api(app, self.settings)
         log.info("internal API on http://%s", self.settings.api.listen)
+        if self.cluster is not None:
+            await self.cluster.start()
         self.workers = await asyncio.to_thread(self._plan_workers)
         for w in self.workers:
             self._tasks.append(asyncio.create_task(self._keep_worker(w), name=f"w{w.index}"))
@@ -369,6 +374,8 @@ class Node:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.cluster is not None:
+            await self.cluster.stop()
         if self.runner is not None:
             await self.runner.cleanup()
         if self.http is not None:

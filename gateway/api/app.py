@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -49,12 +50,16 @@ RECORDINGS_DIR_KEY = web.AppKey("recordings_dir", Path)
 _AUTH_PREFIXES = ("/v1/", "/admin/")
 
 
-def _auth_middleware(token: str) -> Middleware:
-    expected = token.encode()
+def _auth_middleware(token: str, cluster_token: str | None = None) -> Middleware:
+    api_token = token.encode()
+    # /cluster/ (node to node) takes the cluster's token only; without a cluster, nothing does
+    node_token = (cluster_token or secrets.token_hex(32)).encode()
 
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path.startswith(_AUTH_PREFIXES):
+        cluster = request.path.startswith("/cluster/")
+        if cluster or request.path.startswith(_AUTH_PREFIXES):
+            expected = node_token if cluster else api_token
             scheme, _, given = request.headers.get("Authorization", "").partition(" ")
             # compare_digest: no timing oracle on the token's prefix.
             if scheme.lower() != "bearer" or not hmac.compare_digest(
@@ -146,7 +151,10 @@ def make_app(
     app = web.Application(
         middlewares=[
             error_middleware,  # outermost: every error, auth's included, gets the envelope
-            _auth_middleware(settings.api.token.get_secret_value()),
+            _auth_middleware(
+                settings.api.token.get_secret_value(),
+                settings.cluster.token.get_secret_value() if settings.cluster.token else None,
+            ),
         ]
     )
     app[SETTINGS_KEY] = settings

@@ -9,10 +9,16 @@
 Room names are per workspace: every route takes `?workspace_id=`. Without it a name that
 exists in several workspaces is 409 `conferences.ambiguous_name` (the error lists them).
 The rooms are the node's (gateway/rooms/registry.py).
+
+In a cluster a room lives on its home node: a name not homed here is asked of the live peers
+(the same routes under /cluster/, local only, with the cluster token) and their answer is
+passed on, so any node shows and steers the whole room; the listing is every node's.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,6 +26,7 @@ from aiohttp import web
 
 from gateway.api.calls import _json_body, _object_body
 from gateway.api.errors import VALIDATION_BAD_REQUEST, ApiError
+from gateway.cluster.membership import PeerUnavailable
 from gateway.events.envelope import rfc3339_ms
 from gateway.rooms.registry import (
     ParticipantNotFound,
@@ -41,11 +48,53 @@ ROOMS_KEY = web.AppKey("rooms", RoomRegistry)
 def setup_conferences(app: web.Application, rooms: RoomRegistry) -> None:
     app[ROOMS_KEY] = rooms
     r = app.router
-    r.add_get("/v1/conferences", _list)
-    r.add_get("/v1/conferences/{name}", _get)
-    r.add_delete("/v1/conferences/{name}", _end)
-    r.add_post("/v1/conferences/{name}/participants/{call_id}", _update)
-    r.add_delete("/v1/conferences/{name}/participants/{call_id}", _kick)
+    prefixes = ["/v1"]
+    if rooms.cluster is not None:  # the local-only routes peers forward to
+        from gateway.cluster.routes import setup_cluster
+
+        setup_cluster(app, rooms)
+        prefixes.append("/cluster/v1")
+    for pre in prefixes:
+        r.add_get(f"{pre}/conferences", _list)
+        r.add_get(f"{pre}/conferences/{{name}}", _elsewhere_too(_get))
+        r.add_delete(f"{pre}/conferences/{{name}}", _elsewhere_too(_end))
+        r.add_post(f"{pre}/conferences/{{name}}/participants/{{call_id}}",
+                   _elsewhere_too(_update))
+        r.add_delete(f"{pre}/conferences/{{name}}/participants/{{call_id}}",
+                     _elsewhere_too(_kick))
+
+
+def _forwarding(request: web.Request) -> bool:
+    return (request.app[ROOMS_KEY].cluster is not None
+            and not request.path.startswith("/cluster/"))
+
+
+def _elsewhere_too(
+    handler: Callable[[web.Request], Awaitable[web.Response]],
+) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """The handler here; a room not homed here is the first live peer's that has it."""
+    async def run(request: web.Request) -> web.Response:
+        try:
+            return await handler(request)
+        except ApiError as e:
+            if e.code != CONFERENCES_NOT_FOUND or not _forwarding(request):
+                raise
+            raw = await request.read()
+            body = json.loads(raw) if raw else None
+            cluster = request.app[ROOMS_KEY].cluster
+            assert cluster is not None
+            for node in cluster.live_peers():
+                try:
+                    status, out = await cluster.request(
+                        node, request.method, "/cluster" + request.path_qs, body)
+                except PeerUnavailable:
+                    continue
+                if status == 404 and out.get("error", {}).get("code") == CONFERENCES_NOT_FOUND:
+                    continue
+                return web.json_response(out, status=status)
+            raise
+
+    return run
 
 
 def _ts(t: float) -> str:
@@ -84,8 +133,19 @@ def _not_in(room: Room, call_id: str) -> ApiError:
 
 async def _list(request: web.Request) -> web.Response:
     ws = request.query.get("workspace_id") or None
-    rooms = request.app[ROOMS_KEY].listing(ws)
-    return web.json_response({"data": [_room_view(r) for r in rooms]})
+    registry = request.app[ROOMS_KEY]
+    data = [_room_view(r) for r in registry.listing(ws)]
+    if _forwarding(request):
+        assert registry.cluster is not None
+        for node in registry.cluster.live_peers():
+            try:
+                status, out = await registry.cluster.request(
+                    node, "GET", "/cluster" + request.path_qs)
+            except PeerUnavailable:
+                continue
+            if status == 200:
+                data += out.get("data", [])
+    return web.json_response({"data": data})
 
 
 async def _get(request: web.Request) -> web.Response:

@@ -172,7 +172,8 @@ class Worker:
             parse_hostport(settings.sip.listen)[0]
         )
         # this worker's part of conference rooms (the RoomSync op is registered by the import)
-        self.rooms = LocalRooms(self.supervisor, self._room_call, clock)
+        self.rooms = LocalRooms(self.supervisor, self._room_call, clock,
+                                link_host=settings.cluster.media_host)
         for trunk in settings.trunks:
             self.endpoint.add_trunk(
                 trunk.name,

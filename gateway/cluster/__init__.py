@@ -1,0 +1,1 @@
+"""Nodes that share conference rooms: liveness, rendezvous homes, node-to-node calls."""
