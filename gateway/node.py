@@ -62,6 +62,7 @@ from gateway.metrics import NodeMetrics
 from gateway.plan import NodePlan, WorkerPlace, plan_node
 from gateway.rooms.registry import RoomRegistry
 from gateway.routing import Router, set_default_region
+from gateway.supervision.legs import NodeSupervisionLegs
 from gateway.workers import protocol as msgs
 from gateway.workers.ipc import Channel, Requester, open_channel
 
@@ -121,6 +122,7 @@ class Node:
         self.router: Router | None = None
         self.switchboard: Switchboard | None = None
         self.dial: DialPlacement | None = None  # dial legs between workers
+        self.supervision: NodeSupervisionLegs | None = None  # supervisors on bridged calls
         self.records: CallRecords | None = None
         self.metrics = NodeMetrics(
             calls=self.active_calls,
@@ -283,6 +285,11 @@ class Node:
         self.switchboard.register_metrics(self.metrics.registry)
         self.dial = DialPlacement(self.directory, self.switchboard.trunks, self._requester)
         self.dial.register(self.handle_asks)
+        self.supervision = NodeSupervisionLegs(
+            self.directory, self._requester, lambda: self.outbox,
+            notify=lambda: self.deliverer.notify() if self.deliverer is not None else None,
+        )
+        self.supervision.register(self.handle_asks)
         self._tasks.append(asyncio.create_task(self.deliverer.run(), name="deliverer"))
         self._tasks.append(asyncio.create_task(self._prune(), name="prune"))
         self.records = await CallRecords.open(CallRecords.default_path(self.storage))
@@ -293,6 +300,7 @@ class Node:
             self.storage / "recordings",
             node=self,
             records=self.records,
+            supervisions=self.supervision.registry,
         )
         self.runner = await start_api(app, self.settings)
         log.info("internal API on http://%s", self.settings.api.listen)
@@ -615,6 +623,8 @@ class Node:
         now = time.time()
         if self.dial is not None:  # first: it reads the directory's entries for the lost legs
             self.dial.worker_lost(w.index)
+        if self.supervision is not None:
+            self.supervision.worker_lost(w.index)
         entries = self.directory.worker_gone(w.index)
         # all queued at once: one transaction on the writer thread for the worker's calls
         finals = [

@@ -8,7 +8,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-EndReason = Literal["parent_hangup", "lost_race", "bridge_ended", "time_limit", "parent_lost"]
+EndReason = Literal[
+    "parent_hangup", "lost_race", "bridge_ended", "time_limit", "parent_lost", "supervision_ended"
+]
 
 
 class EndLeg(BaseModel):

@@ -42,6 +42,7 @@ from media.tones import Tone, ringback
 if TYPE_CHECKING:
     from gateway.dial.station import DialStation
     from gateway.session import CallSession
+    from gateway.supervision.tap import SupervisorTap
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,9 @@ class _Bridge:
         # PlaceLeg asks in flight: never cancelled with the dial (a leg placed after the dial
         # stopped waiting is ended once its worker is known, see _close)
         self._placing: set[asyncio.Task[None]] = set()
+        self.tap: SupervisorTap | None = None  # a supervisor on this bridge (gateway/supervision)
+        self.extra_legs: list[LegHandle] = []  # legs not in the race: the supervisor's
+        self.closing = False
 
     @property
     def index(self) -> int:
@@ -143,6 +147,7 @@ class _Bridge:
             self.changed.set()
 
         caller.on_end.append(wake)
+        self.station.bridges[self.session.call_id] = self
         try:
             try:
                 self.graph.add(CALLER, caller.audio_media())
@@ -164,6 +169,8 @@ class _Bridge:
             with contextlib.suppress(ValueError):
                 caller.on_end.remove(wake)
             await self._close()
+            if self.station.bridges.get(self.session.call_id) is self:
+                del self.station.bridges[self.session.call_id]
 
     # -- one round of ringing (all of `targets` at once) ------------------------------------
     async def _attempt(self, targets: list[DialTarget]) -> DialResult:
@@ -194,6 +201,8 @@ class _Bridge:
                 )
             if self.winner is None and all(leg.ended for leg in legs):
                 return _unanswered(legs)
+            if self.tap is not None:
+                self.tap.sync()
             self._apply()
             self.changed.clear()
             await self.changed.wait()
@@ -210,7 +219,16 @@ class _Bridge:
             self._limit = asyncio.get_running_loop().call_later(
                 self.req.time_limit_s, self._end, leg, "time_limit")
 
-    async def _place(self, leg: LegHandle) -> None:
+    def place_extra(self, leg: LegHandle, timeout_s: float) -> None:
+        """Place a leg outside the dial's race (a supervisor's): it joins this bridge by the
+        edges its owner adds, and ends with the bridge."""
+        self.extra_legs.append(leg)
+        self._placing.add(asyncio.ensure_future(self._place(leg, timeout_s)))
+
+    def end_leg(self, leg: LegHandle, reason: EndReason) -> None:
+        self._end(leg, reason)
+
+    async def _place(self, leg: LegHandle, timeout_s: float | None = None) -> None:
         ident = self.session.identity
         caller_id = self.req.caller_id or ident.local_e164
         child = CallIdentity(
@@ -231,7 +249,7 @@ class _Bridge:
         self.station.homes[leg.call_id] = leg  # before asking: progress may beat the reply
         op = PlaceLeg(
             leg=child.to_wire(), kind=leg.target.kind, target=leg.target.value,
-            caller_id=caller_id, timeout_s=self.req.timeout_s,
+            caller_id=caller_id, timeout_s=timeout_s or self.req.timeout_s,
             events=self.session.writer.dest, home_link=link.local_addr,
         )
         try:
@@ -318,6 +336,9 @@ class _Bridge:
             edges[(CALLER, RECORDER)] = 1.0
             if heard is not None:
                 edges[(heard, RECORDER)] = 1.0
+        if self.tap is not None and self.winner is not None:
+            sup = self._port(self.tap.leg) if self.tap.leg.state == "answered" else None
+            edges.update(self.tap.edges(CALLER, heard, sup))
         edges = {e: lv for e, lv in edges.items() if e[0] in self.graph and e[1] in self.graph}
         try:
             self.graph.set_edges(edges)
@@ -357,6 +378,9 @@ class _Bridge:
 
     # -- the end ----------------------------------------------------------------------------
     async def _close(self) -> None:
+        self.closing = True
+        if self.tap is not None:
+            self.tap.close("bridge_ended")
         if self._limit is not None:
             self._limit.cancel()
         if self._placing:
@@ -364,7 +388,7 @@ class _Bridge:
         # An API hangup of the caller stops the dial before its BYE is out: the caller's too.
         gone = self.caller.ended or self.session.ended_by_api
         reason: EndReason = "parent_hangup" if gone else "bridge_ended"
-        for leg in self.legs:
+        for leg in self.legs + self.extra_legs:
             self._end(leg, reason)
             self.station.homes.pop(leg.call_id, None)
         try:
@@ -375,7 +399,7 @@ class _Bridge:
         if self.tone is not None:
             # after its queued stopTransmits have run (Tone.close drops the generator)
             asyncio.get_running_loop().call_later(KEEP_S, self.tone.close)
-        for leg in self.legs:
+        for leg in self.legs + self.extra_legs:
             self._drop_link(leg)
 
 

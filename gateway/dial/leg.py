@@ -44,6 +44,7 @@ _END_MESSAGES: dict[str, str] = {
     "bridge_ended": "the dial ended before this leg was answered",
     "time_limit": "the dial's time limit ended the call",
     "parent_lost": "the worker holding the caller exited",
+    "supervision_ended": "the supervision was ended before the supervisor answered",
 }
 
 

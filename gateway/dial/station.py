@@ -19,7 +19,7 @@ from gateway.workers.ipc import ChannelClosed
 from media.link import MediaLink, tune_gil
 
 if TYPE_CHECKING:
-    from gateway.dial.home import CallDialer, LegHandle
+    from gateway.dial.home import CallDialer, LegHandle, _Bridge
     from gateway.dial.leg import DialLeg
     from gateway.session import CallSession
     from gateway.workers.worker import Worker
@@ -34,6 +34,7 @@ class DialStation:
         self.worker = worker
         self.legs: dict[str, DialLeg] = {}
         self.homes: dict[str, LegHandle] = {}
+        self.bridges: dict[str, _Bridge] = {}  # running bridges homed here, by caller call_id
         self._gil_tuned = False
 
     def link(self) -> MediaLink:

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 State = Literal["connecting", "ringing", "connected", "ended", "failed"]
 LIVE: frozenset[str] = frozenset({"connecting", "ringing", "connected"})
 
+KEEP_S = 3600.0  # an ended supervision is kept this long for GET
 IN_PROGRESS = "calls.supervision_in_progress"
 NOT_CONNECTED = "calls.supervision_not_connected"
 NOT_FOUND = "calls.supervision_not_found"
@@ -110,6 +111,7 @@ class Supervisions:
         return self._by_id.get(supervision_id)
 
     async def start(self, call_id: str, session_id: str, req: StartSupervision) -> Supervision:
+        self._prune(time.time())
         prior = self._by_call.get(call_id)
         if prior is not None and prior.live:
             raise ControlError(409, IN_PROGRESS,
@@ -191,6 +193,15 @@ class Supervisions:
         log.info("supervision %s of call %s: %s (%s)", sup.supervision_id, sup.call_id,
                  sup.state, reason)
         self.on_event(sup, kind, sup.event_data())
+
+    def _prune(self, now: float) -> None:
+        """Drop supervisions over for KEEP_S (GET answers from memory only while it is
+        useful; the events are the record)."""
+        for sid, sup in list(self._by_id.items()):
+            if not sup.live and sup.ended_at is not None and now - sup.ended_at > KEEP_S:
+                del self._by_id[sid]
+                if self._by_call.get(sup.call_id) is sup:
+                    del self._by_call[sup.call_id]
 
     def forget(self, call_id: str) -> None:
         """The supervised call is over and reported: drop its record."""

@@ -25,6 +25,10 @@ from gateway.control.respond import Respond
 from gateway.control.room_join import RoomJoin
 from gateway.control.room_leave import RoomLeave
 from gateway.control.room_sync import RoomSync
+from gateway.control.supervise_mode import SuperviseMode
+from gateway.control.supervise_start import SuperviseStart
+from gateway.control.supervise_stop import SuperviseStop
+from gateway.control.supervision_update import SupervisionUpdate
 
 
 class _Msg(BaseModel):
@@ -42,7 +46,8 @@ class Drain(_Msg):
 
 
 Op = Annotated[
-    Hangup | Redirect | Respond | Originate | RoomSync | StartLeg | LegProgress | EndLeg,
+    Hangup | Redirect | Respond | Originate | RoomSync | StartLeg | LegProgress | EndLeg
+    | SuperviseStart | SuperviseMode | SuperviseStop,
     Field(discriminator="op"),
 ]
 
@@ -56,7 +61,8 @@ class Request(_Msg):
 # What a worker may ask the supervisor (ops of gateway/control/, tagged by `op`). A union of
 # one member until the places that span processes (dial legs, rooms) add theirs.
 AskOp = Annotated[
-    Hangup | RoomJoin | RoomLeave | PlaceLeg | LegProgress | EndLeg, Field(discriminator="op")
+    Hangup | RoomJoin | RoomLeave | PlaceLeg | LegProgress | EndLeg | SupervisionUpdate,
+    Field(discriminator="op"),
 ]
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from aiohttp import ClientSession
 
+import gateway.supervision.tap  # noqa: F401  (registers the supervision ops)
 from config.settings import Settings, load_settings, parse_hostport
 from dsl.interpreter import Fetch
 from gateway.calls.identity import CallIdentity
