@@ -540,11 +540,15 @@ class Node:
         self._ask_handlers[op] = handler
 
     def _on_ask(self, w: WorkerHandle, msg: msgs.Ask) -> None:
-        task = asyncio.create_task(self._answer(w, msg), name=f"ask-{w.index}-{msg.id}")
+        # The reply goes to the process that asked: a worker restarted meanwhile reuses ids.
+        task = asyncio.create_task(self._answer(w, msg, w.channel),
+                                   name=f"ask-{w.index}-{msg.id}")
         self._asking.add(task)
         task.add_done_callback(self._asking.discard)
 
-    async def _answer(self, w: WorkerHandle, msg: msgs.Ask) -> None:
+    async def _answer(
+        self, w: WorkerHandle, msg: msgs.Ask, channel: Channel[msgs.FromWorker] | None
+    ) -> None:
         handler = self._ask_handlers.get(type(msg.body))
         try:
             if handler is None:
@@ -556,8 +560,8 @@ class Node:
         except Exception as e:
             log.exception("worker %d asked %s: failed", w.index, msg.body.op)
             reply = msgs.Reply(id=msg.id, ok=False, code=FAILED, message=f"{type(e).__name__}: {e}")
-        if w.channel is not None:
-            w.channel.send(reply)
+        if channel is not None and channel is w.channel and not channel.closed:
+            channel.send(reply)
 
     def _on_message(self, w: WorkerHandle, msg: msgs.FromWorker) -> None:
         if isinstance(msg, msgs.Ask):

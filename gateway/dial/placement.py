@@ -29,6 +29,7 @@ from gateway.control.dial_start import LegTarget, StartLeg
 from gateway.control.errors import NO_SLOT, NOT_FOUND, OpRefused
 from gateway.outbound.trunks import TrunkPool
 from gateway.workers.ipc import ChannelClosed, Requester
+from gateway.workers.protocol import Reply
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,11 @@ class DialPlacement:
             raise OpRefused(NOT_FOUND, f"no dial leg {op.call_id} in flight")
         if op.state == "ended":
             del self.legs[op.call_id]
-        await self._send(leg.home, op)
+        reply = await self._send(leg.home, op)
+        if op.state != "ended" and (reply is None or reply.code == NOT_FOUND):
+            # the home is gone or no longer waits for it: the leg's worker ends it
+            self.legs.pop(op.call_id, None)
+            raise OpRefused(NOT_FOUND, f"no bridge waits for dial leg {op.call_id}")
         return {}
 
     async def end(self, home: int, op: EndLeg) -> dict[str, Any]:
@@ -181,18 +186,20 @@ class DialPlacement:
                         leg.home if leg.worker == index else leg.worker)
 
     # -- helpers ----------------------------------------------------------------------------
-    async def _send(self, index: int, op: LegProgress | EndLeg) -> None:
+    async def _send(self, index: int, op: LegProgress | EndLeg) -> Reply | None:
+        """The worker's reply; None when it is gone (or did not answer)."""
         req = self._requester(index)
         if req is None:
-            return
+            return None
         try:
             reply = await req.request(op, REQUEST_TIMEOUT_S)
         except (ChannelClosed, TimeoutError) as e:
             log.warning("dial leg %s: %s to worker %d not delivered: %r", op.call_id, op.op,
                         index, e)
-            return
+            return None
         if not reply.ok:
             log.info("dial leg %s: %s on worker %d: %s", op.call_id, op.op, index, reply.message)
+        return reply
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)

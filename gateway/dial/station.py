@@ -53,7 +53,8 @@ class DialStation:
     async def report(self, msg: LegProgress, home: int) -> None:
         """A leg's progress to its bridge: here, or through the supervisor."""
         if home == self.worker.index:
-            self.progress(msg)
+            if not self.progress(msg):
+                self._orphaned(msg)
             return
         try:
             reply = await self.worker.supervisor.request(msg, ASK_TIMEOUT_S)
@@ -62,11 +63,24 @@ class DialStation:
             return
         if not reply.ok:
             log.info("dial leg %s: progress %s: %s", msg.call_id, msg.state, reply.message)
+            if reply.code == NOT_FOUND:
+                self._orphaned(msg)
 
-    def progress(self, msg: LegProgress) -> None:
+    def progress(self, msg: LegProgress) -> bool:
+        """To the bridge waiting for this leg; False when none does (any more)."""
         handle = self.homes.get(msg.call_id)
-        if handle is not None:
-            handle.update(msg)
+        if handle is None:
+            return False
+        handle.update(msg)
+        return True
+
+    def _orphaned(self, msg: LegProgress) -> None:
+        """No bridge wants this leg (its home gave up placing it, ended, or died before the
+        leg was known): end it rather than leave the callee ringing, or up, unbridged."""
+        leg = self.legs.get(msg.call_id)
+        if leg is not None and msg.state != "ended":
+            log.warning("dial leg %s: no bridge waits for it; ending it", msg.call_id)
+            leg.end("parent_lost")
 
     def end(self, call_id: str, worker: int, reason: EndReason) -> None:
         """End a leg wherever it runs (nothing waits for it: its progress says when)."""
@@ -101,7 +115,8 @@ async def _start_leg(worker: Worker, op: StartLeg) -> dict[str, Any]:
 
 @handles(LegProgress)
 async def _leg_progress(worker: Worker, op: LegProgress) -> dict[str, Any]:
-    worker.dial.progress(op)
+    if not worker.dial.progress(op) and op.state != "ended":
+        raise OpRefused(NOT_FOUND, f"no bridge on worker {worker.index} waits for {op.call_id}")
     return {}
 
 

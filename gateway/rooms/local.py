@@ -107,7 +107,10 @@ class Seat:
             return None
         from media.call import _wav_duration, _wav_finalised
 
-        del rec  # its port leaves the bridge on the clock thread, which writes the WAV header
+        # its stopTransmits are queued to the clock thread: drop it only after they ran (the
+        # port then leaves the bridge and the WAV header is written)
+        await asyncio.sleep(0.1)
+        del rec
         await _wav_finalised(path, timeout=3.0)
         return path, _wav_duration(path)
 
@@ -263,7 +266,8 @@ class LocalRoom:
             tone = getattr(self, attr)
             if tone is not None:
                 self.graph.remove(key)
-                tone.close()
+                # closed once its queued stopTransmits have run (close drops the generator)
+                asyncio.get_running_loop().call_later(KEEP_S, tone.close)
                 self.rooms.keep(tone)
                 setattr(self, attr, None)
         self.graph.clear()
