@@ -232,6 +232,85 @@ class Dialer(Protocol):
         hangs up. Raises CallEnded when the caller hangs up."""
 
 
+
+StreamTrack = Literal["inbound_track", "outbound_track", "both_tracks"]
+StreamEndReason = Literal[
+    "closed",  # the server closed the socket normally (1000/1001)
+    "disconnect",  # the server sent {"type": "disconnect"}
+    "handover",  # the server sent {"type": "handover"} (aiAgent)
+    "stopped",  # stopped by the gateway: live control, or the call's end
+    "refused",  # the server refused: handshake status, an error close code or an error frame
+    "unreachable",  # could not connect (retried at most twice within 5 s)
+    "dropped",  # connected, then lost, and reconnecting failed
+]
+
+
+@dataclass(frozen=True)
+class StreamRequest:
+    """What `stream` (or `aiAgent`'s expansion) asks of the gateway: plain values."""
+
+    url: str  # absolute ws:// or wss:// URL
+    track: StreamTrack = "inbound_track"
+    connect: bool = False  # True: the verb waits for the fork's end (the call is held)
+    output_rate: int = 8000  # Hz of the L16 frames sent to the server (resampled from the call)
+    playback_rate: int = 8000  # Hz of binary L16 the server sends back (bidirectionalSamplingRate)
+    name: str | None = None  # None: the gateway names it
+    headers: Mapping[str, Any] | None = None  # headerMetadata, parsed: the first frame's `headers`
+    metadata: Any = None  # openMetadata (a string) or aiAgent's object: first frame's `metadata`
+    status_callback: str | None = None  # absolute http(s) URL for stream-* status POSTs
+    status_events: frozenset[str] = frozenset()  # of stream-started, stream-stopped, stream-error
+    # "ai_agent": the gateway adds the call's attributes and workspace to `metadata`, and the URL
+    # is the operator's [ai_agents] url (trusted: not SSRF-checked like a document's URL).
+    purpose: Literal["stream", "ai_agent"] = "stream"
+
+
+@dataclass(frozen=True)
+class StreamEnd:
+    reason: StreamEndReason
+    message: str = ""  # human-readable detail (the close code's meaning, the error frame's text)
+    close_code: int | None = None  # the WebSocket close code, when there was one
+    handover: Mapping[str, Any] | None = None  # the handover frame's `data`, if any
+    connected: bool = False  # the socket was open at some point
+
+    @property
+    def unavailable(self) -> bool:
+        """The far end could not be used (aiAgent's onUnavailable)."""
+        return self.reason in ("refused", "unreachable") or (
+            self.reason == "dropped" and not self.connected
+        )
+
+
+class StreamFork(Protocol):
+    """A running fork. `ended` resolves exactly once (also when the call ends)."""
+
+    name: str
+    ended: asyncio.Future[StreamEnd]
+
+    async def stop(self) -> StreamEnd:
+        """Close the fork (idempotent); its end."""
+
+
+@dataclass(frozen=True)
+class AgentRuntime:
+    """The operator's voice AI runtime ([ai_agents])."""
+
+    url: str  # ws:// or wss://
+    sample_rate: int = 8000  # rate both ways
+
+
+class Streams(Protocol):
+    """A call's audio forks (`stream`, `aiAgent`)."""
+
+    agent: AgentRuntime | None  # None: [ai_agents] url unset
+
+    async def open(self, request: StreamRequest) -> StreamFork:
+        """Start a fork on the answered call; returns at once (connecting, its retries and the
+        status callbacks run in the fork). A URL the guard refuses raises MediaError
+        `url_forbidden`."""
+
+    async def stop(self, name: str | None = None) -> int:
+        """Stop the running forks named `name` (all when None); how many were stopped."""
+
 @dataclass
 class CallContext:
     leg: CallLeg
@@ -251,3 +330,5 @@ class CallContext:
     rooms: Rooms | None = None
     # Connects the caller to others (`dial`); None: dial is not runnable here.
     dialer: Dialer | None = None
+    # Audio forks to WebSocket servers (`stream`, `aiAgent`); None: not runnable here.
+    streams: Streams | None = None
