@@ -250,7 +250,7 @@ def _message(e: ErrorDetails) -> str:
         return _TYPE_MESSAGES[kind]
     if kind == "literal_error":
         return "expected " + str(ctx.get("expected", "")).replace("'", '"')
-    if kind == "dial_number":  # ours, with the reason ("not a valid number for KE"): as is
+    if kind in ("dial_number", "param_message"):  # ours, written for the reader: as is
         return str(e["msg"])
     if kind == "string_pattern_mismatch":
         return _PATTERN_HINTS.get(str(ctx.get("pattern")), "invalid format")
