@@ -269,9 +269,13 @@ def _message(e: ErrorDetails) -> str:
         "less_than": "must be less than {lt}",
         "less_than_equal": "must be at most {le}",
     }
-    if kind in bounds:
-        return bounds[kind].format(**ctx)
+    if kind in bounds:  # 384000.0 (a float field's bound) reads as 384000
+        return bounds[kind].format(**{k: _number(v) for k, v in ctx.items()})
     return str(e["msg"]).lower()
+
+
+def _number(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def _kind(value: Any) -> str:

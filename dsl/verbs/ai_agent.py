@@ -56,10 +56,15 @@ class Voicemail(_Part):
 
 class Forward(_Part):
     destinations: list[str] = Field(
-        min_length=1, max_length=10, description="E.164, client:<name> or a 4-digit extension."
+        min_length=1,
+        max_length=10,
+        description="E.164 (or national) numbers; `client:NAME` and 4-digit extensions are "
+        "accepted but not dialable yet (skipped).",
     )
     sequential: bool | None = Field(None, description="Ring one after another.")
-    first_answer_wins: bool | None = Field(None, description="Bridge the first to answer.")
+    first_answer_wins: bool | None = Field(
+        None, description="Bridge the first to answer (always so here)."
+    )
     ring_timeout: float | None = Field(
         None, gt=0, le=600, description="Seconds to ring (each, when sequential); default 30."
     )
@@ -68,7 +73,12 @@ class Forward(_Part):
 
 
 class Handover(_Part):
-    callback_url: str | None = Field(None, max_length=2048, description="URL to hand back to.")
+    callback_url: str | None = Field(
+        None,
+        max_length=2048,
+        description="URL (POST) of the document to run next; relative resolves against the "
+        "document's URL. Exactly one of callbackUrl, forward, voicemail.",
+    )
     forward: Forward | None = Field(None, description="Forward the caller.")
     voicemail: Voicemail | None = Field(None, description="Take a voicemail.")
 
@@ -90,8 +100,9 @@ class AiAgent(Verb):
     runtime (`[ai_agents] url`), whose first text frame's `metadata` carries `agentId`,
     `revision`, `variables`, the call's attributes and the workspace.
 
-    When the runtime sends `{"type": "handover"}`, `disconnect`, closes the socket, or the
-    socket drops after it was connected, `handover` runs: `callbackUrl` is requested (POST,
+    When the runtime sends `{"type": "handover"}` or `disconnect`, closes the socket, the
+    socket drops after it was connected, or the stream is stopped (`POST
+    /v1/calls/{id}/stream`), `handover` runs: `callbackUrl` is requested (POST,
     with `AgentId`, `AgentHandover=true`, `HandoverReason` and `HandoverData`, the handover
     frame's `data` as JSON) and a non-empty reply is run; `forward` dials `destinations`
     (E.164 or national numbers; `client:` names and 4-digit extensions are not dialable yet

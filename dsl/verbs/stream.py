@@ -77,18 +77,18 @@ class Stream(Verb):
         "or both (2 channels interleaved, caller left).",
     )
     connect: bool = Field(False, description="Hold the call for the socket's life.")
-    output_sampling_rate: int | float = _rate(
+    output_sampling_rate: float = _rate(
         "Rate (Hz) of the 16-bit LE PCM frames sent to the server, e.g. 8000, 16000, 24000; "
         "rounded to whole Hz.",
         DEFAULT_RATE,
     )
-    bidirectional_sampling_rate: int | float = _rate(
+    bidirectional_sampling_rate: float = _rate(
         "Rate (Hz) of the binary audio the server sends back; rounded to whole Hz.", DEFAULT_RATE
     )
     name: str | None = Field(
         None, max_length=128, description='Name of this stream; default "stream-1", ...'
     )
-    input_sampling_rate: int | float | None = _rate(
+    input_sampling_rate: float | None = _rate(
         "Rate (Hz) of the call's audio (informational; not used).", None
     )
     header_metadata: str | None = Field(

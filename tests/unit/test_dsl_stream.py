@@ -135,8 +135,8 @@ def test_rates_are_any_positive_number_rounded_to_hz(rate: float, hz: int) -> No
         ({"bidirectionalSamplingRate": -8000},
          "stream.bidirectionalSamplingRate: must be greater than 0"),
         ({"inputSamplingRate": 384001}, "stream.inputSamplingRate: must be at most 384000"),
-        ({"outputSamplingRate": "16000"}, "stream.outputSamplingRate: expected an integer"),
-        ({"outputSamplingRate": True}, "stream.outputSamplingRate: expected an integer"),
+        ({"outputSamplingRate": "16000"}, "stream.outputSamplingRate: expected a number"),
+        ({"outputSamplingRate": True}, "stream.outputSamplingRate: expected a number"),
     ],
 )
 def test_bad_rates_are_refused(params: dict[str, Any], message: str) -> None:
