@@ -117,9 +117,9 @@ class AiAgent(Verb):
     `handover.voicemail`, else the default greeting); `forward` (`forward`, else
     `handover.forward`, else hang up); `callback` (POST to `handover.callbackUrl`, else the
     call's voice callback URL, with `AgentId`, `AgentStatus=unavailable` and `AgentError`, and
-    run the reply). Where the gateway cannot dial, a forward fails the call
-    (`verb_unsupported`); a forward with no dialable destination and no voicemail fails it
-    with `forward_unavailable`.
+    run the reply). Where the gateway cannot dial, a forward fails the call (`call.failed`
+    names dial), never a silent hangup; a forward with no dialable destination and no
+    voicemail fails it with `forward_unavailable`.
     """
 
     verb: ClassVar[str] = "aiAgent"

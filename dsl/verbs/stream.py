@@ -218,6 +218,8 @@ async def hold(ctx: CallContext, fork: StreamFork) -> StreamEnd:
     try:
         either: set[asyncio.Future[Any]] = {fork.ended, alive}
         await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        if ctx.leg.ended:  # the call's end stops its forks too: that end is the call's
+            raise CallEnded()
         if fork.ended.done():
             return fork.ended.result()
         alive.result()  # raises CallEnded

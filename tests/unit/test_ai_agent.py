@@ -112,6 +112,22 @@ async def test_the_caller_hanging_up_ends_the_run_and_the_agent_stream(tmp_path:
     assert not [op for op in fake.kinds("fetch") if op[1] == HANDOVER_URL]
 
 
+async def test_a_fork_stopped_by_the_calls_end_is_the_callers_hangup_not_a_handover(
+    tmp_path: Path,
+) -> None:
+    fake, streams, _ = setup(tmp_path, ends=[None])
+    fake.app.routes[HANDOVER_URL] = {"actions": [say("never")]}
+    task = asyncio.ensure_future(run(fake, agent(handover={"callbackUrl": HANDOVER_URL})))
+    for _ in range(100):
+        if streams.forks:
+            break
+        await asyncio.sleep(0.01)
+    fake.leg.end()  # the gateway closes the call's forks as the call ends: same moment
+    streams.forks[0].finish(StreamEnd("stopped", connected=True))
+    result = await task
+    assert result.ended_by == "caller" and not fake.kinds("fetch")
+
+
 # -- handover -------------------------------------------------------------------------------
 
 
