@@ -21,7 +21,7 @@ from dsl.context import (
     StreamRequest,
     VoiceAppError,
 )
-from dsl.interpreter import Interpreter, RunResult
+from dsl.interpreter import MAX_AI_AGENTS, Interpreter, RunResult
 from dsl.phone import set_default_region
 from dsl.verbs.ai_agent import DEFAULT_GREETING, DEFAULT_GREETING_NO_BEEP, VOICEMAIL_MAX_LENGTH_S
 from tests.unit.test_dial_verb import FakeDialer
@@ -378,3 +378,14 @@ async def test_handover_callback_url_is_relative_to_the_document(tmp_path: Path)
     fake.app.routes["https://app.example/voice/handover"] = {}
     await run(fake, agent(handover={"callbackUrl": "handover"}))
     assert [op[1] for op in fake.kinds("fetch")] == ["https://app.example/voice/handover"]
+
+
+async def test_a_voice_app_that_answers_every_callback_with_an_agent_fails_the_call(
+    tmp_path: Path,
+) -> None:
+    fake, _, _ = setup(tmp_path, ends=[], runtime=None)
+    fake.app.routes[CALLBACK_URL] = {"actions": [agent(onUnavailable="callback")]}
+    with pytest.raises(VoiceAppError) as e:
+        await run(fake, agent(onUnavailable="callback"))
+    assert e.value.code == "ai_agent_loop"
+    assert len(fake.kinds("fetch")) == MAX_AI_AGENTS
