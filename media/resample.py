@@ -72,7 +72,8 @@ class Resampler:
         if self.channels == 2:
             x = x.reshape(-1, 2)
         y = self._stream.resample_chunk(x)
-        return y.astype("<i2", copy=False).tobytes()
+        out: bytes = y.astype("<i2", copy=False).tobytes()
+        return out
 
     def flush(self) -> bytes:
         """The end of the stream: the samples the filter still holds (the tail of an
@@ -84,7 +85,8 @@ class Resampler:
         y = self._stream.resample_chunk(np.zeros(shape, dtype="<i2"), last=True)
         self._stream = soxr.ResampleStream(
             self.src_rate, self.dst_rate, self.channels, dtype="int16", quality=STREAM_QUALITY)
-        return y.astype("<i2", copy=False).tobytes()
+        out: bytes = y.astype("<i2", copy=False).tobytes()
+        return out
 
 
 def resample_clip(pcm: bytes, src_rate: int, dst_rate: int, channels: int = 1) -> bytes:
