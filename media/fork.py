@@ -44,10 +44,21 @@ tick. What runs per frame on the clock thread is kept to a frame copy with `pcm_
 `call_soon_threadsafe`: no numpy, no resampling (asyncio does that), no logging. The price is
 the GIL: each callback needs it, so the worker calls `tune_gil()` (1 ms switch interval) once
 when its first fork starts; a worker holds at most 4 calls (the wheel's limit), so at most 4
-forks share a clock thread. Measured by bench/fork_cost.py on this machine (CPU per 20 ms
-frame, beyond the bridge itself; see its docstring): capture ~8 µs (inbound; "both" ~12 µs with
-the tap), playback ~6 µs per frame played, ~1 µs per idle tick, i.e. a bidirectional fork at
-8 kHz costs ~0.07 % of a core.
+forks share a clock thread. Measured by bench/fork_cost.py (2026-12-02, 2-core machine, 8 kHz,
+stand-in calls; see its docstring), with 4 forks on one clock (a full worker):
+- in the callbacks (perf_counter around them, p50): capture 15-23 µs (the copy, one
+  call_soon_threadsafe: its self-pipe write releases the GIL, and the woken event loop often
+  takes it for a while: p99 130-280 µs, far inside the 20 ms tick); playback 1 µs per idle
+  tick, 19-22 µs per frame played; the "both" tap 10 µs;
+- process CPU beyond the bridge (clock thread + asyncio delivery + play()): 133 µs per tick
+  for a capture-only fork (0.66 % of a core), 178-218 µs for a bidirectional one (0.9-1.1 %).
+  A lone fork costs 430-600 µs per tick (2.1-3 %): most of that is per tick, not per fork
+  (an idle asyncio loop woken 50 times a second costs ~1 % of a core here, and the bridge's
+  first Python callback of a tick runs cold), so it is shared once a worker holds more forks
+  (20 forks: 77-170 µs per fork tick). SWIG's `bytes(frame.buf)` instead of `pcm_of` costs
+  ~375-515 µs in the capture callback alone. Batching the asyncio hops of several forks into
+  one per tick, or polling them from an asyncio timer, measured no better (same CPU within
+  noise), so each frame is its own `call_soon_threadsafe`, as the house rule says.
 
 Everything but the frame callbacks runs on the asyncio thread (the one that created the
 endpoint, or one registered with pjsua2). The frame callbacks never raise (errors are counted
