@@ -410,9 +410,11 @@ class AudioFork:
         try:
             self._ticks += 1
             if not self._pending:
-                if self._playing:
-                    self._playing = False
-                    self._dry_tick = self._ticks
+                if self._playing:  # the spurt ran dry (once per spurt: the lock is cheap)
+                    with self._lock:
+                        if not self._pending:
+                            self._playing = False
+                            self._dry_tick = self._ticks
                 return
             with self._lock:
                 pcm = self._next_frame_locked()
