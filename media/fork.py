@@ -216,7 +216,7 @@ class AudioFork:
         call = self.call
         # Not while the call runs its on_end list (removing would skip the next hook); an
         # ended call calls neither list again.
-        if not call.ended:
+        if self._started and not call.ended:
             if self._on_call_media in call.on_media:
                 call.on_media.remove(self._on_call_media)
             if self._on_call_end in call.on_end:

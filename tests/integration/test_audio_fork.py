@@ -9,6 +9,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -319,3 +320,58 @@ async def test_outbound_track_carries_prompts_and_fork_playback(phone, answered,
     assert abs(len(window) - n) <= 3, (len(window), n)
     # The prompt's player left the tap when it ended, and the tap is gone with the fork.
     assert call._outbound_taps == [] and call._players == []
+
+
+async def test_jitter_rule_remainder_underrun_and_cues_tick_by_tick(phone):
+    """The playback queue driven by hand, one bridge request at a time (an unstarted fork:
+    no port is wired, so the clock never calls it; the test does)."""
+    import pjsua2 as pj
+
+    from media.ports import pcm_of
+
+    stand_in = SimpleNamespace(endpoint=SimpleNamespace(cfg=SimpleNamespace(clock_rate=8000)),
+                               loop=asyncio.get_running_loop(), pj_id=0)
+    fork = AudioFork(stand_in, "inbound", lambda _p: None, jitter_ms=40)  # type: ignore[arg-type]
+    fb = fork.frame_bytes
+
+    def tick() -> bytes | None:
+        f = pj.MediaFrame()
+        fork._on_play_request(f)
+        return pcm_of(f.buf) if f.type == pj.PJMEDIA_FRAME_TYPE_AUDIO else None
+
+    def frame(n: int) -> bytes:
+        return bytes([n]) * fb
+
+    # One frame alone waits jitter_ms; a second frame starts the spurt at once.
+    assert fork.play(frame(1))
+    assert tick() is None and tick() is None
+    assert fork.play(frame(2))
+    assert tick() == frame(1) and tick() == frame(2)
+    assert tick() is None  # ran dry: the spurt ends
+    # Audio again within UNDERRUN_FRAMES ticks: an underrun. A single frame waits 40 ms.
+    assert fork.play(frame(3))
+    assert fork.stats().underruns == 1
+    assert tick() is None
+    await asyncio.sleep(0.045)
+    assert tick() == frame(3)
+    # A remainder waits for more, then completes a frame; alone, it is padded once dry.
+    fork.play(frame(4) + b"\x05" * 10)
+    fork.play(b"\x05" * (fb - 10) + b"\x06" * 7)
+    cues: list[bool] = []
+    fork.cue(cues.append)  # after frame 4, frame 5 and the padded 6
+    assert tick() == frame(4) and tick() == frame(5)
+    assert fork.stats().queued_frames == 1 and cues == []
+    assert tick() == b"\x06" * 7 + bytes(fb - 7)
+    await asyncio.sleep(0.01)
+    assert cues == [True]
+    assert tick() is None
+    # kill: everything queued and the remainder go; the cue after them answers False.
+    fork.play(frame(7) * 3 + b"\x08")
+    fork.cue(cues.append)
+    fork.kill()
+    assert tick() is None and fork.stats().queued_frames == 0
+    await asyncio.sleep(0.01)
+    assert cues == [True, False]
+    s = fork.stats()
+    assert (s.frames_played, s.killed_frames, s.errors) == (6, 4, 0), s
+    fork.close()
