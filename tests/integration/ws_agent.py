@@ -68,6 +68,11 @@ def wav_bytes(pcm: bytes, rate: int) -> bytes:
     return buf.getvalue()
 
 
+def to_wall(mono: float) -> float:
+    """time.time() of a past time.monotonic() reading (to place it in a phone's recording)."""
+    return time.time() - (time.monotonic() - mono)
+
+
 # -- what arrived -----------------------------------------------------------------------------
 @dataclass
 class Received:
@@ -107,6 +112,7 @@ class AgentSession:
         self.closed = asyncio.Event()
         self.close_code: int | None = None
         self.closed_at: float | None = None
+        self.closed_wall: float | None = None
         self.closed_by: Literal["us", "peer"] | None = None
         self.sent: list[tuple[float, str]] = []  # (monotonic, what) of each control we sent
         self._changed = asyncio.Condition()
@@ -361,7 +367,7 @@ class WsAgent:
                 await s._note()
         finally:
             s.close_code = ws.close_code
-            s.closed_at = time.monotonic()
+            s.closed_at, s.closed_wall = time.monotonic(), time.time()
             s.closed_by = s.closed_by or "peer"
             s.closed.set()
             await s._note()
