@@ -23,7 +23,8 @@ class VoiceAppError(Exception):
 
     `code` is stable and machine-readable (it becomes `call.failed.data.reason`):
     `callback_http_status`, `callback_timeout`, `callback_unreachable`, `callback_not_json`,
-    `document_invalid`, `url_forbidden`, `redirect_loop`.
+    `document_invalid`, `url_forbidden`, `redirect_loop`, `dial_loop`, `ai_agent_loop`,
+    `forward_unavailable`.
     """
 
     def __init__(self, code: str, message: str) -> None:

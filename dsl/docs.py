@@ -114,25 +114,44 @@ def _limits(s: dict[str, Any]) -> list[str]:
     return out
 
 
-def _verb_section(name: str, cls: type[Verb], defs: dict[str, Any]) -> str:
-    schema = defs[cls.__name__]
-    doc = inspect.cleandoc(cls.__doc__ or "")
-    title = f"## `{name}`" + (" (extension)" if cls.is_extension else "")
-    lines = [title, "", doc, "", f"*Precondition:* {PRECONDITIONS[cls.needs]}.", ""]
-    props: dict[str, Any] = schema.get("properties", {})
-    if not props:
-        lines += ["No parameters: write `{}`.", ""]
-        return "\n".join(lines)
-    lines += [
+def _refs(s: dict[str, Any]) -> list[str]:
+    """Names of the multi-parameter objects (not `{"say": ...}` items) a property holds."""
+    out = [s["$ref"].rsplit("/", 1)[-1]] if "$ref" in s else []
+    for alt in s.get("anyOf", []):
+        out += _refs(alt)
+    return out
+
+
+def _object_sections(name: str, cls: type[Verb], defs: dict[str, Any]) -> list[str]:
+    """A table for each object parameter (aiAgent's handover, forward, voicemail), once each,
+    titled by every path that holds it (`aiAgent.voicemail`, `aiAgent.handover.voicemail`)."""
+    paths: dict[str, list[str]] = {}  # object name -> its paths, in order of first appearance
+    queue: list[tuple[str, str]] = [(name, cls.__name__)]
+    while queue:
+        path, model = queue.pop(0)
+        for key, s in defs[model].get("properties", {}).items():
+            for ref in _refs(s):
+                if len(defs[ref].get("properties", {})) < 2:
+                    continue  # a `{"say": {...}}` item: its own verb documents it
+                if ref not in paths:
+                    queue.append((f"{path}.{key}", ref))
+                paths.setdefault(ref, []).append(f"{path}.{key}")
+    lines: list[str] = []
+    for ref, where in paths.items():
+        lines += ["### " + ", ".join(f"`{p}`" for p in where), ""]
+        lines += [*_table(defs[ref], defs, lambda key, s: s.get("default")), ""]
+    return lines
+
+
+def _table(schema: dict[str, Any], defs: dict[str, Any], default_of: Any) -> list[str]:
+    lines = [
         "| Parameter | Type | Default | Required | Limits | Source | Description |",
         "|---|---|---|---|---|---|---|",
     ]
     required = set(schema.get("required", []))
-    for field_name, field in cls.model_fields.items():
-        key = field.alias or field_name
-        s = props[key]
-        default = "—" if key in required else f"`{json.dumps(field.get_default())}`"
-        source = "extension" if cls.is_extension or s.get("x-extension") else "SDK"
+    for key, s in schema.get("properties", {}).items():
+        default = "—" if key in required else f"`{json.dumps(default_of(key, s))}`"
+        source = "extension" if schema.get("x-extension") or s.get("x-extension") else "SDK"
         row = [
             f"`{key}`",
             _type(s, defs),
@@ -143,7 +162,22 @@ def _verb_section(name: str, cls: type[Verb], defs: dict[str, Any]) -> str:
             s.get("description", ""),
         ]
         lines.append("| " + " | ".join(_cell(c) for c in row) + " |")
+    return lines
+
+
+def _verb_section(name: str, cls: type[Verb], defs: dict[str, Any]) -> str:
+    schema = defs[cls.__name__]
+    doc = inspect.cleandoc(cls.__doc__ or "")
+    title = f"## `{name}`" + (" (extension)" if cls.is_extension else "")
+    lines = [title, "", doc, "", f"*Precondition:* {PRECONDITIONS[cls.needs]}.", ""]
+    props: dict[str, Any] = schema.get("properties", {})
+    if not props:
+        lines += ["No parameters: write `{}`.", ""]
+        return "\n".join(lines)
+    defaults = {f.alias or n: f.get_default() for n, f in cls.model_fields.items()}
+    lines += _table(schema, defs, lambda key, s: defaults[key])
     lines.append("")
+    lines += _object_sections(name, cls, defs)
     return "\n".join(lines)
 
 

@@ -250,7 +250,7 @@ def _message(e: ErrorDetails) -> str:
         return _TYPE_MESSAGES[kind]
     if kind == "literal_error":
         return "expected " + str(ctx.get("expected", "")).replace("'", '"')
-    if kind == "dial_number":  # ours, with the reason ("not a valid number for KE"): as is
+    if kind in ("dial_number", "param_message"):  # ours, written for the reader: as is
         return str(e["msg"])
     if kind == "string_pattern_mismatch":
         return _PATTERN_HINTS.get(str(ctx.get("pattern")), "invalid format")
@@ -269,9 +269,13 @@ def _message(e: ErrorDetails) -> str:
         "less_than": "must be less than {lt}",
         "less_than_equal": "must be at most {le}",
     }
-    if kind in bounds:
-        return bounds[kind].format(**ctx)
+    if kind in bounds:  # 384000.0 (a float field's bound) reads as 384000
+        return bounds[kind].format(**{k: _number(v) for k, v in ctx.items()})
     return str(e["msg"]).lower()
+
+
+def _number(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def _kind(value: Any) -> str:

@@ -17,13 +17,16 @@ from typing import Any, Literal, TypeVar
 from dsl.context import CallContext, CallEnded, FetchedDocument, MediaError, VoiceAppError
 from dsl.document import Document, parse_document
 from dsl.errors import DocumentError, VerbUnsupported
-from dsl.verbs import Dial, Redirect, Verb
+from dsl.verbs import AiAgent, Dial, Redirect, Verb
 from dsl.verbs.base import NEXT, RunIssue, RunState, Step, end, is_empty_reply, replace_with
 
 log = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 10  # in a row, without a media verb in between
 MAX_DIALS = 10  # per call: a voice app that answers every dial's callback with another dial
+# per call: a voice app that answers every aiAgent callback (onUnavailable "callback" while the
+# runtime is down, an agent that hands over at once) with another aiAgent
+MAX_AI_AGENTS = 10
 
 T = TypeVar("T")
 
@@ -89,6 +92,7 @@ class Interpreter:
         self._ending = False  # END was asked: final, later interrupts are refused
         self._done = False
         self._dials = 0
+        self._agents = 0
 
     def interrupt(self, replacement: Replacement) -> bool:
         """Stop the current verb and run `replacement` instead (END: stop, run nothing more).
@@ -273,6 +277,12 @@ class Interpreter:
             if self._dials > MAX_DIALS:
                 raise VoiceAppError(
                     "dial_loop", f"{state.path}: more than {MAX_DIALS} dials in one call"
+                )
+        if isinstance(verb, AiAgent):
+            self._agents += 1
+            if self._agents > MAX_AI_AGENTS:
+                raise VoiceAppError(
+                    "ai_agent_loop", f"{state.path}: more than {MAX_AI_AGENTS} aiAgent in one call"
                 )
         if isinstance(verb, Redirect) and self._redirects >= MAX_REDIRECTS:
             raise VoiceAppError(

@@ -187,7 +187,18 @@ class PjCall(pj.Call):  # type: ignore[misc]
         self._post(SipCall._on_media, active[0] if active else -1)
 
     def onDtmfDigit(self, prm: pj.OnDtmfDigitParam) -> None:
-        self._post(SipCall._on_dtmf, prm.digit, _METHODS.get(prm.method, "rfc4733"))
+        self._post(SipCall._on_dtmf, prm.digit, _METHODS.get(prm.method, "rfc4733"),
+                   _duration_ms(prm))
+
+
+def _duration_ms(prm: Any) -> int:
+    """A digit's duration in ms as PJSIP reports it (RFC 4733: the event's duration; SIP INFO:
+    the body's Duration), 0 when unknown (PJSUA_UNKNOWN_DTMF_DURATION is (unsigned)-1)."""
+    try:
+        d = int(getattr(prm, "duration", 0))
+    except (TypeError, ValueError):
+        return 0
+    return d if 0 < d < 60_000 else 0
 
 
 class _Player(pj.AudioMediaPlayer):  # type: ignore[misc]
@@ -277,6 +288,14 @@ class SipCall:
         # Called with the call's AudioMedia each time PJSIP reports active audio: an outbound
         # leg's 183 with SDP (early media) as well as the answer, and a renegotiation.
         self.on_media: list[Callable[[pj.AudioMedia], None]] = []
+        # Called on the asyncio thread with (digit, duration ms; 0 when unknown) for every key
+        # the call accepts (RFC 4733, SIP INFO, in-band), before the digit buffer gets it. A
+        # listener that raises is logged and skipped: it never breaks the call.
+        self.dtmf_listeners: list[Callable[[str, int], None]] = []
+        # Ports that hear what the gateway plays to the caller (media.fork's outbound track):
+        # every `play` connects its player to each while it plays (add_outbound_tap).
+        self._outbound_taps: list[pj.AudioMedia] = []
+        self._players: list[pj.AudioMedia] = []  # the players playing now (for taps added late)
 
     def register(self) -> None:
         """Keep this call (and so its pjsua2 object) alive until DISCONNECTED."""
@@ -349,9 +368,14 @@ class SipCall:
         for cb in list(self.on_media):
             cb(self._am)
 
-    def _on_dtmf(self, digit: str, method: str) -> None:
+    def _on_dtmf(self, digit: str, method: str, duration_ms: int = 0) -> None:
         if not self._dedupe.accept(digit, method, time.monotonic()):
             return
+        for listener in list(self.dtmf_listeners):
+            try:
+                listener(digit, duration_ms)
+            except Exception:
+                log.exception("call %d: a DTMF listener failed on %r", self.pj_id, digit)
         if self._key_sink is not None:
             self._key_sink(digit)
             return
@@ -365,6 +389,8 @@ class SipCall:
     def _release(self) -> None:
         """Drop PJSIP objects once the call is over (asyncio thread, so SWIG deletes here)."""
         self._objects.clear()
+        self._players = []
+        self._outbound_taps = []
         self._am = None
         if self.endpoint.calls.get(self.pj_id) is self:
             del self.endpoint.calls[self.pj_id]
@@ -512,6 +538,27 @@ class SipCall:
             raise CallGone()
         return self._am
 
+    def add_outbound_tap(self, port: pj.AudioMedia) -> None:
+        """Let `port` hear every prompt `play` sends the caller from now on (and any playing
+        now) until `remove_outbound_tap`. Bridged dial/room audio and tone ports are not
+        included (they are MixGraph edges)."""
+        if any(t is port for t in self._outbound_taps):
+            return
+        self._outbound_taps.append(port)
+        for player in self._players:
+            with contextlib.suppress(pj.Error):
+                player.startTransmit(port)
+
+    def remove_outbound_tap(self, port: pj.AudioMedia) -> None:
+        """Stop feeding `port` (idempotent); players playing now are disconnected from it."""
+        kept = [t for t in self._outbound_taps if t is not port]
+        if len(kept) == len(self._outbound_taps):
+            return
+        self._outbound_taps = kept
+        for player in self._players:
+            with contextlib.suppress(pj.Error):
+                player.stopTransmit(port)
+
     async def play(self, wav: Path, *, stop: asyncio.Event | None = None) -> bool:
         await self.answer()
         am = self._audio()
@@ -529,6 +576,10 @@ class SipCall:
                 if self._pj is None or not self._pj.isActive():
                     raise CallGone() from RuntimeError(e.info())
                 raise
+            self._players.append(player)
+            for tap in list(self._outbound_taps):
+                with contextlib.suppress(pj.Error):
+                    player.startTransmit(tap)
             if self.first_audio_at is None:
                 # Its first frame leaves on the bridge's next 20 ms tick (the benchmark's
                 # "answer -> first RTP of the prompt" ends within a frame of this).
@@ -545,6 +596,11 @@ class SipCall:
             if self._am is not None:
                 with contextlib.suppress(pj.Error):
                     player.stopTransmit(self._am)
+            if any(p is player for p in self._players):
+                self._players = [p for p in self._players if p is not player]
+                for tap in self._outbound_taps:
+                    with contextlib.suppress(pj.Error):
+                        player.stopTransmit(tap)
             with contextlib.suppress(ValueError):
                 self._objects.remove(player)
 

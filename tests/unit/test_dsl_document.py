@@ -112,7 +112,7 @@ SDK_SHAPES: list[tuple[dict[str, Any], type]] = [
                 "headerMetadata": json.dumps({"customer": "42"}),
                 "openMetadata": "hello",
                 "statusCallback": "https://app.example/stream",
-                "statusEvents": "start end",
+                "statusEvents": "stream-started stream-stopped stream-error",
             }
         },
         Stream,
@@ -317,8 +317,8 @@ def test_wrong_type_says_what_was_expected(loop: Any) -> None:
             "actions[0].stream.url: invalid format",
         ),
         (
-            {"stream": {"url": "wss://x.example", "outputSamplingRate": 44100}},
-            "actions[0].stream.outputSamplingRate: expected 8000 or 16000",
+            {"stream": {"url": "wss://x.example", "outputSamplingRate": 768000}},
+            "actions[0].stream.outputSamplingRate: must be at most 384000",
         ),
         (
             {"conference": {"name": "c", "flags": 5}},
