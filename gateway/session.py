@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -56,6 +57,9 @@ class TimedVoiceApp:
             raise
         self.observe(time.monotonic() - t0, "ok")
         return doc
+
+    async def post_json(self, url: str, payload: Mapping[str, Any]) -> None:
+        await self.inner.post_json(url, payload)
 
 
 class CallSession:

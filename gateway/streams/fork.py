@@ -330,6 +330,8 @@ class StreamForkRunner:
             sender.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await sender
+            if not ws.closed:
+                self._spawn(self._close_ws(ws))  # not awaited: a cancelled stop stays quick
 
     def _preamble(self) -> dict[str, Any]:
         r, c = self.request, self._call

@@ -1,18 +1,19 @@
 """A call's streams (dsl `Streams`): opened by `stream` / `aiAgent`, stopped by the API
 (`StreamStop`), every one closed when the call ends.
 
-Status callbacks (`statusCallback` + `statusEvents`) go through the call's voice app client:
-signed and encoded like every voice callback, with the call's fields, plus `StreamName`,
-`StreamEvent`, `StreamError`, `StreamUrl` and `Timestamp`; the reply is not used.
+Status callbacks (`statusCallback` + `statusEvents`): JSON POSTs signed with the number's
+secret like voice callbacks (the call's voice app client sends them): the call's fields plus
+`event`, `callId`, `streamName`, `streamUrl`, `timestamp` (RFC 3339) and `error` for
+stream-error; the reply is not used.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
@@ -43,6 +44,7 @@ class CallStreams:
         call: SipCall | None,
         info: CallInfo,
         app: VoiceApp,
+        post: Callable[[str, Mapping[str, Any]], Awaitable[None]] | None = None,
         http: aiohttp.ClientSession,
         streams: StreamsSettings,
         agents: AiAgentsSettings,
@@ -53,6 +55,7 @@ class CallStreams:
         self._call = call
         self._info = info
         self._app = app
+        self._post = post
         self._http = http
         self._settings = streams
         self._agents = agents
@@ -143,22 +146,28 @@ class CallStreams:
         url, wanted = request.status_callback, request.status_events
         if url is None or not wanted:
             return None
-        app = self._app
+        send = self._post
+        if send is None:
+            return None
+        info = self._info
 
         async def post(event: str, error: str | None) -> None:
             if event not in wanted:
                 return
-            extra = {"StreamName": name, "StreamEvent": event, "StreamUrl": request.url,
-                     "Timestamp": f"{time.time():.3f}"}
+            body: dict[str, Any] = {
+                **dict(info.fields), "event": event, "callId": info.call_id,
+                "streamName": name, "streamUrl": request.url, "timestamp": _now()}
             if error:
-                extra["StreamError"] = error
+                body["error"] = error
             try:
-                await app.fetch(url, "POST", extra)
-            except VoiceAppError as e:  # the reply is not used: a non-JSON one is fine
-                if e.code not in ("callback_not_json", "document_empty"):
-                    log.info("call %s: stream %s: status POST to %s: %s",
-                             self._info.call_id, name, url, e)
+                await send(url, body)
+            except VoiceAppError as e:
+                log.info("call %s: stream %s: status POST to %s: %s", info.call_id, name, url, e)
             except Exception:
-                log.exception("call %s: stream %s: status POST failed", self._info.call_id, name)
+                log.exception("call %s: stream %s: status POST failed", info.call_id, name)
 
         return post
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

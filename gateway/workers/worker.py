@@ -350,7 +350,8 @@ class Worker:
         info = CallInfo(ident.call_id, ident.from_, ident.to, ident.direction,
                         ident.workspace_id, session.call_fields)
         s = self.settings
-        return CallStreams(call=session.call, info=info, app=session.app, http=self.http,
+        return CallStreams(call=session.call, info=info, app=session.app,
+                           post=session.app.post_json, http=self.http,
                            streams=s.streams, agents=s.ai_agents, callbacks=s.callbacks,
                            on_change=self._stream_changed)
 
