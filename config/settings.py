@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -413,6 +414,41 @@ class ClusterSettings(_Section):
         return self.node_id is not None
 
 
+def _check_ws_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ValueError("expected a ws:// or wss:// URL with a host")
+    return value
+
+
+WsUrlStr = Annotated[str, AfterValidator(_check_ws_url)]
+
+
+class StreamsSettings(_Section):
+    """`stream` forks: the WebSocket side (gateway/streams/)."""
+
+    # WebSocket pings: proxies drop sockets idle for 60 s.
+    ping_interval_s: float = Field(default=20.0, gt=0, le=300)
+    connect_timeout_s: float = Field(default=3.0, gt=0, le=60)
+    # A socket that fails to connect or drops is tried again this many times ...
+    retries: int = Field(default=2, ge=0, le=10)
+    # ... within this many seconds of its first failure.
+    retry_window_s: float = Field(default=5.0, gt=0, le=120)
+    # A talk spurt starts once 2 frames are queued or its first frame waited this long.
+    jitter_ms: int = Field(default=20, ge=0, le=500)
+    # Audio a server may queue ahead of the caller (more is refused with an error frame).
+    max_queued_s: float = Field(default=120.0, gt=0, le=3600)
+    max_message_bytes: int = Field(default=4 << 20, ge=1024, le=64 << 20)
+
+
+class AiAgentsSettings(_Section):
+    """The operator's voice AI runtime, target of `aiAgent` (trusted: no URL guard)."""
+
+    url: WsUrlStr | None = None  # unset: every aiAgent takes its onUnavailable path
+    sample_rate: int = Field(default=8000, ge=8000, le=48000)  # L16 both ways
+    token: Secret | None = None  # sent as Authorization: Bearer on the upgrade; never logged
+
+
 class Settings(_Section):
     sip: SipSettings = Field(default_factory=SipSettings)
     api: ApiSettings
@@ -430,6 +466,8 @@ class Settings(_Section):
     trunks: list[TrunkSettings] = Field(default_factory=list)
     outbound: OutboundSettings = Field(default_factory=OutboundSettings)
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
+    streams: StreamsSettings = Field(default_factory=StreamsSettings)
+    ai_agents: AiAgentsSettings = Field(default_factory=AiAgentsSettings)
 
     @model_validator(mode="before")
     @classmethod

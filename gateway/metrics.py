@@ -23,7 +23,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from gateway.workers.protocol import ACTION_SKIPPED, CALLBACK_FETCH_SECONDS, SETUP_SECONDS
+from gateway.workers.protocol import (
+    ACTION_SKIPPED,
+    CALLBACK_FETCH_SECONDS,
+    SETUP_SECONDS,
+    STREAM_ENDED,
+    STREAM_OPENED,
+)
 
 __all__ = [
     "ACTION_SKIPPED",
@@ -105,6 +111,9 @@ CALL_SETUP_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
 CALLBACK_FETCH_BUCKETS: Final = (*CALL_SETUP_BUCKETS, 5.0, 10.0, 30.0, 120.0)
 
 SKIP_REASONS: Final = ("tts_failed", "media_fetch_failed", "media_decode_failed", "url_forbidden")
+STREAM_KINDS: Final = ("stream", "ai_agent")
+STREAM_END_REASONS: Final = ("closed", "disconnect", "handover", "stopped", "refused",
+                             "unreachable", "dropped")
 SKIP_VERBS: Final = ("say", "play")  # label values are bounded: anything else counts as "other"
 
 
@@ -171,6 +180,17 @@ class NodeMetrics:
             registry=r,
         )
         self._skipped: dict[tuple[str, str], Counter] = {}  # children, made on first use
+        opened = Counter(
+            "sautikit_streams_opened_total",
+            "Stream forks started, by kind (stream, ai_agent).", ["kind"], registry=r,
+        )
+        self._streams_opened = {k: opened.labels(kind=k) for k in STREAM_KINDS}
+        ended = Counter(
+            "sautikit_streams_ended_total",
+            "Stream forks ended, by reason (closed, disconnect, handover, stopped, refused, "
+            "unreachable, dropped).", ["reason"], registry=r,
+        )
+        self._streams_ended = {k: ended.labels(reason=k) for k in STREAM_END_REASONS}
         r.register(GaugeFn(
             "sautikit_events_outbox",
             "Event outbox rows by state (pending, delivered, dead_letter).",
@@ -210,6 +230,16 @@ class NodeMetrics:
             return False
         if msg.get("name") == ACTION_SKIPPED:
             self._skip(msg.get("verb"), msg.get("reason"))
+            return True
+        if msg.get("name") == STREAM_OPENED:
+            opened = self._streams_opened.get(str(msg.get("verb")))
+            if opened is not None:
+                opened.inc()
+            return True
+        if msg.get("name") == STREAM_ENDED:
+            ended = self._streams_ended.get(str(msg.get("reason")))
+            if ended is not None:
+                ended.inc()
             return True
         name, value = msg.get("name"), _seconds(msg.get("value"))
         if value is None:

@@ -14,10 +14,11 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
-from dsl.context import CallContext, Dialer, FetchedDocument, Rooms, VoiceAppError
+from dsl.context import CallContext, Dialer, FetchedDocument, Rooms, Streams, VoiceAppError
 from dsl.interpreter import END, Fetch, Interpreter, RunResult
 from gateway.calls.identity import CallIdentity
 from gateway.calls.outcome import CallFacts, EndedBy, Failure, Outcome, classify
@@ -56,6 +57,9 @@ class TimedVoiceApp:
             raise
         self.observe(time.monotonic() - t0, "ok")
         return doc
+
+    async def post_json(self, url: str, payload: Mapping[str, Any]) -> None:
+        await self.inner.post_json(url, payload)
 
 
 class CallSession:
@@ -106,6 +110,7 @@ class CallSession:
         self.on_skip: Callable[[str, str], None] | None = None  # (verb, reason), for metrics
         self.on_state: Callable[[], None] | None = None  # ringing -> in-progress
         self.dialer: Dialer | None = None  # `dial` (the worker gives it, gateway/dial/home.py)
+        self.streams: Streams | None = None  # `stream`, `aiAgent` (gateway/streams/registry.py)
         if not call.answered:
             call.on_answer.append(self._answered)
 
@@ -178,6 +183,7 @@ class CallSession:
             on_skip=self.on_skip,
             rooms=self.rooms,
             dialer=self.dialer,
+            streams=self.streams,
             params=self.call_fields,  # what a verb keeps there (DialCallStatus) rides every fetch
         )
         first = self.first_document

@@ -180,6 +180,34 @@ class VoiceAppClient:
                 "callback_unreachable", f"{url}: {type(exc).__name__}: {exc}"
             ) from None
 
+    async def post_json(self, url: str, payload: Mapping[str, Any]) -> None:
+        """A signed JSON notification (stream status): the reply is not read. Raises
+        VoiceAppError like `fetch`."""
+        try:
+            await check_url(url, allow_http=self._allow_http, allow_private=self._allow_private)
+        except HostUnresolvable as exc:
+            raise VoiceAppError("callback_unreachable", exc.reason) from None
+        except UrlForbidden as exc:
+            raise VoiceAppError("url_forbidden", exc.reason) from None
+        body = json.dumps(payload, separators=(",", ":")).encode()
+        headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT,
+                   SIGNATURE_HEADER: sign(self._secret, body)}
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                async with self._session.post(url, data=body, headers=headers,
+                                              allow_redirects=False) as resp:
+                    if not 200 <= resp.status < 300:
+                        raise VoiceAppError("callback_http_status",
+                                            f"HTTP {resp.status} from {url}")
+        except TimeoutError:
+            raise VoiceAppError("callback_timeout", f"{url}: timed out") from None
+        except UrlForbidden as exc:
+            raise VoiceAppError("url_forbidden", exc.reason) from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise VoiceAppError(
+                "callback_unreachable", f"{url}: {type(exc).__name__}: {exc}"
+            ) from None
+
     async def _read_limited(self, resp: aiohttp.ClientResponse, url: str) -> bytes:
         too_large = VoiceAppError(
             "document_too_large", f"reply from {url} exceeds {self._max_bytes} bytes"

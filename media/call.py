@@ -186,6 +186,11 @@ class PjCall(pj.Call):  # type: ignore[misc]
         ]
         self._post(SipCall._on_media, active[0] if active else -1)
 
+    def onDtmfEvent(self, prm: pj.OnDtmfEventParam) -> None:
+        # RFC 4733 reports a key per packet; only its end carries the whole duration.
+        if int(prm.flags) & _DTMF_IS_END:
+            self._post(SipCall._on_dtmf_end, prm.digit, _duration_ms(prm))
+
     def onDtmfDigit(self, prm: pj.OnDtmfDigitParam) -> None:
         self._post(SipCall._on_dtmf, prm.digit, _METHODS.get(prm.method, "rfc4733"),
                    _duration_ms(prm))
@@ -199,6 +204,9 @@ def _duration_ms(prm: Any) -> int:
     except (TypeError, ValueError):
         return 0
     return d if 0 < d < 60_000 else 0
+
+
+_DTMF_IS_END = 1 << 1  # PJMEDIA_STREAM_DTMF_IS_END (not exported by the binding)
 
 
 class _Player(pj.AudioMediaPlayer):  # type: ignore[misc]
@@ -292,6 +300,7 @@ class SipCall:
         # the call accepts (RFC 4733, SIP INFO, in-band), before the digit buffer gets it. A
         # listener that raises is logged and skipped: it never breaks the call.
         self.dtmf_listeners: list[Callable[[str, int], None]] = []
+        self._rfc_key: str | None = None  # an RFC 4733 key whose end listeners still wait for
         # Ports that hear what the gateway plays to the caller (media.fork's outbound track):
         # every `play` connects its player to each while it plays (add_outbound_tap).
         self._outbound_taps: list[pj.AudioMedia] = []
@@ -368,14 +377,30 @@ class SipCall:
         for cb in list(self.on_media):
             cb(self._am)
 
-    def _on_dtmf(self, digit: str, method: str, duration_ms: int = 0) -> None:
-        if not self._dedupe.accept(digit, method, time.monotonic()):
-            return
+    def _on_dtmf_end(self, digit: str, duration_ms: int) -> None:
+        """The end of an RFC 4733 key: its listeners hear it now, with its duration."""
+        if self._rfc_key == digit:
+            self._rfc_key = None
+            self._tell_listeners(digit, duration_ms)
+
+    def _tell_listeners(self, digit: str, duration_ms: int) -> None:
         for listener in list(self.dtmf_listeners):
             try:
                 listener(digit, duration_ms)
             except Exception:
                 log.exception("call %d: a DTMF listener failed on %r", self.pj_id, digit)
+
+    def _on_dtmf(self, digit: str, method: str, duration_ms: int = 0) -> None:
+        if not self._dedupe.accept(digit, method, time.monotonic()):
+            return
+        if method == "rfc4733":
+            # Listeners wait for the key's end (its duration); the buffer takes it now. A
+            # key whose end never came is told at the next key.
+            if self._rfc_key is not None:
+                self._tell_listeners(self._rfc_key, 0)
+            self._rfc_key = digit
+        else:
+            self._tell_listeners(digit, duration_ms)
         if self._key_sink is not None:
             self._key_sink(digit)
             return

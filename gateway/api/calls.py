@@ -5,6 +5,7 @@
     GET  /v1/calls/{id}                    live or ended, with events   -> {call}
     POST /v1/calls/{id}/hangup             idempotent                   -> {call_id, status}
     POST /v1/calls/{id}/redirect           {url, method} | {actions}
+    POST /v1/calls/{id}/stream             {action: "stop", name?}
     POST /v1/calls/{id}/respond            {actions} (control: "mcp")
     GET  /v1/calls/{id}/recording          302 signed link | 202 | 404
     GET  /recordings/{rid}?exp=&sig=       the file, no bearer token (the signature instead)
@@ -69,6 +70,7 @@ from gateway.calls.records import CallRecords, Recording, sort_key
 from gateway.control.hangup import Hangup
 from gateway.control.redirect import Redirect
 from gateway.control.respond import Respond
+from gateway.control.stream_stop import StreamStop
 from gateway.events.envelope import rfc3339_ms
 
 __all__ = ["CONTROL_KEY", "LINKS_KEY", "setup_calls"]
@@ -131,6 +133,7 @@ def setup_calls(
     r.add_post("/v1/calls/{id}/hangup", _hangup)
     r.add_post("/v1/calls/{id}/redirect", _redirect)
     r.add_post("/v1/calls/{id}/respond", _respond)
+    r.add_post("/v1/calls/{id}/stream", _stream)
     r.add_get("/v1/calls/{id}/recording", _recording)
     r.add_get("/recordings/{rid}", _signed_recording)
     r.add_get("/v1/recordings/{rid}", _token_recording)
@@ -473,7 +476,9 @@ async def _get(request: web.Request) -> web.Response:
 # -- live control ----------------------------------------------------------------------------
 
 
-async def _command(request: web.Request, op: Hangup | Redirect | Respond) -> dict[str, Any] | None:
+async def _command(
+    request: web.Request, op: Hangup | Redirect | Respond | StreamStop
+) -> dict[str, Any] | None:
     """Run `op`; None when the call is not live but known (ended); 404 when unknown."""
     try:
         return await request.app[CONTROL_KEY].command(op)
@@ -540,6 +545,25 @@ async def _respond(request: web.Request) -> web.Response:
     if await _command(request, Respond(call_id=call_id, actions=body["actions"])) is None:
         raise _ended(call_id, "sent actions")
     return web.json_response({"call_id": call_id, "status": "accepted"})
+
+
+async def _stream(request: web.Request) -> web.Response:
+    call_id = request.match_info["id"]
+    body = _object_body(await _json_body(request), ("action", "name"))
+    issues: list[BodyIssue] = []
+    action, name = body.get("action"), body.get("name")
+    if action != "stop":
+        issues.append(BodyIssue("action", 'expected "stop"'))
+    if name is not None and (not isinstance(name, str) or not 0 < len(name) <= 128):
+        issues.append(BodyIssue("name", "expected a stream name (1-128 characters)"))
+    if issues:
+        raise _bad_request(issues)
+    result = await _command(request, StreamStop(call_id=call_id, name=name))
+    if result is None:
+        raise _ended(call_id, "sent a stream stop")
+    return web.json_response(
+        {"call_id": call_id, "status": "stopped", "stopped": int(result.get("stopped", 0))}
+    )
 
 
 # -- recordings --------------------------------------------------------------------------------

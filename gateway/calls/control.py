@@ -11,6 +11,7 @@ from typing import Any, Protocol
 from gateway.control.hangup import Hangup
 from gateway.control.redirect import Redirect
 from gateway.control.respond import Respond
+from gateway.control.stream_stop import StreamStop
 
 # Error codes (the seeds' catalogue where it has one).
 NUMBERS_NOT_FOUND = "numbers.not_found"
@@ -63,7 +64,7 @@ class CallControl(Protocol):
         """Place the call (INVITE on the wire) and return its summary (CallIdentity.summary).
         Raises ControlError: 422 numbers.not_found, 503 calls.capacity (with retry_after_s)."""
 
-    async def command(self, op: Hangup | Redirect | Respond) -> dict[str, Any]:
+    async def command(self, op: Hangup | Redirect | Respond | StreamStop) -> dict[str, Any]:
         """Run an op on the live call; the worker's result. Raises ControlError 404
         calls.not_found when no live call has that id (the API then looks at records)."""
 

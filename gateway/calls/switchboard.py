@@ -39,6 +39,7 @@ from gateway.control.hangup import Hangup
 from gateway.control.originate import Mcp, Originate, TrunkTarget, events_destination
 from gateway.control.redirect import Redirect
 from gateway.control.respond import Respond
+from gateway.control.stream_stop import StreamStop
 from gateway.metrics import GaugeFn
 from gateway.outbound.trunks import TrunkPool
 from gateway.routing import Router, RoutingError
@@ -100,7 +101,7 @@ class Switchboard:
     def live_calls(self) -> list[dict[str, Any]]:
         return self.directory.summaries()
 
-    async def command(self, op: Hangup | Redirect | Respond) -> dict[str, Any]:
+    async def command(self, op: Hangup | Redirect | Respond | StreamStop) -> dict[str, Any]:
         entry = self.directory.get(op.call_id)
         req = self._requester(entry.worker) if entry else None
         if entry is None or req is None:

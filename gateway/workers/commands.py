@@ -22,6 +22,7 @@ from gateway.control.hangup import Hangup
 from gateway.control.originate import Originate
 from gateway.control.redirect import Redirect
 from gateway.control.respond import Respond
+from gateway.control.stream_stop import StreamStop
 from gateway.workers.protocol import Reply, Request
 
 if TYPE_CHECKING:
@@ -121,6 +122,12 @@ class LiveCall:
             raise OpRefused(NOT_ANSWERED, "the call is still ringing; redirect it once answered")
         self.session.redirect(op)
 
+    async def stream_stop(self, op: StreamStop) -> int:
+        if self.session is None:
+            raise OpRefused(NOT_ANSWERED, "the call is still ringing; it has no stream")
+        streams = self.session.streams
+        return await streams.stop(op.name) if streams is not None else 0
+
     def respond(self, op: Respond) -> None:
         if self.session is None:
             raise OpRefused(NOT_ANSWERED, "the call is still ringing")
@@ -161,4 +168,7 @@ async def _apply(worker: Worker, op: Any) -> dict[str, Any]:
         live.redirect(op)
     elif isinstance(op, Respond):
         live.respond(op)
+    elif isinstance(op, StreamStop):
+        stopped = await live.stream_stop(op)
+        return {"call_id": live.call_id, "status": live.status, "stopped": stopped}
     return {"call_id": live.call_id, "status": live.status}

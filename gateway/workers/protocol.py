@@ -25,6 +25,7 @@ from gateway.control.respond import Respond
 from gateway.control.room_join import RoomJoin
 from gateway.control.room_leave import RoomLeave
 from gateway.control.room_sync import RoomSync
+from gateway.control.stream_stop import StreamStop
 from gateway.control.supervise_mode import SuperviseMode
 from gateway.control.supervise_start import SuperviseStart
 from gateway.control.supervise_stop import SuperviseStop
@@ -47,7 +48,7 @@ class Drain(_Msg):
 
 Op = Annotated[
     Hangup | Redirect | Respond | Originate | RoomSync | StartLeg | LegProgress | EndLeg
-    | SuperviseStart | SuperviseMode | SuperviseStop,
+    | SuperviseStart | SuperviseMode | SuperviseStop | StreamStop,
     Field(discriminator="op"),
 ]
 
@@ -130,6 +131,8 @@ class Recording(_Msg):
 # `Metric.name`s (gateway/metrics.py applies them; workers do not import prometheus_client).
 SETUP_SECONDS = "setup_seconds"  # value: INVITE received -> 200 OK sent, callback included
 CALLBACK_FETCH_SECONDS = "callback_fetch_seconds"  # value: one voice app request; outcome
+STREAM_OPENED = "stream_opened"  # a stream fork started; verb: stream | ai_agent
+STREAM_ENDED = "stream_ended"  # a stream fork ended; reason: StreamEndReason
 ACTION_SKIPPED = "action_skipped"  # a say/play skipped because its media failed; verb, reason
 
 

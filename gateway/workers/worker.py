@@ -41,6 +41,8 @@ from gateway.prompts import GatewayPrompts
 from gateway.rooms.local import LocalRooms
 from gateway.routing import Router, RoutingError, dialled, normalise_e164, set_default_region
 from gateway.session import CallSession, TimedVoiceApp, new_call_id
+from gateway.streams.fork import CallInfo
+from gateway.streams.registry import CallStreams
 from gateway.urlguard import check_url, make_session
 from gateway.voice_app import VoiceAppClient
 from gateway.workers import protocol as p
@@ -333,12 +335,31 @@ class Worker:
     def report(self, live: LiveCall) -> None:
         if live.session is not None and live.session.dialer is None:
             live.session.dialer = self.dial.dialer(live.session)  # before its documents run
+        if live.session is not None and live.session.streams is None:
+            live.session.streams = self._streams(live.session)
         self.channel.send(
             p.CallState(
                 identity=live.identity.to_wire(), status=live.status,
                 answered_at=live.answered_at, trunk=live.trunk,
             )
         )
+
+    def _streams(self, session: CallSession) -> CallStreams:
+        """The call's stream forks (gateway/streams/), in this worker: media stays here."""
+        ident = session.identity
+        info = CallInfo(ident.call_id, ident.from_, ident.to, ident.direction,
+                        ident.workspace_id, session.call_fields)
+        s = self.settings
+        return CallStreams(call=session.call, info=info, app=session.app,
+                           post=session.app.post_json, http=self.http,
+                           streams=s.streams, agents=s.ai_agents, callbacks=s.callbacks,
+                           on_change=self._stream_changed)
+
+    def _stream_changed(self, event: str, detail: str) -> None:
+        if event == "open":
+            self.channel.send(p.Metric(name=p.STREAM_OPENED, verb=detail))
+        else:
+            self.channel.send(p.Metric(name=p.STREAM_ENDED, reason=detail))
 
     def untrack(self, live: LiveCall, outcome: Outcome | None, ended_at: float) -> None:
         """The call is over: out of reach of commands, and its slot (and trunk) free at the
