@@ -184,3 +184,33 @@ async def test_runtime_down_takes_a_voicemail(
     assert final_events(rec.events)[0].kind == "call.completed", dump(rec.events)
     # unavailable was decided within the retry window (connection refused each time)
     assert ready.at - t_answer < 5 + 2 + 3.6 + 3, ready.at - t_answer
+
+
+async def test_runtime_refusing_the_upgrade_runs_the_unavailable_callback(
+    phone_farm, voice_app, receiver, gateway_factory, ws_agents  # noqa: F811
+):
+    """The runtime answers the upgrade with HTTP 403: onUnavailable callback POSTs to the
+    handover's callbackUrl with AgentStatus=unavailable, and its document runs."""
+    rec, events_url = receiver
+    agent = await ws_agents.agent(secret=voice_app.secret, mode="refuse")
+
+    def app(req: web.Request, form: dict[str, str]) -> Any:
+        if req.path == "/agent-down":
+            return doc({"say": {"text": "Our assistant is away."}}, {"hangup": {}})
+        return doc({"aiAgent": {"agentId": "support-ke", "onUnavailable": "callback",
+                                "handover": {"callbackUrl": "/agent-down"}}})
+
+    voice_app.script = app
+    gw = gateway(gateway_factory, voice_app, events_url, agents_cfg(agent.url("/runtime")))
+    farm, cid, _ = await caller(phone_farm, gw)
+    down = await wait_request(voice_app, "/agent-down", 15)
+    assert down["signature_ok"], down
+    form = down["form"]
+    assert form["AgentId"] == "support-ke" and form["AgentStatus"] == "unavailable", form
+    assert form.get("AgentError"), form
+    assert "AgentHandover" not in form, form
+    assert 1 <= len(agent.attempts) <= 3, agent.attempts  # refused: at most two retries
+    assert not agent.sessions
+    await farm.wait(cid, "disconnected", 15)
+    assert await rec.wait_for(lambda evs: final_events(evs), 10), dump(rec.events)
+    assert final_events(rec.events)[0].kind == "call.completed", dump(rec.events)
