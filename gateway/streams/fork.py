@@ -264,6 +264,7 @@ class StreamForkRunner:
                 log.info("call %s: stream %s: connect failed: %s", self._call.call_id,
                          self.name, last_error)
             else:
+                up_at = time.monotonic()
                 try:
                     await self._session(ws)
                 except _Refused as e:
@@ -275,6 +276,11 @@ class StreamForkRunner:
                     last_error = e.message
                     log.info("call %s: stream %s dropped: %s", self._call.call_id, self.name,
                              e.message)
+                    if time.monotonic() - up_at >= s.retry_window_s:
+                        # Up for longer than a window: this drop starts a new one (a long
+                        # call's second drop is retried too); a flapping server is not.
+                        first_failure = None
+                        retries_left = s.retries
                 finally:
                     self._ws = None
             now = time.monotonic()
@@ -430,11 +436,14 @@ class StreamForkRunner:
                                    + (f": {msg.extra}" if msg.extra else ""), code)
                 raise _Ended("dropped", "the connection was lost", code)
             elif t == aiohttp.WSMsgType.ERROR:
-                if isinstance(ws.exception(), aiohttp.WebSocketError):
+                # aiohttp hands the error in the message (ws.exception() stays None for a
+                # frame over max_msg_size and the like).
+                exc = msg.data if isinstance(msg.data, BaseException) else ws.exception()
+                if isinstance(exc, aiohttp.WebSocketError):
                     # A frame over max_message_bytes, a protocol violation: refuse it loudly.
                     self.counters.bad_frames += 1
-                    raise _Refused(f"websocket error: {ws.exception()}", ws.close_code)
-                raise _Ended("dropped", f"websocket error: {ws.exception()}", ws.close_code)
+                    raise _Refused(f"websocket error: {exc}", ws.close_code)
+                raise _Ended("dropped", f"websocket error: {exc}", ws.close_code)
 
     def _audio_in(self, data: bytes) -> None:
         audio = self._audio
