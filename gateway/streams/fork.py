@@ -49,7 +49,9 @@ log = logging.getLogger(__name__)
 SUBPROTOCOL = "audio.drachtio.org"
 FRAME_MS = 20
 MAX_BACKLOG_FRAMES = 250  # 5 s of frames waiting for a slow socket; older ones are dropped
-NORMAL_CLOSE = (1000, 1001)
+# 1005: a close frame without a status code (Node's `ws.close()`), a normal close too.
+NORMAL_CLOSE = (1000, 1001, 1005)
+NO_STATUS = 1005
 DRAIN_SLACK_S = 1.0  # a graceful end waits for queued playback at most its length + this
 
 
@@ -428,6 +430,10 @@ class StreamForkRunner:
             elif t in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING,
                        aiohttp.WSMsgType.CLOSED):
                 code = ws.close_code
+                if t == aiohttp.WSMsgType.CLOSE and isinstance(msg.data, int):
+                    # The server's own code: aiohttp reports a close frame without one as
+                    # data 0 (and ws.close_code 1006 once the TCP connection goes).
+                    code = msg.data or NO_STATUS
                 if code in NORMAL_CLOSE:
                     await self._drain()
                     raise _Ended("closed", f"the server closed the socket ({code})", code)

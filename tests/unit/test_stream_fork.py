@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import io
 import json
 import socket
@@ -468,6 +469,40 @@ async def test_server_close_1000_is_closed(server: Server, http: aiohttp.ClientS
     end = await ended(fork)
     assert end.reason == "closed" and end.close_code == 1000 and end.connected
     assert len(server.attempts) == 1
+
+
+async def test_close_without_status_is_closed(http: aiohttp.ClientSession) -> None:
+    """A close frame with no code (Node's `ws.close()`): a normal close, not a drop that
+    reconnects to a server that just ended the call."""
+    attempts: list[float] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        attempts.append(time.monotonic())
+        head = await reader.readuntil(b"\r\n\r\n")
+        key = next(line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"sec-websocket-key:"))
+        accept = base64.b64encode(hashlib.sha1(
+            key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                     b"Connection: Upgrade\r\nSec-WebSocket-Protocol: " + SUBPROTOCOL.encode()
+                     + b"\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+        writer.write(bytes([0x88, 0x00]))  # FIN + close, no payload
+        await writer.drain()
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(0.3):
+                await reader.read(-1)
+        writer.close()
+
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        fork = runner(http, f"ws://127.0.0.1:{srv.sockets[0].getsockname()[1]}/ws",
+                      FakeAudio())
+        end = await ended(fork)
+        assert end.reason == "closed" and end.close_code == 1005 and end.connected
+        await asyncio.sleep(0.4)
+        assert len(attempts) == 1
+    finally:
+        srv.close()
 
 
 # -- refusals -------------------------------------------------------------------------------------
