@@ -169,6 +169,7 @@ class StreamForkRunner:
         self._task: asyncio.Task[None] | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._out: deque[str | bytes] = deque()
+        self._out_audio = 0  # of the items in _out, audio frames (only these are dropped)
         self._out_ready = asyncio.Event()
         self._connected_once = False
         self._stopping = False
@@ -229,6 +230,7 @@ class StreamForkRunner:
         if audio is not None:
             audio.close()
         self._out.clear()
+        self._out_audio = 0
         if self._ws is not None and not self._ws.closed:
             ws = self._ws
             self._spawn(self._close_ws(ws))
@@ -327,6 +329,7 @@ class StreamForkRunner:
         first = not self._connected_once
         self._connected_once = True
         self._out.clear()
+        self._out_audio = 0
         self._out_buf.clear()
         self._send_text(m.dumps(self._preamble()))
         if first:
@@ -394,10 +397,16 @@ class StreamForkRunner:
 
     def _push(self, frame: bytes) -> None:
         out = self._out
-        if len(out) >= MAX_BACKLOG_FRAMES:
-            out.popleft()
+        if self._out_audio >= MAX_BACKLOG_FRAMES:
+            # The oldest audio frame goes; text frames (DTMF, marks, playDone) are kept.
+            for i, item in enumerate(out):
+                if isinstance(item, bytes):
+                    del out[i]
+                    break
+            self._out_audio -= 1
             self.counters.frames_dropped += 1
         out.append(frame)
+        self._out_audio += 1
         self.counters.frames_out += 1
         self._out_ready.set()
 
@@ -411,6 +420,7 @@ class StreamForkRunner:
             while out:
                 item = out.popleft()
                 if isinstance(item, bytes):
+                    self._out_audio -= 1
                     await ws.send_bytes(item)
                 else:
                     await ws.send_str(item)

@@ -26,7 +26,12 @@ from aiohttp import web
 from config.settings import AiAgentsSettings, CallbacksSettings, StreamsSettings
 from dsl.context import CallEnded, MediaError, StreamEnd, StreamRequest
 from gateway.events.signing import SIGNATURE_HEADER, verify
-from gateway.streams.fork import SUBPROTOCOL, CallInfo, StreamForkRunner
+from gateway.streams.fork import (
+    MAX_BACKLOG_FRAMES,
+    SUBPROTOCOL,
+    CallInfo,
+    StreamForkRunner,
+)
 from gateway.streams.registry import CallStreams
 from gateway.voice_app import VoiceAppClient
 
@@ -696,6 +701,21 @@ async def test_dtmf_frame(server: Server, http: aiohttp.ClientSession) -> None:
     fork.on_dtmf("#", 0)
     assert await conn.text() == {"event": "dtmf", "dtmf": "5", "duration": 160}
     assert await conn.text() == {"event": "dtmf", "dtmf": "#", "duration": 0}
+    await fork.stop()
+
+
+async def test_backlog_drops_audio_never_text(server: Server,
+                                             http: aiohttp.ClientSession) -> None:
+    """A socket that falls behind loses its oldest audio frames, never a DTMF (or mark,
+    playDone) text frame queued among them."""
+    audio = FakeAudio()
+    fork, conn, _ = await connected(server, http, audio)
+    fork.on_dtmf("1", 100)
+    audio.push(MAX_BACKLOG_FRAMES + 50)  # all in one go: the sender cannot run meanwhile
+    fork.on_dtmf("2", 100)
+    assert await conn.text() == {"event": "dtmf", "dtmf": "1", "duration": 100}
+    assert await conn.text() == {"event": "dtmf", "dtmf": "2", "duration": 100}
+    assert fork.counters.frames_dropped == 50
     await fork.stop()
 
 
