@@ -27,6 +27,7 @@ from config.settings import AiAgentsSettings, CallbacksSettings, StreamsSettings
 from dsl.context import CallEnded, MediaError, StreamEnd, StreamRequest
 from gateway.events.signing import SIGNATURE_HEADER, verify
 from gateway.streams.fork import (
+    DRAIN_SLACK_S,
     MAX_BACKLOG_FRAMES,
     SUBPROTOCOL,
     CallInfo,
@@ -694,6 +695,56 @@ async def test_stop_closes_the_socket(server: Server, http: aiohttp.ClientSessio
     assert audio.closed and not audio.cues
 
 
+async def test_stop_while_connecting(http: aiohttp.ClientSession) -> None:
+    writers: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        with contextlib.suppress(Exception):
+            await reader.read(-1)
+
+    srv = await asyncio.start_server(silent, "127.0.0.1", 0)
+    try:
+        audio = FakeAudio()
+        settings = StreamsSettings(connect_timeout_s=5, retries=2, retry_window_s=5)
+        fork = runner(http, f"ws://127.0.0.1:{srv.sockets[0].getsockname()[1]}/ws", audio,
+                      settings=settings)
+        await until(lambda: bool(writers))
+        t0 = time.monotonic()
+        end = await fork.stop()
+        assert time.monotonic() - t0 < 0.5
+        assert end.reason == "stopped" and not end.connected and not end.unavailable
+        assert audio.closed
+    finally:
+        for w in writers:
+            w.close()
+        srv.close()
+
+
+async def test_stop_cuts_a_drain(server: Server, http: aiohttp.ClientSession) -> None:
+    audio = FakeAudio()
+    fork, conn, _ = await connected(server, http, audio)
+    await conn.ws.send_bytes(pcm16(8000, 2000))
+    await conn.send({"type": "disconnect"})
+    await until(lambda: len(audio.cues) == 1)
+    end = await fork.stop()  # the API's stop while what was queued plays out
+    assert end.reason == "stopped"
+
+
+async def test_drain_is_bounded(server: Server, http: aiohttp.ClientSession) -> None:
+    """A cue that never fires (a stuck port): the graceful end waits at most the queued
+    audio's length + DRAIN_SLACK_S."""
+    audio = FakeAudio()
+    fork, conn, _ = await connected(server, http, audio)
+    await conn.ws.send_bytes(pcm16(8000, 100))
+    await until(lambda: audio.played_bytes > 0)
+    t0 = time.monotonic()
+    await conn.send({"type": "disconnect"})
+    end = await ended(fork)
+    assert end.reason == "disconnect"
+    assert 0.1 + DRAIN_SLACK_S - 0.1 <= time.monotonic() - t0 <= 0.1 + DRAIN_SLACK_S + 0.5
+
+
 async def test_dtmf_frame(server: Server, http: aiohttp.ClientSession) -> None:
     audio = FakeAudio()
     fork, conn, _ = await connected(server, http, audio)
@@ -901,6 +952,17 @@ async def test_status_stopped_only(server: Server, http: aiohttp.ClientSession) 
     posts = await _posts(server, 1)
     assert [p["event"] for p in posts] == ["stream-stopped"]
     assert "error" not in posts[0]
+
+
+async def test_status_stopped_on_stop(server: Server, http: aiohttp.ClientSession) -> None:
+    cs = Streams(http).streams
+    await cs.open(StreamRequest(
+        url=server.url(), status_callback=server.url("/status", "http"),
+        status_events=frozenset({"stream-stopped", "stream-error"})))
+    await (await server.conn()).text()
+    assert await cs.stop() == 1
+    posts = await _posts(server, 1)
+    assert [p["event"] for p in posts] == ["stream-stopped"]
 
 
 async def test_status_error_when_unreachable(server: Server,
