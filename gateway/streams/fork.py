@@ -524,6 +524,9 @@ class StreamForkRunner:
                 mono = samples.mean(axis=1).astype(np.int16) if samples.shape[1] > 1 \
                     else samples[:, 0]
                 pcm, src = mono.tobytes(), int(rate)
+                if not 4000 <= src <= 384000:
+                    self._send_text(m.error(f"playAudio: a WAV at {src} Hz (4000-384000 only)"))
+                    return
             else:
                 pcm, src = raw[: len(raw) // 2 * 2], data.sample_rate or self.request.playback_rate
             pcm = resample_clip(pcm, src, audio.clock_rate)
