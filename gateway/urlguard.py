@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
+from yarl import URL
 
 __all__ = [
     "ForbiddenAddressError",
@@ -201,8 +202,27 @@ def _literal_host_hook(allow_private: bool) -> aiohttp.TraceConfig:
             if why:
                 raise UrlForbidden(f"{str(params.url)!r}: {why}")
 
+    # A redirect (a WebSocket upgrade follows them: ws_connect has no allow_redirects) goes
+    # to an IP literal without the resolver, too.
+    async def on_request_redirect(
+        session: aiohttp.ClientSession,
+        ctx: SimpleNamespace,
+        params: aiohttp.TraceRequestRedirectParams,
+    ) -> None:
+        location = params.response.headers.get("Location", "")
+        target = params.url.join(URL(location)) if location else params.url
+        host = target.host or ""
+        if _is_metadata_host(host):
+            raise UrlForbidden(f"redirect to {str(target)!r}: {host} is a cloud metadata host")
+        ip = _literal_ip(host)
+        if ip is not None:
+            why = forbidden_reason(ip, allow_private=allow_private)
+            if why:
+                raise UrlForbidden(f"redirect to {str(target)!r}: {why}")
+
     trace = aiohttp.TraceConfig()
     trace.on_request_start.append(on_request_start)
+    trace.on_request_redirect.append(on_request_redirect)
     return trace
 
 

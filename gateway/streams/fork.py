@@ -26,6 +26,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import dataclasses
 import io
 import logging
 import time
@@ -52,7 +53,17 @@ MAX_BACKLOG_FRAMES = 250  # 5 s of frames waiting for a slow socket; older ones 
 # 1005: a close frame without a status code (Node's `ws.close()`), a normal close too.
 NORMAL_CLOSE = (1000, 1001, 1005)
 NO_STATUS = 1005
-DRAIN_SLACK_S = 1.0  # a graceful end waits for queued playback at most its length + this
+DRAIN_SLACK_S = 1.0
+# A hostile peer's floods stay bounded: pending marks + clips, error frames sent back, and
+# how many buffered messages run before the receiver yields to the loop.
+MAX_PENDING_CUES = 1000
+ERROR_BURST = 10
+YIELD_EVERY = 64
+AGENT_MESSAGES = {
+    "unreachable": "the agent runtime could not be reached",
+    "refused": "the agent runtime refused the call",
+    "dropped": "the connection to the agent runtime was lost",
+}  # a graceful end waits for queued playback at most its length + this
 
 
 class AudioPort(Protocol):
@@ -182,6 +193,9 @@ class StreamForkRunner:
         self._clips = 0
         self._queued_s = 0.0  # seconds of playback queued since the last kill (drain bound)
         self._status_tasks: set[asyncio.Task[None]] = set()
+        self._pending_cues = 0  # marks and clips whose cue has not been answered
+        self._err_budget = float(ERROR_BURST)
+        self._err_at = time.monotonic()
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -238,6 +252,11 @@ class StreamForkRunner:
         # Pending marks were not played: say so if a socket is still there to hear it (it
         # is not: the socket is closing), so just forget them.
         self._marks.clear()
+        if self.request.purpose == "ai_agent" and end.message:
+            # The runtime's address and errors are the operator's: the log has them, the
+            # voice app (AgentError) gets the reason only.
+            log.info("call %s: agent stream %s: %s", self._call.call_id, end.reason, end.message)
+            end = dataclasses.replace(end, message=AGENT_MESSAGES.get(end.reason, end.reason))
         self.ended.set_result(end)
         log.info("call %s: stream %s ended: %s%s", self._call.call_id, self.name, end.reason,
                  f" ({end.message})" if end.message else "")
@@ -391,6 +410,8 @@ class StreamForkRunner:
             buf += bytes(self._out_frame - len(out))
         buf += out
         n = self._out_frame
+        if n <= 0:  # a rate with no whole sample in 20 ms (refused at open; never loop on it)
+            return
         while len(buf) >= n:
             self._push(bytes(buf[:n]))
             del buf[:n]
@@ -429,7 +450,13 @@ class StreamForkRunner:
 
     # -- in -------------------------------------------------------------------------------
     async def _receive(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        count = 0
         while True:
+            count += 1
+            if count % YIELD_EVERY == 0:
+                # A buffered burst would otherwise run without a break: let the call's other
+                # work (and the worker's other calls) in.
+                await asyncio.sleep(0)
             msg = await ws.receive()
             t = msg.type
             if t == aiohttp.WSMsgType.BINARY:
@@ -474,10 +501,24 @@ class StreamForkRunner:
 
     def _queue_audio(self, audio: AudioPort, pcm: bytes) -> bool:
         if not audio.play(pcm):
-            self._send_text(m.error(
-                f"playback queue full ({self._settings.max_queued_s:g} s): audio dropped"))
+            self._error(f"playback queue full ({self._settings.max_queued_s:g} s): audio dropped")
             return False
         self._queued_s += len(pcm) / (2 * audio.clock_rate)
+        return True
+
+    def _error(self, text: str) -> None:
+        """An error frame to the server, at most ERROR_BURST at once and one a second after."""
+        now = time.monotonic()
+        self._err_budget = min(ERROR_BURST, self._err_budget + (now - self._err_at))
+        self._err_at = now
+        if self._err_budget >= 1:
+            self._err_budget -= 1
+            self._send_text(m.error(text))
+
+    def _cue_room(self) -> bool:
+        if self._pending_cues >= MAX_PENDING_CUES:
+            self._error(f"more than {MAX_PENDING_CUES} marks and clips pending: ignored")
+            return False
         return True
 
     async def _command(self, ws: aiohttp.ClientWebSocketResponse, text: str) -> None:
@@ -485,7 +526,7 @@ class StreamForkRunner:
             cmd = m.parse(text)
         except m.BadFrame as e:
             self.counters.bad_frames += 1
-            self._send_text(m.error(str(e)))
+            self._error(str(e))
             return
         audio = self._audio
         if isinstance(cmd, m.PlayAudio):
@@ -513,43 +554,66 @@ class StreamForkRunner:
             raise _Refused(f"the server sent an error: {detail or 'no detail'}")
 
     def _play_clip(self, audio: AudioPort, data: m.PlayAudioData) -> None:
+        if not self._cue_room():
+            return
         try:
             raw = base64.b64decode(data.audio_content, validate=True)
         except (binascii.Error, ValueError):
-            self._send_text(m.error("playAudio: audioContent is not base64"))
+            self._error("playAudio: audioContent is not base64")
             return
+        room_s = self._settings.max_queued_s
         try:
             if data.audio_content_type == "wav":
+                # Checked before decoding: a header's rate or length is the sender's word.
+                info = sf.info(io.BytesIO(raw))
+                if info.format not in ("WAV", "WAVEX") or info.channels > 2:
+                    self._error(f"playAudio: a {info.format} file with {info.channels} "
+                                "channel(s); mono or stereo WAV only")
+                    return
+                if not 4000 <= info.samplerate <= 384000:
+                    self._error(f"playAudio: a WAV at {info.samplerate} Hz (4000-384000 only)")
+                    return
+                if info.frames / info.samplerate > room_s:
+                    self._error(f"playAudio: {info.frames / info.samplerate:.0f} s of audio "
+                                f"(at most {room_s:g} s)")
+                    return
                 samples, rate = sf.read(io.BytesIO(raw), dtype="int16", always_2d=True)
                 mono = samples.mean(axis=1).astype(np.int16) if samples.shape[1] > 1 \
                     else samples[:, 0]
                 pcm, src = mono.tobytes(), int(rate)
-                if not 4000 <= src <= 384000:
-                    self._send_text(m.error(f"playAudio: a WAV at {src} Hz (4000-384000 only)"))
-                    return
             else:
                 pcm, src = raw[: len(raw) // 2 * 2], data.sample_rate or self.request.playback_rate
+                if len(pcm) / 2 / src > room_s:
+                    self._error(f"playAudio: {len(pcm) / 2 / src:.0f} s of audio "
+                                f"(at most {room_s:g} s)")
+                    return
             pcm = resample_clip(pcm, src, audio.clock_rate)
         except Exception as e:  # soundfile's errors, a rate soxr refuses
-            self._send_text(m.error(f"playAudio: cannot decode the audio: {e}"))
+            self._error(f"playAudio: cannot decode the audio: {e}")
             return
         self._clips += 1
         index = self._clips
         if not self._queue_audio(audio, pcm):
             return
+        self._pending_cues += 1
 
         def done(played: bool) -> None:
+            self._pending_cues -= 1
             if played and self._ws is not None:
                 self._send_text(m.play_done(index, True))
 
         audio.cue(done)
 
     def _mark(self, audio: AudioPort | None, name: str) -> None:
+        if not self._cue_room():
+            return
         self._mark_seq += 1
         token = self._mark_seq
         self._marks[token] = name
+        self._pending_cues += 1
 
         def answered(played: bool) -> None:
+            self._pending_cues -= 1
             if self._marks.pop(token, None) is not None and self._ws is not None:
                 self._send_text(m.mark(name, played))
 
@@ -571,7 +635,8 @@ class StreamForkRunner:
 
         audio.cue(played)
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self._queued_s + DRAIN_SLACK_S):
+            bound = min(self._queued_s, self._settings.max_queued_s)
+            async with asyncio.timeout(bound + DRAIN_SLACK_S):
                 await done
 
     # -- helpers --------------------------------------------------------------------------

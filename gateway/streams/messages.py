@@ -79,8 +79,8 @@ class BadFrame(Exception):
 def parse(text: str) -> Command:
     try:
         raw = json.loads(text)
-    except ValueError:
-        raise BadFrame("not JSON") from None
+    except (ValueError, RecursionError):
+        raise BadFrame("not JSON (or nested too deeply)") from None
     if not isinstance(raw, dict):
         raise BadFrame("expected a JSON object")
     kind = raw.get("type")

@@ -32,9 +32,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# What a server's audio may be sent at (play's rule): upsampling from a rate far below the
-# call's would multiply each frame's size, a memory hazard with 4 MiB frames.
-MIN_PLAYBACK_RATE, MAX_PLAYBACK_RATE = 4000, 384000
+# The rates a stream may run at, both ways (play's rule): upsampling from a rate far below the
+# call's would multiply each frame's size (a memory hazard with 4 MiB frames), and a rate
+# under 50 Hz has no whole sample in a 20 ms frame.
+MIN_RATE, MAX_RATE = 4000, 384000
 TRACK = {"inbound_track": "inbound", "outbound_track": "outbound", "both_tracks": "both"}
 
 
@@ -49,6 +50,7 @@ class CallStreams:
         app: VoiceApp,
         post: Callable[[str, Mapping[str, Any]], Awaitable[None]] | None = None,
         http: aiohttp.ClientSession,
+        agent_http: aiohttp.ClientSession | None = None,
         streams: StreamsSettings,
         agents: AiAgentsSettings,
         callbacks: CallbacksSettings,
@@ -59,7 +61,8 @@ class CallStreams:
         self._info = info
         self._app = app
         self._post = post
-        self._http = http
+        self._http = http  # guarded: document URLs
+        self._agent_http = agent_http or http  # the operator's runtime: not guarded
         self._settings = streams
         self._agents = agents
         self._callbacks = callbacks
@@ -84,11 +87,11 @@ class CallStreams:
             from dsl.context import CallEnded
 
             raise CallEnded()
-        if not MIN_PLAYBACK_RATE <= request.playback_rate <= MAX_PLAYBACK_RATE:
-            raise MediaError(
-                "stream_rate_unsupported",
-                f"bidirectionalSamplingRate {request.playback_rate} Hz: the gateway plays "
-                f"{MIN_PLAYBACK_RATE}-{MAX_PLAYBACK_RATE} Hz")
+        for what, rate in (("bidirectionalSamplingRate", request.playback_rate),
+                           ("outputSamplingRate", request.output_rate)):
+            if not MIN_RATE <= rate <= MAX_RATE:
+                raise MediaError("stream_rate_unsupported",
+                                 f"{what} {rate} Hz: streams run at {MIN_RATE}-{MAX_RATE} Hz")
         if request.purpose == "stream":
             await guard_ws_url(request.url, allow_http=self._callbacks.allow_http,
                                allow_private=self._callbacks.allow_private)
@@ -96,6 +99,10 @@ class CallStreams:
         old = self._forks.get(name)
         if old is not None:  # the same name again: the new fork replaces the old one
             await old.stop()
+        if self._closed:  # the call ended while this waited
+            from dsl.context import CallEnded
+
+            raise CallEnded()
         token = None
         if request.purpose == "ai_agent" and self._agents.token is not None:
             token = self._agents.token.get_secret_value()
@@ -104,7 +111,9 @@ class CallStreams:
             return self._audio(request, on_audio)
 
         fork = StreamForkRunner(
-            request, name, http=self._http, audio=audio, call=self._info,
+            request, name,
+            http=self._agent_http if request.purpose == "ai_agent" else self._http,
+            audio=audio, call=self._info,
             settings=self._settings, status=self._status_sink(request, name), token=token,
             on_end=self._forgotten,
         )
@@ -124,7 +133,10 @@ class CallStreams:
         """The call is over: every fork stops (their ends resolve at once)."""
         self._closed = True
         for fork in list(self._forks.values()):
-            fork.stop_now()
+            try:
+                fork.stop_now()
+            except Exception:  # a call-end hook: the others must still run
+                log.exception("call %s: stream %s: stop failed", self._info.call_id, fork.name)
 
     # -- internals ------------------------------------------------------------------------
     def _media_audio(self, request: StreamRequest, on_audio: Callable[[bytes], None]) -> AudioPort:

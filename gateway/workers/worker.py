@@ -352,6 +352,7 @@ class Worker:
         s = self.settings
         return CallStreams(call=session.call, info=info, app=session.app,
                            post=session.app.post_json, http=self.http,
+                           agent_http=self.cp_http,
                            streams=s.streams, agents=s.ai_agents, callbacks=s.callbacks,
                            on_change=self._stream_changed)
 

@@ -49,7 +49,7 @@ def test_handover_data_and_mark_name() -> None:
 
 
 @pytest.mark.parametrize(("text", "why"), [
-    ("{not json", "not JSON"),
+    ("{not json", "not JSON (or nested too deeply)"),
     ("[1, 2]", "expected a JSON object"),
     ('"playAudio"', "expected a JSON object"),
     ('{"data": {}}', 'no "type"'),
