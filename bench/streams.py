@@ -416,7 +416,7 @@ def latencies(x_sent: Any, t_sent: Any, y_got: Any, t_got: Any) -> tuple[list[fl
         if float(np.sqrt(np.mean(seg * seg))) < 0.01:
             continue
         b = next((blk for blk in blocks if blk.start <= i * FRAME < blk.end), None)
-        if b is None or not (b.coeff == b.coeff) or b.coeff < 0.8:
+        if b is None or not (b.coeff == b.coeff) or b.coeff < 0.95:  # a copy: ~1.0
             continue
         j = (i * FRAME + FRAME - 1 + b.lag) // FRAME
         if 0 <= j < len(t_got):
@@ -769,7 +769,9 @@ def report(args: argparse.Namespace, lat: LatencyRun | None, levels: list[Level]
                   f"| killAudio -> first silent RTP packet to the caller | {fmt(lat.kill_ms)} | "
                   f"{goal(lat.kill_ms)} |", "",
                   f"Killed audio heard again after the silence: {lat.resumed_after_kill} "
-                  f"packets. Alignment correlations {[round(c, 3) for c in lat.corr]}. "
+                  f"packets. Whole-stream single-lag correlations (uplink, downlink per call; "
+                  f"each 0.5 s block is aligned on its own and only blocks matching >= 0.95 count) "
+                  f"{[round(c, 3) for c in lat.corr]}. "
                   f"Capture: {lat.kernel[0]} packets, {lat.kernel[1]} dropped by the kernel."]
         lines += [f"- {n}" for n in lat.notes]
         lines.append("")
