@@ -28,7 +28,10 @@ runs dry, is played padded with silence. Jitter rule: a talk spurt starts when 2
 queued or its first frame has waited `jitter_ms`; then it plays a frame per tick until the
 queue is empty. The spurt ends there; if new audio arrives within UNDERRUN_FRAMES ticks of that,
 the pause was an underrun (a gap inside what the sender meant as one spurt), counted in
-`stats().underruns`. Above `max_queued_s` queued, `play` refuses the chunk (returns False).
+`stats().underruns`, and every later spurt starts with one more frame of cushion (and waits
+20 ms longer), up to MAX_START_FRAMES: a sender that paces its audio with jitter pays a little
+latency instead of gaps; one that bursts, or paces evenly, never pays it. Above
+`max_queued_s` queued, `play` refuses the chunk (returns False).
 `kill()` drops the queue and the remainder at once under the lock: the next tick gives silence
 (the frame the bridge already took, at most one tick, is still sent). `cue(fn)` is answered
 `fn(True)` once every frame queued before it has been given to the bridge: the clock thread
@@ -91,6 +94,7 @@ Track = Literal["inbound", "outbound", "both"]
 TRACKS: tuple[Track, ...] = ("inbound", "outbound", "both")
 # The queue ran dry and new audio came within this many ticks (100 ms): an underrun.
 UNDERRUN_FRAMES = 5
+MAX_START_FRAMES = 5  # the adaptive cushion's ceiling (100 ms)
 _NEVER = 1 << 62  # the clock's "no cue pending" position
 _AUDIO = pj.PJMEDIA_FRAME_TYPE_AUDIO
 _LITTLE = sys.byteorder == "little"
@@ -142,6 +146,8 @@ class AudioFork:
         self._call_soon = call.loop.call_soon_threadsafe
         self._on_audio = on_audio
         self._jitter_s = max(0, jitter_ms) / 1000.0
+        self._start_frames = 2  # a spurt starts with this many frames queued ...
+        self._start_wait_s = self._jitter_s  # ... or once its first frame waited this long
         self._max_frames = max(1, int(max_queued_s * 1000 / FRAME_MS))
         # Playback state, shared with the clock thread under _lock.
         self._lock = threading.Lock()
@@ -283,6 +289,11 @@ class AudioFork:
                 self._spurt_since = time.monotonic()
                 if self._ticks - self._dry_tick <= UNDERRUN_FRAMES:
                     self._underruns += 1
+                    # A sender that underran once will again: give its spurts one more
+                    # frame of cushion (and of latency), up to MAX_START_FRAMES.
+                    if self._start_frames < MAX_START_FRAMES:
+                        self._start_frames += 1
+                        self._start_wait_s += FRAME_MS / 1000.0
             if n:
                 queue.extend([data[i:i + fb] for i in range(0, n * fb, fb)])
             self._rem = bytes(data[n * fb:])
@@ -432,8 +443,9 @@ class AudioFork:
         if not self._playing:
             if self._pending == 0:
                 return None
-            if len(queue) < 2 and time.monotonic() - self._spurt_since < self._jitter_s:
-                return None  # the spurt waits for a second frame, or for jitter_ms
+            if (len(queue) < self._start_frames
+                    and time.monotonic() - self._spurt_since < self._start_wait_s):
+                return None  # the spurt waits for its cushion of frames, or for jitter_ms
             self._playing = True
         if queue:
             pcm = queue.popleft()

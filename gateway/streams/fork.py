@@ -49,7 +49,9 @@ log = logging.getLogger(__name__)
 SUBPROTOCOL = "audio.drachtio.org"
 FRAME_MS = 20
 MAX_BACKLOG_FRAMES = 250  # 5 s of frames waiting for a slow socket; older ones are dropped
-NORMAL_CLOSE = (1000, 1001)
+# 1005: a close frame without a status code (Node's `ws.close()`), a normal close too.
+NORMAL_CLOSE = (1000, 1001, 1005)
+NO_STATUS = 1005
 DRAIN_SLACK_S = 1.0  # a graceful end waits for queued playback at most its length + this
 
 
@@ -167,6 +169,7 @@ class StreamForkRunner:
         self._task: asyncio.Task[None] | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._out: deque[str | bytes] = deque()
+        self._out_audio = 0  # of the items in _out, audio frames (only these are dropped)
         self._out_ready = asyncio.Event()
         self._connected_once = False
         self._stopping = False
@@ -227,6 +230,7 @@ class StreamForkRunner:
         if audio is not None:
             audio.close()
         self._out.clear()
+        self._out_audio = 0
         if self._ws is not None and not self._ws.closed:
             ws = self._ws
             self._spawn(self._close_ws(ws))
@@ -264,6 +268,7 @@ class StreamForkRunner:
                 log.info("call %s: stream %s: connect failed: %s", self._call.call_id,
                          self.name, last_error)
             else:
+                up_at = time.monotonic()
                 try:
                     await self._session(ws)
                 except _Refused as e:
@@ -275,6 +280,11 @@ class StreamForkRunner:
                     last_error = e.message
                     log.info("call %s: stream %s dropped: %s", self._call.call_id, self.name,
                              e.message)
+                    if time.monotonic() - up_at >= s.retry_window_s:
+                        # Up for longer than a window: this drop starts a new one (a long
+                        # call's second drop is retried too); a flapping server is not.
+                        first_failure = None
+                        retries_left = s.retries
                 finally:
                     self._ws = None
             now = time.monotonic()
@@ -319,6 +329,7 @@ class StreamForkRunner:
         first = not self._connected_once
         self._connected_once = True
         self._out.clear()
+        self._out_audio = 0
         self._out_buf.clear()
         self._send_text(m.dumps(self._preamble()))
         if first:
@@ -386,10 +397,16 @@ class StreamForkRunner:
 
     def _push(self, frame: bytes) -> None:
         out = self._out
-        if len(out) >= MAX_BACKLOG_FRAMES:
-            out.popleft()
+        if self._out_audio >= MAX_BACKLOG_FRAMES:
+            # The oldest audio frame goes; text frames (DTMF, marks, playDone) are kept.
+            for i, item in enumerate(out):
+                if isinstance(item, bytes):
+                    del out[i]
+                    break
+            self._out_audio -= 1
             self.counters.frames_dropped += 1
         out.append(frame)
+        self._out_audio += 1
         self.counters.frames_out += 1
         self._out_ready.set()
 
@@ -403,6 +420,7 @@ class StreamForkRunner:
             while out:
                 item = out.popleft()
                 if isinstance(item, bytes):
+                    self._out_audio -= 1
                     await ws.send_bytes(item)
                 else:
                     await ws.send_str(item)
@@ -422,6 +440,10 @@ class StreamForkRunner:
             elif t in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING,
                        aiohttp.WSMsgType.CLOSED):
                 code = ws.close_code
+                if t == aiohttp.WSMsgType.CLOSE and isinstance(msg.data, int):
+                    # The server's own code: aiohttp reports a close frame without one as
+                    # data 0 (and ws.close_code 1006 once the TCP connection goes).
+                    code = msg.data or NO_STATUS
                 if code in NORMAL_CLOSE:
                     await self._drain()
                     raise _Ended("closed", f"the server closed the socket ({code})", code)
@@ -430,11 +452,14 @@ class StreamForkRunner:
                                    + (f": {msg.extra}" if msg.extra else ""), code)
                 raise _Ended("dropped", "the connection was lost", code)
             elif t == aiohttp.WSMsgType.ERROR:
-                if isinstance(ws.exception(), aiohttp.WebSocketError):
+                # aiohttp hands the error in the message (ws.exception() stays None for a
+                # frame over max_msg_size and the like).
+                exc = msg.data if isinstance(msg.data, BaseException) else ws.exception()
+                if isinstance(exc, aiohttp.WebSocketError):
                     # A frame over max_message_bytes, a protocol violation: refuse it loudly.
                     self.counters.bad_frames += 1
-                    raise _Refused(f"websocket error: {ws.exception()}", ws.close_code)
-                raise _Ended("dropped", f"websocket error: {ws.exception()}", ws.close_code)
+                    raise _Refused(f"websocket error: {exc}", ws.close_code)
+                raise _Ended("dropped", f"websocket error: {exc}", ws.close_code)
 
     def _audio_in(self, data: bytes) -> None:
         audio = self._audio
@@ -499,6 +524,9 @@ class StreamForkRunner:
                 mono = samples.mean(axis=1).astype(np.int16) if samples.shape[1] > 1 \
                     else samples[:, 0]
                 pcm, src = mono.tobytes(), int(rate)
+                if not 4000 <= src <= 384000:
+                    self._send_text(m.error(f"playAudio: a WAV at {src} Hz (4000-384000 only)"))
+                    return
             else:
                 pcm, src = raw[: len(raw) // 2 * 2], data.sample_rate or self.request.playback_rate
             pcm = resample_clip(pcm, src, audio.clock_rate)

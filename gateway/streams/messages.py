@@ -22,7 +22,8 @@ class _In(BaseModel):
 class PlayAudioData(_In):
     audio_content: str = Field(alias="audioContent", min_length=1)  # base64
     audio_content_type: Literal["raw", "wav"] = Field("raw", alias="audioContentType")
-    sample_rate: int | None = Field(None, alias="sampleRate", gt=0, le=384000)
+    # Bounded below: upsampling a 4 MiB frame from 1 Hz would take gigabytes.
+    sample_rate: int | None = Field(None, alias="sampleRate", ge=4000, le=384000)
 
 
 class PlayAudio(_In):

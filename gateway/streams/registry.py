@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from config.settings import AiAgentsSettings, CallbacksSettings, StreamsSettings
-from dsl.context import AgentRuntime, StreamRequest, VoiceApp, VoiceAppError
+from dsl.context import AgentRuntime, MediaError, StreamRequest, VoiceApp, VoiceAppError
 from gateway.streams.fork import (
     AudioPort,
     CallInfo,
@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# What a server's audio may be sent at (play's rule): upsampling from a rate far below the
+# call's would multiply each frame's size, a memory hazard with 4 MiB frames.
+MIN_PLAYBACK_RATE, MAX_PLAYBACK_RATE = 4000, 384000
 TRACK = {"inbound_track": "inbound", "outbound_track": "outbound", "both_tracks": "both"}
 
 
@@ -81,6 +84,11 @@ class CallStreams:
             from dsl.context import CallEnded
 
             raise CallEnded()
+        if not MIN_PLAYBACK_RATE <= request.playback_rate <= MAX_PLAYBACK_RATE:
+            raise MediaError(
+                "stream_rate_unsupported",
+                f"bidirectionalSamplingRate {request.playback_rate} Hz: the gateway plays "
+                f"{MIN_PLAYBACK_RATE}-{MAX_PLAYBACK_RATE} Hz")
         if request.purpose == "stream":
             await guard_ws_url(request.url, allow_http=self._callbacks.allow_http,
                                allow_private=self._callbacks.allow_private)

@@ -348,11 +348,14 @@ async def test_jitter_rule_remainder_underrun_and_cues_tick_by_tick(phone):
     assert fork.play(frame(2))
     assert tick() == frame(1) and tick() == frame(2)
     assert tick() is None  # ran dry: the spurt ends
-    # Audio again within UNDERRUN_FRAMES ticks: an underrun. A single frame waits 40 ms.
+    # Audio again within UNDERRUN_FRAMES ticks: an underrun. From now on a spurt starts with
+    # one more frame of cushion: 3 frames, or its first waited 40 + 20 ms.
     assert fork.play(frame(3))
     assert fork.stats().underruns == 1
     assert tick() is None
     await asyncio.sleep(0.045)
+    assert tick() is None
+    await asyncio.sleep(0.02)
     assert tick() == frame(3)
     # A remainder waits for more, then completes a frame; alone, it is padded once dry.
     fork.play(frame(4) + b"\x05" * 10)

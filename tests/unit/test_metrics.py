@@ -199,6 +199,8 @@ EXPECTED_FAMILIES = {
     "sautikit_workers": "gauge",
     "sautikit_worker_restarts_total": "counter",
     "sautikit_draining": "gauge",
+    "sautikit_streams_opened_total": "counter",
+    "sautikit_streams_ended_total": "counter",
 }
 
 
@@ -382,3 +384,15 @@ async def test_node_metrics_show_the_outbox_as_of_the_scrape(tmp_path) -> None:
     await node.refresh_metrics()
     assert 'sautikit_events_outbox{state="pending"} 1.0' in node.metrics_text()
     await node.outbox.aclose()
+
+
+def test_stream_metrics_count_opened_by_kind_and_ended_by_reason() -> None:
+    node = FakeNode()
+    m = node.metrics()
+    assert m.observe({"t": "metric", "name": "stream_opened", "verb": "ai_agent"})
+    assert m.observe({"t": "metric", "name": "stream_ended", "reason": "handover"})
+    assert m.observe({"t": "metric", "name": "stream_ended", "reason": "nonsense"})
+    fams = parse(m.render())
+    assert fams["sautikit_streams_opened_total"].get(kind="ai_agent") == 1
+    assert fams["sautikit_streams_opened_total"].get(kind="stream") == 0
+    assert fams["sautikit_streams_ended_total"].get(reason="handover") == 1
