@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import gc
 import math
 import os
 import pickle
@@ -88,6 +89,7 @@ NUMBER = "+254700000001"
 G711A = Path("/usr/share/sip-tester/g711a.pcap")
 FRAME = 160
 RTP_PER_WORKER = 12
+LEAD_FRAMES = 10  # the agent's head start: 200 ms (TTS streams run ahead of real time)
 T0 = time.monotonic()
 
 SCENARIO = """<?xml version="1.0" encoding="ISO-8859-1" ?>
@@ -414,7 +416,7 @@ def latencies(x_sent: Any, t_sent: Any, y_got: Any, t_got: Any) -> tuple[list[fl
         if float(np.sqrt(np.mean(seg * seg))) < 0.01:
             continue
         b = next((blk for blk in blocks if blk.start <= i * FRAME < blk.end), None)
-        if b is None or not (b.coeff == b.coeff) or b.coeff < 0.8:
+        if b is None or not (b.coeff == b.coeff) or b.coeff < 0.95:  # a copy: ~1.0
             continue
         j = (i * FRAME + FRAME - 1 + b.lag) // FRAME
         if 0 <= j < len(t_got):
@@ -517,6 +519,7 @@ async def latency_phase(args: argparse.Namespace, base: Path, app: VoiceApp, age
             x_in, t_in = decode_stream(max(into.values(), key=len))
             ws = from_l16(s.pcm())
             t_ws = np.array([f.wall for f in s.frames])
+            np.savez(work / f"uplink-{n}.npz", x_in=x_in, t_in=t_in, ws=ws, t_ws=t_ws)
             lat, c = latencies(x_in, t_in, ws, t_ws)
             res.uplink_ms += [v * 1e3 for v in lat]
             res.corr.append(c)
@@ -558,6 +561,11 @@ class Level:
     caller_late: int = 0
     caller_streams: int = 0
     cpu_ms_per_stream_s: float = math.nan
+    worker_cpu_ms_per_stream_s: float = math.nan
+    caller_max_gap_ms: float = 0.0
+    agent_stall_ms: float = 0.0  # the agent's own event loop, longest stall in the window
+    agent_late_own: int = 0  # agent-side late frames during its own loop's stalls (not counted)
+    caller_silent_own: int = 0  # caller-side holes right after the agent's stalls (not counted)
     machine_busy_pct: float = math.nan
     kernel_drops: int = 0
     max_gap_ms: float = 0.0
@@ -590,20 +598,36 @@ async def level_run(args: argparse.Namespace, base: Path, app: VoiceApp, agent: 
     async def script(s: AgentSession) -> None:
         await s.wait_preamble()
         step = 2 * FRAME
-        lead = 5
+        lead = LEAD_FRAMES
         t0 = time.monotonic()
         for k, i in enumerate(range(0, len(tone), step)):
             if k >= lead:
                 delay = t0 + (k - lead) * 0.02 - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
+            late = time.monotonic() - (t0 + max(0, k - lead) * 0.02)
+            lateness.append(late)
             await s.ws.send_bytes(tone[i:i + step])
 
+    lateness: list[float] = []
     agent.script = script
     first = len(agent.sessions)
     sniffer = Sniffer(work, node.rtp)
     await sniffer.start()
     rate = max(5.0, n / 2.0)
+    stalls: list[tuple[float, float]] = []  # (wall at the end of a stall, its length)
+
+    async def loop_lag() -> None:
+        while True:
+            t = time.monotonic()
+            await asyncio.sleep(0.005)
+            over = time.monotonic() - t - 0.005
+            if over > 0.02:
+                stalls.append((time.time(), over))
+
+    lagger = asyncio.ensure_future(loop_lag())
+    gc.collect()
+    gc.disable()  # no collector pauses in the agent while it paces N streams
     try:
         sipp = asyncio.ensure_future(run_sipp(node, sc, n, rate, args.hold_s + 60, work))
         # the window: from all N streams up (+1 s) to the first BYE (calls last hold_s)
@@ -612,25 +636,37 @@ async def level_run(args: argparse.Namespace, base: Path, app: VoiceApp, agent: 
             await asyncio.sleep(0.05)
         await asyncio.sleep(1.0)
         w0, wall0 = time.monotonic(), time.time()
-        c0, m0 = node.tree.cpu(), proc.machine_cpu()
+        c0, m0, k0 = await asyncio.to_thread(cpu_snapshot, node)
         up_s = time.monotonic() - t_start
         end = t_start + args.hold_s - 0.8  # the first call's BYE comes hold_s after its start
         await asyncio.sleep(max(1.0, end - time.monotonic()))
-        c1, m1 = node.tree.cpu(), proc.machine_cpu()
+        c1, m1, k1 = await asyncio.to_thread(cpu_snapshot, node)
         w1, wall1 = time.monotonic(), time.time()
         code, out, cmd = await sipp
         lv.sipp_ok = sipp_ok(out)
         if lv.sipp_ok != n:
             lv.notes.append(f"SIPp exit {code}, {lv.sipp_ok} ok: {out[-500:]}")
     finally:
+        gc.enable()
+        lagger.cancel()
         packets = await sniffer.stop()
         await asyncio.to_thread(stop_gateway, node.proc)
     lv.kernel_drops = sniffer.kernel[1]
+    if lateness:
+        lv.notes.append(f"agent sends: lateness p50 {pct(lateness, 50) * 1e3:.1f} ms, p99 "
+                        f"{pct(lateness, 99) * 1e3:.1f} ms, max {max(lateness) * 1e3:.1f} ms")
     lv.window_s = w1 - w0
     lv.machine_busy_pct = proc.busy_pct(m0, m1)
     sessions = agent.sessions[first:]
     lv.sessions = len(sessions)
     lv.cpu_ms_per_stream_s = (c1 - c0) * 1e3 / max(1, lv.sessions) / lv.window_s
+    lv.worker_cpu_ms_per_stream_s = (k1 - k0) * 1e3 / max(1, lv.sessions) / lv.window_s
+    win_stalls = [(e, d) for e, d in stalls if wall0 <= e <= wall1 + 0.5]
+    lv.agent_stall_ms = max((d for _, d in win_stalls), default=0.0) * 1e3
+
+    def own_stall(at: float) -> bool:  # a late arrival the agent's own loop explains
+        return any(e - d - 0.03 <= at <= e + 0.03 for e, d in win_stalls)
+
     for s in sessions:
         t = np.array([f.wall for f in s.frames if wall0 <= f.wall <= wall1])
         if t.size < 2:
@@ -638,7 +674,11 @@ async def level_run(args: argparse.Namespace, base: Path, app: VoiceApp, agent: 
             continue
         d = np.diff(t)
         lv.max_gap_ms = max(lv.max_gap_ms, float(d.max()) * 1e3)
-        lv.agent_late += int((d > 0.08).sum())
+        for i in np.flatnonzero(d > 0.08):
+            if own_stall(float(t[i + 1])):
+                lv.agent_late_own += 1
+            else:
+                lv.agent_late += 1
         lv.agent_missing += max(0, round((t[-1] - t[0]) / 0.02) + 1 - t.size - 1)
     _, outs = streams_of(packets, node)
     for pk in outs.values():
@@ -651,14 +691,33 @@ async def level_run(args: argparse.Namespace, base: Path, app: VoiceApp, agent: 
         lv.caller_lost += int(np.maximum(ds - 1, 0)[ds < 1000].sum())
         tt = np.diff(np.array([p[0] for p in inwin]))
         lv.caller_late += int((tt > 0.06).sum())
-        lv.caller_silent += sum(1 for p in inwin if silent_payload(p[6]))
+        lv.caller_max_gap_ms = max(lv.caller_max_gap_ms, float(tt.max()) * 1e3)
+        holes = [p[0] for p in inwin if silent_payload(p[6])]
+        own = [h for h in holes if any(e - d <= h <= e + LEAD_FRAMES * 0.02 + 0.1
+                                       for e, d in win_stalls)]
+        lv.caller_silent_own += len(own)
+        lv.caller_silent += len(holes) - len(own)
+        if holes:
+            lv.notes.append(f"caller port {inwin[0][2]}: silent packets at "
+                            f"{[round(h - wall0, 3) for h in holes][:12]} s into the window "
+                            f"(stream's first packet {pk[0][0] - wall0:.2f} s)")
     say(f"level {n}: {lv.sessions} streams up in {up_s:.1f}s, window {lv.window_s:.1f}s, gaps "
         f"{lv.gaps} (agent missing {lv.agent_missing} late {lv.agent_late}; caller silent "
         f"{lv.caller_silent} lost {lv.caller_lost} late {lv.caller_late}; {lv.caller_streams} "
-        f"caller streams), CPU {lv.cpu_ms_per_stream_s:.2f} ms per stream-second, machine "
+        f"caller streams; max gaps agent {lv.max_gap_ms:.0f} ms, caller "
+        f"{lv.caller_max_gap_ms:.0f} ms; agent loop stall {lv.agent_stall_ms:.0f} ms, "
+        f"{lv.agent_late_own} late frames and {lv.caller_silent_own} caller holes in its "
+        f"stalls), CPU {lv.cpu_ms_per_stream_s:.2f} "
+        f"(workers {lv.worker_cpu_ms_per_stream_s:.2f}) ms per stream-second, machine "
         f"{lv.machine_busy_pct:.0f}% busy, capture drops {lv.kernel_drops}; "
         f"{' '.join(shlex.quote(a) for a in cmd)}")
     return lv
+
+
+def cpu_snapshot(node: Node) -> tuple[float, tuple[float, float], float]:
+    """(node tree CPU s, machine CPU, workers' CPU s): psutil, off the agent's loop."""
+    return (node.tree.cpu(), proc.machine_cpu(),
+            sum(proc.cpu_s(p) for p in node.tree.workers()))
 
 
 def ivr_capacity() -> tuple[str, str]:
@@ -710,7 +769,9 @@ def report(args: argparse.Namespace, lat: LatencyRun | None, levels: list[Level]
                   f"| killAudio -> first silent RTP packet to the caller | {fmt(lat.kill_ms)} | "
                   f"{goal(lat.kill_ms)} |", "",
                   f"Killed audio heard again after the silence: {lat.resumed_after_kill} "
-                  f"packets. Alignment correlations {[round(c, 3) for c in lat.corr]}. "
+                  f"packets. Whole-stream single-lag correlations (uplink, downlink per call; "
+                  f"each 0.5 s block is aligned on its own and only blocks matching >= 0.95 count) "
+                  f"{[round(c, 3) for c in lat.corr]}. "
                   f"Capture: {lat.kernel[0]} packets, {lat.kernel[1]} dropped by the kernel."]
         lines += [f"- {n}" for n in lat.notes]
         lines.append("")
@@ -721,15 +782,19 @@ def report(args: argparse.Namespace, lat: LatencyRun | None, levels: list[Level]
         lines += ["## Concurrent bidirectional streams (connect: true, caller tone in, agent "
                   "tone out paced at real time)", "",
                   "| streams | workers | up / SIPp ok | window s | gaps (agent missing/late; "
-                  "caller silent/lost/late) | max frame gap at agent ms | CPU ms per "
-                  "stream-second (node) | machine busy % | capture drops |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "caller silent/lost/late) | max gap ms: agent / caller RTP | agent's own loop "
+                  "stall ms (late frames / caller holes it explains, not counted) | CPU ms per "
+                  "stream-second: node (workers) | machine busy % | capture drops |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for lv in levels:
             lines.append(
                 f"| {lv.n} | {lv.workers} | {lv.sessions} / {lv.sipp_ok} | {lv.window_s:.1f} "
                 f"| {lv.gaps} ({lv.agent_missing}/{lv.agent_late}; {lv.caller_silent}/"
-                f"{lv.caller_lost}/{lv.caller_late}) | {lv.max_gap_ms:.0f} | "
-                f"{lv.cpu_ms_per_stream_s:.2f} | {lv.machine_busy_pct:.0f} | "
+                f"{lv.caller_lost}/{lv.caller_late}) | {lv.max_gap_ms:.0f} / "
+                f"{lv.caller_max_gap_ms:.0f} | {lv.agent_stall_ms:.0f} ({lv.agent_late_own} / "
+                f"{lv.caller_silent_own}) | "
+                f"{lv.cpu_ms_per_stream_s:.2f} ({lv.worker_cpu_ms_per_stream_s:.2f}) | "
+                f"{lv.machine_busy_pct:.0f} | "
                 f"{lv.kernel_drops} |")
         lines += ["", f"**Held with 0 gaps: {best} concurrent bidirectional streams**"
                   + (" (every level run held: a lower bound)" if held and len(held) ==
