@@ -978,3 +978,83 @@ async def test_status_error_when_unreachable(server: Server,
     posts = await _posts(server, 1)
     assert [p["event"] for p in posts] == ["stream-error"]
     assert "403" in posts[0]["error"]
+
+
+# -- what a hostile document or server cannot do ---------------------------------------------------
+@pytest.mark.parametrize("rates", [{"output_rate": 10}, {"output_rate": 49},
+                                   {"playback_rate": 1}, {"playback_rate": 400000}])
+async def test_rates_outside_4000_384000_are_refused_at_open(
+        server: Server, http: aiohttp.ClientSession, rates: dict[str, Any]) -> None:
+    # A 10 Hz output rate has no whole sample in 20 ms: it once looped the worker forever.
+    s = Streams(http)
+    with pytest.raises(MediaError) as e:
+        await s.streams.open(StreamRequest(url=server.url(), **rates))
+    assert e.value.code == "stream_rate_unsupported"
+    assert not server.attempts and not s.audios
+
+
+async def test_play_audio_headers_checked_before_decoding(server: Server,
+                                                          http: aiohttp.ClientSession) -> None:
+    audio = FakeAudio()
+    fork, conn, _ = await connected(server, http, audio)
+
+    def wav(rate: int, seconds: float, fmt: str = "WAV") -> str:
+        buf = io.BytesIO()
+        sf.write(buf, np.zeros(int(rate * seconds), dtype="<i2"), rate, format=fmt)
+        return base64.b64encode(buf.getvalue()).decode()
+
+    for content, why in ((wav(1000, 0.5), "1000 Hz"), (wav(8000, 130.0), "at most"),
+                         (wav(8000, 0.2, "FLAC"), "WAV only")):
+        await conn.send({"type": "playAudio", "data": {"audioContent": content,
+                                                        "audioContentType": "wav"}})
+        err = await conn.text()
+        assert err["event"] == "error" and why in err["data"]["message"], err
+    raw = base64.b64encode(bytes(2 * 8000 * 130)).decode()  # 130 s at 8 kHz: over 120
+    await conn.send({"type": "playAudio", "data": {"audioContent": raw}})
+    assert "at most" in (await conn.text())["data"]["message"]
+    assert not audio.played and not fork.ended.done()
+    await fork.stop()
+
+
+async def test_a_flood_of_marks_and_bad_frames_stays_bounded(server: Server,
+                                                             http: aiohttp.ClientSession) -> None:
+    audio = FakeAudio()
+    fork, conn, _ = await connected(server, http, audio)
+    for i in range(1100):
+        await conn.ws.send_str(json.dumps({"type": "mark", "data": {"name": f"m{i}"}}))
+    for _ in range(200):
+        await conn.ws.send_str("{nope")
+    await conn.send({"type": "clearMarks"})
+    await until(lambda: fork.counters.messages_in == 1301)
+    # 1000 marks pending at most; error frames back: a burst of 10 (more only one a second)
+    cleared = [t for t in server.texts if t.get("type") == "mark"]
+    errors = [t for t in server.texts if t.get("type") == "error"]
+    await until(lambda: len([t for t in server.texts if t.get("type") == "mark"]) == 1000)
+    assert len(audio.cues) == 1000 and len(cleared) <= 1000
+    assert 1 <= len(errors) <= 11, len(errors)
+    assert not fork.ended.done()
+    await fork.stop()
+
+
+async def test_redirect_to_a_metadata_address_is_refused(http: aiohttp.ClientSession) -> None:
+    from gateway.urlguard import make_session
+
+    app = web.Application()
+
+    async def moved(_r: web.Request) -> web.Response:
+        raise web.HTTPFound("http://169.254.169.254/latest/meta-data/")
+
+    app.router.add_get("/ws", moved)
+    run = web.AppRunner(app)
+    await run.setup()
+    site = web.TCPSite(run, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    guarded = make_session(allow_private=True)
+    try:
+        fork = runner(guarded, f"ws://127.0.0.1:{port}/ws", FakeAudio())
+        end = await ended(fork)
+        assert end.reason == "refused" and "metadata" in end.message, end
+    finally:
+        await guarded.close()
+        await run.cleanup()
