@@ -186,6 +186,18 @@ class GuardedResolver(AbstractResolver):
         await self._inner.close()
 
 
+def _check_literal_host(url: URL, what: str, allow_private: bool) -> None:
+    """UrlForbidden when `url`'s host is a metadata host or a forbidden IP literal."""
+    host = url.host or ""
+    if _is_metadata_host(host):
+        raise UrlForbidden(f"{what}{str(url)!r}: {host} is a cloud metadata host")
+    ip = _literal_ip(host)
+    if ip is not None:
+        why = forbidden_reason(ip, allow_private=allow_private)
+        if why:
+            raise UrlForbidden(f"{what}{str(url)!r}: {why}")
+
+
 def _literal_host_hook(allow_private: bool) -> aiohttp.TraceConfig:
     # aiohttp connects to IP-literal hosts without asking the resolver, so check them here.
     async def on_request_start(
@@ -193,14 +205,7 @@ def _literal_host_hook(allow_private: bool) -> aiohttp.TraceConfig:
         ctx: SimpleNamespace,
         params: aiohttp.TraceRequestStartParams,
     ) -> None:
-        host = params.url.host or ""
-        if _is_metadata_host(host):
-            raise UrlForbidden(f"{str(params.url)!r}: {host} is a cloud metadata host")
-        ip = _literal_ip(host)
-        if ip is not None:
-            why = forbidden_reason(ip, allow_private=allow_private)
-            if why:
-                raise UrlForbidden(f"{str(params.url)!r}: {why}")
+        _check_literal_host(params.url, "", allow_private)
 
     # A redirect (a WebSocket upgrade follows them: ws_connect has no allow_redirects) goes
     # to an IP literal without the resolver, too.
@@ -211,14 +216,7 @@ def _literal_host_hook(allow_private: bool) -> aiohttp.TraceConfig:
     ) -> None:
         location = params.response.headers.get("Location", "")
         target = params.url.join(URL(location)) if location else params.url
-        host = target.host or ""
-        if _is_metadata_host(host):
-            raise UrlForbidden(f"redirect to {str(target)!r}: {host} is a cloud metadata host")
-        ip = _literal_ip(host)
-        if ip is not None:
-            why = forbidden_reason(ip, allow_private=allow_private)
-            if why:
-                raise UrlForbidden(f"redirect to {str(target)!r}: {why}")
+        _check_literal_host(target, "redirect to ", allow_private)
 
     trace = aiohttp.TraceConfig()
     trace.on_request_start.append(on_request_start)

@@ -42,7 +42,7 @@ import soundfile as sf
 from config.settings import StreamsSettings
 from dsl.context import MediaError, StreamEnd, StreamEndReason, StreamRequest
 from gateway.streams import messages as m
-from gateway.urlguard import HostUnresolvable, UrlForbidden, check_url
+from gateway.urlguard import UrlForbidden, check_url
 from media.resample import Resampler, resample_clip
 
 log = logging.getLogger(__name__)
@@ -143,9 +143,7 @@ async def guard_ws_url(url: str, *, allow_http: bool, allow_private: bool) -> No
     """MediaError url_forbidden unless the guard lets `url` through."""
     try:
         await check_url(ws_check_url(url), allow_http=allow_http, allow_private=allow_private)
-    except HostUnresolvable as e:
-        raise MediaError("url_forbidden", f"stream {e.reason}") from None
-    except UrlForbidden as e:
+    except UrlForbidden as e:  # an unresolvable host (HostUnresolvable) too
         raise MediaError("url_forbidden", f"stream {e.reason}") from None
 
 
