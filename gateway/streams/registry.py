@@ -18,7 +18,14 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from config.settings import AiAgentsSettings, CallbacksSettings, StreamsSettings
-from dsl.context import AgentRuntime, MediaError, StreamRequest, VoiceApp, VoiceAppError
+from dsl.context import (
+    AgentRuntime,
+    CallEnded,
+    MediaError,
+    StreamRequest,
+    VoiceApp,
+    VoiceAppError,
+)
 from gateway.streams.fork import (
     AudioPort,
     CallInfo,
@@ -84,8 +91,6 @@ class CallStreams:
 
     async def open(self, request: StreamRequest) -> StreamForkRunner:
         if self._closed:
-            from dsl.context import CallEnded
-
             raise CallEnded()
         for what, rate in (("bidirectionalSamplingRate", request.playback_rate),
                            ("outputSamplingRate", request.output_rate)):
@@ -100,8 +105,6 @@ class CallStreams:
         if old is not None:  # the same name again: the new fork replaces the old one
             await old.stop()
         if self._closed:  # the call ended while this waited
-            from dsl.context import CallEnded
-
             raise CallEnded()
         token = None
         if request.purpose == "ai_agent" and self._agents.token is not None:
