@@ -1,9 +1,16 @@
-"""A `play` URL is untrusted: odd sample rates, huge rates and long files cost bounded memory."""
+"""A `play` URL is untrusted: odd sample rates, huge rates and long files cost bounded memory.
+
+Peaks are measured with tracemalloc in a spawned child: in the test process a session pjsua2
+endpoint's clock thread runs Python port callbacks, and CPython 3.11's tracemalloc.stop() races
+allocating threads (gh-128679) and crashed the run with SIGSEGV."""
 
 from __future__ import annotations
 
 import io
+import multiprocessing
 import tracemalloc
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pytest
@@ -21,25 +28,28 @@ def wav(rate: int, seconds: float, freq: float = 1000.0) -> bytes:
     return buf.getvalue()
 
 
-def peak_bytes(fn) -> tuple[int, object]:
+def decode_and_resample(data: bytes, dst: int) -> tuple[int, np.ndarray]:
+    """Peak traced bytes of decoding `data` and resampling it to `dst`, and the result."""
     tracemalloc.start()
     try:
-        result = fn()
-        return tracemalloc.get_traced_memory()[1], result
+        x, r = decode(data, max_duration_s=600)
+        y = resample(x, r, dst)
+        return tracemalloc.get_traced_memory()[1], y
     finally:
         tracemalloc.stop()
 
 
+@pytest.fixture(scope="module")
+def child() -> Iterator[ProcessPoolExecutor]:
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield pool
+
+
 @pytest.mark.parametrize("rate", [48001, 192001, 384000, 44100, 11025, 4000])
 @pytest.mark.parametrize("dst", [8000, 16000])
-def test_odd_and_high_rates_resample_in_bounded_memory(rate: int, dst: int) -> None:
-    data = wav(rate, 0.1)
-
-    def run() -> np.ndarray:
-        x, r = decode(data, max_duration_s=600)
-        return resample(x, r, dst)
-
-    peak, y = peak_bytes(run)
+def test_odd_and_high_rates_resample_in_bounded_memory(child: ProcessPoolExecutor, rate: int,
+                                                       dst: int) -> None:
+    peak, y = child.submit(decode_and_resample, wav(rate, 0.1), dst).result(timeout=60)
     # Before: 250 MB (48001 Hz), 1 GB (192001), 2 GB (384001) for a 0.1 s file.
     assert peak < 8 * MiB, f"{rate} Hz -> {dst}: {peak / MiB:.1f} MiB"
     assert isinstance(y, np.ndarray)
@@ -47,10 +57,9 @@ def test_odd_and_high_rates_resample_in_bounded_memory(rate: int, dst: int) -> N
     assert abs(peak_frequency(y[len(y) // 4 : -len(y) // 4], dst) - 1000.0) < 15
 
 
-def test_long_high_rate_file_memory_is_linear() -> None:
+def test_long_high_rate_file_memory_is_linear(child: ProcessPoolExecutor) -> None:
     # 5 s at 192 kHz (a 1.9 MB body): what decoding and resampling hold beyond the samples.
-    data = wav(192000, 5.0)
-    peak, _ = peak_bytes(lambda: resample(*decode(data), 8000))
+    peak, _ = child.submit(decode_and_resample, wav(192000, 5.0), 8000).result(timeout=60)
     samples = 192000 * 5 * 4
     assert peak < 4 * samples + 2 * MiB, f"{peak / MiB:.1f} MiB for {samples / MiB:.1f} MiB"
 
