@@ -2,9 +2,17 @@
 # Idempotent setup on Debian 12 (as root): system packages, a venv in .venv, the project installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-pkgs=(sip-tester espeak-ng kamailio sox libsndfile1 python3-venv python3-dev)
+# kamailio-*-modules: the WebRTC front (websocket, tls, http_client); rtpengine-daemon alone, not
+# the rtpengine metapackage (it pulls a DKMS kernel module: the node runs it in userspace).
+pkgs=(sip-tester espeak-ng kamailio kamailio-websocket-modules kamailio-tls-modules
+  kamailio-utils-modules rtpengine-daemon chromium nodejs npm sox libsndfile1 python3-venv
+  python3-dev)
 missing=()
-for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+for p in "${pkgs[@]}"; do
+  # a node.js from elsewhere (not the Debian package) is fine too
+  if [[ $p == nodejs || $p == npm ]] && command -v "${p/nodejs/node}" >/dev/null; then continue; fi
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
 if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq || true
@@ -17,4 +25,11 @@ stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
 if [[ ! -f $stamp ]]; then
   .venv/bin/python -m pip install -q -e ".[test]"
   touch "$stamp"
+fi
+# The browser phone's JsSIP (served by the demo routes) and the tests' Chromium driver
+# (playwright-core drives Debian's /usr/bin/chromium; it downloads no browser).
+npm_stamp=node_modules/.installed-$(sha256sum package-lock.json | cut -c1-16)
+if [[ ! -f $npm_stamp ]]; then
+  PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error
+  touch "$npm_stamp"
 fi
