@@ -54,6 +54,8 @@ __all__ = [
     "StorageSettings",
     "TrunkSettings",
     "TtsSettings",
+    "WebRtcKey",
+    "WebRtcSettings",
     "WorkersSettings",
     "load_settings",
     "parse_hostport",
@@ -449,6 +451,79 @@ class AiAgentsSettings(_Section):
     token: Secret | None = None  # sent as Authorization: Bearer on the upgrade; never logged
 
 
+DEV_WEBRTC_SECRET = "dev-webrtc-secret-for-loopback-only"  # the embedded default's key
+
+
+class WebRtcKey(_Section):
+    """One token-signing key (HS256). Tokens name it by `kid`."""
+
+    kid: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    secret: Secret
+
+    @field_validator("secret")
+    @classmethod
+    def _long_enough(cls, v: SecretStr) -> SecretStr:
+        if len(v.get_secret_value().encode()) < 32:  # RFC 7518 3.2: at least the hash size
+            raise ValueError("must be at least 32 bytes (HS256)")
+        return v
+
+
+class WebRtcSettings(_Section):
+    """Browser calling (gateway/webrtc/): Kamailio's websocket listener, rtpengine, tokens."""
+
+    enabled: bool = False
+    # Kamailio's WebSocket listener (ws://; wss:// with tls_cert and tls_key).
+    ws_listen: HostPort = "127.0.0.1:8089"
+    # What browsers are told to connect to (behind a proxy or NAT); default from ws_listen.
+    public_url: WsUrlStr | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # SIP domain of browser clients: `client:alice` registers as sip:alice@<domain>.
+    domain: Annotated[str, Field(pattern=r"^[A-Za-z0-9.-]{1,253}$")] = "webrtc.sautikit.invalid"
+    # Signing keys, newest first: tokens are signed with the first and verified with any, so a
+    # new key goes in front and the old one leaves once its last token expired (token_ttl_s).
+    keys: list[WebRtcKey] = Field(default_factory=list)
+    token_ttl_s: int = Field(default=300, ge=30, le=86400)
+    # rtpengine (userspace forwarding) between the browsers' DTLS-SRTP/ICE and the workers.
+    rtpengine_binary: NonEmptyStr = "rtpengine"
+    rtpengine_ng_port: Port = 22222  # its control socket, on 127.0.0.1
+    rtp_address: NonEmptyStr | None = None  # the address browsers send media to; default ws host
+    rtp_port_min: int = Field(default=40000, ge=1024, le=65535)
+    rtp_port_max: int = Field(default=40999, ge=1024, le=65535)
+    # ICE servers handed to browsers with each token (`turnServer`), e.g.
+    # {urls = "turn:turn.example.com:3478", username = "u", credential = "p"}.
+    turn_server: dict[str, str] | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> WebRtcSettings:
+        if self.rtp_port_max - self.rtp_port_min < 3:
+            raise ValueError("rtp_port_max must be at least rtp_port_min + 3")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if not self.enabled:
+            return self
+        if not self.keys:
+            raise ValueError("enabled needs at least one of keys = [{kid, secret}]")
+        kids = [k.kid for k in self.keys]
+        if len(set(kids)) != len(kids):
+            raise ValueError("keys: duplicate kid")
+        host, _ = parse_hostport(self.ws_listen)
+        if self.tls_cert is None and not _is_loopback_host(host):
+            raise ValueError("ws:// (no tls_cert) is only allowed on a loopback ws_listen")
+        dev = any(k.secret.get_secret_value() == DEV_WEBRTC_SECRET for k in self.keys)
+        if dev and not _is_loopback_host(host):
+            raise ValueError("the embedded default's key is only allowed on a loopback ws_listen")
+        return self
+
+    @property
+    def endpoint(self) -> str:
+        if self.public_url:
+            return self.public_url
+        host, port = parse_hostport(self.ws_listen)
+        h = f"[{host}]" if ":" in host else host
+        return f"{'wss' if self.tls_cert else 'ws'}://{h}:{port}/"
+
+
 class Settings(_Section):
     sip: SipSettings = Field(default_factory=SipSettings)
     api: ApiSettings
@@ -468,6 +543,7 @@ class Settings(_Section):
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     streams: StreamsSettings = Field(default_factory=StreamsSettings)
     ai_agents: AiAgentsSettings = Field(default_factory=AiAgentsSettings)
+    webrtc: WebRtcSettings = Field(default_factory=WebRtcSettings)
 
     @model_validator(mode="before")
     @classmethod
@@ -527,6 +603,8 @@ class Settings(_Section):
                     f"rtp_port_start + workers.count * rtp_ports_per_worker = {rtp_end} > 65536",
                 )
             )
+        if self.webrtc.enabled and self.front_mode() != "managed":
+            problems.append(("webrtc.enabled", "needs the managed front (kamailio.mode)"))
         if self.kamailio.mode == "off" and self.workers.count != 1:
             problems.append(("kamailio.mode", "off needs workers.count = 1 (it binds sip.listen)"))
         if self.workers.count > 1:

@@ -200,8 +200,8 @@ DialStatus = Literal["completed", "busy", "no-answer", "failed", "canceled"]
 
 @dataclass(frozen=True)
 class DialTarget:
-    kind: Literal["number", "sip"]
-    value: str  # E.164 (normalised by the verb's model) or a sip:/sips: URI
+    kind: Literal["number", "sip", "client"]
+    value: str  # E.164 (normalised by the verb's model), a sip:/sips: URI or a client's name
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ _PATTERN_HINTS = {
     DTMF_KEY_PATTERN: 'expected one key: 0-9, * or #, or "" for none',
     DTMF_KEYS_PATTERN: "expected keys from 0-9, * and #",
     E164_PATTERN: "expected an E.164 number like +254711000000",
-    SIP_URI_PATTERN: "expected a SIP URI like sip:alice@example.com",
+    SIP_URI_PATTERN: "expected a SIP URI like sip:alice@example.com, or client:<name>",
     LANGUAGE_PATTERN: "expected a BCP-47 language tag like en-KE",
     STATUS_EVENTS_PATTERN: 'expected a space-separated subset of "start end join leave"',
 }

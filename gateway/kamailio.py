@@ -63,12 +63,37 @@ _DBTEXT_TABLES = {
 LIST_NAME = "dispatcher.list"
 RPC_NAME = "rpc.sock"
 PID_NAME = "kamailio.pid"
+TLS_CFG_NAME = "tls.cfg"
 
 # Dispatcher list flags (see the module's docs): 4 admin-disabled, 8 probing.
 _FLAG_DISABLED = 4
 _FLAG_PROBING = 8
 _SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes with the NUL
 _STATES = {"A": "active", "I": "inactive", "T": "trying", "D": "disabled"}
+
+
+# rtpengine flags (10.5: no `WebRTC` shortcut yet). Towards a worker: plain RTP/AVP, no ICE, RTCP
+# on its own port. Towards a browser: DTLS-SRTP (rtpengine passive, the browser connects), ICE,
+# rtcp-mux and a=mid as browsers need. Codecs pass untouched (both sides do G.711).
+RTPE_COMMON = "replace-origin replace-session-connection SDES-off"
+RTPE_TO_SIP = f"{RTPE_COMMON} rtcp-mux-demux DTLS=off ICE=remove RTP/AVP"
+RTPE_TO_BROWSER = f"{RTPE_COMMON} rtcp-mux-offer generate-mid DTLS=passive ICE=force RTP/SAVPF"
+
+
+@dataclass(frozen=True)
+class WebRtcFront:
+    """The browsers' side of the front: a WebSocket listener, registrar, token checks through
+    the node's API (`check_url`, `front_secret`) and media through rtpengine."""
+
+    listen_host: str
+    listen_port: int
+    domain: str
+    check_url: str
+    front_secret: str = field(repr=False)
+    max_expires_s: int = 300
+    rtpengine_sock: str = "udp:127.0.0.1:22222"
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
 
 class KamailioError(RuntimeError):
@@ -127,6 +152,7 @@ class KamailioConfig:
     # A worker that answers 503 "overloaded" (its event loop lags) is offered no call for this
     # many seconds, or until the node reports it recovered (`set_lagging`).
     lag_hold_s: int = 2
+    webrtc: WebRtcFront | None = None
 
     @property
     def cfg_path(self) -> Path:
@@ -304,6 +330,39 @@ def _validate(cfg: KamailioConfig) -> list[str]:
     return dests
 
 
+def _webrtc_values(cfg: KamailioConfig) -> dict[str, str]:
+    w = cfg.webrtc
+    if w is None:
+        return {}
+    if not 0 < w.listen_port < 65536 or w.listen_port == cfg.listen_port:
+        raise ValueError(f"webrtc listen port {w.listen_port}: out of range or the SIP port")
+    if not re.fullmatch(r"[A-Za-z0-9.-]+", w.domain):
+        raise ValueError(f"webrtc domain {w.domain!r}")
+    if not re.fullmatch(r"[A-Za-z0-9_-]{16,}", w.front_secret):
+        raise ValueError("webrtc front_secret: 16+ URL-safe characters")
+    proto = "tls" if w.tls_cert else "tcp"
+    return {
+        "WS_LISTEN": f"listen={proto}:{_sock_host(w.listen_host)}:{w.listen_port}",
+        "WS_PORT": str(w.listen_port),
+        "TLS_CFG": str(cfg.runtime_dir / TLS_CFG_NAME),
+        "WEBRTC_DOMAIN": w.domain,
+        "WEBRTC_TTL": str(w.max_expires_s),
+        "WEBRTC_CHECK_URL": w.check_url,
+        "WEBRTC_FRONT_SECRET": w.front_secret,
+        "RTPENGINE_SOCK": w.rtpengine_sock,
+        "RTPE_TO_SIP": RTPE_TO_SIP,
+        "RTPE_TO_BROWSER": RTPE_TO_BROWSER,
+    }
+
+
+def _tls_cfg(w: WebRtcFront) -> str:
+    return (
+        "# Written by gateway.kamailio: wss:// for browsers.\n"
+        "[server:default]\nmethod = TLSv1.2+\nverify_certificate = no\n"
+        f"require_certificate = no\nprivate_key = {w.tls_key}\ncertificate = {w.tls_cert}\n"
+    )
+
+
 def allowed_networks(sources: tuple[str, ...] | list[str]) -> list[str]:
     """`allowed_sources` as CIDRs Kamailio's is_in_subnet takes (`10.1.2.3` -> `10.1.2.3/32`)."""
     if not sources:
@@ -326,6 +385,11 @@ def render(cfg: KamailioConfig) -> tuple[str, str]:
         defines.append("#!define WITH_FLOOD_LIMIT")
     if cfg.max_load:
         defines.append("#!define WITH_MAX_LOAD")
+    w = cfg.webrtc
+    if w is not None:
+        defines.append("#!define WITH_WEBRTC")
+        if w.tls_cert:
+            defines.append("#!define WITH_WSS")
     values = {
         "DEFINES": "\n".join(defines),
         "ALLOWED_SOURCES": ",".join(allowed_networks(cfg.allowed_sources)),
@@ -351,6 +415,7 @@ def render(cfg: KamailioConfig) -> tuple[str, str]:
         "ALGORITHM": str(cfg.algorithm),
         "RETRY_AFTER": str(cfg.retry_after_s),
         "LAG_HOLD": str(cfg.lag_hold_s),
+        **_webrtc_values(cfg),
         "CLOSING_INIT": "\n".join(f"\t$sht(closing=>{d}) = 0;" for d in dests) or "\t$var(c) = 0;",
     }
     text = template_text()
@@ -371,7 +436,9 @@ def render(cfg: KamailioConfig) -> tuple[str, str]:
 
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
     os.replace(tmp, path)
 
 
@@ -385,7 +452,9 @@ def write(cfg: KamailioConfig) -> Path:
         if not (db / name).is_file():  # never overwrite dialogs left by the previous run
             (db / name).write_text(text, encoding="utf-8")
     _atomic_write(cfg.list_path, list_text)
-    _atomic_write(cfg.cfg_path, cfg_text)
+    if cfg.webrtc is not None and cfg.webrtc.tls_cert:
+        _atomic_write(cfg.runtime_dir / TLS_CFG_NAME, _tls_cfg(cfg.webrtc))
+    _atomic_write(cfg.cfg_path, cfg_text)  # holds the front secret: 0600 (_atomic_write)
     return cfg.cfg_path
 
 

@@ -209,6 +209,12 @@ class NodeMetrics:
             "Worker processes restarted after exiting.",
             registry=r,
         )
+        self._webrtc = Counter(
+            "sautikit_webrtc_checks_total",
+            "Browser REGISTER and INVITE token checks, by method and result (ok, or why "
+            "refused: token_expired, token_bad_signature, token_unknown_key, ...).",
+            ["method", "result"], registry=r,
+        )
         self.draining = Gauge(
             "sautikit_draining",
             "1 while the node is draining (refusing new calls), else 0.",
@@ -256,6 +262,10 @@ class NodeMetrics:
         else:
             log.warning("metrics: unknown metric %r from a worker", name)
         return True
+
+    def webrtc_check(self, method: str, result: str) -> None:
+        if method in ("REGISTER", "INVITE"):  # bounded label values only
+            self._webrtc.labels(method=method, result=result).inc()
 
     def call_final(self, status: object) -> None:
         """A call's final status (from a worker's `Final`, or counted in the supervisor: a call

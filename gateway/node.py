@@ -19,6 +19,7 @@ import fcntl
 import functools
 import logging
 import os
+import secrets
 import signal
 import socket
 import sqlite3
@@ -35,6 +36,8 @@ from prometheus_client import Counter
 
 from config.settings import ConfigError, Settings, parse_hostport
 from gateway.api.app import make_app, start_api
+from gateway.api.webrtc import CHECK_PATH as WEBRTC_CHECK_PATH
+from gateway.api.webrtc import WebRtcService, service_for
 from gateway.calls.directory import CallDirectory, Entry
 from gateway.calls.identity import CallIdentity
 from gateway.calls.outcome import CallFacts, Failure, classify
@@ -57,12 +60,13 @@ from gateway.events.recovery import (
     write_heartbeat,
 )
 from gateway.forkserver import ForkedProcess, ForkServer, ForkServerUnavailable
-from gateway.kamailio import KamailioConfig, KamailioFront, front_limits
+from gateway.kamailio import KamailioConfig, KamailioFront, WebRtcFront, front_limits
 from gateway.metrics import NodeMetrics
 from gateway.plan import NodePlan, WorkerPlace, plan_node
 from gateway.rooms.registry import RoomRegistry
 from gateway.routing import Router, set_default_region
 from gateway.supervision.legs import NodeSupervisionLegs
+from gateway.webrtc.rtpengine import Rtpengine, RtpengineConfig
 from gateway.workers import protocol as msgs
 from gateway.workers.ipc import Channel, Requester, open_channel
 
@@ -124,6 +128,9 @@ class Node:
         self.dial: DialPlacement | None = None  # dial legs between workers
         self.supervision: NodeSupervisionLegs | None = None  # supervisors on bridged calls
         self.records: CallRecords | None = None
+        # Browser calling: token checks for the front, rtpengine for the media.
+        self.webrtc: WebRtcService | None = None
+        self.rtpengine: Rtpengine | None = None
         self.metrics = NodeMetrics(
             calls=self.active_calls,
             workers=lambda: [
@@ -161,6 +168,16 @@ class Node:
             "Calls a crashed node left open, closed at start as call.failed node_lost.",
             registry=self.metrics.registry,
         )
+        w = settings.webrtc
+        if w.enabled:
+            self.webrtc = service_for(settings, secrets.token_urlsafe(24),
+                                      self.metrics.webrtc_check)
+            host, _ = parse_hostport(w.ws_listen)
+            self.rtpengine = Rtpengine(RtpengineConfig(
+                address=w.rtp_address or ("127.0.0.1" if host in ("0.0.0.0", "::") else host),
+                ng_port=w.rtpengine_ng_port, port_min=w.rtp_port_min, port_max=w.rtp_port_max,
+                binary=w.rtpengine_binary,
+            ))
 
     # -- CallRegistry for the API -----------------------------------------------------------
     def active_calls(self) -> list[dict[str, Any]]:
@@ -283,7 +300,10 @@ class Node:
             draining=lambda: self.draining or self.stopping,
         )
         self.switchboard.register_metrics(self.metrics.registry)
-        self.dial = DialPlacement(self.directory, self.switchboard.trunks, self._requester)
+        self.dial = DialPlacement(
+            self.directory, self.switchboard.trunks, self._requester,
+            client_domain=self.settings.webrtc.domain if self.webrtc is not None else None,
+        )
         self.dial.register(self.handle_asks)
         self.supervision = NodeSupervisionLegs(
             self.directory, self._requester, lambda: self.outbox,
@@ -301,6 +321,7 @@ class Node:
             node=self,
             records=self.records,
             supervisions=self.supervision.registry,
+            webrtc=self.webrtc,
         )
         self.runner = await start_api(app, self.settings)
         log.info("internal API on http://%s", self.settings.api.listen)
@@ -317,6 +338,10 @@ class Node:
             asyncio.gather(*(w.ready.wait() for w in self.workers)), ready_timeout
         )
         if self.settings.front_mode() == "managed":
+            if self.rtpengine is not None:
+                await self.rtpengine.start()
+                self._tasks.append(asyncio.create_task(self.rtpengine.supervise(),
+                                                       name="rtpengine"))
             await self._start_front()
         self.started = True
         log.info("node ready: %d worker(s), SIP on %s", len(self.workers), self.settings.sip.listen)
@@ -345,6 +370,7 @@ class Node:
             ping_interval_s=s.kamailio.ping_interval_s,
             binary=s.kamailio.binary,
             advertise=s.sip.public_address,
+            webrtc=self._webrtc_front(),
             **front_limits(s, self.plan.admit),
         )
         self.front = KamailioFront(cfg)
@@ -359,6 +385,24 @@ class Node:
             "SIP front (Kamailio) on %s:%d -> %d destination(s)", host, port, len(cfg.destinations)
         )
 
+    def _webrtc_front(self) -> WebRtcFront | None:
+        s = self.settings
+        if self.webrtc is None or self.rtpengine is None:
+            return None
+        host, port = parse_hostport(s.webrtc.ws_listen)
+        api_host, api_port = parse_hostport(s.api.listen)
+        if api_host in ("0.0.0.0", "::", ""):
+            api_host = "127.0.0.1"
+        api = f"[{api_host}]" if ":" in api_host else api_host
+        return WebRtcFront(
+            listen_host=host, listen_port=port, domain=s.webrtc.domain,
+            check_url=f"http://{api}:{api_port}{WEBRTC_CHECK_PATH}",
+            front_secret=self.webrtc.front_secret, max_expires_s=s.webrtc.token_ttl_s,
+            rtpengine_sock=self.rtpengine.cfg.ng_sock,
+            tls_cert=str(s.webrtc.tls_cert) if s.webrtc.tls_cert else None,
+            tls_key=str(s.webrtc.tls_key) if s.webrtc.tls_key else None,
+        )
+
     def capacity(self) -> int:
         return sum(w.admit for w in self.workers)
 
@@ -366,6 +410,8 @@ class Node:
         self.stopping = True
         if self.front is not None:
             await self.front.stop()  # no new calls while the workers wind down
+        if self.rtpengine is not None:
+            await self.rtpengine.stop()
         for w in self.workers:
             if w.channel is not None:
                 w.channel.send(msgs.Stop())

@@ -223,7 +223,7 @@ class CallSession:
         self.ended_by_api = True
         if self.interpreter is not None:
             self.interpreter.interrupt(END)  # the verb stops now (a recording is kept)
-        self.call.reject_now(480 if self.identity.direction == "inbound" else 487)
+        self.call.reject_now(480 if self.identity.sip_direction == "inbound" else 487)
 
     def redirect(self, op: Redirect) -> None:
         """The current verb stops; the new document runs (validated by the API already)."""
@@ -257,7 +257,7 @@ class CallSession:
         by: EndedBy = "api" if self.ended_by_api else end.by
         self.outcome = outcome = classify(
             CallFacts(
-                direction=self.identity.direction,
+                direction=self.identity.sip_direction,
                 answered=end.was_answered and self.call.answered_at is not None,
                 sip_code=end.sip_code,
                 by=by,

@@ -22,7 +22,10 @@ from dsl.verbs.base import NEXT, Needs, RunState, Step, Verb, extension
 E164_PATTERN = r"^\+[1-9][0-9]{1,14}$"
 log = logging.getLogger(__name__)
 
-SIP_URI_PATTERN = r"^sips?:[^\s]+$"
+# A browser client's name (`client:<name>`, what its WebRTC token's `sub` holds).
+CLIENT_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
+# `sip` takes a SIP URI or `client:<name>` (a registered browser; every registration rings).
+SIP_URI_PATTERN = rf"^(sips?:[^\s]+|client:{CLIENT_NAME_PATTERN})$"
 RECORD_MODES = ("record-from-answer", "record-from-ringing")
 
 
@@ -101,7 +104,9 @@ class Dial(Verb):
 
     def request(self) -> DialRequest:
         targets: tuple[DialTarget, ...]
-        if self.sip is not None:
+        if self.sip is not None and self.sip.startswith("client:"):
+            targets = (DialTarget("client", self.sip.removeprefix("client:")),)
+        elif self.sip is not None:
             targets = (DialTarget("sip", self.sip),)
         else:
             numbers = self.numbers if self.numbers is not None else [self.number or ""]

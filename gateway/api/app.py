@@ -25,6 +25,7 @@ from gateway.api.admin import NODE_KEY, NodeControl, setup_admin
 from gateway.api.calls import CONTROL_KEY, LINKS_KEY, setup_calls
 from gateway.api.errors import API_KEY_INVALID, ApiError, Handler, error_middleware
 from gateway.api.supervision import setup_supervision
+from gateway.api.webrtc import WebRtcService, setup_webrtc
 from gateway.calls.control import CallControl
 from gateway.calls.links import LinkSigner, signer_for
 from gateway.calls.records import CallRecords
@@ -144,6 +145,7 @@ def make_app(
     records: CallRecords | None = None,
     links: LinkSigner | None = None,
     supervisions: Supervisions | None = None,
+    webrtc: WebRtcService | None = None,
 ) -> web.Application:
     """The API app. `control` places and steers calls (the node); `records` is the call record
     store the node also writes (None: the app opens `storage.dir/calls.sqlite3` itself and
@@ -178,6 +180,8 @@ def make_app(
             from gateway.api.conferences import setup_conferences
 
             setup_conferences(app, rooms)
+    if webrtc is not None:
+        setup_webrtc(app, webrtc)
     if settings.demo.enabled:
         from gateway.api.demo import setup_demo  # numpy: only where the demo runs
 

@@ -38,6 +38,15 @@ class CallIdentity:
     worker: int | None = None
     sip_call_id: str = field(default="", compare=False)
     session_id: str | None = None  # the control plane's session, echoed when it gave one
+    # The browser client on the call (`client:<name>`, its token's identity): the caller of a
+    # call a browser placed, the callee of a dial to `client:<name>`.
+    client: str | None = None
+    client_is_caller: bool = False  # the browser placed it: SIP-wise an inbound call
+
+    @property
+    def sip_direction(self) -> Direction:
+        """Who sent the INVITE: a browser's call billed as `outbound` arrived as one."""
+        return "inbound" if self.direction == "inbound" or self.client_is_caller else "outbound"
 
     def with_(self, **changes: Any) -> CallIdentity:
         return replace(self, **changes)
@@ -63,6 +72,8 @@ class CallIdentity:
             base["parent_call_id"] = self.parent_call_id
         if self.client_request_id is not None:
             base["clientRequestId"] = self.client_request_id  # the SDK's spelling, in events too
+        if self.client is not None:
+            base["client"] = f"client:{self.client}"
         return base
 
     def callback_fields(self, call_status: str) -> dict[str, str]:
@@ -80,6 +91,8 @@ class CallIdentity:
             fields["parentCallId"] = self.parent_call_id
         if self.client_request_id is not None:
             fields["clientRequestId"] = self.client_request_id
+        if self.client is not None:
+            fields["client"] = f"client:{self.client}"
         return fields
 
     def summary(
@@ -128,6 +141,8 @@ class CallIdentity:
             "worker": self.worker,
             "sip_call_id": self.sip_call_id,
             "session_id": self.session_id,
+            "client": self.client,
+            "client_is_caller": self.client_is_caller,
         }
 
     @classmethod
@@ -144,5 +159,7 @@ class CallIdentity:
             client_request_id=d.get("client_request_id"),
             worker=d.get("worker"),
             sip_call_id=d.get("sip_call_id") or "",
+            client=d.get("client"),
+            client_is_caller=bool(d.get("client_is_caller")),
             session_id=d.get("session_id"),
         )

@@ -105,6 +105,11 @@ class Outcome:
         return self.status.replace("_", "-")
 
 
+# The reason phrase of the front's 404 for `client:<name>` with no registration
+# (config/kamailio/kamailio.cfg.tmpl, route TO_BROWSER).
+CLIENT_NOT_REGISTERED = "Client Not Registered"
+
+
 def classify(f: CallFacts) -> Outcome:
     what = f"{f.sip_code} {f.sip_reason}".rstrip()
     if f.answered:
@@ -145,6 +150,9 @@ def classify(f: CallFacts) -> Outcome:
     if f.sip_code in (480, 408):
         return Outcome("no_answer", cause, f.sip_code, "no_answer",
                        f"the callee did not answer: {what}")
+    if f.sip_code == 404 and f.sip_reason == CLIENT_NOT_REGISTERED:
+        return Outcome("failed", cause, 404, "client_not_registered",
+                       "no browser is registered as that client")
     if f.sip_code in (404, 484, 604):
         return Outcome("failed", cause, f.sip_code, "unallocated_number",
                        f"the number does not exist: {what}")

@@ -18,8 +18,8 @@ class PlaceLeg(BaseModel):
 
     op: Literal["dial_place"] = "dial_place"
     leg: dict[str, Any]  # the child's CallIdentity.to_wire() (parent_call_id set)
-    kind: Literal["number", "sip"]
-    target: str  # E.164, or a sip: URI dialled as is (through the front)
+    kind: Literal["number", "sip", "client"]
+    target: str  # E.164, a sip: URI dialled as is (through the front), or a browser's name
     caller_id: str  # the From user part
     timeout_s: float  # ring time before the leg CANCELs itself (no_answer)
     events: Destination | None = None  # the parent's events destination

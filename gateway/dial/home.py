@@ -235,12 +235,13 @@ class _Bridge:
             call_id=leg.call_id,
             direction="outbound",
             from_=caller_id,
-            to=leg.target.value,
+            to=f"client:{leg.target.value}" if leg.target.kind == "client" else leg.target.value,
             number_id=ident.number_id,
             workspace_id=ident.workspace_id,
             created_at=time.time(),
             parent_call_id=ident.call_id,
             session_id=ident.session_id,
+            client=leg.target.value if leg.target.kind == "client" else None,
         )
         # Made first, so a leg placed elsewhere can connect to it at once; dropped when the
         # leg lands here.

@@ -57,7 +57,9 @@ class DialPlacement:
         directory: CallDirectory,
         trunks: TrunkPool,
         requester: Callable[[int], Requester | None],
+        client_domain: str | None = None,
     ) -> None:
+        self.client_domain = client_domain  # [webrtc] domain; None: browser calling is off
         self.directory = directory
         self.trunks = trunks
         self._requester = requester
@@ -133,6 +135,12 @@ class DialPlacement:
         limit for up to RATE_WAIT_S; a sip: target as is."""
         if op.kind == "sip":
             return [LegTarget(uri=op.target)]
+        if op.kind == "client":
+            if self.client_domain is None:
+                raise OpRefused("webrtc_disabled",
+                                f"client:{op.target}: browser calling is off ([webrtc] enabled)")
+            # The front rings every registration of the name (404 when there is none).
+            return [LegTarget(uri=f"sip:{op.target}@{self.client_domain}")]
         if not len(self.trunks):
             raise OpRefused("no_trunk", "no [[trunks]] configured: dialling numbers needs one")
         deadline = time.monotonic() + min(RATE_WAIT_S, op.timeout_s)

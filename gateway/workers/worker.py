@@ -20,7 +20,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from aiohttp import ClientSession
 
@@ -406,8 +406,18 @@ class Worker:
             )
             call.reject_now(404)
             return
+        # A browser's call (the front checked its token): it calls from its token's number.
+        client = invite.headers.get("x-sautikit-client")
+        direction: Literal["inbound", "outbound"] = "inbound"
+        if client:
+            from_ = invite.headers.get("x-sautikit-client-number", "") or from_
         try:
             route = demo or await self.router.resolve(to, from_)
+            if route is None and client:
+                # Not one of ours: the client's own number's voice app places it (it is told
+                # `direction: outbound`, `to` the dialled number, and `dial`s it).
+                route = await self.router.resolve(from_, from_)
+                direction = "outbound"
         except RoutingError as e:
             log.error("INVITE to %s: routing failed: %s; 503", to, e)
             # Final: every other worker would ask the same broken control plane.
@@ -424,7 +434,7 @@ class Worker:
             return
         identity = CallIdentity(
             call_id=new_call_id(),
-            direction="inbound",
+            direction=direction,
             from_=from_,
             to=to,
             number_id=route.number_id,
@@ -432,6 +442,8 @@ class Worker:
             created_at=started_at,
             worker=self.index,
             sip_call_id=invite.sip_call_id,
+            client=client or None,
+            client_is_caller=bool(client),
         )
         writer = self.writer(
             identity,

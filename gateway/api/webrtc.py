@@ -1,0 +1,163 @@
+"""Browser calling on the internal API: `POST /v1/webrtc/token` (the SDK's `webrtc.mintToken`)
+and `POST /internal/webrtc/check`, which the WebSocket front (Kamailio, http_client) calls for
+every REGISTER and INVITE a browser sends.
+
+The check answers in plain text, for Kamailio's `{s.select}`: `200` with
+`<identity> <number> <seconds left>`, or `401`/`403` with `<code> <message>`. It is on
+loopback behind a per-run secret the node renders into Kamailio's config (`X-Front-Secret`).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from config.settings import Settings
+from dsl.phone import InvalidNumber, parse_e164
+from gateway.api.calls import _bad_request, _json_body
+from gateway.api.errors import ApiError
+from gateway.api.originate import BodyIssue
+from gateway.webrtc.tokens import IDENTITY_RE, ROLE_RE, TokenAuthority, TokenRefused
+
+log = logging.getLogger(__name__)
+
+TOKEN_PATH = "/v1/webrtc/token"
+CHECK_PATH = "/internal/webrtc/check"
+FRONT_SECRET_HEADER = "X-Front-Secret"
+NUMBERS_NOT_FOUND = "numbers.not_found"
+WEBRTC_DISABLED = "webrtc.disabled"
+# A browser of the embedded demo calls from this number when the mint names none.
+DEMO_CLIENT_NUMBER = "+254700000100"
+_FIELDS = ("client_name", "role", "tenant_number_id", "phone_number")
+
+
+@dataclass
+class WebRtcService:
+    settings: Settings
+    authority: TokenAuthority
+    front_secret: str
+    # (method, result) once per check: the node's metrics
+    observe: Callable[[str, str], None] = lambda _m, _r: None
+
+
+SERVICE_KEY = web.AppKey("webrtc", WebRtcService)
+
+
+def service_for(settings: Settings, front_secret: str,
+                observe: Callable[[str, str], None] | None = None) -> WebRtcService:
+    w = settings.webrtc
+    keys = [(k.kid, k.secret.get_secret_value()) for k in w.keys]
+    svc = WebRtcService(settings, TokenAuthority(keys, w.token_ttl_s), front_secret)
+    if observe is not None:
+        svc.observe = observe
+    return svc
+
+
+def setup_webrtc(app: web.Application, service: WebRtcService) -> None:
+    app[SERVICE_KEY] = service
+    app.router.add_post(TOKEN_PATH, _mint)
+    app.router.add_post(CHECK_PATH, _check)
+
+
+def _bound_number(settings: Settings, body: dict[str, Any]) -> str:
+    """The number the client calls from: named by `phone_number` or `tenant_number_id`, one
+    of this gateway's numbers (any E.164 when a control plane resolves numbers)."""
+    numbers = {n.e164: n for n in settings.numbers}
+    by_id = {n.number_id: n for n in settings.numbers}
+    nid, phone = body.get("tenant_number_id"), body.get("phone_number")
+    if nid is not None:
+        if not isinstance(nid, str) or nid not in by_id:
+            raise ApiError(422, NUMBERS_NOT_FOUND, f"tenant_number_id {nid!r}: no such number")
+        number = by_id[nid].e164
+        if phone is not None and phone != number:
+            raise _bad_request([BodyIssue("phone_number", f"is not tenant_number_id's {number}")])
+        return number
+    if phone is not None:
+        if not isinstance(phone, str):
+            raise _bad_request([BodyIssue("phone_number", "expected an E.164 string")])
+        try:
+            number = parse_e164(phone)
+        except InvalidNumber as e:
+            raise _bad_request([BodyIssue("phone_number", e.reason)]) from None
+        if number in numbers or settings.control_plane.resolve_url or settings.demo.enabled:
+            return number
+        raise ApiError(422, NUMBERS_NOT_FOUND, f"phone_number {number}: not a number of this "
+                       "gateway ([[numbers]])")
+    if len(settings.numbers) == 1:
+        return settings.numbers[0].e164
+    if settings.demo.enabled and not settings.numbers:
+        return DEMO_CLIENT_NUMBER
+    raise _bad_request([BodyIssue("phone_number", "required (or tenant_number_id): the number "
+                                  "the client calls from")])
+
+
+async def _mint(request: web.Request) -> web.Response:
+    svc = request.app[SERVICE_KEY]
+    s = svc.settings
+    if not s.webrtc.enabled:
+        raise ApiError(409, WEBRTC_DISABLED, "browser calling is off ([webrtc] enabled = false)")
+    raw = await _json_body(request)
+    if not isinstance(raw, dict):
+        raise _bad_request([BodyIssue("", "expected a JSON object")])
+    issues = [BodyIssue(k, "unknown field") for k in raw if k not in _FIELDS]
+    name = raw.get("client_name")
+    if name is None:
+        name = f"client-{secrets.token_hex(4)}"
+    elif not isinstance(name, str) or not IDENTITY_RE.match(name):
+        issues.append(BodyIssue("client_name", "1-64 of A-Z a-z 0-9 _ . -, starting with a "
+                                "letter or digit"))
+    role = raw.get("role", "client")
+    if not isinstance(role, str) or not ROLE_RE.match(role):
+        issues.append(BodyIssue("role", "1-32 of A-Z a-z 0-9 _ -"))
+    if issues:
+        raise _bad_request(issues)
+    number = _bound_number(s, raw)
+    token, claims = svc.authority.mint(str(name), number, str(role))
+    domain = s.webrtc.domain
+    log.info("webrtc: token for client:%s (number %s, role %s, key %s, %d s)", claims.identity,
+             number, role, claims.kid, svc.authority.ttl_s)
+    return web.json_response({
+        "token": token,
+        "endpoint": s.webrtc.endpoint,
+        "protocol": "sip",
+        "clientName": claims.identity,
+        "sipProfile": {
+            "uri": f"sip:{claims.identity}@{domain}",
+            "authorization_user": claims.identity,
+            "realm": domain,
+            "display_name": claims.identity,
+        },
+        "turnServer": s.webrtc.turn_server,
+        "expiresIn": svc.authority.ttl_s,
+    }, status=201)
+
+
+async def _check(request: web.Request) -> web.Response:
+    svc = request.app[SERVICE_KEY]
+    given = request.headers.get(FRONT_SECRET_HEADER, "")
+    if not hmac.compare_digest(given.encode(), svc.front_secret.encode()):
+        return web.Response(status=403, text="front_secret wrong front secret")
+    method = request.query.get("method", "")[:16]
+    user = request.query.get("user", "")[:128]
+    token = (await request.content.read(8192)).decode(errors="replace")
+    try:
+        claims = svc.authority.verify(token)
+        if user and user != claims.identity:
+            raise TokenRefused("token_claims",
+                               f"{method} as {user!r} with a token for {claims.identity!r}")
+    except TokenRefused as e:
+        log.warning("webrtc: %s of %r from %s refused %d: %s (%s)", method or "request", user,
+                    request.headers.get("X-Source", "?"), e.status, e.message, e.code)
+        svc.observe(method, e.code)
+        return web.Response(status=e.status, text=f"{e.code} {e.message}")
+    if method == "REGISTER":
+        log.info("webrtc: REGISTER client:%s (number %s) for %d s", claims.identity,
+                 claims.number, claims.remaining_s())
+    svc.observe(method, "ok")
+    return web.Response(text=f"{claims.identity} {claims.number} {claims.remaining_s()}")
