@@ -2,8 +2,8 @@
 and `POST /internal/webrtc/check`, which the WebSocket front (Kamailio, http_client) calls for
 every REGISTER and INVITE a browser sends.
 
-The check answers in plain text, for Kamailio's `{s.select}`: `200` with
-`<identity> <number> <seconds left>`, or `401`/`403` with `<code> <message>`. It is on
+Kamailio posts `token=<JWT>`; the check answers in plain text, for Kamailio's `{s.select}`:
+`200` with `<identity> <number> <seconds left>`, or `401`/`403` with `<code> <message>`. It is on
 loopback behind a per-run secret the node renders into Kamailio's config (`X-Front-Secret`).
 """
 
@@ -145,7 +145,8 @@ async def _check(request: web.Request) -> web.Response:
         return web.Response(status=403, text="front_secret wrong front secret")
     method = request.query.get("method", "")[:16]
     user = request.query.get("user", "")[:128]
-    token = (await request.content.read(8192)).decode(errors="replace")
+    # `token=<JWT>` (never empty: an empty POST body would go out as a GET)
+    token = (await request.content.read(8192)).decode(errors="replace").removeprefix("token=")
     try:
         claims = svc.authority.verify(token)
         if user and user != claims.identity:

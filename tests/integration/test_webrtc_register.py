@@ -1,0 +1,107 @@
+"""Browser registration through the real front (Kamailio's websocket module, its token check
+against the node's API): minted tokens register, bad ones are refused with the reason, keys
+rotate, and a registration never outlives its token. SIP over WebSocket from Python, so every
+status code is exact (the browser tests cover JsSIP)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.integration.conftest import NUMBER
+from tests.integration.webrtc import (
+    DOMAIN,
+    FRONT,
+    KEY_NEW,
+    KEY_OLD,
+    KEY_REMOVED,
+    TWO_WORKERS,
+    token,
+    webrtc_section,
+)
+from tests.integration.wssip import WsSipClient
+
+pytestmark = pytest.mark.integration
+
+
+async def mint(api_port: int, body: dict[str, Any], auth: str = "test-token"
+               ) -> tuple[int, dict[str, Any]]:
+    async with aiohttp.ClientSession() as s, s.post(
+        f"http://127.0.0.1:{api_port}/v1/webrtc/token", json=body,
+        headers={"Authorization": f"Bearer {auth}"},
+    ) as r:
+        return r.status, await r.json()
+
+
+async def metric(api_port: int, name: str) -> str:
+    async with aiohttp.ClientSession() as s, s.get(
+        f"http://127.0.0.1:{api_port}/metrics") as r:
+        text = await r.text()
+    return "\n".join(line for line in text.splitlines() if line.startswith(name))
+
+
+async def test_tokens_register_refuse_and_rotate(gateway_factory, voice_app):
+    extra, ws_port = webrtc_section(ttl_s=120)
+    gw = gateway_factory(voice_url=f"{voice_app.base_url}/voice", app_secret=voice_app.secret,
+                         events_url=None, extra=extra, workers=TWO_WORKERS, kamailio=FRONT)
+    url = f"ws://127.0.0.1:{ws_port}/"
+
+    # Minted on the API: signed with the newest key, bound to one of the gateway's numbers.
+    status, body = await mint(gw.api_port, {"client_name": "alice", "phone_number": NUMBER})
+    assert status == 201, body
+    assert body["endpoint"] == url and body["protocol"] == "sip"
+    assert body["clientName"] == "alice" and body["expiresIn"] == 120
+    assert body["sipProfile"] == {"uri": f"sip:alice@{DOMAIN}", "authorization_user": "alice",
+                                  "realm": DOMAIN, "display_name": "alice"}
+    import jwt
+    claims = jwt.decode(body["token"], KEY_NEW[1], algorithms=["HS256"])
+    assert jwt.get_unverified_header(body["token"])["kid"] == "k2"
+    assert (claims["sub"], claims["number"], claims["role"]) == ("alice", NUMBER, "client")
+    assert 119 <= claims["exp"] - time.time() <= 121
+
+    # Bad mint requests name the field.
+    status, err = await mint(gw.api_port, {"client_name": "bad name!"})
+    assert status == 422 and "client_name" in err["error"]["message"]
+    status, err = await mint(gw.api_port, {"phone_number": "+254799999999"})
+    assert status == 422 and err["error"]["code"] == "numbers.not_found"
+    status, err = await mint(gw.api_port, {}, auth="wrong")
+    assert status == 401
+
+    async with WsSipClient(url, "alice", DOMAIN) as ua:
+        ok = await ua.register(body["token"], expires=600)
+        assert ok.code == 200, (ok.code, ok.reason)
+        # capped at what the token has left (600 asked, 120 s token)
+        assert ok.contact_expires is not None and 100 <= ok.contact_expires <= 120, ok.headers
+        assert ok.rtt_ms < 1000
+
+        # The previous key still verifies (rotation: its tokens live out their time) ...
+        old = await ua.register(token(KEY_OLD, "alice", NUMBER, ttl_s=30), expires=600)
+        assert old.code == 200 and old.contact_expires is not None
+        assert old.contact_expires <= 30
+        # ... but not once expired (a replay after expiry), nor a removed key, nor a forgery.
+        expired = await ua.register(token(KEY_OLD, "alice", NUMBER, ttl_s=30,
+                                          now=time.time() - 31))
+        assert (expired.code, expired.reason) == (401, "Unauthorized (token_expired)")
+        assert "Bearer" in expired.headers.get("www-authenticate", "")
+        removed = await ua.register(token(KEY_REMOVED, "alice", NUMBER))
+        assert (removed.code, removed.reason) == (403, "Forbidden (token_unknown_key)")
+        forged = await ua.register(token(("k2", "x" * 40), "alice", NUMBER))
+        assert (forged.code, forged.reason) == (403, "Forbidden (token_bad_signature)")
+        missing = await ua.register(None)
+        assert (missing.code, missing.reason) == (401, "Unauthorized (token_missing)")
+        garbage = await ua.register("not.a.jwt")
+        assert garbage.code == 403 and "token_malformed" in garbage.reason
+        # A token for alice does not register bob.
+        other = await ua.register(body["token"], user="bob")
+        assert (other.code, other.reason) == (403, "Forbidden (token_claims)")
+        # Unregistering (Expires 0) takes a valid token too.
+        gone = await ua.register(body["token"], expires=0)
+        assert gone.code == 200
+
+    log = gw.log_text()
+    assert "REGISTER of 'alice' from" in log and "token_unknown_key" in log, log[-3000:]
+    counts = await metric(gw.api_port, "sautikit_webrtc_checks_total")
+    assert 'method="REGISTER",result="ok"' in counts and "token_expired" in counts, counts
