@@ -330,10 +330,15 @@ def _validate(cfg: KamailioConfig) -> list[str]:
     return dests
 
 
+_WEBRTC_KEYS = ("WS_LISTEN", "WS_PORT", "TLS_CFG", "WEBRTC_DOMAIN", "WEBRTC_TTL",
+                "WEBRTC_CHECK_URL", "WEBRTC_FRONT_SECRET", "RTPENGINE_SOCK", "RTPE_TO_SIP",
+                "RTPE_TO_BROWSER")
+
+
 def _webrtc_values(cfg: KamailioConfig) -> dict[str, str]:
     w = cfg.webrtc
-    if w is None:
-        return {}
+    if w is None:  # the sections using them are left out (#!ifdef WITH_WEBRTC)
+        return dict.fromkeys(_WEBRTC_KEYS, "0")
     if not 0 < w.listen_port < 65536 or w.listen_port == cfg.listen_port:
         raise ValueError(f"webrtc listen port {w.listen_port}: out of range or the SIP port")
     if not re.fullmatch(r"[A-Za-z0-9.-]+", w.domain):

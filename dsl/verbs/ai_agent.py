@@ -9,6 +9,7 @@ is a `say` or `play` greeting then a `record`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -18,11 +19,18 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
 
-from dsl.context import CallContext, MediaError, StreamEnd, StreamRequest, VoiceAppError
+from dsl.context import (
+    CallContext,
+    DialTarget,
+    MediaError,
+    StreamEnd,
+    StreamRequest,
+    VoiceAppError,
+)
 from dsl.errors import VerbUnsupported
 from dsl.phone import InvalidNumber, parse_e164
 from dsl.verbs.base import NEXT, Needs, PromptVerb, RunState, Step, Verb, end, reply_step
-from dsl.verbs.dial import Dial, dial_fields
+from dsl.verbs.dial import CLIENT_NAME_PATTERN, Dial, dial_fields
 from dsl.verbs.play import Play
 from dsl.verbs.record import Record
 from dsl.verbs.say import Say
@@ -35,6 +43,7 @@ DEFAULT_GREETING = "Please leave a message after the tone."
 DEFAULT_GREETING_NO_BEEP = "Please leave a message."
 VOICEMAIL_MAX_LENGTH_S = 120.0  # `maxLength` absent or 0
 EXTENSION = re.compile(r"^[0-9]{4}$")
+CLIENT_NAME = re.compile(CLIENT_NAME_PATTERN)
 
 
 class _Part(BaseModel):
@@ -58,8 +67,8 @@ class Forward(_Part):
     destinations: list[str] = Field(
         min_length=1,
         max_length=10,
-        description="E.164 (or national) numbers; `client:NAME` and 4-digit extensions are "
-        "accepted but not dialable yet (skipped).",
+        description="E.164 (or national) numbers and `client:NAME` browsers; 4-digit "
+        "extensions are accepted but not dialable yet (skipped).",
     )
     sequential: bool | None = Field(None, description="Ring one after another.")
     first_answer_wins: bool | None = Field(
@@ -105,12 +114,12 @@ class AiAgent(Verb):
     /v1/calls/{id}/stream`), `handover` runs: `callbackUrl` is requested (POST,
     with `AgentId`, `AgentHandover=true`, `HandoverReason` and `HandoverData`, the handover
     frame's `data` as JSON) and a non-empty reply is run; `forward` dials `destinations`
-    (E.164 or national numbers; `client:` names and 4-digit extensions are not dialable yet
-    and are skipped), all at once unless `sequential`, and takes its `voicemail` when nobody
-    answers; `voicemail` plays the greeting (`greetingText` said in `greetingVoice`,
-    `greetingPlayUrl` played, else a default), beeps unless `beep` is false, and records up
-    to `maxLength` seconds like `record` (`call.recording.ready`, then the voice callback
-    URL). Without `handover` the document ends (the call is hung up).
+    (E.164 or national numbers and `client:NAME` browsers; 4-digit extensions are not
+    dialable yet and are skipped), all at once unless `sequential`, and takes its
+    `voicemail` when nobody answers; `voicemail` plays the greeting (`greetingText` said in
+    `greetingVoice`, `greetingPlayUrl` played, else a default), beeps unless `beep` is
+    false, and records up to `maxLength` seconds like `record` (`call.recording.ready`, then
+    the voice callback URL). Without `handover` the document ends (the call is hung up).
 
     When the runtime cannot be used (not configured, unreachable, refusing, or dropped before
     it connected), `onUnavailable` runs: `hangup`; `voicemail` (`voicemail`, else
@@ -222,11 +231,19 @@ class AiAgent(Verb):
         return end("hangup_verb")
 
 
-def dialable(destinations: list[str], state: RunState) -> list[str]:
-    """The destinations as E.164, in order; the others are noted and skipped."""
-    numbers: list[str] = []
+def dialable(destinations: list[str], state: RunState) -> list[DialTarget]:
+    """The destinations as E.164 numbers and browser clients, in order; the others are noted
+    and skipped."""
+    targets: list[DialTarget] = []
     for dest in destinations:
-        if dest.lower().startswith("client:") or EXTENSION.match(dest):
+        if dest[:7].lower() == "client:":
+            name = dest[7:]
+            if not CLIENT_NAME.fullmatch(name):
+                state.note("forward_destination_invalid", f"{dest!r}: not a client name, skipped")
+            elif DialTarget("client", name) not in targets:
+                targets.append(DialTarget("client", name))
+            continue
+        if EXTENSION.match(dest):
             state.note("forward_destination_unsupported", f"{dest!r}: not dialable yet, skipped")
             continue
         try:
@@ -234,14 +251,14 @@ def dialable(destinations: list[str], state: RunState) -> list[str]:
         except InvalidNumber as e:
             state.note("forward_destination_invalid", f"{dest!r}: {e.reason}, skipped")
             continue
-        if number not in numbers:
-            numbers.append(number)
-    return numbers
+        if DialTarget("number", number) not in targets:
+            targets.append(DialTarget("number", number))
+    return targets
 
 
 async def _forward(ctx: CallContext, state: RunState, forward: Forward) -> Step:
-    numbers = dialable(forward.destinations, state)
-    if not numbers:
+    targets = dialable(forward.destinations, state)
+    if not targets:
         if forward.voicemail is not None:
             return await _voicemail(ctx, state, forward.voicemail)
         raise VoiceAppError(
@@ -250,13 +267,20 @@ async def _forward(ctx: CallContext, state: RunState, forward: Forward) -> Step:
         )
     if ctx.dialer is None:
         raise VerbUnsupported("dial (aiAgent forward)")
-    params: dict[str, Any] = {"numbers": numbers, "sequential": bool(forward.sequential)}
+    # Dial validates the options; the targets (numbers and clients mixed) are set after.
+    first = targets[0]
+    params: dict[str, Any] = {"sequential": bool(forward.sequential)}
+    if first.kind == "client":
+        params["sip"] = f"client:{first.value}"
+    else:
+        params["number"] = first.value
     if forward.ring_timeout is not None:
         params["timeout"] = forward.ring_timeout
     if forward.caller_id is not None:
         params["callerId"] = forward.caller_id
     dial = Dial.model_validate(params)
-    result = await ctx.dialer.dial(dial.request())  # CallEnded: the caller hung up
+    request = dataclasses.replace(dial.request(), targets=tuple(targets))
+    result = await ctx.dialer.dial(request)  # CallEnded: the caller hung up
     ctx.params.update(dial_fields(result))
     log.info("call %s: %s: forward DialCallStatus %s (%s)", state.call_id, state.path,
              result.status, result.call_sid or "no leg")

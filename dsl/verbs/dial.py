@@ -63,7 +63,8 @@ class Dial(Verb):
         max_length=10,
         description="E.164 numbers to ring (fan-out); the first to answer is bridged.",
     )
-    sip: str | None = Field(None, pattern=SIP_URI_PATTERN, description="SIP URI to call.")
+    sip: str | None = Field(None, pattern=SIP_URI_PATTERN,
+                             description="SIP URI to call, or client:<name> (a browser).")
     caller_id: str | None = Field(
         None, max_length=64, description="Caller ID presented to the called party."
     )

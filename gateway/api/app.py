@@ -172,7 +172,7 @@ def make_app(
         recordings_dir=recordings_dir,
     )
     if supervisions is not None:
-        setup_supervision(app, supervisions)
+        setup_supervision(app, supervisions, clients=webrtc is not None)
     if node is not None:
         setup_admin(app, node)
         rooms = getattr(node, "rooms", None)

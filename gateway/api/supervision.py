@@ -7,7 +7,8 @@
     GET    /v1/calls/{id}/supervision                         -> 200 {"supervision": ... | null}
 
 The supervised call must be live and bridged (a `dial`); a second supervisor is 409
-`calls.supervision_in_progress`. `client` supervisors answer 422 until browser calling lands.
+`calls.supervision_in_progress`. `client` supervisors (a browser, `client:<identity>`) need
+`[webrtc] enabled`, else 422.
 """
 
 from __future__ import annotations
@@ -35,11 +36,14 @@ from gateway.supervision.registry import NOT_FOUND, Supervisions
 from gateway.supervision.request import ChangeMode, ClientSupervisor, StartSupervision
 
 SUPERVISIONS_KEY = web.AppKey("supervisions", Supervisions)
+CLIENTS_KEY = web.AppKey("supervision_clients", bool)  # browsers can be dialled
 CLIENT_UNSUPPORTED = "supervision.client_unsupported"
 
 
-def setup_supervision(app: web.Application, supervisions: Supervisions) -> None:
+def setup_supervision(app: web.Application, supervisions: Supervisions,
+                      clients: bool = False) -> None:
     app[SUPERVISIONS_KEY] = supervisions
+    app[CLIENTS_KEY] = clients
     r = app.router
     r.add_post("/v1/calls/{id}/supervision", _start)
     r.add_patch("/v1/calls/{id}/supervision", _patch)
@@ -66,11 +70,11 @@ def _parse(model: type[StartSupervision] | type[ChangeMode], raw: Any) -> Any:
 
 async def _begin(request: web.Request, raw: Any) -> tuple[int, dict[str, Any]]:
     req: StartSupervision = _parse(StartSupervision, raw)
-    if isinstance(req.supervisor, ClientSupervisor):
+    if isinstance(req.supervisor, ClientSupervisor) and not request.app[CLIENTS_KEY]:
         raise ApiError(
             422, CLIENT_UNSUPPORTED,
-            "supervisor.type \"client\" needs browser calling, which this gateway does not "
-            "offer yet: use {\"type\": \"phone\", \"number\"} or {\"type\": \"sip\", \"identity\"}",
+            "supervisor.type \"client\" needs browser calling ([webrtc] enabled): use "
+            "{\"type\": \"phone\", \"number\"} or {\"type\": \"sip\", \"identity\"}",
         )
     call = await _live_call(request)
     sups = request.app[SUPERVISIONS_KEY]

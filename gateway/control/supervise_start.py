@@ -18,7 +18,7 @@ class SuperviseStart(BaseModel):
     op: Literal["supervise_start"] = "supervise_start"
     call_id: str  # the bridge's caller (its home worker runs the bridge)
     supervision_id: str
-    kind: Literal["number", "sip"]
+    kind: Literal["number", "sip", "client"]
     target: str  # E.164, or a sip: URI
     mode: Mode
     announce: Announce = "none"

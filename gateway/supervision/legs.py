@@ -73,7 +73,9 @@ class NodeSupervisionLegs:
         if home is None:
             raise ControlError(409, NOT_BRIDGED, f"call {sup.call_id} is not in a bridge")
         target = sup.supervisor
-        kind: Literal["number", "sip"] = "number" if target["type"] == "phone" else "sip"
+        kinds: dict[str, Literal["number", "sip", "client"]] = {
+            "phone": "number", "sip": "sip", "client": "client"}
+        kind = kinds[target["type"]]
         value = target["number"] if kind == "number" else target["identity"]
         self._where[sup.supervision_id] = _Where(home.worker, bridge_call, entry.identity)
         op = SuperviseStart(

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 from pydantic_core import PydanticCustomError
 
 from dsl.phone import InvalidNumber, parse_e164
+from dsl.verbs.dial import CLIENT_NAME_PATTERN
 
 Mode = Literal["listen", "whisper", "barge"]
 Announce = Literal["none", "agent", "both"]
@@ -52,12 +54,21 @@ class SipSupervisor(_Strict):
                         AfterValidator(_sip_identity)]
 
 
+def _client_name(v: str) -> str:
+    name = v.removeprefix("client:")
+    if not re.fullmatch(CLIENT_NAME_PATTERN, name):
+        raise ValueError("expected a browser client's name (client:<name> or <name>: 1-64 of "
+                         "A-Z a-z 0-9 _ . -)")
+    return name
+
+
 class ClientSupervisor(_Strict):
-    """A browser client (`client:<name>`): accepted by the SDK; refused with 422 here until
-    browser calling lands (gateway/api/supervision.py says so)."""
+    """A browser client (`client:<name>`, every registration of it rings); needs
+    `[webrtc] enabled` (gateway/api/supervision.py answers 422 otherwise)."""
 
     type: Literal["client"]
-    identity: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+    identity: Annotated[str, StringConstraints(min_length=1, max_length=128),
+                        AfterValidator(_client_name)]
 
 
 Supervisor = Annotated[

@@ -170,11 +170,12 @@ async def test_handover_forward_builds_the_dial_request(tmp_path: Path) -> None:
                "voicemail": {"greetingText": "nobody"}}
     result = await run(fake, agent(handover={"forward": forward}))
     assert dialer.requests == [DialRequest(
-        targets=(DialTarget("number", "+254712345678"), DialTarget("number", "+254711000001")),
+        targets=(DialTarget("number", "+254712345678"), DialTarget("client", "alice"),
+                 DialTarget("number", "+254711000001")),
         sequential=True, caller_id="+254700000009", timeout_s=20,
     )]
-    assert codes(result) == ["forward_destination_unsupported"] * 2
-    assert "client:alice" in result.errors[0].message and "1234" in result.errors[1].message
+    assert codes(result) == ["forward_destination_unsupported"]
+    assert "1234" in result.errors[0].message
     assert fake.ctx.params["DialCallStatus"] == "completed"
     assert not fake.kinds("record") and fake.said() == []  # answered: no voicemail
     assert result.ended_by == "document_end"
@@ -211,10 +212,10 @@ async def test_handover_forward_unanswered_without_voicemail_ends(tmp_path: Path
 
 async def test_forward_to_only_undialable_destinations(tmp_path: Path) -> None:
     fake, _, dialer = setup(tmp_path, ends=[HANDED_OVER])
-    forward: dict[str, Any] = {"destinations": ["client:alice", "1001"]}
+    forward: dict[str, Any] = {"destinations": ["client:not a name", "1001"]}
     with pytest.raises(VoiceAppError) as e:
         await run(fake, agent(handover={"forward": forward}))
-    assert e.value.code == "forward_unavailable" and "client:alice" in e.value.message
+    assert e.value.code == "forward_unavailable" and "1001" in e.value.message
     assert not dialer.requests
     # With a voicemail, the message is taken instead.
     fake, _, dialer = setup(tmp_path, ends=[HANDED_OVER])
@@ -222,6 +223,16 @@ async def test_forward_to_only_undialable_destinations(tmp_path: Path) -> None:
     await run(fake, agent(handover={"forward": forward}))
     assert not dialer.requests and fake.said() == [DEFAULT_GREETING]
     assert records(fake) == [(VOICEMAIL_MAX_LENGTH_S, True)]
+
+
+async def test_clients_and_numbers_ring_together(tmp_path: Path) -> None:
+    fake, _, dialer = setup(tmp_path, ends=[HANDED_OVER])
+    await run(fake, agent(handover={"forward": {
+        "destinations": ["client:alice", "+254711000001", "client:alice"], "ringTimeout": 12}}))
+    req = dialer.requests[0]
+    assert [(t.kind, t.value) for t in req.targets] == [("client", "alice"),
+                                                        ("number", "+254711000001")]
+    assert req.timeout_s == 12 and not req.sequential
 
 
 async def test_an_invalid_destination_is_noted_and_skipped(tmp_path: Path) -> None:

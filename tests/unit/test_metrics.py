@@ -201,6 +201,7 @@ EXPECTED_FAMILIES = {
     "sautikit_draining": "gauge",
     "sautikit_streams_opened_total": "counter",
     "sautikit_streams_ended_total": "counter",
+    "sautikit_webrtc_checks_total": "counter",
 }
 
 
