@@ -1,6 +1,7 @@
-"""Browser calling on the internal API: `POST /v1/webrtc/token` (the SDK's `webrtc.mintToken`)
-and `POST /internal/webrtc/check`, which the WebSocket front (Kamailio, http_client) calls for
-every REGISTER and INVITE a browser sends.
+"""Browser calling on the internal API: `POST /v1/webrtc/token` (the SDK's `webrtc.mintToken`),
+`POST /internal/webrtc/check`, which the WebSocket front (Kamailio, http_client) calls for
+every REGISTER and INVITE a browser sends, and the browser phone page under `/demo/phone`
+(`POST /demo/phone/token` mints without the API token, in demo mode only).
 
 Kamailio posts `token=<JWT>`; the check answers in plain text, for Kamailio's `{s.select}`:
 `200` with `<identity> <number> <seconds left>`, or `401`/`403` with `<code> <message>`. It is on
@@ -23,12 +24,14 @@ from dsl.phone import InvalidNumber, parse_e164
 from gateway.api.calls import _bad_request, _json_body
 from gateway.api.errors import ApiError
 from gateway.api.originate import BodyIssue
+from gateway.webrtc.assets import CONTENT_TYPES, asset
 from gateway.webrtc.tokens import IDENTITY_RE, ROLE_RE, TokenAuthority, TokenRefused
 
 log = logging.getLogger(__name__)
 
 TOKEN_PATH = "/v1/webrtc/token"
 CHECK_PATH = "/internal/webrtc/check"
+PAGE_PATH = "/demo/phone"
 FRONT_SECRET_HEADER = "X-Front-Secret"
 NUMBERS_NOT_FOUND = "numbers.not_found"
 WEBRTC_DISABLED = "webrtc.disabled"
@@ -63,6 +66,11 @@ def setup_webrtc(app: web.Application, service: WebRtcService) -> None:
     app[SERVICE_KEY] = service
     app.router.add_post(TOKEN_PATH, _mint)
     app.router.add_post(CHECK_PATH, _check)
+    # The browser phone (README "Call from a browser"); its token route only in demo mode.
+    app.router.add_get(PAGE_PATH, _page)
+    app.router.add_get(PAGE_PATH + "/{name}", _page)
+    if service.settings.demo.enabled:
+        app.router.add_post(PAGE_PATH + "/token", _demo_mint)
 
 
 def _bound_number(settings: Settings, body: dict[str, Any]) -> str:
@@ -98,11 +106,33 @@ def _bound_number(settings: Settings, body: dict[str, Any]) -> str:
 
 
 async def _mint(request: web.Request) -> web.Response:
+    raw = await _json_body(request)
+    return web.json_response(mint_reply(request.app[SERVICE_KEY], raw), status=201)
+
+
+async def _demo_mint(request: web.Request) -> web.Response:
+    """The demo page's token, without the API token: only in demo mode (a loopback-only
+    development set-up, like the demo voice app)."""
     svc = request.app[SERVICE_KEY]
+    name = request.query.get("client_name") or f"demo-{secrets.token_hex(3)}"
+    return web.json_response(mint_reply(svc, {"client_name": name}), status=201)
+
+
+async def _page(request: web.Request) -> web.StreamResponse:
+    name = request.match_info.get("name", "phone.html")
+    path = asset(name)
+    if path is None:
+        hint = " (run scripts/setup.sh: it builds the JsSIP bundle)" if name == "jssip.js" else ""
+        raise ApiError(404, "not_found", f"/demo/phone/{name}: no such file{hint}")
+    return web.FileResponse(path, headers={"Content-Type": CONTENT_TYPES[name],
+                                           "Cache-Control": "no-cache"})
+
+
+def mint_reply(svc: WebRtcService, raw: Any) -> dict[str, Any]:
+    """What `POST /v1/webrtc/token` answers (the SDK's `webrtc.mintToken` fields)."""
     s = svc.settings
     if not s.webrtc.enabled:
         raise ApiError(409, WEBRTC_DISABLED, "browser calling is off ([webrtc] enabled = false)")
-    raw = await _json_body(request)
     if not isinstance(raw, dict):
         raise _bad_request([BodyIssue("", "expected a JSON object")])
     issues = [BodyIssue(k, "unknown field") for k in raw if k not in _FIELDS]
@@ -122,7 +152,7 @@ async def _mint(request: web.Request) -> web.Response:
     domain = s.webrtc.domain
     log.info("webrtc: token for client:%s (number %s, role %s, key %s, %d s)", claims.identity,
              number, role, claims.kid, svc.authority.ttl_s)
-    return web.json_response({
+    return {
         "token": token,
         "endpoint": s.webrtc.endpoint,
         "protocol": "sip",
@@ -135,7 +165,7 @@ async def _mint(request: web.Request) -> web.Response:
         },
         "turnServer": s.webrtc.turn_server,
         "expiresIn": svc.authority.ttl_s,
-    }, status=201)
+    }
 
 
 async def _check(request: web.Request) -> web.Response:

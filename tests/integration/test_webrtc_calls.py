@@ -1,0 +1,200 @@
+"""Browser calls end to end on real parts: headless Chromium running the gateway's own phone
+page (JsSIP over Kamailio's websocket, DTLS-SRTP/ICE through rtpengine to the workers' plain
+RTP), its fake microphone playing a known tone. Who hears whom is measured with tones: the
+page's capture of the remote track, the gateway's recording, a pjsua2 phone's recording."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import tones
+from tests.integration.browser import BrowserPhone, tone_wav
+from tests.integration.conftest import NUMBER, dump, final_events
+from tests.integration.test_record import fetch_recording
+from tests.integration.tonephones import FarmFactory, phone_farm  # noqa: F401
+from tests.integration.webrtc import FRONT, TWO_WORKERS, webrtc_section
+
+pytestmark = [pytest.mark.integration, pytest.mark.browser]
+
+BROWSER_HZ, GATEWAY_HZ, PHONE_HZ = 852, 1209, 697
+DEMO_CHIME_HZ = 1318.5
+UNKNOWN = "+254700000999"  # not a [[numbers]] entry: the demo voice app answers it
+
+
+def tone_file(voice_app: Any, freq: float, seconds: float) -> str:
+    """A URL on the voice app serving a WAV of `freq`."""
+    return f"{voice_app.base_url}/tone/{freq}/{seconds}.wav"
+
+
+async def start(gateway_factory: Any, voice_app: Any, events_url: str | None, *,
+                demo: bool = False, extra: str = "") -> tuple[Any, str]:
+    section, ws_port = webrtc_section()
+    if demo:
+        section += "[demo]\nenabled = true\n"
+    gw = gateway_factory(voice_url=f"{voice_app.base_url}/voice", app_secret=voice_app.secret,
+                         events_url=events_url, extra=section + extra, workers=TWO_WORKERS,
+                         kamailio=FRONT)
+    return gw, f"ws://127.0.0.1:{ws_port}/"
+
+
+async def mint(gw: Any, name: str) -> dict[str, Any]:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as s, s.post(
+        f"http://127.0.0.1:{gw.api_port}/v1/webrtc/token",
+        json={"client_name": name, "phone_number": NUMBER},
+        headers={"Authorization": "Bearer test-token"},
+    ) as r:
+        assert r.status == 201, await r.text()
+        return dict(await r.json())
+
+
+async def open_phone(gw: Any, tmp_path: Path, name: str, mic_hz: float) -> BrowserPhone:
+    mic = tone_wav(tmp_path / f"mic-{name}.wav", mic_hz)
+    phone = await BrowserPhone.launch(mic, tmp_path / f"browser-{name}.log")
+    try:
+        await phone.goto(f"http://127.0.0.1:{gw.api_port}/demo/phone")
+        minted = await mint(gw, name)
+        opts = {"token": minted["token"], "endpoint": minted["endpoint"],
+                "uri": minted["sipProfile"]["uri"], "displayName": name}
+        reg = await phone.eval(f"sautiPhone.register({json.dumps(opts)})")
+        assert reg["ok"] and reg["code"] == 200, (reg, gw.log_text()[-3000:])
+    except BaseException:
+        await phone.close()
+        raise
+    return phone
+
+
+def level(x: Any, rate: int, freq: float, t0: float = 0.0, t1: float | None = None) -> float:
+    """Median level of `freq` over the span (a steady tone)."""
+    return tones.levels(x, rate, [freq], t0, t1)[freq]
+
+
+def peak(x: Any, rate: int, freq: float) -> float:
+    """Loudest 100 ms block of `freq` (a short, decaying chime)."""
+    lv = tones.block_levels(x, rate, freq)
+    return float(lv.max()) if len(lv) else tones.FLOOR_DBFS
+
+
+def wav_bytes(freq: float, seconds: float, rate: int = 8000) -> bytes:
+    import io
+    import wave
+
+    pcm = (tones.sine(freq, seconds, rate, 0.3) * 32767).astype("<i2").tobytes()
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm)
+    return buf.getvalue()
+
+
+async def test_browser_calls_the_demo_and_a_number_heard_and_recorded(
+        gateway_factory, voice_app, receiver, tmp_path):
+    rec, events_url = receiver
+
+    async def script(req: Any, form: dict[str, str]) -> Any:
+        if req.path.startswith("/tone/"):
+            from aiohttp import web
+
+            _, _, freq, secs = req.path.split("/")
+            return web.Response(body=wav_bytes(float(freq), float(secs[:-4])),
+                                content_type="audio/wav")
+        if "RecordingUrl" in form:
+            return {"actions": [{"hangup": {}}]}
+        return {"actions": [
+            {"play": {"url": tone_file(voice_app, GATEWAY_HZ, 1.5)}},
+            {"record": {"maxLength": 2, "playBeep": False, "timeout": 5}},
+        ]}
+
+    voice_app.script = script
+    gw, _ = await start(gateway_factory, voice_app, events_url, demo=True)
+    phone = await open_phone(gw, tmp_path, "alice", BROWSER_HZ)
+    try:
+        # 1. The demo number (any number no [[numbers]] entry has): the chime is heard.
+        call = await phone.eval(f"sautiPhone.call('sip:{UNKNOWN}@' + 'x.invalid')")
+        assert call["ok"], (call, gw.log_text()[-4000:])
+        end = await phone.eval("sautiPhone.ended()", timeout=20)
+        assert end["originator"] == "remote", end  # the demo hangs up
+        x, rate = await phone.heard()
+        assert peak(x, rate, DEMO_CHIME_HZ) > tones.HEARD_DBFS, "the chime was not heard"
+
+        # 2. One of the gateway's numbers: the browser hears the prompt tone and the
+        # recording holds the browser's microphone.
+        await phone.eval("sautiPhone.clearHeard()")
+        call = await phone.eval(f"sautiPhone.call('sip:{NUMBER}@x.invalid')")
+        assert call["ok"], (call, gw.log_text()[-4000:])
+        timings = await phone.eval("sautiPhone.timings()")
+        end = await phone.eval("sautiPhone.ended()", timeout=20)
+        assert end["originator"] == "remote", end
+        x, rate = await phone.heard()
+        assert level(x, rate, GATEWAY_HZ, 0.3, 1.2) > tones.HEARD_DBFS
+        assert level(x, rate, BROWSER_HZ, 0.3, 1.2) < tones.HEARD_DBFS  # no echo of itself
+    finally:
+        await phone.close()
+
+    assert await rec.wait_for(lambda evs: len(final_events(evs)) >= 1
+                              and any(e.kind == "call.recording.ready" for e in evs), 15), \
+        dump(rec.events)
+    mine = [e for e in rec.events if e.body["data"].get("client") == "client:alice"]
+    started = next(e for e in mine if e.kind == "call.started").body
+    assert started["data"]["from"] == NUMBER and started["data"]["to"] == NUMBER
+    assert started["data"]["direction"] == "inbound"
+    assert {e.kind for e in mine} >= {"call.started", "call.answered", "call.completed",
+                                      "call.recording.ready"}, dump(mine)
+    first = voice_app.requests[0]["form"]
+    assert first["client"] == "client:alice" and first["from"] == NUMBER
+    ready = next(e for e in mine if e.kind == "call.recording.ready").body["data"]
+    wav = tmp_path / "rec.wav"
+    wav.write_bytes(await fetch_recording(ready["url"]))
+    y, yrate = tones.read_wav(wav)
+    assert level(y, yrate, BROWSER_HZ, 0.3) > tones.HEARD_DBFS, "the browser was not recorded"
+    assert timings["answered_ms"] is not None and timings["first_audio_ms"] is not None
+
+
+async def test_dial_client_rings_the_browser_and_both_hear(
+        gateway_factory, voice_app, receiver, phone_farm, tmp_path):  # noqa: F811
+    rec, events_url = receiver
+
+    def script(req: Any, form: dict[str, str]) -> Any:
+        if "DialCallStatus" in form:
+            return {"actions": [{"hangup": {}}]}
+        target = "client:alice" if form.get("from") != "+254733000009" else "client:nobody"
+        return {"actions": [{"dial": {"sip": target, "timeout": 10}}]}
+
+    voice_app.script = script
+    gw, _ = await start(gateway_factory, voice_app, events_url)
+    farm = await phone_farm(tone=PHONE_HZ)
+    phone = await open_phone(gw, tmp_path, "alice", BROWSER_HZ)
+    try:
+        await phone.eval("sautiPhone.autoAnswer(true)")
+        caller = await farm.call(gw.uri, PHONE_HZ, from_user="+254733000001")
+        await farm.wait(caller, "answered", timeout=15)
+        got = await phone.eval("sautiPhone.incoming()", timeout=20)
+        assert got["ok"], (got, gw.log_text()[-4000:])
+        await asyncio.sleep(2.0)
+        await phone.eval("sautiPhone.hangup()")  # a closed browser sends no BYE: hang up first
+        x, rate = await phone.heard()
+        await farm.wait(caller, "ended", timeout=15)
+        assert level(x, rate, PHONE_HZ, 0.5, 1.8) > tones.HEARD_DBFS, "browser did not hear"
+        y, yrate = farm.recording(caller)
+        assert peak(y, yrate, BROWSER_HZ) > tones.HEARD_DBFS, "the phone did not hear the browser"
+
+        # Nobody registered as `nobody`: the dial fails, with the reason.
+        caller2 = await farm.call(gw.uri, PHONE_HZ, from_user="+254733000009")
+        await farm.wait(caller2, "ended", timeout=15)
+    finally:
+        await phone.close()
+    dials = [r["form"] for r in voice_app.requests if "DialCallStatus" in r["form"]]
+    assert [d["DialCallStatus"] for d in dials] == ["completed", "failed"], dials
+    assert await rec.wait_for(lambda evs: len(final_events(evs)) >= 4, 15), dump(rec.events)
+    legs = [e.body["data"] for e in rec.events if e.kind in ("call.completed", "call.failed")
+            and e.body["data"].get("parent_call_id")]
+    assert {(d.get("client"), d.get("reason")) for d in legs} >= {
+        ("client:nobody", "client_not_registered")}, legs
