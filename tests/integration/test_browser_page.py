@@ -6,6 +6,7 @@ capture path as a SIP call's; the test hears the microphone's tone in what the p
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -95,3 +96,108 @@ async def test_page_loopback_hears_the_microphone(site: str, phone: BrowserPhone
     await asyncio.sleep(0.5)
     again, _ = await phone.heard()
     assert 0.2 * rate < len(again) < 2.0 * rate
+
+
+class FakeRegistrar:
+    """A SIP-over-websocket stand-in for the front (RFC 7118 framing, no media): REGISTER is
+    answered 200 with `Contact;expires=GRANTED` if it carries `Authorization: Bearer <good>`,
+    else 403; INVITE is answered 486 (the page's failure path). Keeps what it received."""
+
+    GRANTED = 120
+
+    def __init__(self, good: set[str]) -> None:
+        self.good = good
+        self.received: list[str] = []
+        self.sockets: set[web.WebSocketResponse] = set()
+
+    @staticmethod
+    def _headers(msg: str) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for line in msg.split("\r\n")[1:]:
+            if not line:
+                break
+            name, _, value = line.partition(":")
+            out.setdefault(name.strip().lower(), value.strip())
+        return out
+
+    def _response(self, msg: str, code: int, reason: str, contact: bool) -> str:
+        h = self._headers(msg)
+        lines = [f"SIP/2.0 {code} {reason}", f"Via: {h['via']}", f"From: {h['from']}",
+                 f"To: {h['to']};tag=fake{code}", f"Call-ID: {h['call-id']}",
+                 f"CSeq: {h['cseq']}"]
+        if contact:
+            expires = 0 if "expires=0" in h.get("contact", "") else self.GRANTED
+            lines.append(f"Contact: {h['contact'].split(';expires=')[0]};expires={expires}")
+        return "\r\n".join([*lines, "Content-Length: 0", "", ""])
+
+    async def handle(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(protocols=("sip",))
+        await ws.prepare(request)
+        self.sockets.add(ws)
+        async for frame in ws:
+            msg = str(frame.data)
+            self.received.append(msg)
+            method = msg.split(" ", 1)[0]
+            auth = self._headers(msg).get("authorization", "")
+            if method == "REGISTER":
+                ok = auth.removeprefix("Bearer ") in self.good
+                await ws.send_str(self._response(msg, 200, "OK", True) if ok
+                                  else self._response(msg, 403, "Forbidden", False))
+            elif method == "INVITE":
+                await ws.send_str(self._response(msg, 486, "Busy Here", False))
+        self.sockets.discard(ws)
+        return ws
+
+
+async def test_page_register_refresh_and_refusals(site: str, phone: BrowserPhone) -> None:
+    reg = FakeRegistrar({"tok-1", "tok-2"})
+    app = web.Application()
+    app.router.add_get("/ws", reg.handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    ws_url = f"ws://127.0.0.1:{runner.addresses[0][1]}/ws"
+    try:
+        await phone.goto(f"{site}/demo/phone")
+        opts = {"endpoint": ws_url, "uri": "sip:client:alice@127.0.0.1", "displayName": "Alice"}
+
+        bad = await phone.eval(f"sautiPhone.register({json.dumps({**opts, 'token': 'nope'})})")
+        assert bad["ok"] is False and bad["code"] == 403 and bad["reason"] == "Rejected", bad
+
+        res = await phone.eval(f"sautiPhone.register({json.dumps({**opts, 'token': 'tok-1'})})")
+        assert res["ok"] is True and res["code"] == 200, res
+        assert res["expires"] == FakeRegistrar.GRANTED, res
+        assert 0 <= res["rtt_ms"] < 2000, res
+        first = next(m for m in reversed(reg.received) if m.startswith("REGISTER"))
+        assert "\r\nAuthorization: Bearer tok-1\r\n" in first
+        assert "\r\nUser-Agent: Sautikit browser phone\r\n" in first
+        assert (await phone.eval("sautiPhone.state()"))["registered"] is True
+
+        again = await phone.eval("sautiPhone.refresh('tok-2')")
+        assert again["ok"] is True and again["code"] == 200, again
+        assert again["expires"] == FakeRegistrar.GRANTED, again
+        refused = await phone.eval("sautiPhone.refresh('expired')")
+        assert refused["ok"] is False and refused["code"] == 403, refused
+        assert (await phone.eval("sautiPhone.state()"))["registered"] is False
+
+        await phone.eval("sautiPhone.setToken('tok-2')")
+        call = await phone.eval("sautiPhone.call('+254700000001', {headers: ['X-Test: 1']})")
+        assert call == {"ok": False, "code": 486, "reason": "Busy"}, call
+        invite = next(m for m in reg.received if m.startswith("INVITE"))
+        assert invite.startswith("INVITE sip:+254700000001@127.0.0.1 SIP/2.0")
+        assert "\r\nAuthorization: Bearer tok-2\r\n" in invite and "\r\nX-Test: 1\r\n" in invite
+        assert (await phone.eval("sautiPhone.ended()"))["cause"] == "Busy"
+        assert (await phone.eval("sautiPhone.hangup()"))["ok"] is True  # nothing to hang up
+
+        ok = await phone.eval(f"sautiPhone.register({json.dumps({**opts, 'token': 'tok-2'})})")
+        assert ok["ok"] is True, ok
+        assert (await phone.eval("sautiPhone.unregister()"))["ok"] is True
+        last = [m for m in reg.received if m.startswith("REGISTER")][-1]
+        assert ";expires=0" in last
+        types = [e["type"] for e in (await phone.eval("sautiPhone.state()"))["events"]]
+        assert "registration_failed" in types and "unregistered" in types, types
+    finally:
+        assert (await phone.eval("sautiPhone.stop()"))["ok"] is True  # the websocket closes
+        for ws in list(reg.sockets):
+            await ws.close()
+        await runner.cleanup()

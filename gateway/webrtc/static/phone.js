@@ -11,7 +11,7 @@
  *   setToken(token), refresh(token?) -> {ok, code, reason, expires, rtt_ms}
  *   call(target, {headers, codecs}) -> {ok: true} | {ok: false, code, reason}
  *   autoAnswer(on), incoming() -> {ok: true, from} | {ok: false, code, reason}
- *   answer(), hangup(), unregister(), ended() -> {cause, originator}
+ *   answer(), hangup(), unregister(), stop() (all three + close the socket), ended() -> {cause, originator}
  *   state() -> {registered, inCall, events}, timings() -> {invite_ms, answered_ms, first_audio_ms}
  *   heard() -> {rate, b64} (Int16 LE mono PCM of the remote audio), clearHeard(), level()
  *   sipLog() -> [{t, dir, line}], debug(on)
@@ -173,7 +173,8 @@
           let s = 0;
           for (let j = i; j < i + n; j++) s += x[j] * x[j];
           if (Math.sqrt(2 * s / n) > thr) {
-            timing.firstAudio = now() - (x.length - i) / ctx.sampleRate * 1000;
+            // the block started before the call when media was already flowing: clamp
+            timing.firstAudio = Math.max(timing.start, now() - (x.length - i) / ctx.sampleRate * 1000);
             log('first_audio', { ms: Math.round(timing.firstAudio - timing.start) });
             break;
           }
@@ -422,6 +423,7 @@
   function call(target, opts) {
     opts = opts || {};
     if (!ua) return Promise.resolve({ ok: false, code: null, reason: 'not registered' });
+    endSelfTest();
     audioContext();
     timing = { start: now(), accepted: null, firstAudio: null };
     return new Promise((resolve) => {
@@ -501,6 +503,26 @@
     });
   }
 
+  // Hang up, unregister and close the websocket (before closing the page: a closed page sends
+  // no BYE and leaves its registration until it expires).
+  async function stop() {
+    const h = await hangup();
+    const u = await unregister();
+    const me = ua;
+    ua = null;
+    if (me) {
+      await new Promise((resolve) => {
+        const timer = setTimeout(resolve, UNREGISTER_WAIT_MS);
+        me.once('disconnected', () => { clearTimeout(timer); resolve(); });
+        try { me.stop(); } catch (e) { clearTimeout(timer); resolve(); }
+        if (!me.isConnected()) { clearTimeout(timer); resolve(); }
+      });
+    }
+    refreshButtons();
+    setStatus('Stopped');
+    return { ok: true, hangup: h, unregister: u };
+  }
+
   function state() {
     return Promise.resolve({
       registered: !!(ua && ua.isRegistered()),
@@ -518,11 +540,22 @@
     });
   }
 
+  function endSelfTest() {
+    const st = window.__sautiSelfTest;
+    if (!st) return;
+    window.__sautiSelfTest = null;
+    st.pc1.close();
+    st.pc2.close();
+    st.mic.getTracks().forEach((t) => t.stop());
+    stopCapture();
+  }
+
   // Loopback without SIP: pc1 sends the microphone, pc2's remote track goes to the capture
   // path above. codec: 'PCMU' (default, as toward the gateway), 'PCMA' or null (browser default).
   async function _selfTest(opts) {
     opts = opts || {};
     const codec = opts.codec === undefined ? 'PCMU' : opts.codec;
+    endSelfTest();
     audioContext();
     timing = { start: now(), accepted: null, firstAudio: null };
     const mic = await navigator.mediaDevices.getUserMedia({ audio: MIC, video: false });
@@ -566,6 +599,7 @@
     incoming: incoming,
     hangup: hangup,
     unregister: unregister,
+    stop: stop,
     ended: ended,
     state: state,
     timings: timings,
