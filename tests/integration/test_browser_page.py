@@ -9,6 +9,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import quote, urlencode
 
 import pytest
 from aiohttp import web
@@ -20,6 +21,8 @@ from tests.tones import TEST_TONES, heard, levels
 pytestmark = pytest.mark.integration
 
 MIC_HZ = 852
+_until_registered = """new Promise((resolve) => { const t = setInterval(async () => {
+    if ((await sautiPhone.state()).registered) { clearInterval(t); resolve(true); } }, 20); })"""
 
 
 async def _serve(request: web.Request) -> web.StreamResponse:
@@ -101,12 +104,15 @@ async def test_page_loopback_hears_the_microphone(site: str, phone: BrowserPhone
 class FakeRegistrar:
     """A SIP-over-websocket stand-in for the front (RFC 7118 framing, no media): REGISTER is
     answered 200 with `Contact;expires=GRANTED` if it carries `Authorization: Bearer <good>`,
-    else 403; INVITE is answered 486 (the page's failure path). Keeps what it received."""
+    else 403; INVITE is answered 486 (the page's failure path), or with `relay` everything else
+    goes to the other connected socket (two pages calling each other, media peer to peer).
+    Keeps what it received."""
 
     GRANTED = 120
 
-    def __init__(self, good: set[str]) -> None:
+    def __init__(self, good: set[str], relay: bool = False) -> None:
         self.good = good
+        self.relay = relay  # forward everything but REGISTER to the other socket(s)
         self.received: list[str] = []
         self.sockets: set[web.WebSocketResponse] = set()
 
@@ -139,10 +145,13 @@ class FakeRegistrar:
             self.received.append(msg)
             method = msg.split(" ", 1)[0]
             auth = self._headers(msg).get("authorization", "")
-            if method == "REGISTER":
+            if method == "REGISTER" and not msg.startswith("SIP/2.0"):
                 ok = auth.removeprefix("Bearer ") in self.good
                 await ws.send_str(self._response(msg, 200, "OK", True) if ok
                                   else self._response(msg, 403, "Forbidden", False))
+            elif self.relay:
+                for other in self.sockets - {ws}:
+                    await other.send_str(msg)
             elif method == "INVITE":
                 await ws.send_str(self._response(msg, 486, "Busy Here", False))
         self.sockets.discard(ws)
@@ -196,8 +205,89 @@ async def test_page_register_refresh_and_refusals(site: str, phone: BrowserPhone
         assert ";expires=0" in last
         types = [e["type"] for e in (await phone.eval("sautiPhone.state()"))["events"]]
         assert "registration_failed" in types and "unregistered" in types, types
+
+        # what a developer opens: the parameters in the query, or the mint's JSON in the hash
+        mint = {"token": "tok-1", "endpoint": ws_url, "protocol": "sip", "expiresIn": 300,
+                "sipProfile": {"uri": "sip:client:bob@127.0.0.1", "display_name": "Bob"}}
+        for url in (f"{site}/demo/phone?{urlencode({**opts, 'token': 'tok-2'})}",
+                    f"{site}/demo/phone#{quote(json.dumps(mint))}"):
+            await phone.goto(url)
+            await phone.eval(_until_registered, timeout=10)
+            status = await phone.eval("document.getElementById('status').textContent")
+            assert status.startswith("Registered as sip:client:"), status
+        assert "\r\nFrom: \"Bob\" <sip:client:bob@127.0.0.1>" in reg.received[-1]
     finally:
         assert (await phone.eval("sautiPhone.stop()"))["ok"] is True  # the websocket closes
         for ws in list(reg.sockets):
             await ws.close()
         await runner.cleanup()
+
+
+@pytest.fixture
+async def relay() -> AsyncIterator[tuple[FakeRegistrar, str]]:
+    reg = FakeRegistrar({"tok-a", "tok-b"}, relay=True)
+    app = web.Application()
+    app.router.add_get("/ws", reg.handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield reg, f"ws://127.0.0.1:{runner.addresses[0][1]}/ws"
+    finally:
+        for ws in list(reg.sockets):
+            await ws.close()
+        await runner.cleanup()
+
+
+async def test_two_pages_call_each_other(site: str, relay: tuple[FakeRegistrar, str],
+                                         tmp_path: Path) -> None:
+    """The SIP call path of the page (call, autoAnswer/incoming, the session's capture, timings,
+    hangup/ended) between two Chromiums, each with its own tone, through a relaying fake."""
+    skip_unless_browser()
+    reg, ws_url = relay
+    a_hz, b_hz = 852, 1209
+    a = await BrowserPhone.launch(tone_wav(tmp_path / "a.wav", a_hz), tmp_path / "a.log")
+    try:
+        b = await BrowserPhone.launch(tone_wav(tmp_path / "b.wav", b_hz), tmp_path / "b.log")
+        try:
+            for p, user, tok in ((a, "alice", "tok-a"), (b, "bob", "tok-b")):
+                await p.goto(f"{site}/demo/phone")
+                opts = {"token": tok, "endpoint": ws_url, "uri": f"sip:{user}@127.0.0.1"}
+                res = await p.eval(f"sautiPhone.register({json.dumps(opts)})")
+                assert res["ok"] is True, (user, res)
+            await b.eval("sautiPhone.autoAnswer(true)")
+            inc = asyncio.ensure_future(b.eval("sautiPhone.incoming()", timeout=20))
+            res = await a.eval("sautiPhone.call('sip:bob@127.0.0.1', {codecs: ['PCMU']})",
+                               timeout=20)
+            assert res == {"ok": True}, res
+            offer = next(m for m in reg.received if m.startswith("INVITE"))
+            mline = next(x for x in offer.split("\r\n") if x.startswith("m=audio"))
+            assert mline.split()[2] == "UDP/TLS/RTP/SAVPF", mline  # DTLS-SRTP toward the front
+            pts = mline.split()[3:]
+            assert pts[0] == "0" and all(
+                f"a=rtpmap:{pt} telephone-event/" in offer for pt in pts[1:]), mline
+            got = await inc
+            assert got["ok"] is True and got["from"].startswith("sip:alice@"), got
+            await asyncio.sleep(3.0)
+            for p, mine, theirs in ((a, a_hz, b_hz), (b, b_hz, a_hz)):
+                x, rate = await p.heard()
+                lv = levels(x, rate, TEST_TONES, start_s=1.0)
+                assert heard(x, rate, TEST_TONES, start_s=1.0) == {theirs}, (mine, lv)
+            t = await a.eval("sautiPhone.timings()")
+            print("timings", t)
+            assert t["invite_ms"] == 0 and 0 < t["answered_ms"] < 5000, t
+            assert t["first_audio_ms"] is not None and t["first_audio_ms"] < 5000, t
+            st = await a.eval("sautiPhone.state()")
+            assert st["inCall"] is True, st
+            # the caller hangs up; the callee sees the BYE
+            ended_b = asyncio.ensure_future(b.eval("sautiPhone.ended()"))
+            assert (await a.eval("sautiPhone.hangup()"))["ok"] is True
+            end = await ended_b
+            assert end["originator"] == "remote" and end["cause"] == "Terminated", end
+            assert (await b.eval("sautiPhone.state()"))["inCall"] is False
+            for p in (a, b):
+                assert (await p.eval("sautiPhone.stop()"))["ok"] is True
+        finally:
+            await b.close()
+    finally:
+        await a.close()

@@ -12,7 +12,8 @@
  *   call(target, {headers, codecs}) -> {ok: true} | {ok: false, code, reason}
  *   autoAnswer(on), incoming() -> {ok: true, from} | {ok: false, code, reason}
  *   answer(), hangup(), unregister(), stop() (all three + close the socket), ended() -> {cause, originator}
- *   state() -> {registered, inCall, events}, timings() -> {invite_ms, answered_ms, first_audio_ms}
+ *   state() -> {registered, inCall, events},
+ *   timings() -> {invite_ms, invite_sent_ms, answered_ms, first_audio_ms} (ms after call())
  *   heard() -> {rate, b64} (Int16 LE mono PCM of the remote audio), clearHeard(), level()
  *   sipLog() -> [{t, dir, line}], debug(on)
  */
@@ -45,7 +46,7 @@
   let endWaiters = [];
   let regResponseWaiters = []; // refresh(): waiting for the next final REGISTER response
   let lastRegisterSent = null;
-  let timing = { start: null, accepted: null, firstAudio: null };
+  let timing = { start: null, inviteSent: null, accepted: null, firstAudio: null };
 
   function log(type, extra) {
     const e = Object.assign({ t: Math.round(now()), type: type }, extra || {});
@@ -81,6 +82,8 @@
     const m = firstLine(msg);
     sip.push({ t: Math.round(now()), dir: dir, line: m.line });
     if (sip.length > 500) sip.shift();
+    if (dir === 'out' && timing.start !== null && timing.inviteSent === null &&
+        m.line.startsWith('INVITE ')) timing.inviteSent = now();
     const cseq = /\r\nCSeq:\s*\d+\s+(\w+)/i.exec(m.text);
     if (!cseq || cseq[1].toUpperCase() !== 'REGISTER') return;
     if (dir === 'out') {
@@ -425,7 +428,7 @@
     if (!ua) return Promise.resolve({ ok: false, code: null, reason: 'not registered' });
     endSelfTest();
     audioContext();
-    timing = { start: now(), accepted: null, firstAudio: null };
+    timing = { start: now(), inviteSent: null, accepted: null, firstAudio: null };
     return new Promise((resolve) => {
       const o = mediaOptions();
       o.extraHeaders = (token ? ['Authorization: Bearer ' + token] : []).concat(opts.headers || []);
@@ -535,6 +538,7 @@
     const rel = (t) => (timing.start === null || t === null ? null : t - timing.start);
     return Promise.resolve({
       invite_ms: timing.start === null ? null : 0,
+      invite_sent_ms: rel(timing.inviteSent),  // after getUserMedia, the offer, ICE gathering
       answered_ms: rel(timing.accepted),
       first_audio_ms: rel(timing.firstAudio),
     });
@@ -557,7 +561,7 @@
     const codec = opts.codec === undefined ? 'PCMU' : opts.codec;
     endSelfTest();
     audioContext();
-    timing = { start: now(), accepted: null, firstAudio: null };
+    timing = { start: now(), inviteSent: null, accepted: null, firstAudio: null };
     const mic = await navigator.mediaDevices.getUserMedia({ audio: MIC, video: false });
     const pc1 = new RTCPeerConnection({ iceServers: [] });
     const pc2 = new RTCPeerConnection({ iceServers: [] });
