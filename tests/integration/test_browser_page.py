@@ -23,6 +23,7 @@ pytestmark = pytest.mark.integration
 MIC_HZ = 852
 _until_registered = """new Promise((resolve) => { const t = setInterval(async () => {
     if ((await sautiPhone.state()).registered) { clearInterval(t); resolve(true); } }, 20); })"""
+_until_unregistered = _until_registered.replace(").registered)", ").registered === false)")
 
 
 async def _serve(request: web.Request) -> web.StreamResponse:
@@ -205,6 +206,17 @@ async def test_page_register_refresh_and_refusals(site: str, phone: BrowserPhone
         assert ";expires=0" in last
         types = [e["type"] for e in (await phone.eval("sautiPhone.state()"))["events"]]
         assert "registration_failed" in types and "unregistered" in types, types
+
+        # the front drops the websocket: JsSIP reconnects and the page registers again
+        ok = await phone.eval(f"sautiPhone.register({json.dumps({**opts, 'token': 'tok-2'})})")
+        assert ok["ok"] is True, ok
+        n = sum(m.startswith("REGISTER") for m in reg.received)
+        for ws in list(reg.sockets):
+            await ws.close()
+        await phone.eval(_until_unregistered, timeout=5)
+        await phone.eval(_until_registered, timeout=15)
+        assert sum(m.startswith("REGISTER") for m in reg.received) == n + 1
+        assert (await phone.eval("sautiPhone.unregister()"))["ok"] is True
 
         # what a developer opens: the parameters in the query, or the mint's JSON in the hash
         mint = {"token": "tok-1", "endpoint": ws_url, "protocol": "sip", "expiresIn": 300,

@@ -376,9 +376,12 @@
       let t0 = null;
       // register only once the websocket is open: a REGISTER sent while it is still
       // connecting fails at once with "Connection Error"
+      // JsSIP reconnects a dropped websocket but (register: false) does not register again:
+      // do it here if the registration was up (with the current token)
       me.on('connected', () => {
         log('ws_connected');
-        if (me === ua && !done) { t0 = now(); me.register(); }
+        if (me !== ua) return;
+        if (!done) { t0 = now(); me.register(); } else if (me.__keep) me.register();
       });
       me.on('disconnected', (e) => log('ws_disconnected', { code: e && e.code, reason: e && e.reason }));
       me.on('registered', (e) => {
@@ -386,6 +389,7 @@
         log('registered', { code: e.response.status_code, reason: 'expires ' + ex });
         setStatus('Registered as ' + opts.uri + (ex !== null ? ' (expires ' + ex + ' s)' : ''));
         refreshButtons();
+        me.__keep = true;
         finish({ ok: true, code: e.response.status_code, expires: ex,
           rtt_ms: t0 === null ? null : now() - t0 });
       });
@@ -497,8 +501,10 @@
   }
 
   function unregister() {
+    if (ua) ua.__keep = false;
     if (!ua || !ua.isRegistered()) return Promise.resolve({ ok: true, already: true });
     const me = ua;
+    me.__keep = false;
     return new Promise((resolve) => {
       const timer = setTimeout(() => resolve({ ok: false, reason: 'timeout' }), UNREGISTER_WAIT_MS);
       me.once('unregistered', () => { clearTimeout(timer); resolve({ ok: true }); });
