@@ -18,7 +18,7 @@ from gateway.webrtc.assets import CONTENT_TYPES, JSSIP_BUNDLE, asset
 from tests.integration.browser import BrowserPhone, skip_unless_browser, tone_wav
 from tests.tones import TEST_TONES, heard, levels
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.browser]
 
 MIC_HZ = 852
 _until_registered = """new Promise((resolve) => { const t = setInterval(async () => {

@@ -313,6 +313,7 @@
       const code = e.message && e.message.status_code ? e.message.status_code : null;
       log(kind, { originator: e.originator, code: code, reason: e.cause });
       if (pendingIncoming === s) pendingIncoming = null;
+      if (session === s) stopCapture();  // heard() keeps what was captured, up to the end
       if (remote && kind === 'failed') pushIncoming({ ok: false, code: code, reason: e.cause });
       resolveEnd({ cause: e.cause, originator: e.originator, code: code });
       setStatus((kind === 'ended' ? 'Call ended: ' : 'Call failed: ') + e.cause +
