@@ -33,3 +33,11 @@ if [[ ! -f $npm_stamp ]]; then
   PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error
   touch "$npm_stamp"
 fi
+# The browser phone's JsSIP bundle (npm's jssip ships CommonJS only): an IIFE exposing `JsSIP`,
+# served by the demo routes as /demo/phone/jssip.js (gateway/webrtc/assets.py: JSSIP_BUNDLE).
+jssip_bundle=node_modules/.sautikit/jssip.js
+if [[ ! -f $jssip_bundle || package-lock.json -nt $jssip_bundle ]]; then
+  mkdir -p "$(dirname "$jssip_bundle")"
+  node_modules/.bin/esbuild node_modules/jssip/lib/JsSIP.js --bundle --format=iife \
+    --global-name=JsSIP --outfile="$jssip_bundle" --log-level=warning
+fi

@@ -23,7 +23,9 @@ def asset(name: str) -> Path | None:
     """The file behind /demo/phone/<name> (phone.html, phone.js, jssip.js), or None if it is not
     one of them or is missing (the JsSIP bundle before scripts/setup.sh ran)."""
     if name == "jssip.js":
-        path = JSSIP_BUNDLE
+        # an installed (non-editable) package has no node_modules: a build may put the
+        # bundle next to the page instead (static/jssip.js)
+        path = JSSIP_BUNDLE if JSSIP_BUNDLE.is_file() else STATIC_DIR / name
     elif name in ("phone.html", "phone.js"):
         path = STATIC_DIR / name
     else:
