@@ -78,6 +78,11 @@ _STATES = {"A": "active", "I": "inactive", "T": "trying", "D": "disabled"}
 RTPE_COMMON = "replace-origin replace-session-connection SDES-off"
 RTPE_TO_SIP = f"{RTPE_COMMON} rtcp-mux-demux DTLS=off ICE=remove RTP/AVP"
 RTPE_TO_BROWSER = f"{RTPE_COMMON} rtcp-mux-offer generate-mid DTLS=passive ICE=force RTP/SAVPF"
+# An answer to a browser's offer (setup:actpass): no DTLS role forced. rtpengine took the active
+# role when it saw the offer (and starts the handshake once ICE connects); forcing passive in the
+# answer resets that context and the handshake never completes (measured: dtlsState stuck at
+# "connecting", no audio either way).
+RTPE_ANSWER_TO_BROWSER = f"{RTPE_COMMON} rtcp-mux-offer generate-mid ICE=force RTP/SAVPF"
 
 
 @dataclass(frozen=True)
@@ -332,7 +337,7 @@ def _validate(cfg: KamailioConfig) -> list[str]:
 
 _WEBRTC_KEYS = ("WS_LISTEN", "WS_PORT", "TLS_CFG", "WEBRTC_DOMAIN", "WEBRTC_TTL",
                 "WEBRTC_CHECK_URL", "WEBRTC_FRONT_SECRET", "RTPENGINE_SOCK", "RTPE_TO_SIP",
-                "RTPE_TO_BROWSER")
+                "RTPE_TO_BROWSER", "RTPE_ANSWER_TO_BROWSER")
 
 
 def _webrtc_values(cfg: KamailioConfig) -> dict[str, str]:
@@ -357,6 +362,7 @@ def _webrtc_values(cfg: KamailioConfig) -> dict[str, str]:
         "RTPENGINE_SOCK": w.rtpengine_sock,
         "RTPE_TO_SIP": RTPE_TO_SIP,
         "RTPE_TO_BROWSER": RTPE_TO_BROWSER,
+        "RTPE_ANSWER_TO_BROWSER": RTPE_ANSWER_TO_BROWSER,
     }
 
 

@@ -17,7 +17,7 @@ from tests.integration.browser import BrowserPhone, tone_wav
 from tests.integration.conftest import NUMBER, dump, final_events
 from tests.integration.test_record import fetch_recording
 from tests.integration.tonephones import FarmFactory, phone_farm  # noqa: F401
-from tests.integration.webrtc import FRONT, TWO_WORKERS, webrtc_section
+from tests.integration.webrtc import FRONT, two_workers, webrtc_section
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
 
@@ -37,7 +37,7 @@ async def start(gateway_factory: Any, voice_app: Any, events_url: str | None, *,
     if demo:
         section += "[demo]\nenabled = true\n"
     gw = gateway_factory(voice_url=f"{voice_app.base_url}/voice", app_secret=voice_app.secret,
-                         events_url=events_url, extra=section + extra, workers=TWO_WORKERS,
+                         events_url=events_url, extra=section + extra, workers=two_workers(),
                          kamailio=FRONT)
     return gw, f"ws://127.0.0.1:{ws_port}/"
 
@@ -130,9 +130,9 @@ async def test_browser_calls_the_demo_and_a_number_heard_and_recorded(
         await phone.eval("sautiPhone.clearHeard()")
         call = await phone.eval(f"sautiPhone.call('sip:{NUMBER}@x.invalid')")
         assert call["ok"], (call, gw.log_text()[-4000:])
-        timings = await phone.eval("sautiPhone.timings()")
         end = await phone.eval("sautiPhone.ended()", timeout=20)
         assert end["originator"] == "remote", end
+        timings = await phone.eval("sautiPhone.timings()")
         x, rate = await phone.heard()
         assert level(x, rate, GATEWAY_HZ, 0.3, 1.2) > tones.HEARD_DBFS
         assert level(x, rate, BROWSER_HZ, 0.3, 1.2) < tones.HEARD_DBFS  # no echo of itself
@@ -142,12 +142,14 @@ async def test_browser_calls_the_demo_and_a_number_heard_and_recorded(
     assert await rec.wait_for(lambda evs: len(final_events(evs)) >= 1
                               and any(e.kind == "call.recording.ready" for e in evs), 15), \
         dump(rec.events)
-    mine = [e for e in rec.events if e.body["data"].get("client") == "client:alice"]
-    started = next(e for e in mine if e.kind == "call.started").body
-    assert started["data"]["from"] == NUMBER and started["data"]["to"] == NUMBER
-    assert started["data"]["direction"] == "inbound"
-    assert {e.kind for e in mine} >= {"call.started", "call.answered", "call.completed",
-                                      "call.recording.ready"}, dump(mine)
+    started = next(e for e in rec.events if e.kind == "call.started").body["data"]
+    assert (started["client"], started["from"], started["to"], started["direction"]) == (
+        "client:alice", NUMBER, NUMBER, "inbound"), started
+    mine = [e for e in rec.events if e.body["data"]["call_id"] == started["call_id"]]
+    assert [e.kind for e in mine] == ["call.started", "call.answered", "call.recording.ready",
+                                      "call.completed"], dump(mine)
+    assert all(e.body["data"].get("client") == "client:alice" for e in mine
+               if e.kind != "call.recording.ready")
     first = voice_app.requests[0]["form"]
     assert first["client"] == "client:alice" and first["from"] == NUMBER
     ready = next(e for e in mine if e.kind == "call.recording.ready").body["data"]
@@ -181,14 +183,14 @@ async def test_dial_client_rings_the_browser_and_both_hear(
         await asyncio.sleep(2.0)
         await phone.eval("sautiPhone.hangup()")  # a closed browser sends no BYE: hang up first
         x, rate = await phone.heard()
-        await farm.wait(caller, "ended", timeout=15)
+        await farm.wait(caller, "disconnected", timeout=15)
         assert level(x, rate, PHONE_HZ, 0.5, 1.8) > tones.HEARD_DBFS, "browser did not hear"
         y, yrate = farm.recording(caller)
         assert peak(y, yrate, BROWSER_HZ) > tones.HEARD_DBFS, "the phone did not hear the browser"
 
         # Nobody registered as `nobody`: the dial fails, with the reason.
         caller2 = await farm.call(gw.uri, PHONE_HZ, from_user="+254733000009")
-        await farm.wait(caller2, "ended", timeout=15)
+        await farm.wait(caller2, "disconnected", timeout=15)
     finally:
         await phone.close()
     dials = [r["form"] for r in voice_app.requests if "DialCallStatus" in r["form"]]

@@ -18,8 +18,8 @@ from tests.integration.webrtc import (
     KEY_NEW,
     KEY_OLD,
     KEY_REMOVED,
-    TWO_WORKERS,
     token,
+    two_workers,
     webrtc_section,
 )
 from tests.integration.wssip import WsSipClient
@@ -46,7 +46,7 @@ async def metric(api_port: int, name: str) -> str:
 async def test_tokens_register_refuse_and_rotate(gateway_factory, voice_app):
     extra, ws_port = webrtc_section(ttl_s=120)
     gw = gateway_factory(voice_url=f"{voice_app.base_url}/voice", app_secret=voice_app.secret,
-                         events_url=None, extra=extra, workers=TWO_WORKERS, kamailio=FRONT)
+                         events_url=None, extra=extra, workers=two_workers(), kamailio=FRONT)
     url = f"ws://127.0.0.1:{ws_port}/"
 
     # Minted on the API: signed with the newest key, bound to one of the gateway's numbers.

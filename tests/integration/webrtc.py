@@ -7,7 +7,7 @@ import itertools
 import os
 import socket
 
-from gateway.demo import free_port
+from gateway.demo import free_port, free_port_block
 from gateway.webrtc.tokens import TokenAuthority
 
 DOMAIN = "webrtc.test.invalid"
@@ -44,4 +44,8 @@ def token(key: tuple[str, str], identity: str, number: str, *, ttl_s: int = 300,
 
 
 FRONT = 'mode = "managed"\nping_interval_s = 1\n'
-TWO_WORKERS = "count = 2\ncalls_per_worker = 4"
+
+
+def two_workers() -> str:
+    """Two workers of 4 calls on free SIP ports (tests run side by side)."""
+    return f"count = 2\ncalls_per_worker = 4\nsip_port_start = {free_port_block(2)}"
