@@ -200,3 +200,26 @@ async def test_dial_client_rings_the_browser_and_both_hear(
             and e.body["data"].get("parent_call_id")]
     assert {(d.get("client"), d.get("reason")) for d in legs} >= {
         ("client:nobody", "client_not_registered")}, legs
+
+
+async def test_the_demo_page_as_the_readme_says(gateway_factory, voice_app, tmp_path):
+    """README "Call from a browser": open /demo/phone?demo=1, press Call: the demo answers."""
+    gw, _ = await start(gateway_factory, voice_app, None, demo=True)
+    phone = await BrowserPhone.launch(tone_wav(tmp_path / "mic.wav", BROWSER_HZ),
+                                      tmp_path / "browser.log")
+    try:
+        await phone.goto(f"http://127.0.0.1:{gw.api_port}/demo/phone?demo=1")
+        for _ in range(100):
+            if (await phone.eval("sautiPhone.state()"))["registered"]:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError(await phone.eval("document.getElementById('status').textContent"))
+        await phone.eval(f"(document.getElementById('number').value = '{UNKNOWN}', "
+                         "document.getElementById('call').click(), true)")
+        end = await phone.eval("sautiPhone.ended()", timeout=20)
+        assert end["originator"] == "remote", end
+        x, rate = await phone.heard()
+        assert peak(x, rate, DEMO_CHIME_HZ) > tones.HEARD_DBFS, "the chime was not heard"
+    finally:
+        await phone.close()

@@ -646,7 +646,17 @@
       authorizationUser: prof.authorization_user || undefined,
       autoanswer: q.get('autoanswer') === '1',
       debug: q.get('debug') === '1',
+      demo: q.get('demo') === '1',
     };
+  }
+
+  // ?demo=1: the gateway's demo mode mints a token for this page (POST /demo/phone/token; no
+  // API token, loopback-only demo set-ups). Elsewhere the route does not exist.
+  async function demoToken() {
+    const base = location.pathname.replace(/\/(phone\.html)?$/, '');
+    const r = await fetch(base + '/token', { method: 'POST' });
+    if (r.status !== 201) throw new Error('HTTP ' + r.status + ' (is the gateway in demo mode?)');
+    return r.json();
   }
 
   function wire() {
@@ -669,9 +679,17 @@
       setStatus('Registering as ' + p.uri + '...');
       register({ token: p.token, endpoint: p.endpoint, uri: p.uri, displayName: p.displayName,
         authorizationUser: p.authorizationUser });
+    } else if (p.demo) {
+      setStatus('Getting a demo token...');
+      demoToken().then((m) => {
+        if (!$('number').value) $('number').value = '+254700000001';
+        setStatus('Registering as ' + m.sipProfile.uri + '...');
+        return register({ token: m.token, endpoint: m.endpoint, uri: m.sipProfile.uri,
+          displayName: m.sipProfile.display_name });
+      }).catch((e) => setStatus('No demo token: ' + e.message));
     } else {
-      setStatus('Not registered: open this page with ?token=...&endpoint=...&uri=... ' +
-        'or the token mint\'s JSON in the URL hash');
+      setStatus('Not registered: open this page with ?demo=1 (demo mode), ' +
+        '?token=...&endpoint=...&uri=... or the token mint\'s JSON in the URL hash');
     }
   }
 
