@@ -855,6 +855,16 @@ class KamailioFront:
         with contextlib.suppress(FileNotFoundError):
             self._cfg.pid_path.unlink()
 
+    async def registrations(self) -> int:
+        """Browser registrations (contacts) the front holds now."""
+        result = await rpc_call(self._cfg.rpc_socket, "stats.get_statistics",
+                                "usrloc:", timeout=1.0)
+        for item in result if isinstance(result, list) else [result]:
+            m = re.search(r"location_contacts\s*=\s*(\d+)", str(item))
+            if m:
+                return int(m.group(1))
+        raise KamailioError(f"stats.get_statistics: no location_contacts in {result!r}")
+
     async def supervise(self, max_backoff: float = 30.0) -> None:
         """Keep Kamailio running until `stop()` or cancellation (which stops it)."""
         backoff = 0.5

@@ -215,6 +215,18 @@ class NodeMetrics:
             "refused: token_expired, token_bad_signature, token_unknown_key, ...).",
             ["method", "result"], registry=r,
         )
+        self.webrtc_registrations = Gauge(
+            "sautikit_webrtc_registrations",
+            "Browser registrations (contacts) held by the front.", registry=r,
+        )
+        browser_calls = Counter(
+            "sautikit_webrtc_calls_total",
+            "Browser calls started, by direction (from_browser: a browser's INVITE passed its "
+            "token check; to_browser: a dial leg to client:<name> placed).",
+            ["direction"], registry=r,
+        )
+        self._webrtc_calls = {d: browser_calls.labels(direction=d) for d in ("from_browser",
+                                                                     "to_browser")}
         self.draining = Gauge(
             "sautikit_draining",
             "1 while the node is draining (refusing new calls), else 0.",
@@ -266,6 +278,13 @@ class NodeMetrics:
     def webrtc_check(self, method: str, result: str) -> None:
         if method in ("REGISTER", "INVITE"):  # bounded label values only
             self._webrtc.labels(method=method, result=result).inc()
+        if method == "INVITE" and result == "ok":
+            self.webrtc_call("from_browser")
+
+    def webrtc_call(self, direction: str) -> None:
+        child = self._webrtc_calls.get(direction)
+        if child is not None:
+            child.inc()
 
     def call_final(self, status: object) -> None:
         """A call's final status (from a worker's `Final`, or counted in the supervisor: a call

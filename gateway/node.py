@@ -222,6 +222,12 @@ class Node:
         """Before /metrics renders: the outbox counted now, on the writer thread (never SQLite
         on the loop); waited for at most METRICS_WAIT_S, else the last counts stand (a scrape
         that times out leaves its look running for the next one)."""
+        if self.front is not None and self.webrtc is not None and self.front.running:
+            try:
+                n = await asyncio.wait_for(self.front.registrations(), METRICS_WAIT_S)
+                self.metrics.webrtc_registrations.set(n)
+            except Exception as e:  # a scrape never fails for this
+                log.warning("metrics: browser registrations unknown: %r", e)
         if self.outbox is None:
             return
         if self._counting is None or self._counting.done():
@@ -303,6 +309,7 @@ class Node:
         self.dial = DialPlacement(
             self.directory, self.switchboard.trunks, self._requester,
             client_domain=self.settings.webrtc.domain if self.webrtc is not None else None,
+            on_client_leg=lambda: self.metrics.webrtc_call("to_browser"),
         )
         self.dial.register(self.handle_asks)
         self.supervision = NodeSupervisionLegs(

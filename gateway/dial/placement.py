@@ -58,8 +58,10 @@ class DialPlacement:
         trunks: TrunkPool,
         requester: Callable[[int], Requester | None],
         client_domain: str | None = None,
+        on_client_leg: Callable[[], None] = lambda: None,
     ) -> None:
         self.client_domain = client_domain  # [webrtc] domain; None: browser calling is off
+        self._on_client_leg = on_client_leg
         self.directory = directory
         self.trunks = trunks
         self._requester = requester
@@ -140,6 +142,7 @@ class DialPlacement:
                 raise OpRefused("webrtc_disabled",
                                 f"client:{op.target}: browser calling is off ([webrtc] enabled)")
             # The front rings every registration of the name (404 when there is none).
+            self._on_client_leg()
             return [LegTarget(uri=f"sip:{op.target}@{self.client_domain}")]
         if not len(self.trunks):
             raise OpRefused("no_trunk", "no [[trunks]] configured: dialling numbers needs one")

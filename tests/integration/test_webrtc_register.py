@@ -94,6 +94,8 @@ async def test_tokens_register_refuse_and_rotate(gateway_factory, voice_app):
         assert (missing.code, missing.reason) == (401, "Unauthorized (token_missing)")
         garbage = await ua.register("not.a.jwt")
         assert garbage.code == 403 and "token_malformed" in garbage.reason
+        assert "sautikit_webrtc_registrations 1.0" in await metric(
+            gw.api_port, "sautikit_webrtc_registrations")
         # A token for alice does not register bob.
         other = await ua.register(body["token"], user="bob")
         assert (other.code, other.reason) == (403, "Forbidden (token_claims)")

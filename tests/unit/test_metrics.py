@@ -202,6 +202,8 @@ EXPECTED_FAMILIES = {
     "sautikit_streams_opened_total": "counter",
     "sautikit_streams_ended_total": "counter",
     "sautikit_webrtc_checks_total": "counter",
+    "sautikit_webrtc_registrations": "gauge",
+    "sautikit_webrtc_calls_total": "counter",
 }
 
 
