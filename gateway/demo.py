@@ -146,6 +146,7 @@ async def run_demo(verbose: bool = False) -> int:
             "SAUTIKIT_LOG__LEVEL": "INFO" if verbose else "WARNING",
             "SAUTIKIT_WORKERS__COUNT": "1",
             "SAUTIKIT_KAMAILIO__MODE": "off",
+            "SAUTIKIT_WEBRTC__ENABLED": "false",  # browsers need the managed front
             "SAUTIKIT_MEDIA__RTP_PORT_START": str(free_port(socket.SOCK_DGRAM) // 2 * 2),
         }
     )

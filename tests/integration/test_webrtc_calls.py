@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,14 @@ from tests.integration.browser import BrowserPhone, tone_wav
 from tests.integration.conftest import NUMBER, dump, final_events
 from tests.integration.test_record import fetch_recording
 from tests.integration.tonephones import FarmFactory, phone_farm  # noqa: F401
-from tests.integration.webrtc import FRONT, two_workers, webrtc_section
+from tests.integration.webrtc import (
+    FRONT,
+    KEY_OLD,
+    KEY_REMOVED,
+    token,
+    two_workers,
+    webrtc_section,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
 
@@ -128,7 +136,10 @@ async def test_browser_calls_the_demo_and_a_number_heard_and_recorded(
         # 2. One of the gateway's numbers: the browser hears the prompt tone and the
         # recording holds the browser's microphone.
         await phone.eval("sautiPhone.clearHeard()")
-        call = await phone.eval(f"sautiPhone.call('sip:{NUMBER}@x.invalid')")
+        # (it tries to pass as someone else: the front drops the headers only it may set)
+        spoof = json.dumps({"headers": ["X-Sautikit-Client: mallory",
+                                        "X-Sautikit-Client-Number: +254799999999"]})
+        call = await phone.eval(f"sautiPhone.call('sip:{NUMBER}@x.invalid', {spoof})")
         assert call["ok"], (call, gw.log_text()[-4000:])
         end = await phone.eval("sautiPhone.ended()", timeout=20)
         assert end["originator"] == "remote", end
@@ -223,3 +234,33 @@ async def test_the_demo_page_as_the_readme_says(gateway_factory, voice_app, tmp_
         assert peak(x, rate, DEMO_CHIME_HZ) > tones.HEARD_DBFS, "the chime was not heard"
     finally:
         await phone.close()
+
+
+async def test_the_browser_is_refused_bad_tokens_and_kept_on_rotation(
+        gateway_factory, voice_app, tmp_path):
+    gw, url = await start(gateway_factory, voice_app, None)
+    phone = await BrowserPhone.launch(tone_wav(tmp_path / "mic.wav", BROWSER_HZ),
+                                      tmp_path / "browser.log")
+    uri = "sip:alice@webrtc.test.invalid"
+
+    async def register(tok: str) -> dict[str, Any]:
+        opts = {"token": tok, "endpoint": url, "uri": uri, "displayName": "alice"}
+        got: dict[str, Any] = await phone.eval(f"sautiPhone.register({json.dumps(opts)})")
+        await phone.eval("sautiPhone.stop()")
+        return got
+
+    try:
+        await phone.goto(f"http://127.0.0.1:{gw.api_port}/demo/phone")
+        expired = await register(token(KEY_OLD, "alice", NUMBER, ttl_s=30,
+                                       now=time.time() - 60))
+        assert (expired["ok"], expired["code"]) == (False, 401), expired
+        removed = await register(token(KEY_REMOVED, "alice", NUMBER))
+        assert (removed["ok"], removed["code"]) == (False, 403), removed
+        # signed with the previous key (still listed): registered, for what it has left
+        previous = await register(token(KEY_OLD, "alice", NUMBER, ttl_s=60))
+        assert previous["ok"] and previous["code"] == 200, previous
+        assert previous["expires"] is None or previous["expires"] <= 60, previous
+    finally:
+        await phone.close()
+    log = gw.log_text()
+    assert "token_expired" in log and "token_unknown_key" in log
