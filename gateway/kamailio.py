@@ -43,6 +43,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from gateway.childproc import die_with_parent
+
 log = logging.getLogger(__name__)
 proc_log = logging.getLogger(__name__ + ".proc")  # Kamailio's own stderr/stdout lines
 
@@ -618,13 +620,6 @@ async def sip_ping(host: str, port: int, timeout: float = 1.0) -> int | None:
 # --------------------------------------------------------------------------- the process
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 _LEVELS = (
     (re.compile(r"\b(EMERGENCY|ALERT|CRITICAL|BUG|ERROR):"), logging.ERROR),
     (re.compile(r"\bWARNING:"), logging.WARNING),
@@ -741,7 +736,7 @@ class KamailioFront:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,  # its own process group: stop() can reach every child
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,
         )
         proc = self._proc
         cfg.pid_path.write_text(f"{proc.pid}\n")

@@ -23,6 +23,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.childproc import die_with_parent
+
 log = logging.getLogger(__name__)
 proc_log = logging.getLogger(__name__ + ".proc")
 
@@ -88,13 +90,6 @@ async def ng_ping(port: int, timeout: float = 0.5) -> bool:
     return data.startswith(cookie.encode() + b" ") and b"pong" in data
 
 
-def _die_with_parent() -> None:  # in the child, between fork and exec
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 _LEVEL = re.compile(r"\b(ERR|CRIT|ALERT|EMERG|WARNING|WARN|NOTICE|INFO|DEBUG)\b")
 _LEVELS = {"ERR": logging.ERROR, "CRIT": logging.ERROR, "ALERT": logging.ERROR,
            "EMERG": logging.ERROR, "WARNING": logging.WARNING, "WARN": logging.WARNING}
@@ -133,7 +128,7 @@ class Rtpengine:
             *self.cfg.argv(binary),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE, start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,
         )
         assert self._proc.stderr is not None
         self._reader = asyncio.create_task(self._pump(self._proc.stderr), name="rtpengine-log")

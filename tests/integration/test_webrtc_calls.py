@@ -26,6 +26,7 @@ from tests.integration.webrtc import (
     two_workers,
     webrtc_section,
 )
+from tests.integration.ws_agent import wav_bytes
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
 
@@ -89,18 +90,9 @@ def peak(x: Any, rate: int, freq: float) -> float:
     return float(lv.max()) if len(lv) else tones.FLOOR_DBFS
 
 
-def wav_bytes(freq: float, seconds: float, rate: int = 8000) -> bytes:
-    import io
-    import wave
-
+def tone_wav_bytes(freq: float, seconds: float, rate: int = 8000) -> bytes:
     pcm = (tones.sine(freq, seconds, rate, 0.3) * 32767).astype("<i2").tobytes()
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(pcm)
-    return buf.getvalue()
+    return wav_bytes(pcm, rate)
 
 
 async def test_browser_calls_the_demo_and_a_number_heard_and_recorded(
@@ -112,7 +104,7 @@ async def test_browser_calls_the_demo_and_a_number_heard_and_recorded(
             from aiohttp import web
 
             _, _, freq, secs = req.path.split("/")
-            return web.Response(body=wav_bytes(float(freq), float(secs[:-4])),
+            return web.Response(body=tone_wav_bytes(float(freq), float(secs[:-4])),
                                 content_type="audio/wav")
         if "RecordingUrl" in form:
             return {"actions": [{"hangup": {}}]}
