@@ -41,14 +41,32 @@ def tone_file(voice_app: Any, freq: float, seconds: float) -> str:
 
 
 async def start(gateway_factory: Any, voice_app: Any, events_url: str | None, *,
-                demo: bool = False, extra: str = "") -> tuple[Any, str]:
+                demo: bool = False, extra: str = "", workers: str | None = None
+                ) -> tuple[Any, str]:
     section, ws_port = webrtc_section()
     if demo:
         section += "[demo]\nenabled = true\n"
     gw = gateway_factory(voice_url=f"{voice_app.base_url}/voice", app_secret=voice_app.secret,
-                         events_url=events_url, extra=section + extra, workers=two_workers(),
-                         kamailio=FRONT)
+                         events_url=events_url, extra=section + extra,
+                         workers=workers or two_workers(), kamailio=FRONT)
     return gw, f"ws://127.0.0.1:{ws_port}/"
+
+
+async def closing_count(gw: Any) -> int:
+    """BYEs the front still counts as holding a worker's slot (its `closing` htable)."""
+    from gateway.kamailio import rpc_call
+
+    result = await rpc_call(gw.storage / "kamailio" / "rpc.sock", "htable.dump", "closing")
+    return sum(int(item.get("value") or 0) for slot in (result or [])
+               for item in (slot.get("slot") or []) if isinstance(item, dict))
+
+
+async def slots_given_back(gw: Any) -> None:
+    for _ in range(40):
+        if await closing_count(gw) == 0:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the front still counts {await closing_count(gw)} closing BYE(s)")
 
 
 async def mint(gw: Any, name: str) -> dict[str, Any]:
@@ -114,7 +132,9 @@ async def test_browser_calls_the_demo_and_a_number_heard_and_recorded(
         ]}
 
     voice_app.script = script
-    gw, _ = await start(gateway_factory, voice_app, events_url, demo=True)
+    # Two slots in all: the third call gets one only if the first two gave theirs back.
+    gw, _ = await start(gateway_factory, voice_app, events_url, demo=True,
+                        workers=two_workers(calls=1))
     phone = await open_phone(gw, tmp_path, "alice", BROWSER_HZ)
     try:
         # 1. The demo number (any number no [[numbers]] entry has): the chime is heard.
@@ -139,6 +159,11 @@ async def test_browser_calls_the_demo_and_a_number_heard_and_recorded(
         x, rate = await phone.heard()
         assert level(x, rate, GATEWAY_HZ, 0.3, 1.2) > tones.HEARD_DBFS
         assert level(x, rate, BROWSER_HZ, 0.3, 1.2) < tones.HEARD_DBFS  # no echo of itself
+        await slots_given_back(gw)
+        # 3. Again the demo: both slots were given back when the calls ended.
+        call = await phone.eval(f"sautiPhone.call('sip:{UNKNOWN}@x.invalid')")
+        assert call["ok"], (call, gw.log_text()[-3000:])
+        await phone.eval("sautiPhone.ended()", timeout=20)
     finally:
         await phone.close()
 
@@ -187,6 +212,7 @@ async def test_dial_client_rings_the_browser_and_both_hear(
         await phone.eval("sautiPhone.hangup()")  # a closed browser sends no BYE: hang up first
         x, rate = await phone.heard()
         await farm.wait(caller, "disconnected", timeout=15)
+        await slots_given_back(gw)  # the browser's BYE gave its leg's slot back
         assert level(x, rate, PHONE_HZ, 0.5, 1.8) > tones.HEARD_DBFS, "browser did not hear"
         y, yrate = farm.recording(caller)
         assert peak(y, yrate, BROWSER_HZ) > tones.HEARD_DBFS, "the phone did not hear the browser"

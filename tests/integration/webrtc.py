@@ -46,6 +46,7 @@ def token(key: tuple[str, str], identity: str, number: str, *, ttl_s: int = 300,
 FRONT = 'mode = "managed"\nping_interval_s = 1\n'
 
 
-def two_workers() -> str:
-    """Two workers of 4 calls on free SIP ports (tests run side by side)."""
-    return f"count = 2\ncalls_per_worker = 4\nsip_port_start = {free_port_block(2)}"
+def two_workers(calls: int = 4) -> str:
+    """Two workers of `calls` calls on free SIP ports (tests run side by side)."""
+    return (f"count = 2\ncalls_per_worker = {calls}\nreserved_slots = 0\n"
+            f"sip_port_start = {free_port_block(2)}")
