@@ -284,9 +284,25 @@ async def register_phase(node: Node, attempts: int) -> RegisterRun:
 
 
 # -- 2. call set-up: the browser, then a plain SIP caller -----------------------------------
+@contextlib.contextmanager
+def quiet_stderr() -> Any:
+    """fd 2 on /dev/null while a child is started (it inherits it); restored after."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
 async def open_phone(node: Node, work: Path, name: str) -> BrowserPhone:
     mic = tone_wav(work / f"mic-{name}.wav", MIC_HZ)
-    phone = await BrowserPhone.launch(mic, work / f"browser-{name}.log")
+    with quiet_stderr():  # the driver echoes the page's console to stderr (its --log has it)
+        phone = await BrowserPhone.launch(mic, work / f"browser-{name}.log")
     try:
         await phone.goto(f"{node.api}/demo/phone")
         minted = await mint(node, name)
