@@ -25,16 +25,18 @@ app is an aiohttp server in this process: every call gets
    answered_ms - invite_sent_ms. For comparison in the same run, the same N calls from a plain
    SIP caller (a raw UDP UAC in this process, PCMU/PCMA offer, timed with perf_counter like the
    websocket client) straight to the front: INVITE -> 200 and INVITE -> first RTP packet above
-   -50 dBFS; it sends ACK and BYE on first audio. The WebRTC overhead (rtpengine offer/answer
-   both ways, DTLS, ICE) shows as the ratio of the two INVITE -> 200s; first audio in the page
-   also holds Chromium's jitter buffer and a 1024-sample ScriptProcessor block (~21 ms).
-3. rtpengine CPU per WebRTC call: K Chromiums (one BrowserPhone each: the driver has one page),
-   each registered as its own client. Idle baseline first: rtpengine's CPU (psutil user+system
-   of the node's child named rtpengine) over H s with the K registered and no call. Then K
-   concurrent calls (the play loops), and once all K hear the tone, rtpengine's CPU over H s;
-   reported as CPU ms per call-second (minus nothing: idle is shown beside it) and % of one
-   core; the node's workers' CPU (their processes' user+system) per call-second and Kamailio's
-   for comparison, and the machine's busy % (the Chromiums are on the same 2 cores).
+   -50 dBFS; it sends ACK and BYE on first audio. The WebRTC overhead shows as ratios: on
+   INVITE -> 200, the front's token check of the INVITE (http_client), rtpengine's offer and
+   answer and JsSIP; on INVITE -> first audio also ICE, DTLS-SRTP, Chromium's jitter buffer and
+   the page's 1024-sample ScriptProcessor block (~21 ms at 48 kHz).
+3. rtpengine CPU per WebRTC call: K Chromiums (one BrowserPhone each: the driver drives one
+   page), each registered as its own client. CPU time is each process's threads' on-CPU time
+   from /proc/PID/task/*/schedstat (ns; psutil's user+system moves in 10 ms ticks). Idle
+   baseline first: rtpengine (the node's child named rtpengine) over H s with the K
+   registered and no call. Then K concurrent calls (the tone loops), and once all K hear it,
+   rtpengine over H s: CPU ms per call-second and % of one core, beside the idle rate; the
+   node's workers and Kamailio the same way for comparison, and the machine's busy % (the
+   Chromiums share the 2 cores, so it is not the node's).
 
 usage: cd /work/wt/bench && PYTHONPATH=$PWD /work/main/.venv/bin/python bench/webrtc.py
            [--quick] [--attempts 50] [--concurrent 4] [--hold-s 20]
@@ -76,7 +78,7 @@ from aiohttp import web
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gateway.demo import free_port, free_port_block  # noqa: E402
+from gateway.demo import free_port_block  # noqa: E402
 from tests import tones  # noqa: E402
 from tests.integration.browser import BrowserPhone, tone_wav  # noqa: E402
 from tests.integration.conftest import NUMBER, Gateway, start_gateway, write_config  # noqa: E402
@@ -181,11 +183,21 @@ class Node:
 
 
 def cpu_of(ps: list[psutil.Process]) -> float:
+    """CPU seconds of the processes: the sum of their live threads' on-CPU time from
+    /proc/PID/task/*/schedstat (nanoseconds; psutil's user+system move in 10 ms ticks, too
+    coarse for a few ms/s), psutil's figure where schedstat is not readable."""
     total = 0.0
     for p in ps:
-        with contextlib.suppress(psutil.Error):
-            t = p.cpu_times()
-            total += t.user + t.system
+        ns = 0
+        try:
+            for task in Path(f"/proc/{p.pid}/task").iterdir():
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    ns += int((task / "schedstat").read_text().split()[0])
+            total += ns / 1e9
+        except OSError:
+            with contextlib.suppress(psutil.Error):
+                t = p.cpu_times()
+                total += t.user + t.system
     return total
 
 
@@ -494,22 +506,59 @@ async def sip_calls(node: Node, attempts: int) -> SipRun:
 
 
 # -- 3. rtpengine CPU per WebRTC call -------------------------------------------------------
+ROWS = ("rtpengine", "workers", "kamailio", "chromium")
+
+
+def psutil_cpu(ps: list[psutil.Process]) -> float:
+    """user + system seconds (10 ms ticks), a cross-check of cpu_of()."""
+    total = 0.0
+    for p in ps:
+        with contextlib.suppress(psutil.Error):
+            t = p.cpu_times()
+            total += t.user + t.system
+    return total
+
+
+@dataclass
+class Window:
+    s: float = 0.0  # wall seconds
+    cpu: dict[str, float] = field(default_factory=dict)  # process group -> CPU seconds
+    rtpengine_ticks_s: float = 0.0  # psutil's figure for rtpengine
+    machine_busy_pct: float = 0.0
+
+
 @dataclass
 class CpuRun:
     k: int = 0
     hold_s: float = 0.0
-    idle_rtpengine_s: float = 0.0
-    idle_window_s: float = 0.0
-    rtpengine_s: float = 0.0
-    workers_s: float = 0.0
-    kamailio_s: float = 0.0
-    idle_workers_s: float = 0.0
-    idle_kamailio_s: float = 0.0
-    window_s: float = 0.0
-    machine_busy_pct: float = 0.0
-    idle_machine_busy_pct: float = 0.0
     up: int = 0
+    idle: Window = field(default_factory=Window)
+    calls: Window = field(default_factory=Window)
     notes: list[str] = field(default_factory=list)
+
+
+async def measure(groups: dict[str, list[psutil.Process]], seconds: float) -> Window:
+    def snap() -> tuple[dict[str, float], float, tuple[float, float], float]:
+        return ({g: cpu_of(groups[g]) for g in ROWS}, psutil_cpu(groups["rtpengine"]),
+                machine(), time.monotonic())
+
+    a = await asyncio.to_thread(snap)
+    await asyncio.sleep(seconds)
+    b = await asyncio.to_thread(snap)
+    return Window(b[3] - a[3], {g: b[0][g] - a[0][g] for g in ROWS}, b[1] - a[1],
+                  100 * (b[2][0] - a[2][0]) / max(1e-9, b[2][1] - a[2][1]))
+
+
+def groups_of(node: Node, phones: list[BrowserPhone]) -> dict[str, list[psutil.Process]]:
+    groups: dict[str, list[psutil.Process]] = dict(node.procs())
+    chromium: list[psutil.Process] = []
+    for ph in phones:
+        with contextlib.suppress(psutil.Error):
+            root = psutil.Process(ph.proc.pid)
+            chromium += [root, *root.children(recursive=True)]
+        chromium += [p for p in ph._descendants if p.pid not in {c.pid for c in chromium}]
+    groups["chromium"] = chromium
+    return groups
 
 
 async def cpu_phase(node: Node, work: Path, app: VoiceApp, k: int, hold_s: float) -> CpuRun:
@@ -519,24 +568,13 @@ async def cpu_phase(node: Node, work: Path, app: VoiceApp, k: int, hold_s: float
     try:
         for i in range(k):
             phones.append(await open_phone(node, work, f"bench-cpu{i}"))
-        procs = node.procs()
-        if not procs["rtpengine"]:
+        groups = groups_of(node, phones)
+        if not groups["rtpengine"]:
             raise RuntimeError("no rtpengine child of the node")
         await asyncio.sleep(1.0)
-
-        def snap() -> tuple[float, float, float, tuple[float, float], float]:
-            return (cpu_of(procs["rtpengine"]), cpu_of(procs["workers"]),
-                    cpu_of(procs["kamailio"]), machine(), time.monotonic())
-
-        a = snap()
-        await asyncio.sleep(hold_s)
-        b = snap()
-        run.idle_window_s = b[4] - a[4]
-        run.idle_rtpengine_s, run.idle_workers_s, run.idle_kamailio_s = (
-            b[0] - a[0], b[1] - a[1], b[2] - a[2])
-        run.idle_machine_busy_pct = 100 * (b[3][0] - a[3][0]) / max(1e-9, b[3][1] - a[3][1])
-        say(f"cpu: idle rtpengine {1000 * run.idle_rtpengine_s:.0f} ms over "
-            f"{run.idle_window_s:.1f} s; {k} calls")
+        run.idle = await measure(groups, hold_s)
+        say(f"cpu: idle rtpengine {1000 * run.idle.cpu['rtpengine']:.1f} ms over "
+            f"{run.idle.s:.1f} s; {k} calls")
 
         calls = await asyncio.gather(*(p.eval(f"sautiPhone.call('sip:{NUMBER}@x.invalid')",
                                               timeout=30) for p in phones))
@@ -546,20 +584,27 @@ async def cpu_phase(node: Node, work: Path, app: VoiceApp, k: int, hold_s: float
         up = [p for p, c in zip(phones, calls, strict=True) if c["ok"]]
         await asyncio.gather(*(wait_first_audio(p, 15) for p in up))
         run.up = len(up)
-        procs = node.procs()  # the same processes (rtpengine, workers) unless one restarted
-        a = snap()
-        await asyncio.sleep(hold_s)
-        b = snap()
+        again = groups_of(node, phones)
+        if {p.pid for p in again["rtpengine"] + again["workers"]} != {
+                p.pid for p in groups["rtpengine"] + groups["workers"]}:
+            run.notes.append("the node's processes changed between the windows (a restart?)")
+        groups = again
+        run.calls = await measure(groups, hold_s)
         states = await asyncio.gather(*(p.eval("sautiPhone.state()") for p in up))
         still = sum(1 for s in states if s["inCall"])
         if still != len(up):
             run.notes.append(f"only {still} of {len(up)} calls still up at the window's end")
-        run.window_s = b[4] - a[4]
-        run.rtpengine_s, run.workers_s, run.kamailio_s = b[0] - a[0], b[1] - a[1], b[2] - a[2]
-        run.machine_busy_pct = 100 * (b[3][0] - a[3][0]) / max(1e-9, b[3][1] - a[3][1])
+        run.notes.append("sampled: rtpengine pid " + ", ".join(
+            str(p.pid) for p in groups["rtpengine"]) + f"; {len(groups['workers'])} worker, "
+            f"{len(groups['kamailio'])} kamailio and {len(groups['chromium'])} node/Chromium "
+            "processes")
+        run.notes.append(
+            "rtpengine by psutil (user+system, 10 ms ticks) for comparison: idle "
+            f"{1000 * run.idle.rtpengine_ticks_s / max(1e-9, run.idle.s):.2f} ms/s, in calls "
+            f"{1000 * run.calls.rtpengine_ticks_s / max(1e-9, run.calls.s):.2f} ms/s")
         await asyncio.gather(*(p.eval("sautiPhone.hangup()") for p in up))
-        say(f"cpu: {run.up} calls, rtpengine {1000 * run.rtpengine_s:.0f} ms over "
-            f"{run.window_s:.1f} s, workers {1000 * run.workers_s:.0f} ms")
+        say(f"cpu: {run.up} calls, rtpengine {1000 * run.calls.cpu['rtpengine']:.1f} ms over "
+            f"{run.calls.s:.1f} s, workers {1000 * run.calls.cpu['workers']:.1f} ms")
         await asyncio.gather(*(p.eval("sautiPhone.stop()") for p in phones))
     finally:
         await asyncio.gather(*(p.close() for p in phones), return_exceptions=True)
@@ -587,14 +632,15 @@ def report(args: argparse.Namespace, reg: RegisterRun | None, br: BrowserRun | N
     head = ["| figure (ms) | p50 | p90 | p99 | max | n |", "|---|---|---|---|---|---|"]
     if reg is not None:
         ratio = pct(reg.register_ms, 50) / max(1e-9, pct(reg.options_ms, 50))
+        extra = pct(reg.register_ms, 50) - pct(reg.options_ms, 50)
         ok = reg.register_ms and pct(reg.register_ms, 99) <= 50
         lines += ["## 1. REGISTER round trip (SIP over WebSocket to the front, one socket; "
                   f"{WARMUP} warm-ups of each not counted)", "", *head,
                   row("REGISTER with a token (front + token check over http_client)",
                       reg.register_ms),
                   row("OPTIONS, same socket (Kamailio answers itself)", reg.options_ms), "",
-                  f"REGISTER / OPTIONS at p50: {ratio:.1f}x (+{pct(reg.register_ms, 50) - pct(reg.options_ms, 50):.2f} ms: "
-                  f"the token check and usrloc save). Goal <= 50 ms: "
+                  f"REGISTER / OPTIONS at p50: {ratio:.1f}x (+{extra:.2f} ms: the token check "
+                  f"and usrloc save). Goal <= 50 ms: "
                   f"**{'met' if ok else 'not met'}** (p99 {pct(reg.register_ms, 99):.1f} ms)."
                   + (f" Failed: {reg.failed[:5]}" if reg.failed else ""), ""]
     if br is not None or sp is not None:
@@ -615,11 +661,12 @@ def report(args: argparse.Namespace, reg: RegisterRun | None, br: BrowserRun | N
         lines.append("")
         if br is not None and sp is not None and br.invite_200_ms and sp.invite_200_ms:
             d200 = pct(br.invite_200_ms, 50) - pct(sp.invite_200_ms, 50)
+            r_audio = pct(br.invite_audio_ms, 50) / max(1e-9, pct(sp.invite_audio_ms, 50))
             lines += [f"WebRTC overhead at p50: INVITE -> 200 "
                       f"{pct(br.invite_200_ms, 50) / max(1e-9, pct(sp.invite_200_ms, 50)):.2f}x "
-                      f"the plain call's (+{d200:.1f} ms: rtpengine offer and answer, "
-                      "JsSIP); INVITE -> first audio "
-                      f"{pct(br.invite_audio_ms, 50) / max(1e-9, pct(sp.invite_audio_ms, 50)):.2f}x "
+                      f"the plain call's (+{d200:.1f} ms: the INVITE's token check, rtpengine offer "
+                      "and answer, JsSIP); INVITE -> first audio "
+                      f"{r_audio:.2f}x "
                       f"(+{pct(br.invite_audio_ms, 50) - pct(sp.invite_audio_ms, 50):.1f} ms: "
                       "also ICE, DTLS, Chromium's jitter buffer and the page's 1024-sample "
                       "capture block).", ""]
@@ -628,26 +675,29 @@ def report(args: argparse.Namespace, reg: RegisterRun | None, br: BrowserRun | N
                 lines.append(f"- {name} failures ({len(run.failed)}): {run.failed[:5]}")
         lines.append("")
     if cpu is not None:
-        cs = max(1e-9, cpu.up * cpu.window_s)
-        idle_ms_s = 1000 * cpu.idle_rtpengine_s / max(1e-9, cpu.idle_window_s)
-        busy_ms_s = 1000 * cpu.rtpengine_s / max(1e-9, cpu.window_s)
-        lines += [f"## 3. rtpengine CPU per WebRTC call ({cpu.up} of {cpu.k} concurrent "
-                  f"browser calls, one Chromium each, held; windows of {cpu.hold_s:g} s)", "",
-                  "| process | idle (K registered, no call): CPU ms/s | in calls: CPU ms/s "
-                  "| CPU ms per call-second (in calls) | (in calls - idle) per call-second "
-                  "| % of one core in calls |", "|---|---|---|---|---|---|"]
-        for name, idle_s, busy_s in (("rtpengine", cpu.idle_rtpengine_s, cpu.rtpengine_s),
-                                     ("workers (all)", cpu.idle_workers_s, cpu.workers_s),
-                                     ("kamailio (all)", cpu.idle_kamailio_s, cpu.kamailio_s)):
-            i_ms = 1000 * idle_s / max(1e-9, cpu.idle_window_s)
-            b_ms = 1000 * busy_s / max(1e-9, cpu.window_s)
-            lines.append(f"| {name} | {i_ms:.2f} | {b_ms:.2f} | {1000 * busy_s / cs:.2f} | "
-                         f"{(b_ms - i_ms) / max(1, cpu.up):.2f} | {b_ms / 10:.2f} |")
-        lines += ["", f"**rtpengine: {1000 * cpu.rtpengine_s / cs:.2f} ms CPU per WebRTC "
-                  f"call-second ({busy_ms_s / 10 / max(1, cpu.up):.2f}% of one core per call; "
-                  f"idle {idle_ms_s:.2f} ms/s).** Machine busy {cpu.machine_busy_pct:.0f}% in "
-                  f"calls (idle window {cpu.idle_machine_busy_pct:.0f}%), the Chromiums "
-                  "included.", ""]
+        up = max(1, cpu.up)
+        lines += [f"## 3. CPU per WebRTC call ({cpu.up} of {cpu.k} concurrent browser calls, "
+                  f"one Chromium each, held; windows of {cpu.hold_s:g} s; on-CPU time from "
+                  "schedstat)", "",
+                  "| process | idle (K registered, no call): ms/s | in calls: ms/s | ms per "
+                  "call-second | (in calls - idle) per call-second | % of one core per call |",
+                  "|---|---|---|---|---|---|"]
+        names = {"rtpengine": "rtpengine", "workers": "workers (all)",
+                 "kamailio": "kamailio (all processes)",
+                 "chromium": f"Chromium + driver (all {cpu.k})"}
+        rate = {}
+        for g in ROWS:
+            i_ms = 1000 * cpu.idle.cpu.get(g, 0.0) / max(1e-9, cpu.idle.s)
+            b_ms = 1000 * cpu.calls.cpu.get(g, 0.0) / max(1e-9, cpu.calls.s)
+            rate[g] = (i_ms, b_ms)
+            lines.append(f"| {names[g]} | {i_ms:.2f} | {b_ms:.2f} | {b_ms / up:.2f} | "
+                         f"{(b_ms - i_ms) / up:.2f} | {b_ms / up / 10:.2f} |")
+        i_ms, b_ms = rate["rtpengine"]
+        lines += ["", f"**rtpengine: {b_ms / up:.2f} ms CPU per WebRTC call-second "
+                  f"({b_ms / up / 10:.2f}% of one core per call; idle {i_ms:.2f} ms/s)**; "
+                  f"the workers {rate['workers'][1] / up:.2f} ms per call-second. Machine busy "
+                  f"{cpu.calls.machine_busy_pct:.0f}% in calls, {cpu.idle.machine_busy_pct:.0f}% "
+                  "in the idle window (anything else on the machine included).", ""]
         lines += [f"- {n}" for n in cpu.notes]
     return "\n".join(lines) + "\n"
 
@@ -679,7 +729,7 @@ async def amain(args: argparse.Namespace) -> int:
     text = report(args, reg, br, sp, cpu, time.monotonic() - t0, command)
     print("\n" + text)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text)  # noqa: ASYNC240
         print(f"written {args.out}")
     if args.keep:
