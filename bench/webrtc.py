@@ -664,8 +664,8 @@ def report(args: argparse.Namespace, reg: RegisterRun | None, br: BrowserRun | N
             r_audio = pct(br.invite_audio_ms, 50) / max(1e-9, pct(sp.invite_audio_ms, 50))
             lines += [f"WebRTC overhead at p50: INVITE -> 200 "
                       f"{pct(br.invite_200_ms, 50) / max(1e-9, pct(sp.invite_200_ms, 50)):.2f}x "
-                      f"the plain call's (+{d200:.1f} ms: the INVITE's token check, rtpengine offer "
-                      "and answer, JsSIP); INVITE -> first audio "
+                      f"the plain call's (+{d200:.1f} ms: the INVITE's token check, rtpengine "
+                      "offer and answer, JsSIP); INVITE -> first audio "
                       f"{r_audio:.2f}x "
                       f"(+{pct(br.invite_audio_ms, 50) - pct(sp.invite_audio_ms, 50):.1f} ms: "
                       "also ICE, DTLS, Chromium's jitter buffer and the page's 1024-sample "
