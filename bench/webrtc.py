@@ -22,14 +22,9 @@ app is an aiohttp server in this process: every call gets
    (getUserMedia + offer + ICE gathering), answered_ms (the 200 in JsSIP), first_audio_ms
    (first 5 ms of remote audio above -50 dBFS in the page's WebAudio capture); then the page
    hangs up (sautiPhone.hangup(); --hangup app: the app hangs up after a 0.6 s tone and the
-   page waits for the worker's BYE). KNOWN GATEWAY BUG (not fixed here): every browser call
-   leaks its worker's slot at the front, whoever hangs up; after workers x calls_per_worker
-   (8) browser calls the front answers every INVITE, browser or plain, 503 "no worker
-   available" until the node restarts. So the plain calls run first, and --attempts above 8
-   gives 8 browser figures plus failures. (A suspect: route[WITHINDLG] sets
-   t_on_reply("BYE_ANSWERED") in route[CLOSING], then t_on_reply("WEBRTC_REPLY"), which
-   replaces it, so a browser BYE's closing count is never decremented; worker BYEs leak too,
-   so that is not all of it.) INVITE -> 200 on the browser's wire is
+   page waits for the worker's BYE). (The plain calls run first and phase 3 gets a fresh
+   node: a slot leak at the front, fixed since, once hid behind sequential browser calls; the
+   order keeps each phase independent of the others.) INVITE -> 200 on the browser's wire is
    answered_ms - invite_sent_ms. For comparison in the same run, the same N calls from a plain
    SIP caller (a raw UDP UAC in this process, PCMU/PCMA offer, timed with perf_counter like the
    websocket client) straight to the front: INVITE -> 200 and INVITE -> first RTP packet above
@@ -46,7 +41,7 @@ app is an aiohttp server in this process: every call gets
    node's workers and Kamailio the same way for comparison, and the machine's busy % (the
    Chromiums share the 2 cores, so it is not the node's).
 
-usage: cd /work/wt/bench && PYTHONPATH=$PWD /work/main/.venv/bin/python bench/webrtc.py
+usage: PYTHONPATH=. .venv/bin/python bench/webrtc.py
            [--quick] [--attempts 50] [--concurrent 4] [--hold-s 20]
            [--out bench/results/webrtc-DATE.md] [--keep]
 --quick: attempts 5, concurrent 2, hold 5 s (about 1 min). Needs kamailio (websocket,
@@ -743,11 +738,11 @@ async def amain(args: argparse.Namespace) -> int:
         if "register" in args.phases:
             reg = await register_phase(node, args.attempts)
         if "setup" in args.phases:
-            # plain calls first: browser calls leak front slots (see the docstring)
+            # plain calls first, then the browser's (each phase on its own terms)
             sp = await sip_calls(node, args.attempts)
             br = await browser_calls(node, work, app, args.attempts, args.hangup)
         if "cpu" in args.phases:
-            if "setup" in args.phases:  # a fresh node: the set-up calls leaked front slots
+            if "setup" in args.phases:  # a fresh node for the CPU phase
                 await asyncio.to_thread(node.gw.stop)
                 (work / "cpu").mkdir()
                 node = await start_node(work / "cpu", app, args.concurrent)
@@ -757,7 +752,7 @@ async def amain(args: argparse.Namespace) -> int:
         if node is not None:
             await asyncio.to_thread(node.gw.stop)
         await app.stop()
-    command = ("cd /work/wt/bench && PYTHONPATH=$PWD /work/main/.venv/bin/python bench/webrtc.py "
+    command = ("PYTHONPATH=. .venv/bin/python bench/webrtc.py "
                + " ".join(shlex.quote(a) for a in sys.argv[1:])).rstrip()
     text = report(args, reg, br, sp, cpu, time.monotonic() - t0, command)
     print("\n" + text)
