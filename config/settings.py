@@ -487,7 +487,9 @@ class WebRtcSettings(_Section):
     # rtpengine (userspace forwarding) between the browsers' DTLS-SRTP/ICE and the workers.
     rtpengine_binary: NonEmptyStr = "rtpengine"
     rtpengine_ng_port: Port = 22222  # its control socket, on 127.0.0.1
-    rtp_address: NonEmptyStr | None = None  # the address browsers send media to; default ws host
+    # The address rtpengine binds for browsers' media, `LOCAL!PUBLIC` behind NAT (rtpengine's
+    # --interface form: binds LOCAL, advertises PUBLIC); required off loopback.
+    rtp_address: NonEmptyStr | None = None
     rtp_port_min: int = Field(default=40000, ge=1024, le=65535)
     rtp_port_max: int = Field(default=40999, ge=1024, le=65535)
     # ICE servers handed to browsers with each token (`turnServer`), e.g.
@@ -510,6 +512,10 @@ class WebRtcSettings(_Section):
         host, _ = parse_hostport(self.ws_listen)
         if self.tls_cert is None and not _is_loopback_host(host):
             raise ValueError("ws:// (no tls_cert) is only allowed on a loopback ws_listen")
+        if not _is_loopback_host(host) and self.rtp_address is None:
+            # browsers elsewhere must be told a media address they can reach
+            raise ValueError("rtp_address is required when ws_listen is not a loopback address "
+                             "(LOCAL or LOCAL!PUBLIC behind NAT)")
         dev = any(k.secret.get_secret_value() == DEV_WEBRTC_SECRET for k in self.keys)
         if dev and not _is_loopback_host(host):
             raise ValueError("the embedded default's key is only allowed on a loopback ws_listen")

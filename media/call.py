@@ -141,6 +141,12 @@ class PjCall(pj.Call):  # type: ignore[misc]
         if self.owner is not None:
             fn(self.owner, *args)
 
+    def onCallTransferRequest(self, prm: pj.OnCallTransferParam) -> None:
+        # A REFER is declined: pjsua would otherwise place a call to its Refer-To itself, a
+        # call no voice app asked for (and no one would be billed for). Setting the answer is
+        # the callback's whole job, so it is done here, not on the loop.
+        prm.statusCode = 603
+
     def onCallState(self, prm: pj.OnCallStateParam) -> None:
         ci = self.getInfo()
         if not self.sip_call_id:

@@ -11,6 +11,7 @@ loopback behind a per-run secret the node renders into Kamailio's config (`X-Fro
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
 import secrets
 from collections.abc import Callable
@@ -114,8 +115,19 @@ async def _demo_mint(request: web.Request) -> web.Response:
     """The demo page's token, without the API token: only in demo mode (a loopback-only
     development set-up, like the demo voice app)."""
     svc = request.app[SERVICE_KEY]
-    name = request.query.get("client_name") or f"demo-{secrets.token_hex(3)}"
+    if not _loopback(request.remote):
+        raise ApiError(403, "webrtc.demo_loopback_only",
+                       "the demo page's token is for a browser on this machine only")
+    # always a fresh name: a demo page never takes over another client's calls
+    name = f"demo-{secrets.token_hex(4)}"
     return web.json_response(mint_reply(svc, {"client_name": name}), status=201)
+
+
+def _loopback(remote: str | None) -> bool:
+    try:
+        return remote is not None and ipaddress.ip_address(remote).is_loopback
+    except ValueError:
+        return False
 
 
 async def _page(request: web.Request) -> web.StreamResponse:
@@ -179,7 +191,7 @@ async def _check(request: web.Request) -> web.Response:
     token = (await request.content.read(8192)).decode(errors="replace").removeprefix("token=")
     try:
         claims = svc.authority.verify(token)
-        if user and user != claims.identity:
+        if user != claims.identity:  # an empty user too: a browser names itself
             raise TokenRefused("token_claims",
                                f"{method} as {user!r} with a token for {claims.identity!r}")
     except TokenRefused as e:

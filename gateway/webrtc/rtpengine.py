@@ -124,6 +124,11 @@ class Rtpengine:
                 f"{self.cfg.binary!r} not found (install the Debian package rtpengine-daemon)")
         self._stopping = False
         self._tail.clear()
+        if await ng_ping(self.cfg.ng_port, 0.2):
+            # another node's rtpengine (or a stale one) holds the port: its pong would pass
+            # for ours, and Kamailio would drive the wrong relay
+            raise RtpengineError(f"127.0.0.1:{self.cfg.ng_port} already answers ng (another "
+                                 "rtpengine?): set [webrtc] rtpengine_ng_port")
         self._proc = await asyncio.create_subprocess_exec(
             *self.cfg.argv(binary),
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,

@@ -407,7 +407,10 @@ class Worker:
             call.reject_now(404)
             return
         # A browser's call (the front checked its token): it calls from its token's number.
-        client = invite.headers.get("x-sautikit-client")
+        # (the front sets these from a checked token and removes them from everyone else's
+        # requests; without [webrtc] nobody may set them)
+        client = invite.headers.get("x-sautikit-client") if self.settings.webrtc.enabled \
+            else None
         direction: Literal["inbound", "outbound"] = "inbound"
         if client:
             from_ = invite.headers.get("x-sautikit-client-number", "") or from_

@@ -169,7 +169,7 @@ async def test_page_register_refresh_and_refusals(site: str, phone: BrowserPhone
     ws_url = f"ws://127.0.0.1:{runner.addresses[0][1]}/ws"
     try:
         await phone.goto(f"{site}/demo/phone")
-        opts = {"endpoint": ws_url, "uri": "sip:client:alice@127.0.0.1", "displayName": "Alice"}
+        opts = {"endpoint": ws_url, "uri": "sip:alice@127.0.0.1", "displayName": "Alice"}
 
         bad = await phone.eval(f"sautiPhone.register({json.dumps({**opts, 'token': 'nope'})})")
         assert bad["ok"] is False and bad["code"] == 403 and bad["reason"] == "Rejected", bad
@@ -220,14 +220,14 @@ async def test_page_register_refresh_and_refusals(site: str, phone: BrowserPhone
 
         # what a developer opens: the parameters in the query, or the mint's JSON in the hash
         mint = {"token": "tok-1", "endpoint": ws_url, "protocol": "sip", "expiresIn": 300,
-                "sipProfile": {"uri": "sip:client:bob@127.0.0.1", "display_name": "Bob"}}
+                "sipProfile": {"uri": "sip:bob@127.0.0.1", "display_name": "Bob"}}
         for url in (f"{site}/demo/phone?{urlencode({**opts, 'token': 'tok-2'})}",
                     f"{site}/demo/phone#{quote(json.dumps(mint))}"):
             await phone.goto(url)
             await phone.eval(_until_registered, timeout=10)
             status = await phone.eval("document.getElementById('status').textContent")
-            assert status.startswith("Registered as sip:client:"), status
-        assert "\r\nFrom: \"Bob\" <sip:client:bob@127.0.0.1>" in reg.received[-1]
+            assert status.startswith("Registered as sip:"), status
+        assert "\r\nFrom: \"Bob\" <sip:bob@127.0.0.1>" in reg.received[-1]
     finally:
         assert (await phone.eval("sautiPhone.stop()"))["ok"] is True  # the websocket closes
         for ws in list(reg.sockets):

@@ -33,6 +33,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.browser]
 BROWSER_HZ, GATEWAY_HZ, PHONE_HZ = 852, 1209, 697
 DEMO_CHIME_HZ = 1318.5
 UNKNOWN = "+254700000999"  # not a [[numbers]] entry: the demo voice app answers it
+OUTSIDE = "+254711000999"  # not the gateway's: without the demo, the client's number's app
 
 
 def tone_file(voice_app: Any, freq: float, seconds: float) -> str:
@@ -256,6 +257,7 @@ async def test_the_demo_page_as_the_readme_says(gateway_factory, voice_app, tmp_
 
 async def test_the_browser_is_refused_bad_tokens_and_kept_on_rotation(
         gateway_factory, voice_app, tmp_path):
+    voice_app.script = lambda req, form: {"actions": [{"pause": {"length": 1}}, {"hangup": {}}]}
     gw, url = await start(gateway_factory, voice_app, None)
     phone = await BrowserPhone.launch(tone_wav(tmp_path / "mic.wav", BROWSER_HZ),
                                       tmp_path / "browser.log")
@@ -278,7 +280,18 @@ async def test_the_browser_is_refused_bad_tokens_and_kept_on_rotation(
         previous = await register(token(KEY_OLD, "alice", NUMBER, ttl_s=60))
         assert previous["ok"] and previous["code"] == 200, previous
         assert previous["expires"] is None or previous["expires"] <= 60, previous
+
+        # A number that is not the gateway's (no demo here): the client's own number's app
+        # places it, told `direction: outbound`.
+        opts = {"token": token(KEY_OLD, "alice", NUMBER), "endpoint": url, "uri": uri}
+        assert (await phone.eval(f"sautiPhone.register({json.dumps(opts)})"))["ok"]
+        call = await phone.eval(f"sautiPhone.call('sip:{OUTSIDE}@x.invalid')")
+        assert call["ok"], (call, gw.log_text()[-3000:])
+        await phone.eval("sautiPhone.ended()", timeout=15)
     finally:
         await phone.close()
+    form = voice_app.requests[0]["form"]
+    assert (form["direction"], form["from"], form["to"], form["client"]) == (
+        "outbound", NUMBER, OUTSIDE, "client:alice"), form
     log = gw.log_text()
     assert "token_expired" in log and "token_unknown_key" in log

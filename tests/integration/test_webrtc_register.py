@@ -102,8 +102,35 @@ async def test_tokens_register_refuse_and_rotate(gateway_factory, voice_app):
         # Unregistering (Expires 0) takes a valid token too.
         gone = await ua.register(body["token"], expires=0)
         assert gone.code == 200
+        assert "sautikit_webrtc_registrations 0.0" in await metric(
+            gw.api_port, "sautikit_webrtc_registrations")
 
     log = gw.log_text()
     assert "REGISTER of 'alice' from" in log and "token_unknown_key" in log, log[-3000:]
     counts = await metric(gw.api_port, "sautikit_webrtc_checks_total")
     assert 'method="REGISTER",result="ok"' in counts and "token_expired" in counts, counts
+
+
+async def test_only_the_front_names_a_client(gateway_factory, voice_app):
+    """A carrier's INVITE claiming to be a browser client is an ordinary call; REFER from
+    outside is refused before any worker could act on it (a transfer would place a call no
+    voice app asked for)."""
+    from tests.integration.sipraw import invite, udp_peer
+
+    voice_app.script = lambda req, form: {"actions": [{"hangup": {}}]}
+    extra, _ = webrtc_section()
+    gw = gateway_factory(voice_url=f"{voice_app.base_url}/voice", app_secret=voice_app.secret,
+                         events_url=None, extra=extra, workers=two_workers(), kamailio=FRONT)
+    spoof = ("X-Sautikit-Client: mallory\r\nX-Sautikit-Client-Number: +254799999999\r\n")
+    with udp_peer() as carrier:
+        cid, msg = invite(gw.sip_port, carrier.port, headers=spoof)
+        carrier.send(msg, gw.sip_port)
+        final = await carrier.final(5, "INVITE", cid)  # the app's hangup: 603 before answer
+        assert final is not None and final.startswith("SIP/2.0 603"), final
+        _, refer = invite(gw.sip_port, carrier.port, method="REFER", to_tag="x1",
+                          headers=f"Refer-To: <sip:+254711000777@127.0.0.1:{gw.sip_port}>\r\n")
+        carrier.send(refer, gw.sip_port)
+        answer = await carrier.final(3, "REFER")
+        assert answer is not None and answer.startswith("SIP/2.0 405"), answer
+    form = voice_app.requests[0]["form"]
+    assert "client" not in form and form["from"] == "+254722000001", form

@@ -100,12 +100,16 @@ def test_webrtc_settings_checked(tmp_path: Path) -> None:
         'enabled = true\n[[webrtc.keys]]\nkid = "a"\nsecret = "short"\n': "at least 32 bytes",
         'enabled = true\ntls_cert = "/x.pem"\n' + KEY: "go together",
         'enabled = true\nws_listen = "10.0.0.1:8089"\ntls_cert = "/c"\ntls_key = "/k"\n'
+        'rtp_address = "10.0.0.1"\n'
         '[[webrtc.keys]]\nkid = "dev"\nsecret = "dev-webrtc-secret-for-loopback-only"\n':
             "embedded default's key",
+        'enabled = true\nws_listen = "10.0.0.1:8089"\ntls_cert = "/c"\ntls_key = "/k"\n' + KEY:
+            "rtp_address is required",
     }
     for text, why in bad.items():
         with pytest.raises(ConfigError, match=why):
             settings(tmp_path, text)
     wss = settings(tmp_path, 'enabled = true\nws_listen = "10.0.0.1:8089"\ntls_cert = "/c"\n'
-                   'tls_key = "/k"\npublic_url = "wss://voice.example.co.ke/"\n' + KEY)
+                   'tls_key = "/k"\npublic_url = "wss://voice.example.co.ke/"\n'
+                   'rtp_address = "10.0.0.1!203.0.113.10"\n' + KEY)
     assert wss.webrtc.endpoint == "wss://voice.example.co.ke/"  # type: ignore[attr-defined]

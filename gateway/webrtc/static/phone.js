@@ -1,7 +1,7 @@
 /* Sautikit browser phone: a minimal JsSIP softphone (the page) and window.sautiPhone (the API
  * the tests drive). Served by the gateway's demo routes next to ./jssip.js.
  *
- * Open /demo/phone?token=...&endpoint=ws://...&uri=sip:client:alice@... (or put the JSON the
+ * Open /demo/phone?token=...&endpoint=ws://...&uri=sip:alice@... (or put the JSON the
  * token mint returns in the URL hash: /demo/phone#{"token":...,"endpoint":...,"sipProfile":{...}})
  * and the page registers; type a number and press Call, or answer an incoming call.
  *
