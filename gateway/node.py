@@ -34,7 +34,7 @@ from typing import Any
 from aiohttp import ClientSession, ClientTimeout, web
 from prometheus_client import Counter
 
-from config.settings import ConfigError, Settings, parse_hostport
+from config.settings import ConfigError, Settings, load_settings, parse_hostport
 from gateway.api.app import make_app, start_api
 from gateway.api.webrtc import CHECK_PATH as WEBRTC_CHECK_PATH
 from gateway.api.webrtc import WebRtcService, service_for
@@ -67,6 +67,7 @@ from gateway.rooms.registry import RoomRegistry
 from gateway.routing import Router, set_default_region
 from gateway.supervision.legs import NodeSupervisionLegs
 from gateway.webrtc.rtpengine import Rtpengine, RtpengineConfig
+from gateway.webrtc.tokens import TokenAuthority
 from gateway.workers import protocol as msgs
 from gateway.workers.ipc import Channel, Requester, open_channel
 
@@ -391,6 +392,27 @@ class Node:
         log.info(
             "SIP front (Kamailio) on %s:%d -> %d destination(s)", host, port, len(cfg.destinations)
         )
+
+    async def reload_webrtc_keys(self) -> None:
+        """SIGHUP: `[webrtc] keys` read again from the config file and used from now on (a
+        rotation needs no restart: calls and registrations stay). Nothing else is reloaded;
+        an invalid file changes nothing."""
+        if self.webrtc is None:
+            log.warning("SIGHUP: browser calling is off; nothing to reload")
+            return
+        try:
+            fresh = await asyncio.to_thread(load_settings, self.config_path)
+        except ConfigError as e:
+            log.error("SIGHUP: config not reloaded: %s", e)
+            return
+        w = fresh.webrtc
+        if not w.enabled or not w.keys:
+            log.error("SIGHUP: the reloaded config has no [webrtc] keys; keeping the old ones")
+            return
+        self.webrtc.authority = TokenAuthority(
+            [(k.kid, k.secret.get_secret_value()) for k in w.keys], w.token_ttl_s)
+        log.info("SIGHUP: webrtc keys reloaded: %s (signing with %s)",
+                 ", ".join(k.kid for k in w.keys), w.keys[0].kid)
 
     def _webrtc_front(self) -> WebRtcFront | None:
         s = self.settings
@@ -776,6 +798,14 @@ async def run_node(
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def hup() -> None:
+        task = asyncio.ensure_future(node.reload_webrtc_keys())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, hup)
     try:
         await node.start()
     except BaseException:

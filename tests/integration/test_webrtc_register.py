@@ -5,6 +5,7 @@ status code is exact (the browser tests cover JsSIP)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -134,3 +135,42 @@ async def test_only_the_front_names_a_client(gateway_factory, voice_app):
         assert answer is not None and answer.startswith("SIP/2.0 405"), answer
     form = voice_app.requests[0]["form"]
     assert "client" not in form and form["from"] == "+254722000001", form
+
+
+async def test_keys_rotate_on_sighup_without_a_restart(gateway_factory, voice_app):
+    """Rotation as documented: a new key in front, the old one removed a TTL later, each a
+    SIGHUP: registrations and the node stay, tokens follow the keys."""
+    import signal
+
+    extra, ws_port = webrtc_section(keys=(KEY_OLD,))
+    gw = gateway_factory(voice_url=f"{voice_app.base_url}/voice", app_secret=voice_app.secret,
+                         events_url=None, extra=extra, workers=two_workers(), kamailio=FRONT)
+    url = f"ws://127.0.0.1:{ws_port}/"
+    old_token = token(KEY_OLD, "alice", NUMBER)
+    text = gw.config.read_text()
+
+    async def reload(keys: tuple[tuple[str, str], ...], marker: str) -> None:
+        new, _ = webrtc_section(keys=keys, ws_port=ws_port)
+        section = extra.split("[[webrtc.keys]]")[0] + "[[webrtc.keys]]" + \
+            new.split("[[webrtc.keys]]", 1)[1]
+        gw.config.write_text(text.replace(extra, section))
+        gw.proc.send_signal(signal.SIGHUP)
+        for _ in range(100):
+            if marker in gw.log_text():
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(gw.log_text()[-2000:])
+
+    async with WsSipClient(url, "alice", DOMAIN) as ua:
+        assert (await ua.register(old_token)).code == 200
+        # 1. the new key in front: old tokens still work, new ones are signed with it
+        await reload((KEY_NEW, KEY_OLD), "reloaded: k2, k1")
+        assert (await ua.register(old_token)).code == 200
+        status, body = await mint(gw.api_port, {"client_name": "alice", "phone_number": NUMBER})
+        import jwt
+        assert status == 201 and jwt.get_unverified_header(body["token"])["kid"] == "k2"
+        # 2. the old key removed: its tokens are refused, the new one's are not
+        await reload((KEY_NEW,), "reloaded: k2 (")
+        assert (await ua.register(old_token)).reason == "Forbidden (token_unknown_key)"
+        assert (await ua.register(body["token"])).code == 200
+    assert gw.proc.poll() is None
