@@ -88,7 +88,7 @@ from tests.integration.conftest import NUMBER, Gateway, start_gateway, write_con
 from tests.integration.pcap_audio import g711_decode  # noqa: E402
 from tests.integration.sipraw import ack_and_bye, invite  # noqa: E402
 from tests.integration.webrtc import DOMAIN, FRONT, two_workers, webrtc_section  # noqa: E402
-from tests.integration.wssip import SipReply, WsSipClient, parse_reply  # noqa: E402
+from tests.integration.wssip import WsSipClient  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 TONE_HZ = 1209.0
@@ -242,41 +242,6 @@ async def mint(node: Node, name: str) -> dict[str, Any]:
 
 
 # -- 1. REGISTER vs OPTIONS -----------------------------------------------------------------
-async def options(ua: WsSipClient, timeout: float = 5.0) -> SipReply:
-    """OPTIONS sip:<domain> on the client's websocket, the REGISTER's headers minus
-    Authorization (answered 200 by Kamailio's request_route itself)."""
-    ws = ua._ws
-    assert ws is not None
-    ua.cseq += 1
-    aor = f"sip:{ua.identity}@{ua.domain}"
-    msg = (
-        f"OPTIONS sip:{ua.domain} SIP/2.0\r\n"
-        f"Via: SIP/2.0/WS {ua.host};branch=z9hG4bK{secrets.token_hex(6)}\r\n"
-        "Max-Forwards: 70\r\n"
-        f"To: <sip:{ua.domain}>\r\n"
-        f"From: <{aor}>;tag={ua.tag}\r\n"
-        f"Call-ID: {ua.call_id}\r\n"
-        f"CSeq: {ua.cseq} OPTIONS\r\n"
-        f"Contact: <{ua.contact}>\r\n"
-        "User-Agent: sautikit-tests\r\n"
-        "Content-Length: 0\r\n\r\n"
-    )
-    t0 = time.perf_counter()
-    await ws.send_str(msg)
-    deadline = time.monotonic() + timeout
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("no final answer to OPTIONS")
-        frame = await ws.receive(timeout=left)
-        if frame.type != aiohttp.WSMsgType.TEXT:
-            raise ConnectionError(f"websocket {frame.type}: {frame.data!r}")
-        reply = parse_reply(frame.data)
-        if reply.code >= 200:
-            reply.rtt_ms = (time.perf_counter() - t0) * 1000
-            return reply
-
-
 @dataclass
 class RegisterRun:
     register_ms: list[float] = field(default_factory=list)
@@ -290,7 +255,7 @@ async def register_phase(node: Node, attempts: int) -> RegisterRun:
     async with WsSipClient(node.ws_url, "bench-reg", DOMAIN) as ua:
         for i in range(WARMUP + attempts):
             for kind in ("OPTIONS", "REGISTER"):
-                r = await (options(ua) if kind == "OPTIONS"
+                r = await (ua.options() if kind == "OPTIONS"
                            else ua.register(minted["token"], expires=300))
                 if r.code != 200:
                     run.failed.append(f"{kind} {r.code} {r.reason}")

@@ -80,13 +80,36 @@ class WsSipClient:
             "User-Agent: sautikit-tests\r\n"
             "Content-Length: 0\r\n\r\n"
         )
+        return await self._final(msg, "REGISTER", timeout)
+
+    async def options(self, timeout: float = 5.0) -> SipReply:
+        """OPTIONS sip:<domain>: the REGISTER's headers minus Authorization (Kamailio answers
+        it itself, no token check): the baseline round trip of this socket."""
+        self.cseq += 1
+        msg = (
+            f"OPTIONS sip:{self.domain} SIP/2.0\r\n"
+            f"Via: SIP/2.0/WS {self.host};branch=z9hG4bK{secrets.token_hex(6)}\r\n"
+            "Max-Forwards: 70\r\n"
+            f"To: <sip:{self.domain}>\r\n"
+            f"From: <sip:{self.identity}@{self.domain}>;tag={self.tag}\r\n"
+            f"Call-ID: {self.call_id}\r\n"
+            f"CSeq: {self.cseq} OPTIONS\r\n"
+            f"Contact: <{self.contact}>\r\n"
+            "User-Agent: sautikit-tests\r\n"
+            "Content-Length: 0\r\n\r\n"
+        )
+        return await self._final(msg, "OPTIONS", timeout)
+
+    async def _final(self, msg: str, method: str, timeout: float) -> SipReply:
+        """Send `msg`; its final answer, timed from the send."""
+        assert self._ws is not None
         t0 = time.perf_counter()
         await self._ws.send_str(msg)
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError("no final answer to REGISTER")
+                raise TimeoutError(f"no final answer to {method}")
             frame = await self._ws.receive(timeout=left)
             if frame.type != aiohttp.WSMsgType.TEXT:
                 raise ConnectionError(f"websocket {frame.type}: {frame.data!r}")
