@@ -54,7 +54,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import io
 import json
 import math
 import os
@@ -67,7 +66,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import wave
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -82,12 +80,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gateway.demo import free_port_block  # noqa: E402
-from tests import tones  # noqa: E402
 from tests.integration.browser import BrowserPhone, tone_wav  # noqa: E402
 from tests.integration.conftest import NUMBER, Gateway, start_gateway, write_config  # noqa: E402
 from tests.integration.pcap_audio import g711_decode  # noqa: E402
 from tests.integration.sipraw import ack_and_bye, invite  # noqa: E402
-from tests.integration.webrtc import DOMAIN, FRONT, two_workers, webrtc_section  # noqa: E402
+from tests.integration.webrtc import (  # noqa: E402
+    DOMAIN,
+    FRONT,
+    tone_wav_bytes,
+    two_workers,
+    webrtc_section,
+)
 from tests.integration.wssip import WsSipClient  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -107,17 +110,6 @@ def pct(xs: list[float], p: float) -> float:
 
 
 # -- the voice app --------------------------------------------------------------------------
-def wav_bytes(freq: float, seconds: float, rate: int = 8000) -> bytes:
-    pcm = (tones.sine(freq, seconds, rate, 0.3) * 32767).astype("<i2").tobytes()
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(pcm)
-    return buf.getvalue()
-
-
 class VoiceApp:
     def __init__(self) -> None:
         self.secret = secrets.token_hex(8)
@@ -125,8 +117,8 @@ class VoiceApp:
         self.short = False  # a 0.6 s tone instead: the app hangs up (see --hangup)
         self.requests = 0
         self.base = ""
-        self._wav = wav_bytes(TONE_HZ, 5.0)
-        self._short = wav_bytes(TONE_HZ, 0.6)
+        self._wav = tone_wav_bytes(TONE_HZ, 5.0)
+        self._short = tone_wav_bytes(TONE_HZ, 0.6)
         self._runner: web.AppRunner | None = None
 
     async def voice(self, request: web.Request) -> web.Response:

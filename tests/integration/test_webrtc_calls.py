@@ -23,10 +23,10 @@ from tests.integration.webrtc import (
     KEY_OLD,
     KEY_REMOVED,
     token,
+    tone_wav_bytes,
     two_workers,
     webrtc_section,
 )
-from tests.integration.ws_agent import wav_bytes
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
 
@@ -107,11 +107,6 @@ def peak(x: Any, rate: int, freq: float) -> float:
     """Loudest 100 ms block of `freq` (a short, decaying chime)."""
     lv = tones.block_levels(x, rate, freq)
     return float(lv.max()) if len(lv) else tones.FLOOR_DBFS
-
-
-def tone_wav_bytes(freq: float, seconds: float, rate: int = 8000) -> bytes:
-    pcm = (tones.sine(freq, seconds, rate, 0.3) * 32767).astype("<i2").tobytes()
-    return wav_bytes(pcm, rate)
 
 
 async def test_browser_calls_the_demo_and_a_number_heard_and_recorded(

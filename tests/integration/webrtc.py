@@ -9,6 +9,8 @@ import socket
 
 from gateway.demo import free_port, free_port_block
 from gateway.webrtc.tokens import TokenAuthority
+from tests import tones
+from tests.integration.ws_agent import wav_bytes
 
 DOMAIN = "webrtc.test.invalid"
 KEY_NEW = ("k2", "new-key-0123456789abcdef0123456789abcdef")
@@ -50,3 +52,9 @@ def two_workers(calls: int = 4) -> str:
     """Two workers of `calls` calls on free SIP ports (tests run side by side)."""
     return (f"count = 2\ncalls_per_worker = {calls}\nreserved_slots = 0\n"
             f"sip_port_start = {free_port_block(2)}")
+
+
+def tone_wav_bytes(freq: float, seconds: float, rate: int = 8000) -> bytes:
+    """A steady tone at -10 dBFS as a 16-bit mono WAV (what the voice apps play)."""
+    pcm = (tones.sine(freq, seconds, rate, 0.3) * 32767).astype("<i2").tobytes()
+    return wav_bytes(pcm, rate)
