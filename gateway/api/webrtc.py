@@ -23,7 +23,7 @@ from aiohttp import web
 from config.settings import Settings
 from dsl.phone import InvalidNumber, parse_e164
 from gateway.api.calls import _bad_request, _json_body
-from gateway.api.errors import ApiError
+from gateway.api.errors import NUMBERS_NOT_FOUND, ApiError
 from gateway.api.originate import BodyIssue
 from gateway.webrtc.assets import CONTENT_TYPES, asset
 from gateway.webrtc.tokens import IDENTITY_RE, ROLE_RE, TokenAuthority, TokenRefused
@@ -34,7 +34,6 @@ TOKEN_PATH = "/v1/webrtc/token"
 CHECK_PATH = "/internal/webrtc/check"
 PAGE_PATH = "/demo/phone"
 FRONT_SECRET_HEADER = "X-Front-Secret"
-NUMBERS_NOT_FOUND = "numbers.not_found"
 WEBRTC_DISABLED = "webrtc.disabled"
 # A browser of the embedded demo calls from this number when the mint names none.
 DEMO_CLIENT_NUMBER = "+254700000100"
