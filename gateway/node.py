@@ -27,7 +27,6 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,23 +37,20 @@ from config.settings import ConfigError, Settings, load_settings, parse_hostport
 from gateway.api.app import make_app, start_api
 from gateway.api.webrtc import CHECK_PATH as WEBRTC_CHECK_PATH
 from gateway.api.webrtc import WebRtcService, service_for
-from gateway.calls.directory import CallDirectory, Entry
+from gateway.calls.directory import CallDirectory
 from gateway.calls.identity import CallIdentity
-from gateway.calls.outcome import CallFacts, Failure, classify
+from gateway.calls.lost import write_lost_call
 from gateway.calls.records import CallRecords
 from gateway.calls.switchboard import Switchboard
-from gateway.calls.writer import final_data
 from gateway.cluster.membership import Cluster
 from gateway.control.errors import FAILED, OpRefused
 from gateway.dial.placement import DialPlacement
 from gateway.events.delivery import Deliverer
-from gateway.events.envelope import Event, make_event
-from gateway.events.outbox import AsyncOutbox, Outbox
+from gateway.events.outbox import AsyncOutbox
 from gateway.events.recovery import (
     HEARTBEAT_INTERVAL_S,
     HEARTBEAT_NAME,
     Heartbeat,
-    append_final,
     close_open_calls,
     read_heartbeat,
     write_heartbeat,
@@ -657,7 +653,7 @@ class Node:
         elif isinstance(msg, msgs.CallState):
             entry, before = self.directory.update(
                 w.index, CallIdentity.from_wire(msg.identity), msg.status, msg.answered_at,
-                msg.trunk,
+                msg.trunk, msg.events,
             )
             if self.switchboard is not None:
                 self.switchboard.trunk_moved(before, msg.trunk)
@@ -707,7 +703,7 @@ class Node:
         entries = self.directory.worker_gone(w.index)
         # all queued at once: one transaction on the writer thread for the worker's calls
         finals = [
-            self.outbox.run(functools.partial(self._lost_final, entry=e, index=w.index, now=now),
+            self.outbox.run(functools.partial(write_lost_call, entry=e, index=w.index, now=now),
                             "worker_lost final")
             for e in entries
         ]
@@ -738,53 +734,11 @@ class Node:
             # the carrier's side of those calls is still up: the front sends it BYE
             self._tasks.append(asyncio.create_task(self._end_dialogs(w), name="end-dialogs"))
 
-    @staticmethod
-    def _lost_final(
-        outbox: Outbox, *, entry: Entry, index: int, now: float
-    ) -> tuple[float | None, bool | None]:
-        """Write the lost call's final (on the outbox's writer thread: reading the call's rows
-        and appending are one transaction). Its answered_at (None: never answered), and
-        whether the final was stored: None with no events destination, False when the call
-        already had its final (the worker wrote it just before dying)."""
-        ident = entry.identity
-        rows = outbox.rows_for_call(ident.call_id)
-        # Answered per the outbox, not only the directory: the worker may have written
-        # call.answered and died before its CallState reached us.
-        answered_at = entry.answered_at
-        for row in rows:
-            if row.kind == "call.answered" and answered_at is None:
-                answered_at = _answered_at(row.body)
-        if not rows:
-            log.error("call %s lost with worker %d (no events destination)", ident.call_id, index)
-            return answered_at, None
-        outcome = classify(
-            CallFacts(
-                direction=ident.direction,
-                answered=answered_at is not None,
-                sip_code=200 if answered_at is not None else 503,
-                by="local",
-                failure=Failure(
-                    "worker_lost", f"the worker process holding the call exited (worker {index})"
-                ),
-            )
-        )
-        data = final_data(ident.event_base(), outcome, answered_at, now)
-        event = make_event(outcome.final_kind, rows[0].workspace_id, data)
-        return answered_at, append_final(outbox, ident.call_id, rows, event)
-
     async def _end_dialogs(self, w: WorkerHandle) -> None:
         try:
             await self.front.end_dialogs(w.uri, reason=f"worker {w.index} lost")
         except Exception as e:  # the front may be restarting too
             log.error("could not end worker %d's dialogs at the front: %s", w.index, e)
-
-
-def _answered_at(body: bytes) -> float | None:
-    try:
-        value = Event.from_body(body).data.get("answered_at")
-        return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
-    except (ValueError, KeyError, TypeError):
-        return None
 
 
 async def run_node(

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.calls.identity import CallIdentity
+from gateway.control.originate import Destination
 
 
 @dataclass
@@ -24,6 +25,7 @@ class Entry:
     status: str
     answered_at: float | None = None
     trunk: str | None = None
+    events: Destination | None = None  # where its events go (gateway/calls/lost.py)
 
     def summary(self) -> dict[str, Any]:
         return self.identity.summary(self.status, self.answered_at)
@@ -67,12 +69,13 @@ class CallDirectory:
 
     # -- calls ------------------------------------------------------------------------------
     def update(self, worker: int, identity: CallIdentity, status: str,
-               answered_at: float | None, trunk: str | None = None) -> tuple[Entry, str | None]:
+               answered_at: float | None, trunk: str | None = None,
+               events: Destination | None = None) -> tuple[Entry, str | None]:
         """The call's entry, and the trunk it was on before this update (None if new)."""
         entry = self.calls.get(identity.call_id)
         if entry is None:
             entry = self.calls[identity.call_id] = Entry(
-                identity, worker, status, answered_at, trunk
+                identity, worker, status, answered_at, trunk, events
             )
             if (w := self.workers.get(worker)) is not None:
                 w.live += 1
@@ -80,6 +83,7 @@ class CallDirectory:
         before = entry.trunk
         entry.identity, entry.status, entry.answered_at = identity, status, answered_at
         entry.trunk = trunk
+        entry.events = events or entry.events
         return entry, before
 
     def ended(self, call_id: str) -> Entry | None:

@@ -48,6 +48,14 @@ def final_data(
     }
 
 
+def started_data(identity: CallIdentity) -> dict[str, Any]:
+    return {**identity.event_base(), "started_at": iso(identity.created_at)}
+
+
+def answered_data(identity: CallIdentity, answered_at: float | None) -> dict[str, Any]:
+    return {**identity.event_base(), "answered_at": iso(answered_at)}
+
+
 def _size_and_sha256(path: Path) -> tuple[int, str]:
     h = hashlib.sha256()
     size = 0
@@ -167,10 +175,10 @@ class CallEventWriter:
 
     # -- the call's life ---------------------------------------------------------------------
     def started(self) -> None:
-        self.emit("call.started", {**self.base, "started_at": iso(self.identity.created_at)})
+        self.emit("call.started", started_data(self.identity))
 
     def answered(self, answered_at: float | None) -> None:
-        self.emit("call.answered", {**self.base, "answered_at": iso(answered_at)})
+        self.emit("call.answered", answered_data(self.identity, answered_at))
 
     def final(
         self, outcome: Outcome, *, answered_at: float | None, ended_at: float

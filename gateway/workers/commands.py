@@ -27,6 +27,7 @@ from gateway.workers.protocol import Reply, Request
 
 if TYPE_CHECKING:
     from gateway.calls.outbound import OutboundRunner
+    from gateway.calls.writer import CallEventWriter
     from gateway.dial.leg import DialLeg
     from gateway.session import CallSession
     from gateway.workers.worker import Worker
@@ -73,6 +74,14 @@ class LiveCall:
         if self.leg is not None:
             return self.leg.call
         return self.outbound.call if self.outbound is not None else None
+
+    @property
+    def writer(self) -> CallEventWriter | None:
+        if self.session is not None:
+            return self.session.writer
+        if self.leg is not None:
+            return self.leg.writer
+        return self.outbound.writer if self.outbound is not None else None
 
     @property
     def status(self) -> str:

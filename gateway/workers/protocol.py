@@ -19,7 +19,7 @@ from gateway.control.dial_place import PlaceLeg
 from gateway.control.dial_progress import LegProgress
 from gateway.control.dial_start import StartLeg
 from gateway.control.hangup import Hangup
-from gateway.control.originate import Originate
+from gateway.control.originate import Destination, Originate
 from gateway.control.redirect import Redirect
 from gateway.control.respond import Respond
 from gateway.control.room_join import RoomJoin
@@ -92,6 +92,8 @@ class CallState(_Msg):
     status: str  # ringing | in-progress
     answered_at: float | None = None
     trunk: str | None = None  # outbound: the trunk of the current attempt
+    # where its events go: the supervisor writes them itself if the worker dies first
+    events: Destination | None = None
 
 
 class CallEnded(_Msg):

@@ -337,10 +337,12 @@ class Worker:
             live.session.dialer = self.dial.dialer(live.session)  # before its documents run
         if live.session is not None and live.session.streams is None:
             live.session.streams = self._streams(live.session)
+        writer = live.writer
         self.channel.send(
             p.CallState(
                 identity=live.identity.to_wire(), status=live.status,
                 answered_at=live.answered_at, trunk=live.trunk,
+                events=writer.dest if writer is not None else None,
             )
         )
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import sqlite3
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -280,6 +282,68 @@ async def test_play_url_is_heard_as_sent(phone, voice_app, receiver, gateway_fac
     assert final_events(rec.events)[0].body["data"]["status"] == "completed"
 
 
+def _hold_outbox(path: Path, release: threading.Event) -> threading.Event:
+    """Another writer's transaction on the node's outbox until `release`: the worker's own
+    events wait behind it (busy_timeout), as on a disk slow to fsync."""
+    held = threading.Event()
+
+    def run() -> None:
+        db = sqlite3.connect(path, isolation_level=None)
+        db.execute("BEGIN IMMEDIATE")
+        held.set()
+        release.wait(8)
+        db.execute("COMMIT")
+        db.close()
+
+    threading.Thread(target=run, daemon=True, name="outbox-holder").start()
+    return held
+
+
+async def test_worker_killed_before_its_events_are_stored_still_reports_the_call(
+    phone, voice_app, receiver, gateway_factory
+):
+    """Killed with call.started and call.answered still queued in the worker (never committed):
+    the supervisor writes them, then call.failed worker_lost, from what the worker told it."""
+    import os
+    import signal
+
+    from tests.integration.conftest import worker_pids
+
+    rec, events_url = receiver
+    voice_app.script = lambda req, form: {"actions": [{"pause": {"length": 30}}]}
+    gw = gateway_factory(voice_url=f"{voice_app.base_url}/voice", app_secret=voice_app.secret,
+                         events_url=events_url)
+    release = threading.Event()
+    try:
+        held = _hold_outbox(gw.storage / "outbox.sqlite3", release)
+        assert await asyncio.to_thread(held.wait, 5)
+        call = phone.make_call(gw.uri)
+        try:
+            await asyncio.wait_for(call.answer(), 10)
+            await asyncio.sleep(0.3)  # the worker's "in-progress" report reaches the supervisor
+            os.kill(worker_pids(gw)[0], signal.SIGKILL)
+            await asyncio.sleep(0.3)
+            assert rec.events == []  # nothing was stored: the outbox was held throughout
+            release.set()
+            assert await rec.wait_for(lambda evs: len(evs) >= 3, 10), gw.log_text()
+        finally:
+            call.reject_now(200)
+    finally:
+        release.set()
+    # (delivered concurrently: receivers order a call's events by occurred_at)
+    assert sorted(e.kind for e in rec.events) == ["call.answered", "call.failed",
+                                                  "call.started"], dump(rec.events)
+    by_kind = {e.kind: e.body["data"] for e in rec.events}
+    assert all(e.signature_ok for e in rec.events)
+    started, answered, failed = (by_kind[k] for k in ("call.started", "call.answered",
+                                                       "call.failed"))
+    assert started["call_id"] == answered["call_id"] == failed["call_id"]
+    assert started["to"] == NUMBER and started["direction"] == "inbound"
+    assert RFC3339_MS.match(started["started_at"]) and RFC3339_MS.match(answered["answered_at"])
+    assert failed["reason"] == "worker_lost" and failed["answered_at"] == answered["answered_at"]
+    assert "call.started was not stored before worker 0 died" in gw.log_text()
+
+
 async def test_worker_killed_mid_call_fails_its_call_and_restarts(phone, voice_app, receiver,
                                                                   gateway_factory, tmp_path):
     import os
@@ -292,14 +356,20 @@ async def test_worker_killed_mid_call_fails_its_call_and_restarts(phone, voice_a
     gw = gateway_factory(voice_url=f"{voice_app.base_url}/voice", app_secret=voice_app.secret,
                          events_url=events_url)
     call = phone.make_call(gw.uri)
-    await asyncio.wait_for(call.answer(), 10)
-    worker_pid = worker_pids(gw)[0]
-    os.kill(worker_pid, signal.SIGKILL)
-    assert await rec.wait_for(lambda evs: final_events(evs), 10), gw.log_text()
+    try:
+        await asyncio.wait_for(call.answer(), 10)
+        worker_pid = worker_pids(gw)[0]
+        os.kill(worker_pid, signal.SIGKILL)
+        assert await rec.wait_for(lambda evs: len(evs) >= 3, 10), gw.log_text()
+    finally:
+        call.reject_now(200)  # the phone still thinks it is talking; nobody will send it a BYE
     data = final_events(rec.events)[0].body["data"]
     assert final_events(rec.events)[0].kind == "call.failed"
     assert data["reason"] == "worker_lost" and data["status"] == "failed"
-    call.reject_now(200)  # the phone still thinks it is talking; nobody will send it a BYE
+    # whether or not the worker's own call.started reached the disk before it died
+    # (delivered concurrently: receivers order a call's events by occurred_at)
+    assert sorted(e.kind for e in rec.events) == ["call.answered", "call.failed",
+                                                  "call.started"], dump(rec.events)
     # The supervisor restarted the worker: the next call is served.
     voice_app.script = lambda req, form: {"actions": [{"say": {"text": "Back."}},
                                                       {"hangup": {}}]}
