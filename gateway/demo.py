@@ -41,8 +41,13 @@ def free_port(kind: int = socket.SOCK_STREAM, both: bool = False) -> int:
     raise RuntimeError("no free port")
 
 
-def free_port_block(n: int, lo: int = 40000, hi: int = 60000) -> int:
-    """The first of n consecutive ports in [lo, hi) free for UDP and TCP on 127.0.0.1."""
+def free_port_block(n: int, lo: int = 53500, hi: int = 56000) -> int:
+    """The first of n consecutive ports in [lo, hi) free for UDP and TCP on 127.0.0.1.
+
+    The default range (for worker SIP ports) lies between the test gateways' RTP blocks
+    (32000-53500, tests/integration/conftest.rtp_block) and rtpengine's (56000-60000,
+    tests/integration/webrtc.rtp_range): a worker port inside a node's RTP range is refused
+    by the config check."""
     import random
 
     for _ in range(200):
