@@ -510,14 +510,14 @@ class WebRtcSettings(_Section):
         if len(set(kids)) != len(kids):
             raise ValueError("keys: duplicate kid")
         host, _ = parse_hostport(self.ws_listen)
-        if self.tls_cert is None and not _is_loopback_host(host):
+        if self.tls_cert is None and not is_loopback_host(host):
             raise ValueError("ws:// (no tls_cert) is only allowed on a loopback ws_listen")
-        if not _is_loopback_host(host) and self.rtp_address is None:
+        if not is_loopback_host(host) and self.rtp_address is None:
             # browsers elsewhere must be told a media address they can reach
             raise ValueError("rtp_address is required when ws_listen is not a loopback address "
                              "(LOCAL or LOCAL!PUBLIC behind NAT)")
         dev = any(k.secret.get_secret_value() == DEV_WEBRTC_SECRET for k in self.keys)
-        if dev and not _is_loopback_host(host):
+        if dev and not is_loopback_host(host):
             raise ValueError("the embedded default's key is only allowed on a loopback ws_listen")
         return self
 
@@ -564,7 +564,7 @@ class Settings(_Section):
         problems: list[tuple[str, str]] = []
 
         host, _ = self.api.host_port
-        if self.api.token.get_secret_value() == DEV_API_TOKEN and not _is_loopback_host(host):
+        if self.api.token.get_secret_value() == DEV_API_TOKEN and not is_loopback_host(host):
             problems.append(
                 ("api.token", "the dev token is only allowed when api.listen is a loopback address")
             )
@@ -651,11 +651,15 @@ class Settings(_Section):
         return None
 
 
-def _is_loopback_host(host: str) -> bool:
+def is_loopback_host(host: str | None) -> bool:
+    """`localhost` or a loopback address (IPv6 with or without brackets); the one test for
+    what may only run or be reached on loopback (settings, the front, the demo routes)."""
+    if host is None:
+        return False
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
 

@@ -43,6 +43,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from config.settings import is_loopback_host
 from gateway.childproc import die_with_parent
 
 log = logging.getLogger(__name__)
@@ -236,15 +237,6 @@ def _is_wildcard(host: str) -> bool:
     return host in ("", "0.0.0.0", "::", "[::]", "*")
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def _host_of(uri: str) -> str:
     rest = uri.split(":", 1)[1].split(";", 1)[0]
     rest = rest.rsplit("@", 1)[-1]
@@ -292,8 +284,8 @@ def _listen_lines(cfg: KamailioConfig) -> str:
         host = _primary_address()
     h = _sock_host(host)
     lines = [f"listen=udp:{h}:{port}{adv}", f"listen=tcp:{h}:{port}{adv}"]
-    local_workers = any(_is_loopback(_host_of(d)) for d in cfg.destinations)
-    if not _is_loopback(host) and local_workers:
+    local_workers = any(is_loopback_host(_host_of(d)) for d in cfg.destinations)
+    if not is_loopback_host(host) and local_workers:
         lines += [f"listen=udp:127.0.0.1:{port}", f"listen=tcp:127.0.0.1:{port}"]
     return "\n".join(lines)
 
@@ -1102,7 +1094,7 @@ def front_sent(settings: Any, source: str) -> bool:
         return False
     lhost, lport = parse_hostport(settings.sip.listen)
     return port == lport and (
-        _is_loopback(host) or host in (lhost, settings.workers.host) or _is_wildcard(lhost)
+        is_loopback_host(host) or host in (lhost, settings.workers.host) or _is_wildcard(lhost)
     )
 
 

@@ -11,7 +11,6 @@ loopback behind a per-run secret the node renders into Kamailio's config (`X-Fro
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import logging
 import secrets
 from collections.abc import Callable
@@ -20,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from config.settings import Settings
+from config.settings import Settings, is_loopback_host
 from dsl.phone import InvalidNumber, parse_e164
 from gateway.api.calls import _bad_request, _json_body
 from gateway.api.errors import NUMBERS_NOT_FOUND, ApiError
@@ -114,19 +113,12 @@ async def _demo_mint(request: web.Request) -> web.Response:
     """The demo page's token, without the API token: only in demo mode (a loopback-only
     development set-up, like the demo voice app)."""
     svc = request.app[SERVICE_KEY]
-    if not _loopback(request.remote):
+    if not is_loopback_host(request.remote):
         raise ApiError(403, "webrtc.demo_loopback_only",
                        "the demo page's token is for a browser on this machine only")
     # always a fresh name: a demo page never takes over another client's calls
     name = f"demo-{secrets.token_hex(4)}"
     return web.json_response(mint_reply(svc, {"client_name": name}), status=201)
-
-
-def _loopback(remote: str | None) -> bool:
-    try:
-        return remote is not None and ipaddress.ip_address(remote).is_loopback
-    except ValueError:
-        return False
 
 
 async def _page(request: web.Request) -> web.StreamResponse:
